@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny synthetic data, and the real datasets when they are present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def real_data_dir() -> Path:
+    """Where the real datasets live: $RECSERVE_DATA_DIR or ../shared/data beside the repo."""
+    return Path(os.environ.get("RECSERVE_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def real_data():
+    """Path to one real dataset folder, or a skip that says where it was looked for."""
+
+    def find(name: str) -> Path:
+        path = real_data_dir() / name
+        if not path.exists():
+            pytest.skip(f"real data {name} not found at {path}; set RECSERVE_DATA_DIR")
+        return path
+
+    return find
+
+
+@pytest.fixture(scope="session")
+def tiny_data():
+    """A small synthetic log as SequenceData (a few hundred users): fast to train on."""
+    from training.data import build_sequences
+    from training.synthetic import SyntheticConfig, generate
+
+    return build_sequences(generate(SyntheticConfig(users=300, items=120, mean_length=20, seed=1)))

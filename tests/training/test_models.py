@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from training.models import build_encoder
+from training.models.base import time_buckets
+from training.trainer import batches, sequence_loss, training_windows
+
+ENCODER_KINDS = ["sasrec"]
+
+
+@pytest.mark.parametrize("kind", ENCODER_KINDS)
+def test_encoder_loss_falls_on_tiny_data(kind, tiny_data):
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = build_encoder(kind, tiny_data.n_items, max_len=20, dim=32, dropout=0.0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    starts, ends = training_windows(tiny_data)
+    batch = next(batches(tiny_data, starts, ends, 20, 64, np.random.default_rng(0)))
+    losses = []
+    for _ in range(30):
+        loss = sequence_loss(model, "full_softmax", *batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize("kind", ENCODER_KINDS)
+def test_user_embedding_ignores_extra_left_padding(kind):
+    model = build_encoder(kind, 50, max_len=12).eval()
+    ids = torch.tensor([[3, 7, 9, 4]])
+    deltas = torch.tensor([[0.0, 60.0, 3600.0, 86400.0]])
+    padded_ids = torch.cat([torch.zeros(1, 5, dtype=torch.long), ids], dim=1)
+    padded_deltas = torch.cat([torch.zeros(1, 5), deltas], dim=1)
+    with torch.no_grad():
+        short = model.encode_user(ids, deltas)
+        long = model.encode_user(padded_ids, padded_deltas)
+    torch.testing.assert_close(short, long, atol=1e-5, rtol=1e-5)
+    assert torch.linalg.norm(short, dim=-1).item() == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ENCODER_KINDS)
+def test_states_do_not_see_the_future(kind):
+    model = build_encoder(kind, 50, max_len=12).eval()
+    ids = torch.tensor([[3, 7, 9, 4, 11]])
+    changed = ids.clone()
+    changed[0, -1] = 20
+    deltas = torch.full((1, 5), 100.0)
+    with torch.no_grad():
+        a = model.hidden_states(ids, deltas)
+        b = model.hidden_states(changed, deltas)
+    torch.testing.assert_close(a[:, :-1], b[:, :-1])
+    assert not torch.allclose(a[:, -1], b[:, -1])
+
+
+def test_time_buckets_are_log_spaced_and_zero_for_padding():
+    ids = torch.tensor([[0, 1, 1, 1, 1, 1]])
+    deltas = torch.tensor([[5.0, 0.0, 1.0, 60.0, 86400.0, 1e12]])
+    buckets = time_buckets(deltas, ids, n_buckets=32)
+    # padding -> 0; 0 s -> 1; 1 s -> 2; a minute -> 5 + 1; a day -> 16 + 1; huge -> capped at 31
+    assert buckets.tolist() == [[0, 1, 2, 6, 17, 31]]
+
+
+def test_unknown_model_options_are_refused():
+    with pytest.raises(ValueError, match="no option"):
+        build_encoder("sasrec", 10, heads=3)
+    with pytest.raises(ValueError, match="unknown model"):
+        build_encoder("gru4rec", 10)

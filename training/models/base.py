@@ -1,0 +1,48 @@
+"""The interface every user encoder shares, and the time-interval bucketing they all use.
+
+An encoder maps a left-padded history (item ids, seconds since the previous event) to a
+user embedding, and item ids to item embeddings; recommendations are inner products
+between the two. ``hidden_states`` gives one embedding per position (the prediction of the
+next item after each prefix), which is what sequential training needs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def time_buckets(time_deltas: torch.Tensor, item_ids: torch.Tensor, n_buckets: int) -> torch.Tensor:
+    """Log2-bucketed gaps in seconds: 0 for padding, 1..n_buckets-1 otherwise.
+
+    Log buckets keep minutes, hours, days and months apart with few parameters; the
+    arithmetic stays inside the exported graph so the service passes raw seconds.
+    """
+    gaps = torch.clamp(time_deltas, min=0.0)
+    bucket = torch.floor(torch.log2(gaps + 1.0)).to(torch.int64)  # 1 day -> 16, 1 year -> 24
+    bucket = torch.clamp(bucket, max=n_buckets - 2) + 1
+    return torch.where(item_ids > 0, bucket, torch.zeros_like(bucket))
+
+
+class UserEncoder(nn.Module):
+    """Base class: subclasses implement ``hidden_states`` and own ``item_embedding``."""
+
+    item_embedding: nn.Embedding
+    max_len: int
+
+    def hidden_states(self, item_ids: torch.Tensor, time_deltas: torch.Tensor) -> torch.Tensor:
+        """Per-position user states (b, L, d) for left-padded (b, L) inputs."""
+        raise NotImplementedError
+
+    def encode_user(self, item_ids: torch.Tensor, time_deltas: torch.Tensor) -> torch.Tensor:
+        """L2-normalised user embeddings (b, d) from the most recent position."""
+        return F.normalize(self.hidden_states(item_ids, time_deltas)[:, -1], dim=-1)
+
+    def encode_items(self, ids: torch.Tensor) -> torch.Tensor:
+        """Item embeddings (n, d) in the space ``encode_user`` scores against."""
+        return self.item_embedding(ids)
+
+    def all_item_embeddings(self) -> torch.Tensor:
+        """Embeddings of every item id including padding row 0, (N + 1, d)."""
+        return self.item_embedding.weight
