@@ -65,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--heads", type=int, default=2)
     train.add_argument("--dropout", type=float, default=0.2)
     train.add_argument("--no-time", action="store_true", help="ignore time intervals")
+    train.add_argument(
+        "--loss-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the loss, e.g. --loss-option temperature=0.1 (repeatable)",
+    )
 
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on a dataset")
     _add_data_args(evaluate)
@@ -119,6 +126,24 @@ def _generate(args) -> int:
     return 0
 
 
+def _key_values(pairs: list[str], flag: str) -> dict:
+    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}`` with numbers and booleans parsed."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: {flag} expects KEY=VALUE, got {pair!r}")
+        options[key.strip()] = json.loads(value) if _is_json_scalar(value) else value
+    return options
+
+
+def _is_json_scalar(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), (int, float, bool))
+    except ValueError:
+        return False
+
+
 def _train(args) -> int:
     from training.trainer import TrainConfig, train
 
@@ -146,6 +171,7 @@ def _train(args) -> int:
             "dropout": args.dropout,
             "use_time": not args.no_time,
         },
+        loss_options=_key_values(args.loss_option, "--loss-option"),
     )
     result = train(data, config, args.out)
     report = result.report

@@ -25,14 +25,13 @@ from tqdm.auto import tqdm
 
 from training.data import SequenceData, left_padded_window
 from training.evaluate import evaluate, model_scorer, popularity_scorer
-from training.losses import full_softmax_loss
+from training.losses import Objective, build_objective
 from training.models import build_encoder, encoder_config
 from training.models.base import UserEncoder
 
 LOG = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
-OBJECTIVES = {"full_softmax": full_softmax_loss}
 
 
 @dataclass
@@ -51,6 +50,7 @@ class TrainConfig:
     device: str = "cpu"
     threads: int = 0  # 0: torch's default
     model_options: dict = field(default_factory=dict)
+    loss_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -91,7 +91,7 @@ def batches(
 
 def sequence_loss(
     model: UserEncoder,
-    loss_name: str,
+    objective: Objective,
     item_ids: torch.Tensor,
     time_deltas: torch.Tensor,
     targets: torch.Tensor,
@@ -99,24 +99,23 @@ def sequence_loss(
     """The objective over every position that has a next item."""
     states = model.hidden_states(item_ids, time_deltas)  # (b, L, d)
     has_target = targets > 0
-    return OBJECTIVES[loss_name](
-        states[has_target], targets[has_target], model.all_item_embeddings()
-    )
+    return objective(states[has_target], targets[has_target], model.item_embedding.weight)
 
 
 def train(data: SequenceData, config: TrainConfig, out_dir: str | Path) -> TrainResult:
     """Train, early-stop on valid NDCG@10, evaluate on test, and write the run folder."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if config.loss not in OBJECTIVES:
-        raise ValueError(f"unknown loss {config.loss!r}; choose from {', '.join(OBJECTIVES)}")
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     device = torch.device(config.device)
 
+    objective = build_objective(config.loss, data.train_item_counts(), **config.loss_options)
+    objective = objective.to(device)
     model = build_encoder(config.model, data.n_items, **config.model_options).to(device)
+    model.normalize_items = objective.cosine
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -144,7 +143,7 @@ def train(data: SequenceData, config: TrainConfig, out_dir: str | Path) -> Train
         )
         for item_ids, deltas, targets in progress:
             loss = sequence_loss(
-                model, config.loss, item_ids.to(device), deltas.to(device), targets.to(device)
+                model, objective, item_ids.to(device), deltas.to(device), targets.to(device)
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -225,6 +224,7 @@ def save_checkpoint(
             "format": CHECKPOINT_FORMAT,
             "model": config.model,
             "model_config": encoder_config(model),
+            "normalize_items": model.normalize_items,
             "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
             "train_config": json.dumps(asdict(config)),
             "report": json.dumps(report),
@@ -246,6 +246,7 @@ def load_checkpoint(path: str | Path) -> tuple[UserEncoder, dict]:
     n_items = options.pop("n_items")
     model = build_encoder(payload["model"], n_items, **options)
     model.load_state_dict(payload["state_dict"])
+    model.normalize_items = bool(payload["normalize_items"])
     model.eval()
     return model, payload
 

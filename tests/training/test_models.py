@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from training.losses import build_objective
 from training.models import build_encoder
 from training.models.base import time_buckets
 from training.trainer import batches, sequence_loss, training_windows
@@ -17,9 +18,10 @@ def test_encoder_loss_falls_on_tiny_data(kind, tiny_data):
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     starts, ends = training_windows(tiny_data)
     batch = next(batches(tiny_data, starts, ends, 20, 64, np.random.default_rng(0)))
+    objective = build_objective("full_softmax", tiny_data.train_item_counts())
     losses = []
     for _ in range(30):
-        loss = sequence_loss(model, "full_softmax", *batch)
+        loss = sequence_loss(model, objective, *batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -30,6 +30,9 @@ class UserEncoder(nn.Module):
 
     item_embedding: nn.Embedding
     max_len: int
+    # Set when the model was trained with a cosine objective: retrieval must then rank
+    # against unit-length item vectors, as training scored.
+    normalize_items: bool = False
 
     def hidden_states(self, item_ids: torch.Tensor, time_deltas: torch.Tensor) -> torch.Tensor:
         """Per-position user states (b, L, d) for left-padded (b, L) inputs."""
@@ -40,9 +43,11 @@ class UserEncoder(nn.Module):
         return F.normalize(self.hidden_states(item_ids, time_deltas)[:, -1], dim=-1)
 
     def encode_items(self, ids: torch.Tensor) -> torch.Tensor:
-        """Item embeddings (n, d) in the space ``encode_user`` scores against."""
-        return self.item_embedding(ids)
+        """Item vectors (n, d) in the space ``encode_user`` is scored against."""
+        vectors = self.item_embedding(ids)
+        return F.normalize(vectors, dim=-1) if self.normalize_items else vectors
 
     def all_item_embeddings(self) -> torch.Tensor:
-        """Embeddings of every item id including padding row 0, (N + 1, d)."""
-        return self.item_embedding.weight
+        """Item vectors of every id including padding row 0, (N + 1, d), as retrieval uses them."""
+        weight = self.item_embedding.weight
+        return F.normalize(weight, dim=-1) if self.normalize_items else weight
