@@ -5,22 +5,30 @@ from __future__ import annotations
 from dataclasses import asdict, fields
 
 from training.models.base import UserEncoder
+from training.models.nextitnet import NextItNet, NextItNetConfig
 from training.models.sasrec import SASRec, SASRecConfig
+from training.models.two_tower import TwoTower, TwoTowerConfig
 
 ENCODERS: dict[str, tuple[type[UserEncoder], type]] = {
     "sasrec": (SASRec, SASRecConfig),
+    "nextitnet": (NextItNet, NextItNetConfig),
+    "two_tower": (TwoTower, TwoTowerConfig),
 }
+
+
+def encoder_options(kind: str) -> set[str]:
+    """The options an encoder of ``kind`` takes: its config's fields but ``n_items``."""
+    if kind not in ENCODERS:
+        raise ValueError(f"unknown model {kind!r}; choose from {', '.join(ENCODERS)}")
+    return {f.name for f in fields(ENCODERS[kind][1])} - {"n_items"}
 
 
 def build_encoder(kind: str, n_items: int, **options) -> UserEncoder:
     """Build an encoder of ``kind`` for ``n_items``; options not in its config are an error."""
-    if kind not in ENCODERS:
-        raise ValueError(f"unknown model {kind!r}; choose from {', '.join(ENCODERS)}")
-    model_cls, config_cls = ENCODERS[kind]
-    known = {f.name for f in fields(config_cls)}
-    unknown = set(options) - known
+    unknown = set(options) - encoder_options(kind)
     if unknown:
         raise ValueError(f"{kind} has no option(s) {', '.join(sorted(unknown))}")
+    model_cls, config_cls = ENCODERS[kind]
     return model_cls(config_cls(n_items=n_items, **options))
 
 

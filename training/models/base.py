@@ -25,6 +25,17 @@ def time_buckets(time_deltas: torch.Tensor, item_ids: torch.Tensor, n_buckets: i
     return torch.where(item_ids > 0, bucket, torch.zeros_like(bucket))
 
 
+def init_weights(module: nn.Module) -> None:
+    """N(0, 0.02) for linear and embedding weights, zero biases, zero padding rows."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        with torch.no_grad():
+            module.weight[module.padding_idx].zero_()
+
+
 class UserEncoder(nn.Module):
     """Base class: subclasses implement ``hidden_states`` and own ``item_embedding``."""
 

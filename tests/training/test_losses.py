@@ -1,0 +1,195 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from training.losses import OBJECTIVES, CrossBatchNegatives, build_objective
+from training.models import build_encoder
+from training.trainer import batches, sequence_loss, training_windows
+
+from .test_models import ENCODER_KINDS
+
+# Loss -> options that make it show its behaviour within a few steps on tiny data: the
+# cross-batch memory is used from the second step and holds fewer entries than one batch
+# gives, so the number of negatives is the same at every later step.
+TRAINING_LOSSES = {
+    "full_softmax": {},
+    "sampled_softmax": {},
+    "cbns_softmax": {"memory_size": 256, "warmup_steps": 1},
+    "ccl": {},
+}
+
+
+def dot(a, b):
+    return sum(x * y for x, y in zip(a, b, strict=True))
+
+
+def cos(a, b):
+    return dot(a, b) / math.sqrt(dot(a, a) * dot(b, b))
+
+
+def test_every_objective_is_registered():
+    assert set(OBJECTIVES) == set(TRAINING_LOSSES)
+    counts = np.ones(6, dtype=np.int64)
+    assert build_objective("ccl", counts).cosine
+    assert not build_objective("sampled_softmax", counts).cosine
+    with pytest.raises(ValueError, match="bad option"):
+        build_objective("sampled_softmax", counts, margin=0.5)
+
+
+@pytest.mark.parametrize("temperature, logq", [(1.0, True), (0.5, True), (1.0, False)])
+def test_sampled_softmax_matches_the_logq_corrected_formula(temperature, logq):
+    table = [[0.0, 0.0], [1.0, 0.5], [-0.5, 1.0], [0.3, -0.8]]
+    states = [[0.8, -0.2], [0.1, 0.9], [-0.6, 0.4]]
+    targets = [1, 2, 1]  # item 1 twice: never a negative for either of its positions
+    counts = [0, 6, 2, 0]  # item 3 unseen: counted as 1
+    seen = [max(c, 1) for c in counts]
+    log_q = [math.log(c / sum(seen[1:])) for c in seen]
+
+    def logit(state, item):
+        return dot(state, table[item]) / temperature - (log_q[item] if logq else 0.0)
+
+    expected = 0.0
+    for state, target in zip(states, targets, strict=True):
+        positive = logit(state, target)
+        negatives = [logit(state, other) for other in targets if other != target]
+        denominator = math.exp(positive) + sum(math.exp(s) for s in negatives)
+        expected += -positive + math.log(denominator)
+    expected /= len(targets)
+
+    objective = build_objective(
+        "sampled_softmax", np.array(counts), temperature=temperature, logq=logq
+    )
+    loss = objective(torch.tensor(states), torch.tensor(targets), torch.tensor(table))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_cosine_contrastive_loss_matches_the_simplex_formula():
+    table = [[0.0, 0.0], [1.0, 0.2], [0.9, 0.5], [-1.0, 0.1], [0.6, -0.4]]
+    states = [[2.0, 0.5], [0.3, 1.0]]
+    targets = [1, 2]
+    negatives = [2, 3, 4, 2]  # item 2 is the second position's target: not its negative
+    margin, weight = 0.1, 2.0
+
+    expected = 0.0
+    for state, target in zip(states, targets, strict=True):
+        hinges = [max(0.0, cos(state, table[j]) - margin) for j in negatives if j != target]
+        expected += 1.0 - cos(state, table[target]) + weight * sum(hinges) / len(hinges)
+    expected /= len(targets)
+
+    objective = build_objective(
+        "ccl", np.ones(5, dtype=np.int64), margin=margin, negative_weight=weight
+    )
+    loss = objective(
+        torch.tensor(states),
+        torch.tensor(targets),
+        torch.tensor(table),
+        negative_ids=torch.tensor(negatives),
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_cosine_contrastive_loss_adds_the_batch_targets_as_negatives_on_request():
+    torch.manual_seed(0)
+    states, table = torch.randn(4, 8), torch.randn(10, 8)
+    targets, negatives = torch.tensor([1, 5, 5, 9]), torch.tensor([2, 3, 5])
+    counts = np.ones(10, dtype=np.int64)
+    options = {"margin": -0.5, "negative_weight": 1.0}
+    with_batch = build_objective("ccl", counts, in_batch=True, **options)
+    explicit = build_objective("ccl", counts, **options)
+    torch.testing.assert_close(
+        with_batch(states, targets, table, negative_ids=negatives),
+        explicit(states, targets, table, negative_ids=torch.cat([negatives, targets])),
+    )
+
+
+def test_cross_batch_memory_is_a_bounded_fifo_of_detached_entries():
+    memory = CrossBatchNegatives(memory_size=4, warmup_steps=0)
+
+    def push(ids):
+        ids = torch.tensor(ids)
+        vectors = ids[:, None].float().repeat(1, 3).requires_grad_()  # row = its id
+        memory.push(vectors * 2.0, ids)
+
+    push([1, 2, 3])
+    assert len(memory) == 3
+    push([4, 5])
+    vectors, ids = memory.negatives()
+    assert ids.tolist() == [2, 3, 4, 5]  # the oldest entry went first
+    assert vectors[:, 0].tolist() == [4.0, 6.0, 8.0, 10.0]  # vectors move with their ids
+    push([6, 7, 8, 9, 10])
+    assert memory.negatives()[1].tolist() == [7, 8, 9, 10]
+    assert not memory.vectors.requires_grad and memory.vectors.grad_fn is None
+
+    memory.reset()
+    assert len(memory) == 0 and memory.negatives() is None
+
+
+def test_cross_batch_negatives_join_only_after_warm_up():
+    counts = np.arange(12, dtype=np.int64)
+    plain = build_objective("sampled_softmax", counts)
+    cross = build_objective("cbns_softmax", counts, memory_size=64, warmup_steps=2)
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(12, 4, generator=generator)
+    targets = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [2, 4, 6, 8, 10]]
+    steps = [(torch.randn(5, 4, generator=generator), torch.tensor(t)) for t in targets]
+    losses = [(plain(s, t, table), cross(s, t, table)) for s, t in steps]
+    for without, with_memory in losses[:2]:
+        torch.testing.assert_close(with_memory, without)
+    without, with_memory = losses[2]
+    assert with_memory.item() > without.item() + 1e-3  # more negatives, larger loss
+    assert len(cross.memory) == 15
+
+    cross.reset()
+    assert len(cross.memory) == 0
+    states, last_targets = steps[2]
+    torch.testing.assert_close(
+        cross(states, last_targets, table), plain(states, last_targets, table)
+    )
+
+
+def test_no_gradient_flows_into_the_cross_batch_memory():
+    counts = np.ones(8, dtype=np.int64)
+    objective = build_objective("cbns_softmax", counts, memory_size=8, warmup_steps=1)
+    table = torch.nn.Parameter(torch.randn(8, 4))
+    objective(torch.randn(2, 4), torch.tensor([1, 2]), table)  # fills the memory
+    assert not objective.memory.vectors.requires_grad
+    table.grad = None
+    objective(torch.randn(2, 4, requires_grad=True), torch.tensor([3, 4]), table).backward()
+    # Items 1 and 2 are negatives only through the memory: their rows get no gradient.
+    assert table.grad[[1, 2]].abs().sum().item() == 0.0
+    assert table.grad[[3, 4]].abs().sum().item() > 0.0
+
+
+def test_in_batch_negatives_are_capped_at_max_negatives():
+    objective = build_objective(
+        "cbns_softmax", np.ones(50, dtype=np.int64), max_negatives=6, memory_size=100
+    )
+    states, targets = torch.randn(40, 4), torch.randint(1, 50, (40,))
+    loss = objective(states, targets, torch.randn(50, 4))
+    assert torch.isfinite(loss)
+    assert len(objective.memory) == 6  # what one batch pushed: its capped negatives
+
+
+@pytest.mark.parametrize("kind", ENCODER_KINDS)
+@pytest.mark.parametrize("loss_name", TRAINING_LOSSES)
+def test_each_loss_trains_each_encoder_on_tiny_data(loss_name, kind, tiny_data):
+    torch.manual_seed(0)
+    model = build_encoder(kind, tiny_data.n_items, max_len=12, dim=32, dropout=0.0)
+    objective = build_objective(
+        loss_name, tiny_data.train_item_counts(), **TRAINING_LOSSES[loss_name]
+    )
+    model.normalize_items = objective.cosine
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+    starts, ends = training_windows(tiny_data)
+    batch = next(batches(tiny_data, starts, ends, 12, 32, np.random.default_rng(0)))
+    losses = []
+    for _ in range(20):
+        loss = sequence_loss(model, objective, *batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    # From the second step: the first one has no cross-batch negatives yet.
+    assert losses[-1] < 0.8 * losses[1]
