@@ -35,3 +35,23 @@ def tiny_data():
     from training.synthetic import SyntheticConfig, generate
 
     return build_sequences(generate(SyntheticConfig(users=300, items=120, mean_length=20, seed=1)))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_data, tmp_path_factory):
+    """A SASRec-kind checkpoint trained briefly on ``tiny_data``."""
+    from training.trainer import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("run")
+    config = TrainConfig(epochs=2, lr=3e-3, model_options={"max_len": 16, "dim": 16})
+    return train(tiny_data, config, out)
+
+
+@pytest.fixture(scope="session")
+def exported_bundle(tiny_data, trained_run, tmp_path_factory):
+    """A models dir holding one exact-index bundle of ``trained_run`` (CURRENT points at it)."""
+    from training.export import export_bundle
+
+    models_dir = tmp_path_factory.mktemp("models")
+    path = export_bundle([trained_run.checkpoint], tiny_data, models_dir, name="tiny")
+    return models_dir, path

@@ -14,7 +14,9 @@ import logging
 import sys
 from pathlib import Path
 
+from service.errors import BundleError
 from training.data import DataError, build_sequences, load_dataset
+from training.export import ExportError
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -61,10 +63,18 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, default=0)
     train.add_argument("--max-len", type=int, default=50)
     train.add_argument("--dim", type=int, default=64)
-    train.add_argument("--layers", type=int, default=2)
-    train.add_argument("--heads", type=int, default=2)
+    # None: the model's own default; only SASRec has layers and heads.
+    train.add_argument("--layers", type=int, default=None, help="sasrec: blocks (default 2)")
+    train.add_argument("--heads", type=int, default=None, help="sasrec: heads (default 2)")
     train.add_argument("--dropout", type=float, default=0.2)
     train.add_argument("--no-time", action="store_true", help="ignore time intervals")
+    train.add_argument(
+        "--model-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the model's config, e.g. --model-option n_stacks=3 (repeatable)",
+    )
     train.add_argument(
         "--loss-option",
         action="append",
@@ -72,6 +82,43 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="an option of the loss, e.g. --loss-option temperature=0.1 (repeatable)",
     )
+
+    export = commands.add_parser("export", help="export checkpoints into a model bundle")
+    _add_data_args(export)
+    export.add_argument(
+        "--checkpoint",
+        required=True,
+        action="append",
+        type=Path,
+        help="a trained checkpoint (repeat for several encoders)",
+    )
+    export.add_argument("--models-dir", type=Path, default=Path("models"))
+    export.add_argument("--name", help="bundle name (default: bundle-<UTC time>)")
+    export.add_argument(
+        "--index",
+        default="auto",
+        help="auto, or a faiss factory string such as Flat, OPQ16,IVF1024,PQ16x8, HNSW32",
+    )
+    export.add_argument("--nprobe", type=int, default=None, help="IVF lists visited per query")
+    export.add_argument("--rescore", type=int, default=None, help="shortlist re-scored exactly")
+    export.add_argument("--no-current", action="store_true", help="do not update CURRENT")
+
+    recommend = commands.add_parser(
+        "batch-recommend", help="top-K for every user through a bundle, to Parquet"
+    )
+    _add_data_args(recommend)
+    recommend.add_argument("--models-dir", type=Path, default=Path("models"))
+    recommend.add_argument("--bundle", help="bundle name (default: the one in CURRENT)")
+    recommend.add_argument("--encoder", help="retriever to use (default: the bundle's)")
+    recommend.add_argument("--out", required=True, type=Path, help=".parquet")
+    recommend.add_argument("-k", type=int, default=10)
+    recommend.add_argument(
+        "--history",
+        default="all",
+        choices=["all", "test", "valid"],
+        help="all events (recommend what comes next) or the evaluation's history",
+    )
+    recommend.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
 
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on a dataset")
     _add_data_args(evaluate)
@@ -100,8 +147,12 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "train":
             return _train(args)
+        if args.command == "export":
+            return _export(args)
+        if args.command == "batch-recommend":
+            return _batch_recommend(args)
         return _evaluate(args)
-    except DataError as exc:
+    except (DataError, ExportError, BundleError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -144,9 +195,35 @@ def _is_json_scalar(text: str) -> bool:
         return False
 
 
+def _model_options(args) -> dict:
+    """The model options from the flags; one the chosen model does not have is an error."""
+    from training.models import encoder_options
+
+    options = {
+        "max_len": args.max_len,
+        "dim": args.dim,
+        "dropout": args.dropout,
+        "use_time": not args.no_time,
+    }
+    for key, value in (("n_layers", args.layers), ("n_heads", args.heads)):
+        if value is not None:
+            options[key] = value
+    options.update(_key_values(args.model_option, "--model-option"))
+    try:
+        unknown = set(options) - encoder_options(args.model)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    if unknown:
+        raise SystemExit(
+            f"error: --model {args.model} has no option(s) {', '.join(sorted(unknown))}"
+        )
+    return options
+
+
 def _train(args) -> int:
     from training.trainer import TrainConfig, train
 
+    model_options = _model_options(args)  # before the data: a typo should fail fast
     interactions = load_dataset(args.data, args.skip_malformed)
     if interactions.skipped:
         print(f"skipped {interactions.skipped} malformed lines in {interactions.source}")
@@ -163,14 +240,7 @@ def _train(args) -> int:
         seed=args.seed,
         device=args.device,
         threads=args.threads,
-        model_options={
-            "max_len": args.max_len,
-            "dim": args.dim,
-            "n_layers": args.layers,
-            "n_heads": args.heads,
-            "dropout": args.dropout,
-            "use_time": not args.no_time,
-        },
+        model_options=model_options,
         loss_options=_key_values(args.loss_option, "--loss-option"),
     )
     result = train(data, config, args.out)
@@ -185,6 +255,50 @@ def _train(args) -> int:
     ratio = test["model"]["test"]["ndcg@10"] / max(test["popularity"]["test"]["ndcg@10"], 1e-12)
     print(f"test NDCG@10 model / popularity: {ratio:.2f}x")
     print(f"run folder: {args.out} (checkpoint.pt, report.json, training_curve.png)")
+    return 0
+
+
+def _export(args) -> int:
+    from training.export import export_bundle
+
+    data = build_sequences(load_dataset(args.data, args.skip_malformed))
+    overrides = {
+        key: value
+        for key, value in (("nprobe", args.nprobe), ("rescore", args.rescore))
+        if value is not None
+    }
+    path = export_bundle(
+        args.checkpoint,
+        data,
+        args.models_dir,
+        name=args.name,
+        index=args.index,
+        index_options=overrides,
+        make_current=not args.no_current,
+    )
+    print(f"bundle written: {path}")
+    return 0
+
+
+def _batch_recommend(args) -> int:
+    from service.bundle import load_bundle
+    from training.batch_recommend import batch_recommend
+
+    bundle = load_bundle(args.models_dir, args.bundle, device=args.device)
+    if args.encoder and args.encoder not in bundle.retrievers:
+        print(
+            f"error: bundle {bundle.name} has no encoder {args.encoder!r} "
+            f"(it has {', '.join(bundle.retrievers)})",
+            file=sys.stderr,
+        )
+        return 2
+    data = build_sequences(load_dataset(args.data, args.skip_malformed))
+    stats = batch_recommend(bundle, data, args.out, args.encoder, args.k, args.history)
+    print(
+        f"{stats['users']} users, {stats['rows']} rows in {stats['seconds']:.1f}s "
+        f"({stats['users_per_second']:.0f} users/s) with {stats['encoder']} of "
+        f"{stats['bundle']} -> {args.out}"
+    )
     return 0
 
 

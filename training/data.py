@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-LOG = logging.getLogger(__name__)
+from service.histories import PAD, left_padded_window  # noqa: F401  (re-exported)
 
-PAD = 0
+LOG = logging.getLogger(__name__)
 
 
 class DataError(Exception):
@@ -609,30 +609,3 @@ def build_sequences(interactions: Interactions) -> SequenceData:
         source=interactions.source,
         metadata=interactions.metadata,
     )
-
-
-def left_padded_window(
-    items: np.ndarray,
-    timestamps: np.ndarray,
-    starts: np.ndarray,
-    ends: np.ndarray,
-    max_len: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The last ``max_len`` events of each range ``[start, end)``, left-padded with 0.
-
-    Returns ``item_ids`` int64 [B, L] and ``time_deltas`` float32 [B, L], where L is the
-    longest window in the batch and a delta is the seconds since the previous event of the
-    same range (0 for its first event and for padding). Deltas are taken before truncation,
-    so a window sees the same gap for its first item that the full history had.
-    """
-    starts = np.asarray(starts, dtype=np.int64)
-    ends = np.asarray(ends, dtype=np.int64)
-    width = int(min(max_len, max(1, (ends - starts).max(initial=1))))
-    index = ends[:, None] - width + np.arange(width)[None, :]  # (b, L)
-    valid = index >= starts[:, None]
-    safe = np.where(valid, index, 0)
-    item_ids = np.where(valid, items[safe], PAD).astype(np.int64)
-    has_previous = valid & (index - 1 >= starts[:, None])
-    previous = np.where(has_previous, safe - 1, 0)
-    deltas = np.where(has_previous, timestamps[safe] - timestamps[previous], 0)
-    return item_ids, np.maximum(deltas, 0).astype(np.float32)

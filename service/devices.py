@@ -1,0 +1,51 @@
+"""Where inference runs: onnxruntime execution providers and faiss GPU use.
+
+``auto`` takes the GPU when the installed build supports it and a device is present, and
+the CPU otherwise; ``cpu`` forces the CPU; ``gpu`` requires the GPU and fails loudly
+without one (a silent CPU fallback would hide a broken deployment).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from service.errors import DeviceError
+
+LOG = logging.getLogger(__name__)
+
+CHOICES = ("auto", "cpu", "gpu")
+
+
+def _check(choice: str) -> None:
+    if choice not in CHOICES:
+        raise DeviceError(f"device must be one of {', '.join(CHOICES)}, not {choice!r}")
+
+
+def onnx_providers(choice: str = "auto", available: list[str] | None = None) -> list[str]:
+    """Execution providers for onnxruntime, best first."""
+    _check(choice)
+    if available is None:
+        import onnxruntime
+
+        available = onnxruntime.get_available_providers()
+    has_cuda = "CUDAExecutionProvider" in available
+    if choice == "gpu" and not has_cuda:
+        raise DeviceError(
+            "device 'gpu' asked for, but onnxruntime has no CUDAExecutionProvider "
+            f"(available: {', '.join(available)}); install the gpu extra"
+        )
+    if has_cuda and choice != "cpu":
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def faiss_gpus(choice: str = "auto", count: int | None = None) -> int:
+    """How many GPUs faiss should use (0: search on the CPU)."""
+    _check(choice)
+    if count is None:
+        import faiss
+
+        count = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if choice == "gpu" and count == 0:
+        raise DeviceError("device 'gpu' asked for, but faiss sees no GPU (install faiss-gpu)")
+    return 0 if choice == "cpu" else count

@@ -1,0 +1,202 @@
+"""Candidate retrieval: maximum-inner-product search over item vectors with faiss.
+
+``ItemIndex`` wraps one faiss index over items 1..N (internal ids; 0 is padding and never
+returned). Small catalogues use an exact ``Flat`` index; large ones a compressed index
+(IVF-PQ, optionally behind an OPQ rotation) whose shortlist is re-scored exactly against
+the float32 item vectors, read from a memory-mapped ``.npy`` so that only the compressed
+codes need to stay resident. HNSW is available as an option.
+
+The same class builds the index at export time and serves it in the service, so the
+recall measured at export is the recall served.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.devices import faiss_gpus
+
+LOG = logging.getLogger(__name__)
+
+EXACT_LIMIT = 200_000  # catalogues up to this size are searched exactly by default
+
+
+@dataclass
+class IndexSpec:
+    """How to index: a faiss factory string and its search parameters."""
+
+    factory: str = "Flat"
+    nprobe: int = 32  # IVF lists visited per query
+    ef_search: int = 128  # HNSW candidate list size
+    rescore: int = 0  # shortlist size re-scored exactly (0: no re-scoring)
+    train_size: int = 100_000  # vectors used to train IVF / PQ / OPQ
+
+    @classmethod
+    def auto(cls, n_items: int, dim: int) -> IndexSpec:
+        """Exact for small catalogues; OPQ + IVF-PQ with exact re-scoring for large ones."""
+        if n_items <= EXACT_LIMIT:
+            return cls(factory="Flat")
+        sub = _pq_subquantizers(dim)
+        lists = int(2 ** round(np.log2(4 * np.sqrt(n_items))))
+        return cls(factory=f"OPQ{sub},IVF{lists},PQ{sub}x8", nprobe=48, rescore=1000)
+
+    @property
+    def exact(self) -> bool:
+        return self.factory.strip().lower() == "flat"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _pq_subquantizers(dim: int) -> int:
+    # 4 dimensions per byte keeps PQ error low enough for re-scoring to recover the rest.
+    for sub in (dim // 4, dim // 2, dim):
+        if sub and dim % sub == 0:
+            return sub
+    return dim
+
+
+class ItemIndex:
+    """Top-k items by inner product for a batch of query vectors."""
+
+    def __init__(self, index, vectors: np.ndarray, spec: IndexSpec, gpus: int = 0):
+        self.index = index
+        self.vectors = vectors  # (N + 1, d) float32, row 0 = padding; may be a memmap
+        self.spec = spec
+        self.gpus = gpus
+        self._apply_search_params(index)
+
+    @property
+    def n_items(self) -> int:
+        return int(self.vectors.shape[0] - 1)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, spec: IndexSpec, seed: int = 0) -> ItemIndex:
+        """Index rows 1..N of ``vectors``; trains the quantisers on a seeded sample."""
+        import faiss
+
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        items = vectors[1:]
+        index = faiss.index_factory(items.shape[1], spec.factory, faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            rng = np.random.default_rng(seed)
+            size = min(len(items), spec.train_size)
+            sample = items[rng.choice(len(items), size, replace=False)]
+            index.train(sample)
+        index.add(items)
+        return cls(index, vectors, spec)
+
+    def _apply_search_params(self, index) -> None:
+        import faiss
+
+        try:
+            faiss.extract_index_ivf(index).nprobe = self.spec.nprobe
+        except RuntimeError:
+            pass  # not an IVF index
+        hnsw = getattr(faiss.downcast_index(_base_index(index)), "hnsw", None)
+        if hnsw is not None:
+            hnsw.efSearch = self.spec.ef_search
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and internal ids (b, k), best first; missing slots have id 0, score -inf."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        k = max(1, min(k, self.n_items))
+        depth = max(k, min(self.spec.rescore, self.n_items)) if self.spec.rescore else k
+        scores, labels = self.index.search(queries, depth)
+        ids = np.where(labels >= 0, labels + 1, 0)
+        if self.spec.rescore:
+            scores, ids = self._rescore(queries, ids, k)
+        scores = np.where(ids > 0, scores, -np.inf).astype(np.float32)
+        return scores[:, :k], ids[:, :k]
+
+    def _rescore(
+        self, queries: np.ndarray, ids: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        # Exact inner products for the shortlist; the fancy index reads only those rows of
+        # the memory-mapped vectors.
+        exact = np.einsum("bd,bkd->bk", queries, self.vectors[ids])  # (b, depth)
+        exact = np.where(ids > 0, exact, -np.inf)
+        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(exact, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+    def exact_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Brute-force top-k against the float32 vectors: the ground truth for recall."""
+        import faiss
+
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        scores, labels = faiss.knn(
+            queries, np.ascontiguousarray(self.vectors[1:]), k, metric=faiss.METRIC_INNER_PRODUCT
+        )
+        return scores, labels + 1
+
+    def memory_bytes(self) -> int:
+        """Size of the index structure itself (the float32 vectors stay memory-mapped)."""
+        import faiss
+
+        return int(faiss.serialize_index(self._cpu_index()).nbytes)
+
+    def _cpu_index(self):
+        import faiss
+
+        return faiss.index_gpu_to_cpu(self.index) if self.gpus else self.index
+
+    def save(self, path: str | Path) -> None:
+        import faiss
+
+        faiss.write_index(self._cpu_index(), str(path))
+
+    @classmethod
+    def load(
+        cls, path: str | Path, vectors: np.ndarray, spec: IndexSpec, device: str = "auto"
+    ) -> ItemIndex:
+        """Read an index; with a GPU (``device`` auto or gpu) search moves onto it."""
+        import faiss
+
+        index = faiss.read_index(str(path))
+        gpus = faiss_gpus(device)
+        if gpus:
+            index = faiss.index_cpu_to_all_gpus(index)
+            LOG.info("faiss index %s searched on %d GPU(s)", path, gpus)
+        return cls(index, vectors, spec, gpus=gpus)
+
+
+def _base_index(index):
+    import faiss
+
+    index = faiss.downcast_index(index)
+    while isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    return index
+
+
+def measure_recall(
+    index: ItemIndex, queries: np.ndarray, ks: tuple[int, ...] = (10, 100)
+) -> dict[str, float]:
+    """|approximate top-k ∩ exact top-k| / k averaged over queries, plus single-query latency."""
+    top = max(ks)
+    _, exact_ids = index.exact_search(queries, top)
+    _, approx_ids = index.search(queries, top)
+    result: dict[str, float] = {}
+    for k in ks:
+        overlap = [
+            len(np.intersect1d(a[:k], e[:k], assume_unique=True)) / k
+            for a, e in zip(approx_ids, exact_ids, strict=True)
+        ]
+        result[f"recall@{k}"] = float(np.mean(overlap))
+    timings = []
+    for query in queries[: min(len(queries), 200)]:
+        started = time.perf_counter()
+        index.search(query[None], top)
+        timings.append((time.perf_counter() - started) * 1000)
+    result["query_ms_p50"] = float(np.median(timings))
+    result["query_ms_p99"] = float(np.percentile(timings, 99))
+    return result

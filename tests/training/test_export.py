@@ -1,0 +1,107 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from service.bundle import load_bundle, read_manifest
+from training.batch_recommend import batch_recommend
+from training.evaluate import model_scorer, ranked_scores
+from training.export import ExportError, check_parity, export_user_encoder, parity_shapes
+
+
+def test_parity_shapes_include_lengths_not_used_at_export():
+    shapes = parity_shapes(200)
+    lengths = {length for _, length in shapes}
+    assert {1, 7, 50, 200} <= lengths
+    assert 8 not in lengths  # the export example's length
+
+
+def test_export_fails_when_onnx_does_not_match_pytorch(trained_run, tmp_path):
+    model = trained_run.model
+    path = tmp_path / "encoder.onnx"
+    export_user_encoder(model, path)
+    assert check_parity(model, path) <= 1e-4
+    changed = type(model)(model.config)
+    changed.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        changed.ln_f.bias.add_(0.5)
+    changed.eval()
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        check_parity(changed, path)
+
+
+def test_bundle_round_trip_serves_what_the_model_computes(exported_bundle, trained_run, tiny_data):
+    models_dir, path = exported_bundle
+    bundle = load_bundle(models_dir, device="cpu")
+    assert bundle.name == "tiny" and bundle.path == path.resolve()
+    manifest = read_manifest(path)
+    entry = manifest["retrievers"]["sasrec"]
+    assert entry["index"]["recall@10"] == 1.0  # exact index on a small catalogue
+    assert entry["onnx_parity_max_abs_diff"] <= 1e-4
+    assert manifest["dataset"]["items"] == tiny_data.n_items
+    assert set(manifest["files"]) >= {"items.parquet", "retrievers/sasrec/user_encoder.onnx"}
+
+    retriever = bundle.retrievers["sasrec"]
+    ids = np.array([[0, 0, 4, 9, 2]], dtype=np.int64)
+    deltas = np.array([[0, 0, 0, 50, 7000]], dtype=np.float32)
+    with torch.no_grad():
+        expected = trained_run.model.encode_user(torch.from_numpy(ids), torch.from_numpy(deltas))
+    np.testing.assert_allclose(retriever.encoder.encode(ids, deltas), expected.numpy(), atol=1e-5)
+    vectors = trained_run.model.all_item_embeddings().detach().numpy()
+    np.testing.assert_allclose(retriever.item_vectors[1:], vectors[1:], atol=0)
+    assert bundle.catalogue.raw_ids.tolist() == tiny_data.item_map.raw.tolist()
+
+
+def test_batch_recommendations_equal_the_offline_ranking(
+    exported_bundle, trained_run, tiny_data, tmp_path
+):
+    import pyarrow.parquet as pq
+
+    models_dir, _ = exported_bundle
+    bundle = load_bundle(models_dir, device="cpu")
+    out = tmp_path / "recs.parquet"
+    stats = batch_recommend(bundle, tiny_data, out, k=10, history="test")
+    recs = pq.read_table(out).to_pydict()
+    assert stats["users"] == len(tiny_data.eval_users())
+
+    users, history_end, _ = tiny_data.eval_examples("test")
+    model = trained_run.model
+    scores = ranked_scores(model_scorer(model), tiny_data, users, history_end, model.max_len)
+    offline = torch.topk(scores, 10, dim=1).indices.numpy()
+    served: dict[str, list[str]] = {}
+    for user, item in zip(recs["user"], recs["item"], strict=True):
+        served.setdefault(user, []).append(item)
+    for row, user in enumerate(users):
+        raw_user = tiny_data.user_map.raw[user + 1]
+        assert served[raw_user] == tiny_data.item_map.raw[offline[row]].tolist()
+
+
+def test_failed_export_leaves_no_bundle_behind(tiny_data, trained_run, tmp_path, monkeypatch):
+    import training.export as export
+
+    def broken(*args, **kwargs):
+        raise ExportError("simulated")
+
+    monkeypatch.setattr(export, "check_parity", broken)
+    with pytest.raises(ExportError):
+        export.export_bundle([trained_run.checkpoint], tiny_data, tmp_path, name="broken")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_for_other_items_is_not_exported(trained_run, tmp_path):
+    from training.data import build_sequences
+    from training.export import export_bundle
+    from training.synthetic import SyntheticConfig, generate
+
+    other = build_sequences(generate(SyntheticConfig(users=50, items=40, seed=9)))
+    with pytest.raises(ExportError, match="other items"):
+        export_bundle([trained_run.checkpoint], other, tmp_path, name="x")
+
+
+def test_manifest_is_plain_json_with_offline_metrics(exported_bundle):
+    _, path = exported_bundle
+    manifest = json.loads((path / "manifest.json").read_text())
+    metrics = manifest["retrievers"]["sasrec"]["offline_metrics"]
+    assert {"model", "popularity"} <= set(metrics)
+    assert manifest["perf_only"] is False

@@ -1,0 +1,250 @@
+"""Export trained encoders into a versioned bundle the service loads.
+
+    python -m training export --data synthetic --checkpoint runs/default/checkpoint.pt \
+        --models-dir models [--name NAME] [--index auto|Flat|"OPQ16,IVF1024,PQ16x8"|HNSW32]
+
+For each checkpoint (one retriever per encoder kind) it writes:
+- ``user_encoder.onnx``: an inference wrapper (eval mode, normalisation included) with
+  dynamic batch size and sequence length; onnxruntime is checked against PyTorch at
+  several (batch, length) pairs, lengths not used when exporting included, and the export
+  fails when they differ by more than ``PARITY_TOLERANCE``;
+- ``item_embeddings.npy`` and ``items.faiss``: the item vectors and the index chosen for
+  the catalogue size (``IndexSpec.auto``), with recall@10/@100 against exact search on
+  held-out users, bytes per vector and query latency in the manifest.
+The bundle then gets ``items.parquet`` and a manifest with checksums, and becomes CURRENT.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from service.bundle import ITEMS, BundleWriter, retriever_dir, write_items_table
+from service.encoder import OnnxUserEncoder
+from service.histories import left_padded_window
+from service.retrieval import IndexSpec, ItemIndex, measure_recall
+from training.data import SequenceData
+from training.models.base import UserEncoder
+from training.trainer import load_checkpoint
+
+LOG = logging.getLogger(__name__)
+
+PARITY_TOLERANCE = 1e-4
+RECALL_QUERIES = 1000
+
+
+class ExportError(Exception):
+    """The exported artifact does not behave like the trained model."""
+
+
+class InferenceEncoder(nn.Module):
+    """The serving graph: histories in, normalised user embeddings out; nothing else."""
+
+    def __init__(self, model: UserEncoder):
+        super().__init__()
+        self.model = model
+        self.eval()
+
+    def forward(self, item_ids: torch.Tensor, time_deltas: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_user(item_ids, time_deltas)  # (b, d)
+
+
+def export_user_encoder(model: UserEncoder, path: Path) -> None:
+    """Write the ONNX graph with dynamic batch and length (up to the model's max_len)."""
+    wrapper = InferenceEncoder(model)
+    length = min(model.max_len, 8)
+    example = (
+        torch.randint(1, model.item_embedding.num_embeddings, (2, length)),
+        torch.rand(2, length) * 1e5,
+    )
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    seq = torch.export.Dim("length", min=1, max=model.max_len)
+    with torch.no_grad():
+        torch.onnx.export(
+            wrapper,
+            example,
+            str(path),
+            dynamo=True,
+            input_names=["item_ids", "time_deltas"],
+            output_names=["user_embedding"],
+            dynamic_shapes={"item_ids": {0: batch, 1: seq}, "time_deltas": {0: batch, 1: seq}},
+            external_data=False,  # one self-contained file per graph
+            verbose=False,
+        )
+
+
+def parity_shapes(max_len: int) -> list[tuple[int, int]]:
+    """(batch, length) pairs that include lengths unlike the export example's."""
+    return [(1, 1), (2, min(7, max_len)), (3, min(50, max_len)), (4, max_len)]
+
+
+def check_parity(model: UserEncoder, path: Path, seed: int = 0) -> float:
+    """Max |onnxruntime - torch| over random left-padded inputs; raises past the tolerance."""
+    session = OnnxUserEncoder(path, device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    n_items = model.item_embedding.num_embeddings - 1
+    worst = 0.0
+    for batch, length in parity_shapes(model.max_len):
+        ids = torch.randint(1, n_items + 1, (batch, length), generator=generator)
+        pad = torch.randint(0, length, (batch,), generator=generator)
+        ids[torch.arange(length)[None, :] < pad[:, None]] = 0  # ragged left padding
+        deltas = torch.rand(batch, length, generator=generator) * 1e6 * (ids > 0)
+        with torch.no_grad():
+            expected = model.encode_user(ids, deltas).numpy()
+        got = session.encode(ids.numpy(), deltas.numpy())
+        diff = float(np.abs(got - expected).max())
+        worst = max(worst, diff)
+        if diff > PARITY_TOLERANCE:
+            raise ExportError(
+                f"{path}: onnxruntime differs from PyTorch by {diff:.2e} at batch {batch}, "
+                f"length {length} (tolerance {PARITY_TOLERANCE:.0e})"
+            )
+    return worst
+
+
+def heldout_user_embeddings(
+    encoder: OnnxUserEncoder, data: SequenceData, max_len: int, limit: int = RECALL_QUERIES
+) -> np.ndarray:
+    """Embeddings of up to ``limit`` evaluation users' test histories, via the ONNX graph."""
+    users, history_end, _ = data.eval_examples("test")
+    chosen = np.random.default_rng(0).permutation(len(users))[:limit]
+    embeddings = []
+    for lo in range(0, len(chosen), 256):
+        rows = chosen[lo : lo + 256]
+        ids, deltas = left_padded_window(
+            data.items, data.timestamps, data.offsets[users[rows]], history_end[rows], max_len
+        )
+        embeddings.append(encoder.encode(ids, deltas))
+    return np.concatenate(embeddings) if embeddings else np.zeros((0, 1), np.float32)
+
+
+def index_spec_for(index: str, n_items: int, dim: int, options: dict | None = None) -> IndexSpec:
+    """``auto`` (by catalogue size) or a faiss factory string, with parameter overrides."""
+    spec = IndexSpec.auto(n_items, dim) if index == "auto" else IndexSpec(factory=index)
+    return replace(spec, **(options or {}))
+
+
+def export_retriever(
+    writer: BundleWriter,
+    checkpoint: Path,
+    data: SequenceData,
+    index: str = "auto",
+    index_options: dict | None = None,
+) -> tuple[str, dict]:
+    """Write one encoder's files into the bundle; returns its name and manifest entry."""
+    model, payload = load_checkpoint(checkpoint)
+    if payload["item_ids"] != data.item_map.raw.tolist():
+        raise ExportError(f"{checkpoint}: trained on other items than the data given")
+    name = payload["model"]
+    folder = retriever_dir(name)
+    onnx_path = writer.path(f"{folder}/user_encoder.onnx")
+    started = time.perf_counter()
+    export_user_encoder(model, onnx_path)
+    parity = check_parity(model, onnx_path)
+    LOG.info("%s: ONNX export %.1fs, parity %.1e", name, time.perf_counter() - started, parity)
+
+    with torch.no_grad():
+        vectors = model.all_item_embeddings().detach().float().numpy().copy()
+    vectors[0] = 0.0
+    vectors_path = writer.path(f"{folder}/item_embeddings.npy")
+    np.save(vectors_path, vectors, allow_pickle=False)
+    spec = index_spec_for(index, data.n_items, vectors.shape[1], index_options)
+    started = time.perf_counter()
+    item_index = ItemIndex.build(np.load(vectors_path, mmap_mode="r"), spec)
+    build_seconds = time.perf_counter() - started
+    item_index.save(writer.path(f"{folder}/items.faiss"))
+    queries = heldout_user_embeddings(OnnxUserEncoder(onnx_path, "cpu"), data, model.max_len)
+    quality = measure_recall(item_index, queries)
+    bytes_per_vector = item_index.memory_bytes() / data.n_items
+    LOG.info("%s: index %s recall %s", name, spec.factory, quality)
+    report = json.loads(payload["report"])
+    entry = {
+        "model": name,
+        "max_len": model.max_len,
+        "dim": int(vectors.shape[1]),
+        "normalize_items": bool(model.normalize_items),
+        "model_config": payload["model_config"],
+        "train_config": json.loads(payload["train_config"]),
+        "offline_metrics": report.get("metrics"),
+        "onnx_parity_max_abs_diff": parity,
+        "index": {
+            "spec": spec.to_dict(),
+            "build_seconds": build_seconds,
+            "bytes_per_vector": bytes_per_vector,
+            "float32_bytes_per_vector": 4 * int(vectors.shape[1]),
+            "compression": 4 * int(vectors.shape[1]) / bytes_per_vector,
+            "queries": int(len(queries)),
+            **quality,
+        },
+        "files": {
+            "user_encoder": f"{folder}/user_encoder.onnx",
+            "item_embeddings": f"{folder}/item_embeddings.npy",
+            "index": f"{folder}/items.faiss",
+        },
+    }
+    return name, entry
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def export_bundle(
+    checkpoints: list[Path],
+    data: SequenceData,
+    models_dir: str | Path,
+    name: str | None = None,
+    index: str = "auto",
+    index_options: dict | None = None,
+    make_current: bool = True,
+    perf_only: bool = False,
+) -> Path:
+    """Export every checkpoint into one new bundle and (by default) make it CURRENT."""
+    if not checkpoints:
+        raise ExportError("no checkpoint to export")
+    created = datetime.now(timezone.utc)
+    name = name or created.strftime("bundle-%Y%m%d-%H%M%S")
+    with BundleWriter(models_dir, name) as writer:
+        retrievers = {}
+        for checkpoint in checkpoints:
+            encoder, entry = export_retriever(writer, Path(checkpoint), data, index, index_options)
+            if encoder in retrievers:
+                raise ExportError(f"two checkpoints of the same encoder kind {encoder!r}")
+            retrievers[encoder] = entry
+        counts = data.train_item_counts()
+        metadata = data.metadata
+        write_items_table(
+            writer.path(ITEMS),
+            data.item_map.raw.tolist(),
+            counts,
+            metadata.titles if metadata else None,
+            metadata.genres if metadata else None,
+        )
+        manifest = {
+            "created_at": created.isoformat(),
+            "git_commit": git_commit(),
+            "perf_only": perf_only,
+            "dataset": data.summary(),
+            "default_encoder": next(iter(retrievers)),
+            "retrievers": retrievers,
+        }
+        return writer.commit(manifest, make_current=make_current)
