@@ -24,6 +24,10 @@ class DeviceError(RecserveError):
     """An accelerator was requested explicitly but cannot be used."""
 
 
+class StoreUnavailable(RecserveError):
+    """The behaviour store (Redis) is unreachable; reads degrade, writes answer 503."""
+
+
 class RequestError(RecserveError):
     """The request is well-formed but cannot be served as asked."""
 

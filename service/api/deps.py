@@ -1,0 +1,57 @@
+"""Dependencies the routes declare: the worker state, its recommender, settings, admin."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Header, HTTPException, Request
+
+from service.recommender import Recommender
+from service.settings import Settings
+from service.state import AppState
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.recserve
+
+
+State = Annotated[AppState, Depends(get_state)]
+
+
+def get_recommender(state: State) -> Recommender:
+    return state.require_recommender()
+
+
+def get_settings(state: State) -> Settings:
+    return state.settings
+
+
+CurrentRecommender = Annotated[Recommender, Depends(get_recommender)]
+CurrentSettings = Annotated[Settings, Depends(get_settings)]
+
+
+def require_admin(
+    settings: CurrentSettings,
+    authorization: Annotated[str | None, Header()] = None,
+) -> None:
+    """Bearer token, compared in constant time; admin disabled answers 404.
+
+    Without a token the service only starts in dev mode, and then admin is open.
+    """
+    if not settings.admin_enabled:
+        raise HTTPException(status_code=404, detail="Not Found")
+    expected = settings.admin_token.get_secret_value() if settings.admin_token else ""
+    if not expected and settings.dev_mode:
+        return
+    scheme, _, given = (authorization or "").partition(" ")
+    valid = scheme.lower() == "bearer" and hmac.compare_digest(
+        given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
+    )
+    if not valid or not expected:
+        raise HTTPException(
+            status_code=401, detail="admin token required", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+Admin = Depends(require_admin)

@@ -1,0 +1,228 @@
+"""Behaviour histories and cached retrievals, in Redis (or in memory for unit tests).
+
+Keys (prefix ``p`` from settings):
+
+- ``{p}:hist:{sha256(user)}`` — a sorted set of the user's events, score = timestamp,
+  member = ``"{ts}:{item}"``. Adding an event that is already there adds nothing, so a
+  retried ``POST /events`` is harmless; the set is trimmed to the newest ``history_cap``.
+  User ids are hashed, so no id (with ``:``, ``*``, spaces...) can name another key.
+- ``{p}:emb:{bundle}:{encoder}:{digest}`` — a hash with the user embedding and the
+  retrieved candidates (ids and scores) for exactly the encoder input whose digest is in
+  the key, with a TTL. A changed history has another digest, so it never meets an old
+  entry; a new bundle has another name, so it never meets the old bundle's vectors.
+
+Every Redis failure surfaces as ``StoreUnavailable``; callers decide how to degrade.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import StoreUnavailable
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class CachedRetrieval:
+    """A user embedding and the candidates retrieved for it (best first)."""
+
+    embedding: np.ndarray  # (d,) float32
+    ids: np.ndarray  # (depth,) int64 internal item ids
+    scores: np.ndarray  # (depth,) float32
+
+
+def history_digest(item_ids: np.ndarray, time_deltas: np.ndarray) -> str:
+    """A digest of exactly what the encoder sees: the padded window of ids and gaps."""
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(np.ascontiguousarray(item_ids, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(time_deltas, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def user_key_part(user_id: str) -> str:
+    return hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
+
+def _member(item: str, ts: int) -> str:
+    return f"{ts}:{item}"
+
+
+def _parse_member(member: str | bytes) -> tuple[str, int]:
+    text = member.decode() if isinstance(member, bytes) else member
+    ts, _, item = text.partition(":")
+    return item, int(ts)
+
+
+class BehaviourCache:
+    """Interface of the behaviour store; ``RedisBehaviourCache`` is the real one."""
+
+    def __init__(self, prefix: str, history_cap: int, ttl_seconds: int):
+        self.prefix = prefix
+        self.history_cap = history_cap
+        self.ttl_seconds = ttl_seconds
+
+    def history_key(self, user_id: str) -> str:
+        return f"{self.prefix}:hist:{user_key_part(user_id)}"
+
+    def retrieval_key(self, bundle: str, encoder: str, digest: str) -> str:
+        return f"{self.prefix}:emb:{bundle}:{encoder}:{digest}"
+
+    @property
+    def reload_channel(self) -> str:
+        return f"{self.prefix}:reload"
+
+    async def append_events(self, user_id: str, events: list[tuple[str, int]]) -> int:
+        """Add (item, ts) events; returns how many were new."""
+        raise NotImplementedError
+
+    async def history(self, user_id: str) -> list[tuple[str, int]]:
+        """The stored events of a user, oldest first (ties by item id)."""
+        raise NotImplementedError
+
+    async def get_retrieval(self, key: str) -> CachedRetrieval | None:
+        raise NotImplementedError
+
+    async def put_retrieval(self, key: str, value: CachedRetrieval) -> None:
+        raise NotImplementedError
+
+    async def ping(self) -> bool:
+        raise NotImplementedError
+
+    async def publish_reload(self, bundle: str) -> int:
+        """Tell every worker to reload; returns how many listeners got it."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+def _encode_retrieval(value: CachedRetrieval) -> dict[str, bytes]:
+    return {
+        "emb": np.ascontiguousarray(value.embedding, dtype=np.float32).tobytes(),
+        "ids": np.ascontiguousarray(value.ids, dtype=np.int64).tobytes(),
+        "scores": np.ascontiguousarray(value.scores, dtype=np.float32).tobytes(),
+    }
+
+
+def _decode_retrieval(fields: list[bytes | None]) -> CachedRetrieval | None:
+    emb, ids, scores = fields
+    if emb is None or ids is None or scores is None:
+        return None
+    ids_array = np.frombuffer(ids, dtype=np.int64)
+    scores_array = np.frombuffer(scores, dtype=np.float32)
+    if len(ids_array) != len(scores_array):
+        return None  # a torn entry is a miss, never a wrong answer
+    return CachedRetrieval(np.frombuffer(emb, dtype=np.float32), ids_array, scores_array)
+
+
+class RedisBehaviourCache(BehaviourCache):
+    """Redis through redis-py's asyncio client (hiredis parser when installed), pooled."""
+
+    def __init__(
+        self, url: str, prefix: str, history_cap: int, ttl_seconds: int, timeout: float = 0.25
+    ):
+        super().__init__(prefix, history_cap, ttl_seconds)
+        import redis.asyncio as aioredis
+
+        self.client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=30,
+            max_connections=256,
+        )
+
+    async def _run(self, operation):
+        import redis.exceptions
+
+        try:
+            return await operation
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
+        except redis.exceptions.BusyLoadingError as exc:
+            raise StoreUnavailable(f"Redis is loading: {exc}") from exc
+
+    async def append_events(self, user_id: str, events: list[tuple[str, int]]) -> int:
+        key = self.history_key(user_id)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.zadd(key, {_member(item, ts): ts for item, ts in events})
+            pipe.zremrangebyrank(key, 0, -(self.history_cap + 1))
+            added, _ = await self._run(pipe.execute())
+        return int(added)
+
+    async def history(self, user_id: str) -> list[tuple[str, int]]:
+        members = await self._run(self.client.zrange(self.history_key(user_id), 0, -1))
+        return [_parse_member(m) for m in members]
+
+    async def get_retrieval(self, key: str) -> CachedRetrieval | None:
+        return _decode_retrieval(await self._run(self.client.hmget(key, "emb", "ids", "scores")))
+
+    async def put_retrieval(self, key: str, value: CachedRetrieval) -> None:
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=_encode_retrieval(value))
+            pipe.expire(key, self.ttl_seconds)
+            await self._run(pipe.execute())
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._run(self.client.ping()))
+        except StoreUnavailable:
+            return False
+
+    async def publish_reload(self, bundle: str) -> int:
+        return int(await self._run(self.client.publish(self.reload_channel, bundle)))
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class InMemoryBehaviourCache(BehaviourCache):
+    """The same contract in a dict, for unit tests; ``available=False`` simulates an outage."""
+
+    def __init__(self, prefix: str = "test", history_cap: int = 200, ttl_seconds: int = 60):
+        super().__init__(prefix, history_cap, ttl_seconds)
+        self.histories: dict[str, dict[str, int]] = {}
+        self.retrievals: dict[str, dict[str, bytes]] = {}
+        self.available = True
+        self.published: list[str] = []
+
+    def _check(self) -> None:
+        if not self.available:
+            raise StoreUnavailable("in-memory store marked unavailable")
+
+    async def append_events(self, user_id: str, events: list[tuple[str, int]]) -> int:
+        self._check()
+        stored = self.histories.setdefault(self.history_key(user_id), {})
+        before = len(stored)
+        stored.update({_member(item, ts): ts for item, ts in events})
+        added = len(stored) - before
+        for member in sorted(stored, key=lambda m: (stored[m], m))[: -self.history_cap]:
+            del stored[member]
+        return added
+
+    async def history(self, user_id: str) -> list[tuple[str, int]]:
+        self._check()
+        stored = self.histories.get(self.history_key(user_id), {})
+        return [_parse_member(m) for m in sorted(stored, key=lambda m: (stored[m], m))]
+
+    async def get_retrieval(self, key: str) -> CachedRetrieval | None:
+        self._check()
+        fields = self.retrievals.get(key, {})
+        return _decode_retrieval([fields.get("emb"), fields.get("ids"), fields.get("scores")])
+
+    async def put_retrieval(self, key: str, value: CachedRetrieval) -> None:
+        self._check()
+        self.retrievals[key] = _encode_retrieval(value)
+
+    async def ping(self) -> bool:
+        return self.available
+
+    async def publish_reload(self, bundle: str) -> int:
+        self._check()
+        self.published.append(bundle)
+        return 1

@@ -1,0 +1,71 @@
+"""Prometheus metrics of one app instance (its own registry, so tests can build many apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+STAGE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Metrics:
+    """Latency per stage, requests and errors, cache outcomes, batch sizes, bundle info."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "recserve_requests_total", "HTTP requests", ["route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "recserve_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=STAGE_BUCKETS,
+            registry=self.registry,
+        )
+        self.stage = Histogram(
+            "recserve_stage_seconds",
+            "Latency of a pipeline stage",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=self.registry,
+        )
+        self.cache = Counter(
+            "recserve_cache_total",
+            "Retrieval cache outcomes (hit, miss, bypass)",
+            ["result"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "recserve_errors_total", "Errors by kind", ["kind"], registry=self.registry
+        )
+        self.fallbacks = Counter(
+            "recserve_fallback_total",
+            "Responses served by a fallback",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "recserve_batch_size",
+            "Requests per encoder/index call",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
+        self.events = Counter(
+            "recserve_events_total",
+            "Events received by /events",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.reloads = Counter(
+            "recserve_reloads_total", "Bundle reloads", ["outcome"], registry=self.registry
+        )
+        self.bundle = Gauge(
+            "recserve_bundle_info", "The bundle being served", ["bundle"], registry=self.registry
+        )
+
+    def serving(self, bundle: str) -> None:
+        self.bundle.clear()
+        self.bundle.labels(bundle=bundle).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

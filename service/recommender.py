@@ -1,0 +1,237 @@
+"""The recommendation pipeline: history -> user embedding -> candidates -> (rerank) -> top k.
+
+One request goes through these steps (timed separately):
+
+1. map raw item ids to the bundle's ids (unknown ids are counted, not fatal), order the
+   events by time and keep the most recent ``request_history_cap``;
+2. build the encoder input window (``service.histories``) and its digest; look the digest
+   up in the behaviour cache — a hit skips encoding and retrieval;
+3. otherwise encode with the retriever's ONNX graph and search its index deep enough to
+   survive the removal of seen items, and store both in the cache;
+4. remove seen items when asked, rerank with the CTR head when the bundle has one (not yet),
+   and return the best ``k``.
+
+A history with no known item gets the popularity fallback, flagged in the response.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from service.bundle import Bundle, Retriever
+from service.cache import BehaviourCache, CachedRetrieval, history_digest
+from service.errors import StoreUnavailable, UnknownEncoder
+from service.histories import left_padded_window
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class Recommendation:
+    """What ``/recommend`` returns, before serialisation."""
+
+    items: list[dict]
+    bundle: str
+    encoder: str
+    reranked: bool = False
+    cache: str = "bypass"  # hit, miss or bypass
+    fallback: str | None = None
+    unknown_items: int = 0
+    history_truncated: bool = False
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PreparedHistory:
+    item_ids: np.ndarray  # (n,) internal ids of known items, oldest first
+    timestamps: np.ndarray  # (n,) int64
+    unknown: int
+    truncated: bool
+
+
+def prepare_history(bundle: Bundle, events: list[tuple[str, int]], cap: int) -> PreparedHistory:
+    """Known events ordered by time (stable), the newest ``cap`` of them."""
+    truncated = len(events) > cap
+    raw = [item for item, _ in events]
+    stamps = np.fromiter((ts for _, ts in events), dtype=np.int64, count=len(events))
+    ids = bundle.catalogue.internal_ids(raw)
+    order = np.argsort(stamps, kind="stable")
+    ids, stamps = ids[order], stamps[order]
+    known = ids > 0
+    unknown = int((~known).sum())
+    ids, stamps = ids[known], stamps[known]
+    if truncated:
+        ids, stamps = ids[-cap:], stamps[-cap:]
+    return PreparedHistory(ids, stamps, unknown, truncated)
+
+
+class Recommender:
+    """Runs the pipeline for one bundle; a reload swaps in a new Recommender."""
+
+    def __init__(self, bundle: Bundle, default_encoder: str | None = None):
+        self.bundle = bundle
+        self.default_encoder = default_encoder or bundle.default_encoder
+        popularity = bundle.catalogue.popularity.astype(np.float64)
+        popularity[0] = -np.inf
+        self._popular_order = np.argsort(-popularity, kind="stable")
+
+    def retriever(self, encoder: str | None) -> Retriever:
+        name = encoder or self.default_encoder
+        if name not in self.bundle.retrievers:
+            raise UnknownEncoder(
+                f"encoder {name!r} is not in bundle {self.bundle.name} "
+                f"(available: {', '.join(self.bundle.retrievers)})"
+            )
+        return self.bundle.retrievers[name]
+
+    def _item(self, item_id: int, score: float, retrieval_score: float) -> dict:
+        titles = self.bundle.catalogue.titles
+        entry = {
+            "item_id": str(self.bundle.catalogue.raw_ids[item_id]),
+            "score": float(score),
+            "retrieval_score": float(retrieval_score),
+        }
+        if titles is not None and titles[item_id] is not None:
+            entry["title"] = titles[item_id]
+        return entry
+
+    def popular(self, k: int, exclude: np.ndarray) -> list[dict]:
+        """The ``k`` most popular items not in ``exclude``, scored by log count."""
+        counts = self.bundle.catalogue.popularity
+        chosen = []
+        excluded = set(exclude.tolist())
+        for item in self._popular_order:
+            if item == 0 or item in excluded:
+                continue
+            chosen.append(item)
+            if len(chosen) == k:
+                break
+        return [self._item(i, np.log1p(counts[i]), np.log1p(counts[i])) for i in chosen]
+
+    async def recommend(
+        self,
+        events: list[tuple[str, int]],
+        *,
+        k: int,
+        encoder: str | None,
+        exclude_seen: bool,
+        candidates: int,
+        rerank: bool,
+        cache: BehaviourCache | None,
+        history_cap: int,
+    ) -> Recommendation:
+        started = time.perf_counter()
+        retriever = self.retriever(encoder)
+        history = prepare_history(self.bundle, events, history_cap)
+        result = Recommendation(
+            items=[],
+            bundle=self.bundle.name,
+            encoder=retriever.name,
+            unknown_items=history.unknown,
+            history_truncated=history.truncated,
+        )
+        timings = {"encode": 0.0, "retrieve": 0.0, "rerank": 0.0}
+        if len(history.item_ids) == 0:
+            result.fallback = "popularity"
+            result.items = self.popular(k, history.item_ids)
+            result.timings_ms = {**timings, "total": _ms(started)}
+            return result
+
+        ids, deltas = left_padded_window(
+            history.item_ids,
+            history.timestamps,
+            np.array([0]),
+            np.array([len(history.item_ids)]),
+            retriever.max_len,
+        )
+        seen = np.unique(history.item_ids) if exclude_seen else np.zeros(0, np.int64)
+        depth = min(self.bundle.catalogue.n_items, max(candidates, k) + len(seen))
+        key = (self.bundle.name, retriever.name, history_digest(ids, deltas))
+
+        cached = await _cache_get(cache, key)
+        result.cache = "bypass" if cache is None or cached is False else "miss"
+        if cached and len(cached.ids) >= depth:
+            result.cache = "hit"
+            found_ids, found_scores = cached.ids[:depth], cached.scores[:depth]
+        else:
+            embedding = cached.embedding[None] if cached else None
+            embedding, found_scores, found_ids, took = await run_in_threadpool(
+                _encode_and_search, retriever, ids, deltas, depth, embedding
+            )
+            timings["encode"], timings["retrieve"] = took
+            if result.cache == "miss":
+                stored = await _cache_put(
+                    cache, key, CachedRetrieval(embedding, found_ids, found_scores)
+                )
+                result.cache = "miss" if stored else "bypass"
+
+        keep = (found_ids > 0) & ~np.isin(found_ids, seen)
+        found_ids, found_scores = found_ids[keep], found_scores[keep]
+        found_ids, found_scores = (
+            found_ids[: max(candidates, k)],
+            found_scores[: max(candidates, k)],
+        )
+        result.items = [
+            self._item(i, s, s) for i, s in zip(found_ids[:k], found_scores[:k], strict=True)
+        ]
+        result.timings_ms = {**timings, "total": _ms(started)}
+        return result
+
+    async def similar(self, item_id: str, k: int, encoder: str | None) -> list[dict] | None:
+        """Items nearest to ``item_id`` in the retriever's item space (None: unknown item)."""
+        retriever = self.retriever(encoder)
+        internal = self.bundle.catalogue.lookup.get(item_id)
+        if internal is None:
+            return None
+        query = np.asarray(retriever.item_vectors[internal], dtype=np.float32)[None]
+        scores, ids = await run_in_threadpool(retriever.index.search, query, k + 1)
+        pairs = [(i, s) for i, s in zip(ids[0], scores[0], strict=True) if i not in (0, internal)]
+        return [self._item(i, s, s) for i, s in pairs[:k]]
+
+
+def _encode_and_search(
+    retriever: Retriever,
+    ids: np.ndarray,
+    deltas: np.ndarray,
+    depth: int,
+    embedding: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float]]:
+    started = time.perf_counter()
+    if embedding is None:
+        embedding = retriever.encoder.encode(ids, deltas)
+    encoded = time.perf_counter()
+    scores, found = retriever.index.search(embedding, depth)
+    return embedding[0], scores[0], found[0], (_ms(started, encoded), _ms(encoded))
+
+
+CacheKey = tuple[str, str, str]  # bundle, encoder, history digest
+
+
+async def _cache_get(cache: BehaviourCache | None, key: CacheKey) -> CachedRetrieval | None | bool:
+    """The cached entry, None on a miss, False when the cache cannot be reached."""
+    if cache is None:
+        return False
+    try:
+        return await cache.get_retrieval(cache.retrieval_key(*key))
+    except StoreUnavailable:
+        return False
+
+
+async def _cache_put(cache: BehaviourCache | None, key: CacheKey, value: CachedRetrieval) -> bool:
+    """Store an entry; False when the cache cannot be reached (the answer is still served)."""
+    if cache is None:
+        return False
+    try:
+        await cache.put_retrieval(cache.retrieval_key(*key), value)
+        return True
+    except StoreUnavailable:
+        return False
+
+
+def _ms(start: float, end: float | None = None) -> float:
+    return ((end if end is not None else time.perf_counter()) - start) * 1000.0

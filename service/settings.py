@@ -1,0 +1,57 @@
+"""Service configuration: one pydantic-settings class, environment variables ``RECSERVE_*``.
+
+    RECSERVE_MODELS_DIR=models RECSERVE_REDIS_URL=redis://127.0.0.1:6379/0 \
+        uvicorn service.main:app --port 8000
+
+Settings are validated at start-up: an admin endpoint without a token is refused unless
+``RECSERVE_DEV_MODE=1`` says this is a developer's machine.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RECSERVE_", extra="ignore")
+
+    models_dir: Path = Path("models")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = Field("recserve", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    redis_timeout_seconds: float = Field(0.25, gt=0)
+    default_encoder: str | None = None  # None: the bundle's default
+    candidates: int = Field(200, ge=1, le=5000)
+    device: str = Field("auto", pattern="^(auto|cpu|gpu)$")
+    onnx_threads: int = Field(1, ge=1, le=64)
+    cache_ttl_seconds: int = Field(3600, ge=1)
+    history_cap: int = Field(200, ge=1, le=100_000)  # events kept per user in Redis
+    request_history_cap: int = Field(1000, ge=1, le=100_000)  # events read from a request
+    max_events_per_request: int = Field(1000, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    admin_enabled: bool = True
+    admin_token: SecretStr | None = None
+    dev_mode: bool = False
+    reload_poll_seconds: float = Field(5.0, ge=0)  # 0: no polling of models/CURRENT
+    cors_origins: list[str] = []
+
+    @model_validator(mode="after")
+    def _admin_needs_a_token(self) -> Settings:
+        token = self.admin_token.get_secret_value() if self.admin_token else ""
+        if self.admin_enabled and not token and not self.dev_mode:
+            raise ValueError(
+                "RECSERVE_ADMIN_TOKEN is required while admin endpoints are enabled; set it, "
+                "or RECSERVE_ADMIN_ENABLED=0, or RECSERVE_DEV_MODE=1 on a developer machine"
+            )
+        if token and len(token) < 16 and not self.dev_mode:
+            raise ValueError("RECSERVE_ADMIN_TOKEN must be at least 16 characters")
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,132 @@
+"""The state of one worker: the served bundle, the behaviour cache, metrics, and reloads.
+
+A reload loads and verifies the new bundle off the event loop, then swaps one reference.
+Requests in flight keep the ``Recommender`` they started with, so none fails during a swap.
+A bundle that fails to load is refused: the old one keeps serving and ``/readyz`` says why.
+
+Every worker follows ``models/CURRENT`` two ways: it polls the file, and it listens on a
+Redis channel that ``POST /admin/reload`` publishes to, so all workers swap promptly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from starlette.concurrency import run_in_threadpool
+
+from service.bundle import current_name, load_bundle
+from service.cache import BehaviourCache
+from service.errors import BundleError
+from service.metrics import Metrics
+from service.recommender import Recommender
+from service.settings import Settings
+
+LOG = logging.getLogger(__name__)
+
+
+class NotReady(Exception):
+    """No bundle is loaded (the service answers 503)."""
+
+
+class AppState:
+    def __init__(self, settings: Settings, cache: BehaviourCache | None, metrics: Metrics):
+        self.settings = settings
+        self.cache = cache
+        self.metrics = metrics
+        self.recommender: Recommender | None = None
+        self.last_error: str | None = None
+        self._failed_name: str | None = None
+        self._lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task] = []
+
+    def require_recommender(self) -> Recommender:
+        recommender = self.recommender
+        if recommender is None:
+            raise NotReady(self.last_error or "no bundle loaded")
+        return recommender
+
+    @property
+    def bundle_name(self) -> str | None:
+        return self.recommender.bundle.name if self.recommender else None
+
+    async def reload(self, name: str | None = None) -> str:
+        """Load bundle ``name`` (default: CURRENT) and serve it; BundleError if refused."""
+        async with self._lock:
+            try:
+                name = name or current_name(self.settings.models_dir)
+                if name == self.bundle_name:
+                    return name
+                bundle = await run_in_threadpool(
+                    load_bundle,
+                    self.settings.models_dir,
+                    name,
+                    self.settings.device,
+                    self.settings.onnx_threads,
+                )
+                recommender = Recommender(bundle, self.settings.default_encoder)
+                # Refuse a bundle that lacks the configured default encoder up front.
+                recommender.retriever(None)
+            except Exception as exc:
+                self.last_error = f"reload refused: {exc}"
+                self._failed_name = name
+                self.metrics.reloads.labels(outcome="refused").inc()
+                LOG.error("%s; still serving %s", self.last_error, self.bundle_name)
+                if isinstance(exc, BundleError):
+                    raise
+                raise BundleError(str(exc)) from exc
+            self.recommender = recommender
+            self.last_error = None
+            self._failed_name = None
+            self.metrics.reloads.labels(outcome="loaded").inc()
+            self.metrics.serving(bundle.name)
+            LOG.info("serving bundle %s", bundle.name)
+            return bundle.name
+
+    async def _poll_current(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reload_poll_seconds)
+            try:
+                name = current_name(self.settings.models_dir)
+            except BundleError as exc:
+                self.last_error = str(exc)
+                continue
+            # A bundle that was refused is retried only once CURRENT names another one.
+            if name not in (self.bundle_name, self._failed_name):
+                with contextlib.suppress(BundleError):
+                    await self.reload(name)
+
+    async def _listen(self) -> None:
+        """Reload when another worker publishes on the reload channel; reconnect on failure."""
+        client = getattr(self.cache, "client", None)
+        if client is None:
+            return
+        while True:
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(self.cache.reload_channel)
+                    async for message in pubsub.listen():
+                        if message.get("type") != "message":
+                            continue
+                        name = message["data"].decode() if message["data"] else None
+                        with contextlib.suppress(BundleError):
+                            await self.reload(name)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis down: try again shortly, polling covers us
+                LOG.debug("reload channel unavailable (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+
+    def start_background(self) -> None:
+        if self.settings.reload_poll_seconds > 0:
+            self._tasks.append(asyncio.create_task(self._poll_current()))
+        self._tasks.append(asyncio.create_task(self._listen()))
+
+    async def stop_background(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
