@@ -1,0 +1,196 @@
+"""Quality benchmark: encoders x losses on real data, full ranking, popularity beside.
+
+    .venv/bin/python bench/train_quality.py --suite grid   --data ml-1m:../shared/data/ml-1m
+    .venv/bin/python bench/train_quality.py --suite cbns   --data ml-1m:../shared/data/ml-1m
+    .venv/bin/python bench/train_quality.py --suite ccl    --data ml-1m:../shared/data/ml-1m
+    .venv/bin/python bench/train_quality.py --suite single --run sasrec:full_softmax \
+        --data amazon:../shared/data/amazon-beauty-5core-seq
+
+Suites:
+- ``grid``: every encoder with every loss that applies to it (one seed);
+- ``cbns``: two-tower, in-batch sampled softmax against the same plus cross-batch
+  negatives at the same batch size, three seeds each (mean and standard deviation);
+- ``ccl``: the cosine contrastive loss against sampled softmax on the same encoder;
+- ``single``: the runs named with ``--run encoder:loss`` (repeatable).
+
+Each finished run is appended to the JSON results file at once (a long suite that is cut
+off keeps what it finished); the table and a PNG bar chart are written from that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+ENCODER_OPTIONS = {
+    "sasrec": {"n_layers": 2, "n_heads": 2},
+    "nextitnet": {},
+    "two_tower": {},
+}
+LOSSES = ["full_softmax", "sampled_softmax", "cbns_softmax", "ccl"]
+SUITES = {
+    "grid": [(e, loss, 0) for e in ENCODER_OPTIONS for loss in LOSSES],
+    "cbns": [
+        ("two_tower", loss, seed)
+        for loss in ("sampled_softmax", "cbns_softmax")
+        for seed in (0, 1, 2)
+    ],
+    "ccl": [(e, loss, 0) for e in ("two_tower", "sasrec") for loss in ("sampled_softmax", "ccl")],
+}
+
+
+def run_one(data, encoder: str, loss: str, seed: int, args) -> dict:
+    """Train and evaluate one configuration; returns a flat result row."""
+    from training.trainer import TrainConfig, train
+
+    config = TrainConfig(
+        model=encoder,
+        loss=loss,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        patience=args.patience,
+        eval_every=args.eval_every,
+        seed=seed,
+        device=args.device,
+        model_options={
+            "max_len": args.max_len,
+            "dim": args.dim,
+            "dropout": args.dropout,
+            **ENCODER_OPTIONS[encoder],
+        },
+    )
+    out = REPO / "runs" / "quality" / f"{args.tag}-{encoder}-{loss}-s{seed}"
+    started = time.perf_counter()
+    report = train(data, config, out).report
+    metrics = report["metrics"]
+    return {
+        "data": data.source,
+        "encoder": encoder,
+        "loss": loss,
+        "seed": seed,
+        "epochs_run": report["epochs_run"],
+        "best_epoch": report["best_epoch"],
+        "wall_seconds": time.perf_counter() - started,
+        "test": metrics["model"]["test"],
+        "popularity_test": metrics["popularity"]["test"],
+        "config": {
+            "batch_size": args.batch_size,
+            "max_len": args.max_len,
+            "dim": args.dim,
+            "lr": args.lr,
+        },
+    }
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds per (data, encoder, loss)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["data"], row["encoder"], row["loss"]), []).append(row)
+    summary = []
+    for (data, encoder, loss), members in groups.items():
+        entry = {"data": data, "encoder": encoder, "loss": loss, "seeds": len(members)}
+        for metric in ("recall@10", "ndcg@10"):
+            values = [m["test"][metric] for m in members]
+            entry[metric] = statistics.mean(values)
+            entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        entry["popularity_ndcg@10"] = members[0]["popularity_test"]["ndcg@10"]
+        entry["popularity_recall@10"] = members[0]["popularity_test"]["recall@10"]
+        entry["wall_seconds"] = statistics.mean(m["wall_seconds"] for m in members)
+        summary.append(entry)
+    return summary
+
+
+def fmt(entry: dict, metric: str) -> str:
+    """A metric with its standard deviation when there are several seeds."""
+    std = f" ± {entry[f'{metric}_std']:.4f}" if entry["seeds"] > 1 else ""
+    return f"{entry[metric]:.4f}{std}"
+
+
+def table(summary: list[dict]) -> str:
+    lines = [
+        "| data | encoder | loss | seeds | Recall@10 | NDCG@10 | popularity NDCG@10 | wall (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in summary:
+        lines.append(
+            f"| {s['data'].split(':')[0]} | {s['encoder']} | {s['loss']} | {s['seeds']} | "
+            f"{fmt(s, 'recall@10')} | {fmt(s, 'ndcg@10')} | {s['popularity_ndcg@10']:.4f} | "
+            f"{s['wall_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{s['encoder']}\n{s['loss']}" for s in summary]
+    values = [s["ndcg@10"] for s in summary]
+    errors = [s["ndcg@10_std"] for s in summary]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(summary)), 4))
+    ax.bar(labels, values, yerr=errors, capsize=3, color="tab:blue", label="model")
+    if summary:
+        ax.axhline(summary[0]["popularity_ndcg@10"], color="tab:red", ls="--", label="popularity")
+    ax.set_ylabel("test NDCG@10 (full ranking)")
+    ax.legend()
+    plt.setp(ax.get_xticklabels(), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--suite", choices=[*SUITES, "single"], default="grid")
+    parser.add_argument("--run", action="append", default=[], help="encoder:loss[:seed]")
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--patience", type=int, default=5)
+    parser.add_argument("--eval-every", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--max-len", type=int, default=200)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--dropout", type=float, default=0.2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tag", default="q")
+    parser.add_argument("--results", type=Path, default=REPO / "docs" / "train_quality.json")
+    parser.add_argument("--plot", type=Path, default=REPO / "docs" / "train_quality.png")
+    args = parser.parse_args(argv)
+
+    from training.data import build_sequences, load_dataset
+
+    runs = list(SUITES.get(args.suite, []))
+    for spec in args.run:
+        encoder, loss, *seed = spec.split(":")
+        runs.append((encoder, loss, int(seed[0]) if seed else 0))
+    data = build_sequences(load_dataset(args.data))
+    rows = json.loads(args.results.read_text()) if args.results.exists() else []
+    for encoder, loss, seed in runs:
+        print(f"== {encoder} / {loss} / seed {seed} on {data.source}", flush=True)
+        row = run_one(data, encoder, loss, seed, args)
+        print(f"   test {json.dumps(row['test'])} in {row['wall_seconds']:.0f}s", flush=True)
+        rows.append(row)
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(rows, indent=2))
+    summary = summarise(rows)
+    print(table(summary))
+    plot(summary, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
