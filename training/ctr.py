@@ -1,0 +1,928 @@
+"""A CTR head that reranks the retriever's candidates: examples, model, optimisers, export.
+
+    from training.ctr import CtrConfig, train_ctr_head, export_ctr_head, check_head_parity
+    head, report = train_ctr_head(data, "models/bundle-x", CtrConfig(optimizer="adatask"))
+    export_ctr_head(head, "ctr_head.onnx"); check_head_parity(head, "ctr_head.onnx")
+
+The benchmark ``bench/rerank_quality.py`` runs the whole comparison on a dataset.
+
+No leakage. The retriever is trained on each user's events but the last two. The head is
+trained on what the *exported* retriever (``service.encoder.OnnxUserEncoder`` +
+``service.retrieval.ItemIndex``, exactly what the service runs) returns for the history
+before the second-last (valid) event: the top-N retrieved items with the seen ones
+removed, the true valid item labelled 1 when it is among them and every other candidate a
+hard negative. Groups whose true item was not retrieved carry no reranking signal and are
+left out of training (appending the true item would give it a rank and score that never
+occur at serving time, a label leak). The head is evaluated on held-out users' valid
+groups and, separately, on every user's last (test) event with candidates retrieved for
+the test history. Features come from ``service.features``; item facts are taken from the
+training events only, the item age as of the request time (the held-out event's time).
+
+Subsampling: ``max_users`` draws a seeded subset of users (0: all), and ``negatives``
+keeps, per training group and batch, the positive plus that many uniformly drawn
+negatives (0: all). Evaluation always scores the full candidate lists.
+
+The head (``CtrHeadModel``) is a DCN-v2 with a parallel deep tower: small, explicit
+feature crosses (user x item products against popularity, recency, retrieval score) and
+sub-millisecond for 200 candidates. With a second label (MovieLens: rating >= 4, "liked",
+beside "watched next") it has one output tower per task; the served logit is "watched".
+``AdaTaskAdam`` keeps Adam's moments per task on every parameter.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from service.features import HISTORY_WINDOW, ItemFeatures, left_padded_events
+from service.histories import left_padded_window
+from service.ranking import INPUT_NAMES, OUTPUT_NAME, CtrHead, head_inputs
+from training.data import SequenceData
+
+LOG = logging.getLogger(__name__)
+
+PARITY_TOLERANCE = 1e-4
+LIKED_THRESHOLD = 4.0
+CUTOFF = 10
+
+
+class CtrError(Exception):
+    """The CTR head cannot be trained or exported as asked."""
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class CtrConfig:
+    """Examples, model and optimisation of the CTR head."""
+
+    candidates: int = 200  # retrieval depth N for training and AUC evaluation
+    encoder: str | None = None  # retriever of a bundle (None: the bundle's default)
+    optimizer: str = "adam"  # "adam" (summed loss) or "adatask"
+    epochs: int = 20
+    batch_size: int = 32  # candidate groups (users) per step
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    cross_layers: int = 2
+    deep: tuple[int, ...] = (128, 64)
+    tower: int = 32
+    dropout: float = 0.1
+    holdout: float = 0.2  # share of users whose valid groups are only evaluated
+    early_stopping: float = 0.1  # share of training users that picks the best epoch
+    max_users: int = 0  # subsample users (0: all)
+    negatives: int = 0  # negatives kept per training group and batch (0: all)
+    encode_batch: int = 256
+    seed: int = 0
+
+
+@dataclass
+class RetrieverParts:
+    """What the service serves for one encoder: an ONNX user encoder and an item index."""
+
+    encoder: object  # service.encoder.OnnxUserEncoder
+    index: object  # service.retrieval.ItemIndex
+    max_len: int
+
+
+def resolve_retriever(source, encoder: str | None = None):
+    """A bundle folder (str/Path) -> its retriever; anything with encoder/index/max_len as is."""
+    if isinstance(source, (str, Path)):
+        from service.bundle import load_bundle
+
+        path = Path(source)
+        bundle = load_bundle(path.parent, path.name, device="cpu")
+        name = encoder or bundle.default_encoder
+        if name not in bundle.retrievers:
+            raise CtrError(f"{path}: no retriever {name!r} (has {', '.join(bundle.retrievers)})")
+        return bundle.retrievers[name], bundle.catalogue
+    for attribute in ("encoder", "index", "max_len"):
+        if not hasattr(source, attribute):
+            raise CtrError(f"{type(source).__name__} is no retriever: it lacks {attribute!r}")
+    return source, None
+
+
+# --------------------------------------------------------------------------- examples
+
+
+def training_events(data: SequenceData) -> tuple[np.ndarray, np.ndarray]:
+    """Item ids and timestamps of the training events (all but each user's last two)."""
+    starts, ends = data.offsets[:-1], data.train_end()
+    marks = np.zeros(len(data.items) + 1, dtype=np.int64)
+    np.add.at(marks, starts, 1)
+    np.add.at(marks, ends, -1)
+    mask = np.cumsum(marks[:-1]) > 0
+    return data.items[mask], data.timestamps[mask]
+
+
+def item_genres(data: SequenceData) -> list[list[str]] | None:
+    """Genres per internal id (row 0 empty), or None when the data has no genres."""
+    if data.metadata is None or not data.metadata.genres:
+        return None
+    genres = data.metadata.genres
+    return [[], *(list(genres.get(raw, [])) for raw in data.item_map.raw[1:].tolist())]
+
+
+def training_item_features(data: SequenceData) -> ItemFeatures:
+    """Item facts from the training events only, with the point-in-time age index."""
+    items, timestamps = training_events(data)
+    return ItemFeatures.from_events(data.n_items, items, timestamps, item_genres(data))
+
+
+def task_names(data: SequenceData) -> list[str]:
+    return ["watched", "liked"] if data.ratings is not None else ["watched"]
+
+
+@dataclass
+class CandidateSet:
+    """Retrieved candidates of a set of users' held-out events, with features and labels."""
+
+    users: np.ndarray  # (g,) user indices
+    targets: np.ndarray  # (g,) true item
+    ids: np.ndarray  # (g, c) candidates in retrieval order, 0 = empty slot
+    scores: np.ndarray  # (g, c) float32 retrieval scores (-inf in empty slots)
+    user: np.ndarray  # (g, d) float32 user embeddings
+    features: np.ndarray  # (g, c, f) float32
+    labels: np.ndarray  # (g, c, t) float32
+    feature_names: list[str]
+    tasks: list[str]
+
+    @property
+    def hit(self) -> np.ndarray:
+        """Groups whose true item was retrieved."""
+        return (self.ids == self.targets[:, None]).any(axis=1)
+
+    def take(self, rows: np.ndarray) -> CandidateSet:
+        return replace(
+            self,
+            users=self.users[rows],
+            targets=self.targets[rows],
+            ids=self.ids[rows],
+            scores=self.scores[rows],
+            user=self.user[rows],
+            features=self.features[rows],
+            labels=self.labels[rows],
+        )
+
+    def first(self, n: int) -> CandidateSet:
+        """The first ``n`` candidates of every group: exactly the set a depth-``n`` retrieval
+        gives (every feature is per candidate; rank and gap only read earlier positions)."""
+        return replace(
+            self,
+            ids=self.ids[:, :n],
+            scores=self.scores[:, :n],
+            features=self.features[:, :n],
+            labels=self.labels[:, :n],
+        )
+
+
+def retrieve_candidates(
+    data: SequenceData,
+    retriever,
+    items: ItemFeatures,
+    split: str,
+    n_candidates: int,
+    users: np.ndarray | None = None,
+    batch_size: int = 256,
+) -> CandidateSet:
+    """Candidates for ``split`` ("valid" or "test") of ``users`` (default: every eval user).
+
+    Per user this does what ``service.recommender`` does per request: the encoder window,
+    the ONNX embedding, an index search deep enough to survive the removal of seen items,
+    the removal, the first N; then ``service.ranking.head_inputs``. The request time is the
+    held-out event's time.
+    """
+    all_users, all_ends, all_targets = data.eval_examples(split)
+    if users is None:
+        rows = np.arange(len(all_users))
+    else:
+        position = {u: i for i, u in enumerate(all_users.tolist())}
+        rows = np.array([position[u] for u in np.asarray(users).tolist()], dtype=np.int64)
+    tasks = task_names(data)
+    vectors = retriever.index.vectors
+    parts: dict[str, list] = {k: [] for k in ("ids", "scores", "user", "features", "labels")}
+    names: list[str] = items.names
+    for lo in range(0, len(rows), batch_size):
+        chosen = rows[lo : lo + batch_size]
+        user_ids, ends, targets = all_users[chosen], all_ends[chosen], all_targets[chosen]
+        starts = data.offsets[user_ids]
+        window, deltas = left_padded_window(
+            data.items, data.timestamps, starts, ends, retriever.max_len
+        )
+        embedding = retriever.encoder.encode(window, deltas)  # (b, d)
+        seen = [np.unique(data.items[s:e]) for s, e in zip(starts, ends, strict=True)]
+        depth = min(data.n_items, n_candidates + max(len(s) for s in seen))
+        found_scores, found = retriever.index.search(embedding, depth)
+        ids = np.zeros((len(chosen), n_candidates), dtype=np.int64)
+        scores = np.full((len(chosen), n_candidates), -np.inf, dtype=np.float32)
+        for row, seen_items in enumerate(seen):
+            keep = (found[row] > 0) & ~np.isin(found[row], seen_items)
+            kept = found[row][keep][:n_candidates]
+            ids[row, : len(kept)] = kept
+            scores[row, : len(kept)] = found_scores[row][keep][: len(kept)]
+        history_ids, history_ts = left_padded_events(
+            data.items, data.timestamps, starts, ends, HISTORY_WINDOW
+        )
+        inputs = head_inputs(
+            embedding,
+            ids,
+            scores,
+            vectors,
+            history_ids,
+            history_ts,
+            data.timestamps[ends],
+            items,
+        )
+        names = inputs.feature_names
+        watched = (ids == targets[:, None]) & (ids > 0)
+        labels = [watched]
+        if data.ratings is not None:
+            labels.append(watched & (data.ratings[ends] >= LIKED_THRESHOLD)[:, None])
+        parts["ids"].append(ids)
+        parts["scores"].append(scores)
+        parts["user"].append(embedding.astype(np.float32))
+        parts["features"].append(inputs.features)
+        parts["labels"].append(np.stack(labels, axis=-1).astype(np.float32))
+    dim = int(vectors.shape[1])
+    empty = {
+        "ids": np.zeros((0, n_candidates), np.int64),
+        "scores": np.zeros((0, n_candidates), np.float32),
+        "user": np.zeros((0, dim), np.float32),
+        "features": np.zeros((0, n_candidates, len(names)), np.float32),
+        "labels": np.zeros((0, n_candidates, len(tasks)), np.float32),
+    }
+    joined = {k: np.concatenate(v) if v else empty[k] for k, v in parts.items()}
+    return CandidateSet(
+        users=all_users[rows],
+        targets=all_targets[rows],
+        feature_names=names,
+        tasks=tasks,
+        **joined,
+    )
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class CtrHeadConfig:
+    """Everything needed to rebuild a head (stored in the bundle manifest)."""
+
+    dim: int
+    feature_names: list[str]
+    tasks: list[str] = field(default_factory=lambda: ["watched"])
+    cross_layers: int = 2
+    deep: tuple[int, ...] = (128, 64)
+    tower: int = 32
+    dropout: float = 0.1
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+
+class CtrHeadModel(nn.Module):
+    """DCN-v2 (full-rank cross layers) beside a deep MLP, one small tower per task.
+
+    x0 = [LayerNorm(u, v, u * v), standardised features]; cross: x_{l+1} = x0 * (W x_l + b)
+    + x_l; deep: MLP(x0); each task: linear + MLP of [x_L, deep] -> one logit.
+    """
+
+    def __init__(self, config: CtrHeadConfig):
+        super().__init__()
+        self.config = config
+        d, f = config.dim, config.n_features
+        width = 3 * d + f
+        self.register_buffer("feature_mean", torch.zeros(f))
+        self.register_buffer("feature_std", torch.ones(f))
+        self.embedding_norm = nn.LayerNorm(3 * d)
+        self.cross = nn.ModuleList(nn.Linear(width, width) for _ in range(config.cross_layers))
+        layers: list[nn.Module] = []
+        previous = width
+        for size in config.deep:
+            layers += [nn.Linear(previous, size), nn.ReLU(), nn.Dropout(config.dropout)]
+            previous = size
+        self.deep = nn.Sequential(*layers)
+        self.towers = nn.ModuleList(TaskTower(width + previous, config.tower) for _ in config.tasks)
+
+    def set_feature_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
+        with torch.no_grad():
+            self.feature_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+            self.feature_std.copy_(torch.as_tensor(np.maximum(std, 1e-6), dtype=torch.float32))
+
+    def set_base_rates(self, rates: Sequence[float]) -> None:
+        """Start each task at its positive rate, so that training spends its first steps on
+        ranking rather than on the bias (one positive in hundreds of candidates)."""
+        with torch.no_grad():
+            for tower, rate in zip(self.towers, rates, strict=True):
+                rate = min(max(float(rate), 1e-6), 1 - 1e-6)
+                tower.linear.bias.fill_(math.log(rate / (1 - rate)))
+
+    def forward(
+        self,
+        user_embedding: torch.Tensor,
+        candidate_embeddings: torch.Tensor,
+        candidate_features: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits (b, c, tasks)."""
+        user = user_embedding[:, None, :].expand_as(candidate_embeddings)  # (b, c, d)
+        pairs = torch.cat(
+            [user, candidate_embeddings, user * candidate_embeddings], dim=-1
+        )  # (b, c, 3d)
+        scalars = (candidate_features - self.feature_mean) / self.feature_std  # (b, c, f)
+        x0 = torch.cat([self.embedding_norm(pairs), scalars], dim=-1)  # (b, c, w)
+        x = x0
+        for layer in self.cross:
+            x = x0 * layer(x) + x  # (b, c, w)
+        joined = torch.cat([x, self.deep(x0)], dim=-1)  # (b, c, w + h)
+        return torch.cat([tower(joined) for tower in self.towers], dim=-1)  # (b, c, t)
+
+
+class TaskTower(nn.Module):
+    """One task's output: a linear term (a wide skip) plus a one-hidden-layer MLP."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(width, 1)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.mlp(x)  # (..., 1)
+
+
+class InferenceHead(nn.Module):
+    """The serving graph: the first task's logits (b, c); eval mode, nothing else."""
+
+    def __init__(self, head: CtrHeadModel):
+        super().__init__()
+        self.head = head
+        self.eval()
+
+    def forward(
+        self,
+        user_embedding: torch.Tensor,
+        candidate_embeddings: torch.Tensor,
+        candidate_features: torch.Tensor,
+    ) -> torch.Tensor:
+        return self.head(user_embedding, candidate_embeddings, candidate_features)[..., 0]
+
+
+# --------------------------------------------------------------------------- optimisers
+
+
+class AdaTaskAdam(torch.optim.Optimizer):
+    """Adam with task-wise adaptive learning rates (AdaTask, Yang et al., AAAI 2023).
+
+    Each task's gradient is computed on its own (``autograd.grad`` of that task's loss), fed
+    to its own first- and second-moment accumulators on every parameter, normalised by its
+    own running second moment, and only then summed. A task with 100x larger gradients thus
+    cannot drown the other on shared parameters, as it does in Adam on the summed loss
+    (one accumulator). A parameter one task does not reach gets zero from it.
+
+    Use ``optimizer.step(losses)`` with one scalar loss per task (no ``backward``).
+    """
+
+    def __init__(
+        self,
+        params,
+        n_tasks: int,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
+        if n_tasks < 1:
+            raise ValueError("AdaTaskAdam needs at least one task")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.n_tasks = n_tasks
+
+    def step(self, losses: Sequence[torch.Tensor]) -> None:  # type: ignore[override]
+        if len(losses) != self.n_tasks:
+            raise ValueError(f"expected {self.n_tasks} task losses, got {len(losses)}")
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        task_grads = [
+            torch.autograd.grad(loss, params, retain_graph=k < len(losses) - 1, allow_unused=True)
+            for k, loss in enumerate(losses)
+        ]
+        index = 0
+        with torch.no_grad():
+            for group in self.param_groups:
+                beta1, beta2 = group["betas"]
+                for p in group["params"]:
+                    if not p.requires_grad:
+                        continue
+                    grads = [task_grads[k][index] for k in range(self.n_tasks)]
+                    index += 1
+                    state = self.state[p]
+                    if not state:
+                        state["step"] = 0
+                        state["exp_avg"] = torch.zeros((self.n_tasks, *p.shape), dtype=p.dtype)
+                        state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+                    state["step"] += 1
+                    correction1 = 1 - beta1 ** state["step"]
+                    correction2 = 1 - beta2 ** state["step"]
+                    update = torch.zeros_like(p)
+                    for k, grad in enumerate(grads):
+                        grad = torch.zeros_like(p) if grad is None else grad
+                        m, v = state["exp_avg"][k], state["exp_avg_sq"][k]
+                        m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                        update += (m / correction1) / ((v / correction2).sqrt() + group["eps"])
+                    if group["weight_decay"]:
+                        p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(update, alpha=-group["lr"])
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve by rank statistics (Mann-Whitney U; ties get mean ranks).
+
+    NaN when only one class is present.
+    """
+    labels = np.asarray(labels).astype(bool).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    positives = int(labels.sum())
+    negatives = len(labels) - positives
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts + 1  # 1-based rank of each distinct value's first
+    ranks = (first + (counts - 1) / 2.0)[inverse.ravel()]
+    u = ranks[labels].sum() - positives * (positives + 1) / 2.0
+    return float(u / (positives * negatives))
+
+
+def log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
+    """Mean binary cross-entropy of sigmoid(logits), computed stably from logits."""
+    labels = np.asarray(labels, dtype=np.float64).ravel()
+    logits = np.asarray(logits, dtype=np.float64).ravel()
+    if len(labels) == 0:
+        return float("nan")
+    return float(np.mean(np.logaddexp(0.0, logits) - labels * logits))
+
+
+# (user (b, d), candidates (b, c, d), features (b, c, f)) -> logits (b, c, t) or (b, c)
+Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def torch_scorer(head: CtrHeadModel) -> Scorer:
+    """Score with the PyTorch head: all task logits (b, c, t)."""
+
+    def score(user: np.ndarray, candidates: np.ndarray, features: np.ndarray) -> np.ndarray:
+        head.eval()
+        with torch.no_grad():
+            out = head(
+                torch.from_numpy(np.ascontiguousarray(user)),
+                torch.from_numpy(np.ascontiguousarray(candidates)),
+                torch.from_numpy(np.ascontiguousarray(features)),
+            )
+        return out.numpy()
+
+    return score
+
+
+def score_set(
+    scorer: Scorer, candidates: CandidateSet, vectors: np.ndarray, batch_size: int = 256
+) -> np.ndarray:
+    """Logits (g, c, t) of every candidate (t = 1 for a single-output scorer such as ONNX)."""
+    out = []
+    for lo in range(0, len(candidates.ids), batch_size):
+        ids = candidates.ids[lo : lo + batch_size]
+        cand = candidate_vectors(vectors, ids)
+        logits = scorer(
+            candidates.user[lo : lo + batch_size], cand, candidates.features[lo : lo + batch_size]
+        )
+        out.append(logits if logits.ndim == 3 else logits[..., None])
+    if not out:
+        return np.zeros((0, candidates.ids.shape[1], 1), np.float32)
+    return np.concatenate(out)
+
+
+def candidate_vectors(vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The item vectors of candidate ids (b, c) as (b, c, d) float32, empty slots zero."""
+    out = np.asarray(vectors[ids.ravel()], dtype=np.float32).reshape(*ids.shape, vectors.shape[1])
+    out[ids == 0] = 0.0
+    return out
+
+
+def classification_report(scorer: Scorer, candidates: CandidateSet, vectors: np.ndarray) -> dict:
+    """AUC and log loss per task over every real candidate of the groups whose true item
+    was retrieved (the distribution trained on), beside the retrieval score's AUC."""
+    hit = candidates.hit
+    result: dict = {
+        "groups": int(len(hit)),
+        "hit_rate": float(hit.mean()) if len(hit) else float("nan"),
+        "candidates": int(candidates.ids.shape[1]),
+    }
+    subset = candidates.take(np.flatnonzero(hit))
+    logits = score_set(scorer, subset, vectors)
+    real = subset.ids > 0
+    for k, task in enumerate(subset.tasks):
+        if k >= logits.shape[-1]:
+            break
+        labels = subset.labels[..., k][real]
+        result[task] = {
+            "auc": roc_auc(labels, logits[..., k][real]),
+            "log_loss": log_loss(labels, logits[..., k][real]),
+            "retrieval_auc": roc_auc(labels, subset.scores[real]),
+            "positive_rate": float(labels.mean()) if len(labels) else float("nan"),
+        }
+    return result
+
+
+def ranking_metrics(ranks: np.ndarray, cutoff: int = CUTOFF) -> dict[str, float]:
+    """NDCG@k and Recall@k from 0-based ranks (a miss has rank >= k)."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    hit = ranks < cutoff
+    ndcg = np.where(hit, 1.0 / np.log2(np.where(hit, ranks, 0.0) + 2.0), 0.0)
+    return {f"ndcg@{cutoff}": float(ndcg.mean()), f"recall@{cutoff}": float(hit.mean())}
+
+
+def rerank_ranks(logits: np.ndarray, ids: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """0-based rank of each target after ordering by logits (ties: retrieval order)."""
+    logits = np.where(ids > 0, logits, -np.inf)
+    order = np.argsort(-logits, axis=1, kind="stable")
+    reordered = np.take_along_axis(ids, order, axis=1)
+    return first_match(reordered, targets)
+
+
+def first_match(ids: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Position of each target in its row, ``ids.shape[1]`` (a miss) when absent."""
+    match = ids == targets[:, None]
+    return np.where(match.any(axis=1), match.argmax(axis=1), ids.shape[1])
+
+
+def rerank_quality(
+    scorer: Scorer,
+    test: CandidateSet,
+    vectors: np.ndarray,
+    depths: Sequence[int] = (100, 200),
+    cutoff: int = CUTOFF,
+) -> dict:
+    """NDCG@10/Recall@10 on the test events: retrieval order vs reranked, at each depth.
+
+    ``test`` holds at least ``max(depths)`` candidates per user with the seen items already
+    removed; a depth's list is its first ``depth`` candidates.
+    """
+    if test.ids.shape[1] < max(depths):
+        raise CtrError(f"the test set holds {test.ids.shape[1]} candidates, need {max(depths)}")
+    logits = score_set(scorer, test.first(max(depths)), vectors)[..., 0]
+    result: dict = {"users": int(len(test.ids))}
+    for depth in depths:
+        ids = test.ids[:, :depth]
+        retrieval = first_match(ids, test.targets)
+        reranked = rerank_ranks(logits[:, :depth], ids, test.targets)
+        result[str(depth)] = {
+            "retrieval": ranking_metrics(retrieval, cutoff),
+            "reranked": ranking_metrics(reranked, cutoff),
+            "recall@depth": float((retrieval < depth).mean()) if len(ids) else float("nan"),
+        }
+    return result
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class PreparedCtr:
+    """Retrieval done once per dataset, shared by the optimisers being compared."""
+
+    retriever: object
+    items: ItemFeatures
+    valid: CandidateSet  # candidates for the valid event of the chosen users
+    test: CandidateSet  # candidates for the test event, depth max(candidates, test_depth)
+    train_users: np.ndarray  # user indices whose valid groups train the head
+    stop_users: np.ndarray  # ... that pick the best epoch
+    holdout_users: np.ndarray  # ... that are only evaluated
+    subsampled: bool
+
+
+def prepare_ctr_data(
+    data: SequenceData, retriever_source, config: CtrConfig, test_depth: int = 0
+) -> PreparedCtr:
+    """Retrieve the valid and test candidates of the (sub)sampled users and split them."""
+    retriever, catalogue = resolve_retriever(retriever_source, config.encoder)
+    if catalogue is not None and catalogue.raw_ids.tolist() != data.item_map.raw.tolist():
+        raise CtrError("the bundle's items are not the items of the data given")
+    users = data.eval_users()
+    rng = np.random.default_rng(config.seed)
+    subsampled = bool(config.max_users and config.max_users < len(users))
+    if subsampled:
+        users = np.sort(rng.choice(users, config.max_users, replace=False))
+    if len(users) < 3:
+        raise CtrError("fewer than three evaluation users: nothing to train a head on")
+    items = training_item_features(data)
+    started = time.perf_counter()
+    valid = retrieve_candidates(
+        data, retriever, items, "valid", config.candidates, users, config.encode_batch
+    )
+    test = retrieve_candidates(
+        data,
+        retriever,
+        items,
+        "test",
+        max(config.candidates, test_depth),
+        users,
+        config.encode_batch,
+    )
+    LOG.info(
+        "retrieved candidates for %d users in %.1fs", len(users), time.perf_counter() - started
+    )
+    shuffled = rng.permutation(users)
+    n_holdout = max(1, int(round(config.holdout * len(users))))
+    holdout, rest = shuffled[:n_holdout], shuffled[n_holdout:]
+    n_stop = int(round(config.early_stopping * len(rest)))
+    stop, train = rest[:n_stop], rest[n_stop:]
+    return PreparedCtr(
+        retriever=retriever,
+        items=items,
+        valid=valid,
+        test=test,
+        train_users=np.sort(train),
+        stop_users=np.sort(stop),
+        holdout_users=np.sort(holdout),
+        subsampled=subsampled,
+    )
+
+
+def _rows_of(candidates: CandidateSet, users: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(np.isin(candidates.users, users))
+
+
+def _batch_tensors(
+    candidates: CandidateSet,
+    rows: np.ndarray,
+    vectors: np.ndarray,
+    negatives: int,
+    rng: np.random.Generator,
+) -> tuple[torch.Tensor, ...]:
+    ids = candidates.ids[rows]
+    features = candidates.features[rows]
+    labels = candidates.labels[rows]
+    if negatives and negatives + 1 < ids.shape[1]:
+        # Keep the positive and `negatives` random negatives per group.
+        keys = rng.random(ids.shape)
+        keys[labels[..., 0] > 0] = -1.0
+        keys[ids == 0] = 2.0
+        columns = np.sort(np.argsort(keys, axis=1)[:, : negatives + 1], axis=1)
+        ids = np.take_along_axis(ids, columns, axis=1)
+        features = np.take_along_axis(features, columns[..., None], axis=1)
+        labels = np.take_along_axis(labels, columns[..., None], axis=1)
+    return (
+        torch.from_numpy(candidates.user[rows]),
+        torch.from_numpy(candidate_vectors(vectors, ids)),
+        torch.from_numpy(np.ascontiguousarray(features)),
+        torch.from_numpy(np.ascontiguousarray(labels)),
+        torch.from_numpy(ids > 0).float(),
+    )
+
+
+def task_losses(
+    head: CtrHeadModel,
+    user: torch.Tensor,
+    candidates: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    real: torch.Tensor,
+) -> list[torch.Tensor]:
+    """Binary cross-entropy per task over the real candidate slots."""
+    logits = head(user, candidates, features)  # (b, c, t)
+    count = real.sum().clamp(min=1.0)
+    return [
+        (
+            F.binary_cross_entropy_with_logits(logits[..., k], labels[..., k], reduction="none")
+            * real
+        ).sum()
+        / count
+        for k in range(logits.shape[-1])
+    ]
+
+
+def build_optimizer(name: str, head: CtrHeadModel, config: CtrConfig) -> torch.optim.Optimizer:
+    if name == "adam":
+        # AdamW: decoupled weight decay like AdaTaskAdam's (the same as Adam at decay 0).
+        return torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if name == "adatask":
+        return AdaTaskAdam(
+            head.parameters(),
+            n_tasks=len(head.config.tasks),
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+        )
+    raise CtrError(f"optimizer must be 'adam' or 'adatask', not {name!r}")
+
+
+def fit_head(
+    train: CandidateSet, stop: CandidateSet | None, vectors: np.ndarray, config: CtrConfig
+) -> tuple[CtrHeadModel, list[dict], int]:
+    """Train on the groups of ``train`` whose true item was retrieved; keep the epoch with
+    the lowest mean task log loss on ``stop`` (the last epoch without one)."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    train = train.take(np.flatnonzero(train.hit))
+    if len(train.ids) == 0:
+        raise CtrError("no training group has its true item among the candidates")
+    real = train.ids > 0
+    rows = train.features[real]  # (m, f)
+    head = CtrHeadModel(
+        CtrHeadConfig(
+            dim=int(vectors.shape[1]),
+            feature_names=list(train.feature_names),
+            tasks=list(train.tasks),
+            cross_layers=config.cross_layers,
+            deep=tuple(config.deep),
+            tower=config.tower,
+            dropout=config.dropout,
+        )
+    )
+    head.set_feature_stats(rows.mean(axis=0), rows.std(axis=0))
+    head.set_base_rates(train.labels[real].mean(axis=0))
+    optimizer = build_optimizer(config.optimizer, head, config)
+    stop = stop.take(np.flatnonzero(stop.hit)) if stop is not None else None
+    history: list[dict] = []
+    best = (math.inf, 0, None)
+    for epoch in range(1, config.epochs + 1):
+        head.train()
+        order = rng.permutation(len(train.ids))
+        totals = np.zeros(len(train.tasks))
+        steps = 0
+        for lo in range(0, len(order), config.batch_size):
+            batch = _batch_tensors(
+                train, order[lo : lo + config.batch_size], vectors, config.negatives, rng
+            )
+            losses = task_losses(head, *batch)
+            if isinstance(optimizer, AdaTaskAdam):
+                optimizer.step(losses)
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                torch.stack(losses).sum().backward()
+                optimizer.step()
+            totals += [loss.item() for loss in losses]
+            steps += 1
+        record = {
+            "epoch": epoch,
+            "loss": dict(zip(train.tasks, (totals / steps).tolist(), strict=True)),
+        }
+        if stop is not None and len(stop.ids):
+            logits = score_set(torch_scorer(head), stop, vectors)
+            real_stop = stop.ids > 0
+            stop_loss = float(
+                np.mean(
+                    [
+                        log_loss(stop.labels[..., k][real_stop], logits[..., k][real_stop])
+                        for k in range(len(stop.tasks))
+                    ]
+                )
+            )
+            record["stop_log_loss"] = stop_loss
+        else:
+            stop_loss = -epoch  # no early-stopping set: the last epoch wins
+        if stop_loss < best[0]:
+            best = (stop_loss, epoch, copy.deepcopy(head.state_dict()))
+        history.append(record)
+        LOG.info("ctr epoch %d %s", epoch, record)
+    head.load_state_dict(best[2])
+    head.eval()
+    return head, history, best[1]
+
+
+def train_ctr_head(
+    data: SequenceData,
+    retriever_source,
+    config: CtrConfig | None = None,
+    prepared: PreparedCtr | None = None,
+) -> tuple[CtrHeadModel, dict]:
+    """Train a head on the valid groups of the training users; evaluate it.
+
+    ``retriever_source``: a bundle folder, a ``service.bundle.Retriever`` or
+    ``RetrieverParts``. ``prepared`` reuses the retrieval of an earlier call (same data).
+    The report holds AUC and log loss per task on the held-out users' valid groups and on
+    every chosen user's test event, each beside the retrieval score's own AUC.
+    """
+    config = config or CtrConfig()
+    prepared = prepared or prepare_ctr_data(data, retriever_source, config)
+    vectors = prepared.retriever.index.vectors
+    valid = prepared.valid.first(config.candidates)
+    train = valid.take(_rows_of(valid, prepared.train_users))
+    stop = valid.take(_rows_of(valid, prepared.stop_users)) if len(prepared.stop_users) else None
+    holdout = valid.take(_rows_of(valid, prepared.holdout_users))
+    started = time.perf_counter()
+    head, history, best_epoch = fit_head(train, stop, vectors, config)
+    seconds = time.perf_counter() - started
+    scorer = torch_scorer(head)
+    test = prepared.test.first(config.candidates)
+    report = {
+        "config": asdict(config),
+        "tasks": list(valid.tasks),
+        "features": list(valid.feature_names),
+        "served_task": valid.tasks[0],
+        "users": {
+            "train": int(len(prepared.train_users)),
+            "early_stopping": int(len(prepared.stop_users)),
+            "holdout": int(len(prepared.holdout_users)),
+            "subsampled": prepared.subsampled,
+        },
+        "train_groups": int(train.hit.sum()),
+        "train_candidates": int((train.ids[train.hit] > 0).sum()),
+        "best_epoch": best_epoch,
+        "train_seconds": seconds,
+        "history": history,
+        "holdout_valid": classification_report(scorer, holdout, vectors),
+        "test": classification_report(scorer, test, vectors),
+        "test_holdout_users": classification_report(
+            scorer, test.take(_rows_of(test, prepared.holdout_users)), vectors
+        ),
+    }
+    return head, report
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_ctr_head(head: CtrHeadModel, path: str | Path) -> None:
+    """Write ``ctr_head.onnx``: dynamic batch and candidate count, the served task's logits."""
+    wrapper = InferenceHead(head)
+    d, f = head.config.dim, head.config.n_features
+    generator = torch.Generator().manual_seed(0)
+    example = (
+        F.normalize(torch.randn(2, d, generator=generator), dim=-1),
+        torch.randn(2, 9, d, generator=generator),
+        torch.randn(2, 9, f, generator=generator),
+    )
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    count = torch.export.Dim("candidates", min=1, max=100_000)
+    with torch.no_grad():
+        torch.onnx.export(
+            wrapper,
+            example,
+            str(path),
+            dynamo=True,
+            input_names=list(INPUT_NAMES),
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={
+                "user_embedding": {0: batch},
+                "candidate_embeddings": {0: batch, 1: count},
+                "candidate_features": {0: batch, 1: count},
+            },
+            external_data=False,
+            verbose=False,
+        )
+
+
+def head_parity_shapes() -> list[tuple[int, int]]:
+    """(batch, candidates) pairs, none of them the export example's (2, 9)."""
+    return [(1, 1), (1, 200), (3, 7), (5, 50)]
+
+
+def check_head_parity(head: CtrHeadModel, path: str | Path, seed: int = 0) -> float:
+    """Max |onnxruntime - torch| over random inputs; raises past ``PARITY_TOLERANCE``."""
+    session = CtrHead(path, device="cpu", feature_names=head.config.feature_names)
+    wrapper = InferenceHead(head)
+    generator = torch.Generator().manual_seed(seed)
+    d, f = head.config.dim, head.config.n_features
+    worst = 0.0
+    for batch, count in head_parity_shapes():
+        user = F.normalize(torch.randn(batch, d, generator=generator), dim=-1)
+        candidates = torch.randn(batch, count, d, generator=generator)
+        features = head.feature_mean + head.feature_std * torch.randn(
+            batch, count, f, generator=generator
+        )
+        with torch.no_grad():
+            expected = wrapper(user, candidates, features).numpy()
+        got = session.score(user.numpy(), candidates.numpy(), features.numpy())
+        if got.shape != expected.shape:
+            raise CtrError(f"{path}: output shape {got.shape}, PyTorch gives {expected.shape}")
+        diff = float(np.abs(got - expected).max())
+        worst = max(worst, diff)
+        if diff > PARITY_TOLERANCE:
+            raise CtrError(
+                f"{path}: onnxruntime differs from PyTorch by {diff:.2e} at batch {batch}, "
+                f"{count} candidates (tolerance {PARITY_TOLERANCE:.0e})"
+            )
+    return worst
+
+
+def head_manifest_entry(head: CtrHeadModel, report: dict, parity: float, relative: str) -> dict:
+    """The ``ctr_head`` entry of a retriever in the bundle manifest."""
+    return {
+        "file": relative,
+        "feature_names": list(head.config.feature_names),
+        "tasks": list(head.config.tasks),
+        "served_task": head.config.tasks[0],
+        "head_config": {**asdict(head.config), "deep": list(head.config.deep)},
+        "onnx_parity_max_abs_diff": parity,
+        "metrics": {k: report[k] for k in ("holdout_valid", "test") if k in report},
+        "optimizer": report.get("config", {}).get("optimizer"),
+    }
