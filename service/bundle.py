@@ -165,8 +165,13 @@ def write_items_table(
     popularity: np.ndarray,
     titles: dict[str, str] | None = None,
     genres: dict[str, list[str]] | None = None,
+    last_seen: np.ndarray | None = None,
 ) -> None:
-    """items.parquet: one row per internal id 1..N (padding row 0 is not stored)."""
+    """items.parquet: one row per internal id 1..N (padding row 0 is not stored).
+
+    ``last_seen`` (N + 1,) holds each item's latest training interaction (-1: never), which
+    the CTR head's recency feature needs at serving time.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -180,6 +185,8 @@ def write_items_table(
         columns["title"] = pa.array([titles.get(r) for r in raw], pa.string())
     if genres:
         columns["genres"] = pa.array([genres.get(r, []) for r in raw], pa.list_(pa.string()))
+    if last_seen is not None:
+        columns["last_seen_ts"] = pa.array(np.asarray(last_seen[1:], dtype=np.int64))
     pq.write_table(pa.table(columns), path)
 
 
@@ -232,6 +239,7 @@ class Catalogue:
     titles: list[str | None] | None = None
     genres: list[list[str]] | None = None
     lookup: dict[str, int] = field(default_factory=dict)
+    last_seen: np.ndarray | None = None  # (N + 1,) int64, -1 = never
 
     @property
     def n_items(self) -> int:
@@ -259,7 +267,11 @@ def read_catalogue(path: Path) -> Catalogue:
     titles = [None, *table.column("title").to_pylist()] if "title" in names else None
     genres = [[], *table.column("genres").to_pylist()] if "genres" in names else None
     lookup = {r: i for i, r in enumerate(raw.tolist()) if i}
-    return Catalogue(raw, popularity, titles, genres, lookup)
+    last_seen = None
+    if "last_seen_ts" in names:
+        last_seen = np.concatenate([[-1], table.column("last_seen_ts").to_numpy()])
+        last_seen = last_seen.astype(np.int64)
+    return Catalogue(raw, popularity, titles, genres, lookup, last_seen)
 
 
 @dataclass
@@ -285,6 +297,7 @@ class Bundle:
     manifest: dict
     catalogue: Catalogue
     retrievers: dict[str, Retriever]
+    item_features: object | None = None  # service.features.ItemFeatures, for the CTR heads
 
     @property
     def default_encoder(self) -> str:
@@ -299,6 +312,8 @@ def load_bundle(
 ) -> Bundle:
     """Load (and fully verify) bundle ``name``, or the one named by CURRENT."""
     from service.encoder import OnnxUserEncoder
+    from service.features import ItemFeatures
+    from service.ranking import CtrHead
     from service.retrieval import IndexSpec, ItemIndex
 
     name = name or current_name(models_dir)
@@ -308,6 +323,9 @@ def load_bundle(
     manifest = read_manifest(path)
     verify_files(path, manifest)
     catalogue = read_catalogue(path / ITEMS)
+    item_features = (
+        ItemFeatures.from_catalogue(catalogue) if catalogue.last_seen is not None else None
+    )
     retrievers = {}
     for encoder, info in manifest["retrievers"].items():
         files = info["files"]
@@ -335,14 +353,27 @@ def load_bundle(
             user_encoder = OnnxUserEncoder(path / files["user_encoder"], device, threads)
         except Exception as exc:  # onnxruntime raises its own unrelated exception types
             raise BundleError(f"{path / files['user_encoder']}: cannot be loaded ({exc})") from exc
+        ctr_head = None
+        if "ctr_head" in files:
+            head_path = path / files["ctr_head"]
+            names = info["ctr_head"]["feature_names"]
+            if item_features is None or list(item_features.names) != list(names):
+                raise BundleError(
+                    f"{head_path}: trained on features {names}, which {ITEMS} cannot provide"
+                )
+            try:
+                ctr_head = CtrHead(head_path, device, threads, feature_names=names)
+            except Exception as exc:  # onnxruntime raises its own unrelated exception types
+                raise BundleError(f"{head_path}: cannot be loaded ({exc})") from exc
         retrievers[encoder] = Retriever(
             name=encoder,
             encoder=user_encoder,
             index=index,
             max_len=int(info["max_len"]),
             info=info,
+            ctr_head=ctr_head,
         )
     if not retrievers:
         raise BundleError(f"{path / MANIFEST}: no retrievers")
     LOG.info("loaded bundle %s with %s", name, ", ".join(retrievers))
-    return Bundle(name, path, manifest, catalogue, retrievers)
+    return Bundle(name, path, manifest, catalogue, retrievers, item_features)

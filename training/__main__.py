@@ -102,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--nprobe", type=int, default=None, help="IVF lists visited per query")
     export.add_argument("--rescore", type=int, default=None, help="shortlist re-scored exactly")
     export.add_argument("--no-current", action="store_true", help="do not update CURRENT")
+    export.add_argument(
+        "--ctr-head",
+        choices=["adam", "adatask"],
+        help="also train a CTR head per retriever, with this optimiser",
+    )
 
     recommend = commands.add_parser(
         "batch-recommend", help="top-K for every user through a bundle, to Parquet"
@@ -259,6 +264,7 @@ def _train(args) -> int:
 
 
 def _export(args) -> int:
+    from training.ctr import CtrConfig
     from training.export import export_bundle
 
     data = build_sequences(load_dataset(args.data, args.skip_malformed))
@@ -275,6 +281,7 @@ def _export(args) -> int:
         index=args.index,
         index_options=overrides,
         make_current=not args.no_current,
+        ctr=CtrConfig(optimizer=args.ctr_head) if args.ctr_head else None,
     )
     print(f"bundle written: {path}")
     return 0

@@ -194,6 +194,33 @@ def export_retriever(
     return name, entry
 
 
+def add_ctr_head(writer: BundleWriter, entry: dict, data: SequenceData, config) -> None:
+    """Train a CTR head on what this retriever's exported files retrieve; add it to the bundle."""
+    from training.ctr import (
+        RetrieverParts,
+        check_head_parity,
+        export_ctr_head,
+        head_manifest_entry,
+        train_ctr_head,
+    )
+
+    files = entry["files"]
+    vectors = np.load(writer.root / files["item_embeddings"], mmap_mode="r")
+    parts = RetrieverParts(
+        encoder=OnnxUserEncoder(writer.root / files["user_encoder"], "cpu"),
+        index=ItemIndex.load(
+            writer.root / files["index"], vectors, IndexSpec(**entry["index"]["spec"]), "cpu"
+        ),
+        max_len=entry["max_len"],
+    )
+    head, report = train_ctr_head(data, parts, config)
+    relative = f"{retriever_dir(entry['model'])}/ctr_head.onnx"
+    path = writer.path(relative)
+    export_ctr_head(head, path)
+    entry["ctr_head"] = head_manifest_entry(head, report, check_head_parity(head, path), relative)
+    files["ctr_head"] = relative
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -217,8 +244,16 @@ def export_bundle(
     index_options: dict | None = None,
     make_current: bool = True,
     perf_only: bool = False,
+    ctr=None,
 ) -> Path:
-    """Export every checkpoint into one new bundle and (by default) make it CURRENT."""
+    """Export every checkpoint into one new bundle and (by default) make it CURRENT.
+
+    With ``ctr`` (a ``training.ctr.CtrConfig``) each retriever also gets a CTR head trained
+    on the candidates its exported encoder and index retrieve.
+    """
+    from service.features import last_seen_from_events
+    from training.ctr import training_events
+
     if not checkpoints:
         raise ExportError("no checkpoint to export")
     created = datetime.now(timezone.utc)
@@ -238,7 +273,11 @@ def export_bundle(
             counts,
             metadata.titles if metadata else None,
             metadata.genres if metadata else None,
+            last_seen=last_seen_from_events(data.n_items, *training_events(data)),
         )
+        if ctr is not None:
+            for entry in retrievers.values():
+                add_ctr_head(writer, entry, data, ctr)
         manifest = {
             "created_at": created.isoformat(),
             "git_commit": git_commit(),
