@@ -56,7 +56,6 @@ class PreparedHistory:
 
 def prepare_history(bundle: Bundle, events: list[tuple[str, int]], cap: int) -> PreparedHistory:
     """Known events ordered by time (stable), the newest ``cap`` of them."""
-    truncated = len(events) > cap
     raw = [item for item, _ in events]
     stamps = np.fromiter((ts for _, ts in events), dtype=np.int64, count=len(events))
     ids = bundle.catalogue.internal_ids(raw)
@@ -65,6 +64,7 @@ def prepare_history(bundle: Bundle, events: list[tuple[str, int]], cap: int) -> 
     known = ids > 0
     unknown = int((~known).sum())
     ids, stamps = ids[known], stamps[known]
+    truncated = len(ids) > cap  # only dropped known events truncate what the encoder sees
     if truncated:
         ids, stamps = ids[-cap:], stamps[-cap:]
     return PreparedHistory(ids, stamps, unknown, truncated)

@@ -25,6 +25,9 @@ from service.settings import Settings
 
 LOG = logging.getLogger(__name__)
 
+STOP_ATTEMPTS = 5  # cancellations sent to a background task at shutdown
+STOP_WAIT_SECONDS = 1.0  # how long each one is given
+
 
 class NotReady(Exception):
     """No bundle is loaded (the service answers 503)."""
@@ -124,9 +127,20 @@ class AppState:
         self._tasks.append(asyncio.create_task(self._listen()))
 
     async def stop_background(self) -> None:
+        # A cancellation can be lost inside a library: on Python 3.11, asyncio.wait_for (which
+        # redis-py uses to send commands) swallows one that races with the send completing,
+        # and the listener then blocks for ever. So cancel again while a task is still running
+        # and never wait unboundedly: shutdown must not hang.
+        pending = set(self._tasks)
+        for _ in range(STOP_ATTEMPTS):
+            if not pending:
+                break
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=STOP_WAIT_SECONDS)
+        if pending:
+            LOG.warning("%d background task(s) did not stop; abandoning them", len(pending))
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                LOG.debug("background task ended with %r", task.exception())
         self._tasks.clear()

@@ -1,0 +1,201 @@
+"""Fixtures of the service tests: served copies of the tiny bundle, Redis, app clients.
+
+Tests that talk to the shared Redis (``RECSERVE_TEST_REDIS_URL``, default
+127.0.0.1:6379) get a unique key prefix each, removed afterwards. Tests that need to stop
+Redis start their own ``redis-server`` on a free port (``redis_server``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ADMIN_TOKEN = "test-admin-token-" + "x" * 20
+SHARED_REDIS_URL = os.environ.get("RECSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll ``condition()`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def history_events(data, user: int, end: int | None = None) -> list[dict]:
+    """The events of ``user`` (0-based) in ``data`` up to ``end`` (exclusive, into items)."""
+    start = int(data.offsets[user])
+    end = int(data.offsets[user + 1]) if end is None else int(end)
+    return [
+        {"item_id": str(data.item_map.raw[item]), "ts": int(ts)}
+        for item, ts in zip(data.items[start:end], data.timestamps[start:end], strict=True)
+    ]
+
+
+@pytest.fixture
+def history(tiny_data) -> list[dict]:
+    """One user's whole history as request events (user 2: twenty-odd known items)."""
+    return history_events(tiny_data, 2)
+
+
+@pytest.fixture(scope="session")
+def shared_redis():
+    """A sync client of the shared Redis; skips the test when it is not running."""
+    import redis
+
+    client = redis.Redis.from_url(SHARED_REDIS_URL, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except redis.exceptions.RedisError as exc:
+        pytest.skip(f"no Redis at {SHARED_REDIS_URL} ({exc}); set RECSERVE_TEST_REDIS_URL")
+    yield client
+    client.close()
+
+
+def _delete_prefix(client, prefix: str) -> None:
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture
+def key_prefix(shared_redis):
+    """A key prefix no other test uses; its keys are deleted afterwards."""
+    prefix = f"t{uuid.uuid4().hex[:20]}"
+    yield prefix
+    _delete_prefix(shared_redis, prefix)
+
+
+@pytest.fixture
+def served_models(exported_bundle, tmp_path) -> Path:
+    """A private copy of the models dir (CURRENT = "tiny") that a test may change."""
+    models_dir, _ = exported_bundle
+    copy = tmp_path / "models"
+    shutil.copytree(models_dir, copy)
+    return copy
+
+
+@pytest.fixture(scope="session")
+def second_bundle(tiny_data, trained_run, tmp_path_factory) -> Path:
+    """Another bundle of the same checkpoint, named "tiny-v2", exported on its own."""
+    from training.export import export_bundle
+
+    out = tmp_path_factory.mktemp("second")
+    return export_bundle(
+        [trained_run.checkpoint], tiny_data, out, name="tiny-v2", make_current=False
+    )
+
+
+@pytest.fixture
+def make_settings(served_models, key_prefix):
+    """Settings of a test app: the served copy, the shared Redis under a unique prefix."""
+    from service.settings import Settings
+
+    def make(**overrides):
+        values = {
+            "models_dir": served_models,
+            "redis_url": SHARED_REDIS_URL,
+            "key_prefix": key_prefix,
+            "reload_poll_seconds": 0,
+            "admin_token": ADMIN_TOKEN,
+            "device": "cpu",
+            **overrides,
+        }
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def client(make_settings):
+    """A TestClient of an app serving the tiny bundle; the lifespan runs."""
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+
+    with TestClient(create_app(make_settings())) as test_client:
+        yield test_client
+
+
+class RedisServer:
+    """A private redis-server on one port that a test may stop and start again."""
+
+    def __init__(self, port: int, workdir: Path):
+        self.port = port
+        self.workdir = workdir
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import redis
+
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        probe = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+
+        def answers() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"redis-server exited with {self.process.returncode}")
+            try:
+                return bool(probe.ping())
+            except redis.exceptions.ConnectionError:
+                return False
+
+        try:
+            wait_until(answers, timeout=10, what=f"redis-server on port {self.port}")
+        finally:
+            probe.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A running private redis-server (``.url``, ``.stop()``, ``.start()``), always killed."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(free_port(), tmp_path)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,225 @@
+"""The pipeline on the tiny bundle: history preparation, fallback, exclusion, caching."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from service.bundle import load_bundle
+from service.cache import InMemoryBehaviourCache
+from service.errors import UnknownEncoder
+from service.recommender import Recommender, prepare_history
+
+
+@pytest.fixture(scope="module")
+def bundle(exported_bundle):
+    models_dir, _ = exported_bundle
+    return load_bundle(models_dir, "tiny", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def recommender(bundle):
+    return Recommender(bundle)
+
+
+def user_events(data, user: int) -> list[tuple[str, int]]:
+    start, end = data.offsets[user], data.offsets[user + 1]
+    return [
+        (str(data.item_map.raw[i]), int(t))
+        for i, t in zip(data.items[start:end], data.timestamps[start:end], strict=True)
+    ]
+
+
+def recommend(recommender, events, **options):
+    values = {
+        "k": 10,
+        "encoder": None,
+        "exclude_seen": True,
+        "candidates": 200,
+        "rerank": False,
+        "cache": None,
+        "history_cap": 1000,
+        **options,
+    }
+    return asyncio.run(recommender.recommend(events, **values))
+
+
+def ids(result) -> list[str]:
+    return [item["item_id"] for item in result.items]
+
+
+# --------------------------------------------------------------------------- prepare_history
+
+
+def test_history_is_ordered_by_time_keeping_the_order_of_ties(bundle):
+    events = [("5", 300), ("3", 100), ("9", 200), ("4", 100), ("7", 50)]
+    history = prepare_history(bundle, events, cap=100)
+    raw = bundle.catalogue.raw_ids[history.item_ids].tolist()
+    assert raw == ["7", "3", "4", "9", "5"]
+    assert history.timestamps.tolist() == [50, 100, 100, 200, 300]
+    assert history.timestamps.dtype == np.int64
+
+
+def test_unknown_items_are_counted_and_dropped(bundle):
+    events = [("3", 1), ("no-such-item", 2), ("4", 3), ("", 4), ("also-unknown", 5)]
+    history = prepare_history(bundle, events, cap=100)
+    assert history.unknown == 3
+    assert bundle.catalogue.raw_ids[history.item_ids].tolist() == ["3", "4"]
+    assert history.timestamps.tolist() == [1, 3]
+    assert not history.truncated
+
+
+def test_a_long_history_keeps_the_newest_events_and_says_so(bundle):
+    events = [(str(1 + n % 100), 1000 - n) for n in range(10)]  # newest first
+    history = prepare_history(bundle, events, cap=4)
+    assert history.truncated
+    assert history.timestamps.tolist() == [997, 998, 999, 1000]
+    assert bundle.catalogue.raw_ids[history.item_ids].tolist() == ["4", "3", "2", "1"]
+
+
+def test_a_history_within_the_cap_is_not_truncated(bundle):
+    history = prepare_history(bundle, [("1", 1), ("2", 2), ("3", 3)], cap=3)
+    assert not history.truncated and len(history.item_ids) == 3
+
+
+def test_unknown_items_do_not_make_a_history_truncated(bundle):
+    # Five events, cap four, but only three are known: the encoder sees all of them.
+    events = [("1", 1), ("x", 2), ("2", 3), ("y", 4), ("3", 5)]
+    history = prepare_history(bundle, events, cap=4)
+    assert len(history.item_ids) == 3 and history.unknown == 2
+    assert not history.truncated
+
+
+def test_an_empty_history_prepares_to_nothing(bundle):
+    history = prepare_history(bundle, [], cap=10)
+    assert len(history.item_ids) == 0 and history.unknown == 0 and not history.truncated
+
+
+# --------------------------------------------------------------------------- recommend
+
+
+def test_a_history_of_unknown_items_gets_the_popularity_fallback(recommender, bundle):
+    result = recommend(recommender, [("nope", 1), ("nada", 2)], k=5)
+    assert result.fallback == "popularity"
+    assert result.unknown_items == 2
+    popularity = bundle.catalogue.popularity
+    served = [bundle.catalogue.lookup[i] for i in ids(result)]
+    assert len(served) == 5
+    assert popularity[served].tolist() == sorted(popularity[1:].tolist(), reverse=True)[:5]
+
+
+def test_an_empty_history_gets_the_popularity_fallback(recommender):
+    result = recommend(recommender, [], k=3)
+    assert result.fallback == "popularity" and len(result.items) == 3
+    assert result.cache == "bypass"
+
+
+def test_a_known_history_is_not_a_fallback(recommender, tiny_data):
+    result = recommend(recommender, user_events(tiny_data, 2))
+    assert result.fallback is None
+    assert result.bundle == "tiny" and result.encoder == "sasrec" and not result.reranked
+    assert len(result.items) == 10
+    scores = [item["score"] for item in result.items]
+    assert scores == sorted(scores, reverse=True)
+    assert set(result.timings_ms) == {"encode", "retrieve", "rerank", "total"}
+
+
+@pytest.mark.parametrize("user", [0, 2, 5, 9])
+def test_exclude_seen_never_returns_a_history_item(recommender, tiny_data, bundle, user):
+    events = user_events(tiny_data, user)
+    seen = {item for item, _ in events}
+    everything = bundle.catalogue.n_items
+    result = recommend(recommender, events, k=everything, exclude_seen=True)
+    assert not seen & set(ids(result))
+    assert len(result.items) == everything - len(seen)
+
+
+def test_exclude_seen_false_may_return_history_items(recommender, tiny_data, bundle):
+    events = user_events(tiny_data, 2)
+    seen = {item for item, _ in events}
+    everything = bundle.catalogue.n_items
+    result = recommend(recommender, events, k=everything, exclude_seen=False)
+    assert seen <= set(ids(result))
+    assert len(result.items) == everything
+
+
+def test_items_outside_the_encoder_window_are_still_excluded(recommender, tiny_data, bundle):
+    # A history longer than max_len: the oldest items do not reach the encoder, yet they
+    # were seen and must not be recommended.
+    longest = int(np.argmax(tiny_data.lengths))
+    events = user_events(tiny_data, longest)
+    assert len(events) > bundle.retrievers["sasrec"].max_len
+    seen = {item for item, _ in events}
+    result = recommend(recommender, events, k=bundle.catalogue.n_items)
+    assert not seen & set(ids(result))
+
+
+def test_unknown_encoder_is_refused_naming_the_available_ones(recommender):
+    with pytest.raises(UnknownEncoder, match="'nope'.*available: sasrec"):
+        recommend(recommender, [("1", 1)], encoder="nope")
+
+
+# --------------------------------------------------------------------------- caching
+
+
+def test_a_repeated_history_is_a_cache_hit_with_the_same_answer(recommender, tiny_data):
+    cache = InMemoryBehaviourCache()
+    events = user_events(tiny_data, 2)
+    first = recommend(recommender, events, cache=cache)
+    second = recommend(recommender, events, cache=cache)
+    assert (first.cache, second.cache) == ("miss", "hit")
+    assert second.items == first.items
+    assert second.timings_ms["encode"] == 0.0
+
+
+def test_cached_embedding_is_not_served_after_history_changes(recommender, tiny_data):
+    cache = InMemoryBehaviourCache()
+    events = user_events(tiny_data, 2)
+    first = recommend(recommender, events, cache=cache)
+    newest = ids(first)[0]
+    changed = [*events, (newest, events[-1][1] + 60)]
+    second = recommend(recommender, changed, cache=cache)
+    assert second.cache == "miss"
+    assert newest not in ids(second)
+    assert second.items == recommend(recommender, changed).items
+
+
+def test_a_changed_time_gap_alone_misses_the_cache(recommender, tiny_data):
+    cache = InMemoryBehaviourCache()
+    events = user_events(tiny_data, 2)
+    recommend(recommender, events, cache=cache)
+    shifted = [*events[:-1], (events[-1][0], events[-1][1] + 3600)]
+    assert recommend(recommender, shifted, cache=cache).cache == "miss"
+
+
+def test_a_deeper_request_than_the_cached_one_is_answered_in_full(recommender, tiny_data):
+    cache = InMemoryBehaviourCache()
+    events = user_events(tiny_data, 2)
+    shallow = recommend(recommender, events, cache=cache, k=3, candidates=3, exclude_seen=False)
+    deep = recommend(recommender, events, cache=cache, k=50, candidates=50, exclude_seen=False)
+    assert shallow.cache == "miss" and deep.cache == "miss"
+    assert deep.items == recommend(recommender, events, k=50, exclude_seen=False).items
+    assert ids(deep)[:3] == ids(shallow)
+
+
+def test_an_unreachable_cache_is_bypassed_with_the_same_answer(recommender, tiny_data):
+    cache = InMemoryBehaviourCache()
+    cache.available = False
+    events = user_events(tiny_data, 2)
+    result = recommend(recommender, events, cache=cache)
+    assert result.cache == "bypass"
+    assert result.items == recommend(recommender, events).items
+
+
+# --------------------------------------------------------------------------- similar
+
+
+def test_similar_items_never_include_the_item_itself(recommender):
+    items = asyncio.run(recommender.similar("1", 10, None))
+    assert len(items) == 10 and "1" not in [item["item_id"] for item in items]
+
+
+def test_similar_items_of_an_unknown_item_are_none(recommender):
+    assert asyncio.run(recommender.similar("no-such-item", 10, None)) is None
