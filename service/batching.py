@@ -45,11 +45,15 @@ class MicroBatcher(Generic[Item, Result]):
 
     async def submit(self, item: Item) -> Result:
         """Queue ``item`` and wait for its result (or its own exception)."""
-        if self._worker is None or self._worker.done():
+        if self._queue is None:
             self._queue = asyncio.Queue()
-            self._worker = asyncio.create_task(self._serve())
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((item, future))
+        # The worker exits once the queue is empty (no idle task holds a swapped-out bundle
+        # alive); the check and its exit run without an await in between, so nothing queued
+        # is ever left without a worker.
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._serve())
         return await future
 
     async def _collect(self, first) -> list:
@@ -72,8 +76,8 @@ class MicroBatcher(Generic[Item, Result]):
         return [(item, future) for item, future in batch if not future.done()]
 
     async def _serve(self) -> None:
-        while True:
-            batch = await self._collect(await self._queue.get())
+        while not self._queue.empty():
+            batch = await self._collect(self._queue.get_nowait())
             if not batch:
                 continue
             if self.on_batch is not None:

@@ -19,14 +19,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
+from service.batching import MicroBatcher
 from service.bundle import Bundle, Retriever
 from service.cache import BehaviourCache, CachedRetrieval, history_digest
 from service.errors import StoreUnavailable, UnknownEncoder
 from service.histories import left_padded_window
+from service.ranking import rerank as rerank_candidates
 
 LOG = logging.getLogger(__name__)
 
@@ -73,9 +76,23 @@ def prepare_history(bundle: Bundle, events: list[tuple[str, int]], cap: int) -> 
 class Recommender:
     """Runs the pipeline for one bundle; a reload swaps in a new Recommender."""
 
-    def __init__(self, bundle: Bundle, default_encoder: str | None = None):
+    def __init__(
+        self,
+        bundle: Bundle,
+        default_encoder: str | None = None,
+        max_batch: int = 32,
+        max_wait_ms: float = 0.0,
+        on_batch=None,
+    ):
         self.bundle = bundle
         self.default_encoder = default_encoder or bundle.default_encoder
+        # One batcher per retriever: its requests share an ONNX call and a faiss search.
+        self.batchers = {
+            name: MicroBatcher(
+                partial(encode_and_search, retriever), max_batch, max_wait_ms, on_batch
+            )
+            for name, retriever in bundle.retrievers.items()
+        }
         popularity = bundle.catalogue.popularity.astype(np.float64)
         popularity[0] = -np.inf
         self._popular_order = np.argsort(-popularity, kind="stable")
@@ -158,10 +175,11 @@ class Recommender:
         if cached and len(cached.ids) >= depth:
             result.cache = "hit"
             found_ids, found_scores = cached.ids[:depth], cached.scores[:depth]
+            embedding = cached.embedding
         else:
-            embedding = cached.embedding[None] if cached else None
-            embedding, found_scores, found_ids, took = await run_in_threadpool(
-                _encode_and_search, retriever, ids, deltas, depth, embedding
+            job = RetrievalJob(ids, deltas, depth, cached.embedding if cached else None)
+            embedding, found_scores, found_ids, took = await self.batchers[retriever.name].submit(
+                job
             )
             timings["encode"], timings["retrieve"] = took
             if result.cache == "miss":
@@ -176,9 +194,34 @@ class Recommender:
             found_ids[: max(candidates, k)],
             found_scores[: max(candidates, k)],
         )
-        result.items = [
-            self._item(i, s, s) for i, s in zip(found_ids[:k], found_scores[:k], strict=True)
-        ]
+        head = retriever.ctr_head if rerank else None
+        if head is not None and self.bundle.item_features is not None and len(found_ids):
+            reranking = time.perf_counter()
+            ranked = await run_in_threadpool(
+                rerank_candidates,
+                head,
+                self.bundle.item_features,
+                retriever.item_vectors,
+                embedding,
+                found_ids,
+                found_scores,
+                history.item_ids,
+                history.timestamps,
+                int(time.time()),
+                seen,
+            )
+            timings["rerank"] = _ms(reranking)
+            result.reranked = True
+            result.items = [
+                self._item(i, s, r)
+                for i, s, r in zip(
+                    ranked.ids[:k], ranked.logits[:k], ranked.retrieval_scores[:k], strict=True
+                )
+            ]
+        else:
+            result.items = [
+                self._item(i, s, s) for i, s in zip(found_ids[:k], found_scores[:k], strict=True)
+            ]
         result.timings_ms = {**timings, "total": _ms(started)}
         return result
 
@@ -194,19 +237,46 @@ class Recommender:
         return [self._item(i, s, s) for i, s in pairs[:k]]
 
 
-def _encode_and_search(
-    retriever: Retriever,
-    ids: np.ndarray,
-    deltas: np.ndarray,
-    depth: int,
-    embedding: np.ndarray | None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float]]:
+@dataclass
+class RetrievalJob:
+    """One request's share of a batched encode + search."""
+
+    ids: np.ndarray  # (1, L) encoder window
+    deltas: np.ndarray  # (1, L)
+    depth: int
+    embedding: np.ndarray | None = None  # (d,) when the cache already had it
+
+
+def encode_and_search(
+    retriever: Retriever, jobs: list[RetrievalJob]
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float]]]:
+    """One ONNX call for every job without an embedding and one index search for all.
+
+    Windows of different lengths are left-padded to the longest, which changes no
+    embedding (encoders are padding-invariant, a test checks it). Returns per job the
+    embedding, scores and ids to its depth, and the shared (encode, retrieve) milliseconds.
+    """
     started = time.perf_counter()
-    if embedding is None:
-        embedding = retriever.encoder.encode(ids, deltas)
+    embeddings = [job.embedding for job in jobs]
+    missing = [i for i, e in enumerate(embeddings) if e is None]
+    if missing:
+        width = max(jobs[i].ids.shape[1] for i in missing)
+        ids = np.zeros((len(missing), width), dtype=np.int64)
+        deltas = np.zeros((len(missing), width), dtype=np.float32)
+        for row, i in enumerate(missing):
+            length = jobs[i].ids.shape[1]
+            ids[row, width - length :] = jobs[i].ids[0]
+            deltas[row, width - length :] = jobs[i].deltas[0]
+        for row, vector in zip(missing, retriever.encoder.encode(ids, deltas), strict=True):
+            embeddings[row] = vector
     encoded = time.perf_counter()
-    scores, found = retriever.index.search(embedding, depth)
-    return embedding[0], scores[0], found[0], (_ms(started, encoded), _ms(encoded))
+    depth = max(job.depth for job in jobs)
+    scores, found = retriever.index.search(np.stack(embeddings), depth)
+    took = (_ms(started, encoded), _ms(encoded))
+    return [
+        (embeddings[i], scores[i, : job.depth], found[i, : job.depth], took)
+        for i, job in enumerate(jobs)
+    ]
 
 
 CacheKey = tuple[str, str, str]  # bundle, encoder, history digest

@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     candidates: int = Field(200, ge=1, le=5000)
     device: str = Field("auto", pattern="^(auto|cpu|gpu)$")
     onnx_threads: int = Field(1, ge=1, le=64)
+    max_batch: int = Field(32, ge=1, le=1024)  # requests coalesced into one encoder call
+    batch_wait_ms: float = Field(0.0, ge=0, le=100)  # 0: never wait for company
     cache_ttl_seconds: int = Field(3600, ge=1)
     history_cap: int = Field(200, ge=1, le=100_000)  # events kept per user in Redis
     request_history_cap: int = Field(1000, ge=1, le=100_000)  # events read from a request

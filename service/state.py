@@ -68,7 +68,13 @@ class AppState:
                     self.settings.device,
                     self.settings.onnx_threads,
                 )
-                recommender = Recommender(bundle, self.settings.default_encoder)
+                recommender = Recommender(
+                    bundle,
+                    self.settings.default_encoder,
+                    self.settings.max_batch,
+                    self.settings.batch_wait_ms,
+                    self.metrics.batch_size.observe,
+                )
                 # Refuse a bundle that lacks the configured default encoder up front.
                 recommender.retriever(None)
             except Exception as exc:
