@@ -77,7 +77,11 @@ class BehaviourCache:
         return f"{self.prefix}:reload"
 
     async def append_events(self, user_id: str, events: list[tuple[str, int]]) -> int:
-        """Add (item, ts) events; returns how many were new."""
+        """Add (item, ts) events; returns how many are new and kept.
+
+        An event already stored, or older than a full history's window (trimmed at once),
+        does not count, so a retried request reports 0.
+        """
         raise NotImplementedError
 
     async def history(self, user_id: str) -> list[tuple[str, int]]:
@@ -149,11 +153,16 @@ class RedisBehaviourCache(BehaviourCache):
 
     async def append_events(self, user_id: str, events: list[tuple[str, int]]) -> int:
         key = self.history_key(user_id)
+        members = {_member(item, ts): ts for item, ts in events}
+        names = list(members)
+        # One transaction: which members were there, add, trim, which are there now.
         async with self.client.pipeline(transaction=True) as pipe:
-            pipe.zadd(key, {_member(item, ts): ts for item, ts in events})
+            pipe.zmscore(key, names)
+            pipe.zadd(key, members)
             pipe.zremrangebyrank(key, 0, -(self.history_cap + 1))
-            added, _ = await self._run(pipe.execute())
-        return int(added)
+            pipe.zmscore(key, names)
+            before, _, _, after = await self._run(pipe.execute())
+        return sum(b is None and a is not None for b, a in zip(before, after, strict=True))
 
     async def history(self, user_id: str) -> list[tuple[str, int]]:
         members = await self._run(self.client.zrange(self.history_key(user_id), 0, -1))
@@ -198,12 +207,12 @@ class InMemoryBehaviourCache(BehaviourCache):
     async def append_events(self, user_id: str, events: list[tuple[str, int]]) -> int:
         self._check()
         stored = self.histories.setdefault(self.history_key(user_id), {})
-        before = len(stored)
-        stored.update({_member(item, ts): ts for item, ts in events})
-        added = len(stored) - before
+        members = {_member(item, ts): ts for item, ts in events}
+        new = [m for m in members if m not in stored]
+        stored.update(members)
         for member in sorted(stored, key=lambda m: (stored[m], m))[: -self.history_cap]:
             del stored[member]
-        return added
+        return sum(m in stored for m in new)
 
     async def history(self, user_id: str) -> list[tuple[str, int]]:
         self._check()

@@ -118,10 +118,6 @@ def test_the_cap_keeps_the_newest_events(store):
     assert store(scenario, history_cap=3) == [("i4", 4), ("i5", 5), ("i6", 6)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: an event older than the kept window counts as added, then is trimmed",
-)
 def test_a_retried_event_older_than_the_kept_window_adds_nothing(store):
     async def scenario(cache):
         await cache.append_events("u", [("a", 10), ("b", 20), ("c", 30)])
