@@ -14,9 +14,11 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.routes import admin, events, health, items, recommend
 from service.cache import RedisBehaviourCache
@@ -26,6 +28,8 @@ from service.settings import Settings, get_settings
 from service.state import AppState, NotReady
 
 LOG = logging.getLogger(__name__)
+
+BODY_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's own wording
 
 
 class BodyTooLarge(HTTPException):
@@ -160,6 +164,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             error.pop("input", None)  # never echo what was sent (it may be huge or secret)
             error.pop("ctx", None)
         return JSONResponse({"detail": _validation_message(exc), "errors": errors}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        # FastAPI answers 400 for a body it cannot decode at all (invalid UTF-8, JSON nested
+        # past the parser's limit); like any other malformed body that is a 422 on 'body'.
+        if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:
+            metrics.errors.labels(kind="validation").inc()
+            return JSONResponse(
+                {"detail": "body: not decodable JSON (invalid UTF-8 or nested too deeply)"},
+                status_code=422,
+            )
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
