@@ -166,6 +166,10 @@ def train(data: SequenceData, config: TrainConfig, out_dir: str | Path) -> Train
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
                 }
                 stale = 0
+                # A long run that is cut off still leaves its best model behind; the final
+                # checkpoint below replaces this one with the full report.
+                partial = {"model": config.model, "best_epoch": epoch, "history": history}
+                save_checkpoint(model, config, data, partial, out_dir / "checkpoint.pt")
             else:
                 stale += 1
         history.append(record)
