@@ -1,0 +1,640 @@
+"""Compare faiss indexes over the same item vectors: build time, size, latency, recall.
+
+    .venv/bin/python -m bench.make_perf_bundle            # first: models/perf-1m
+    .venv/bin/python -m bench.index --bundle models/perf-1m \
+        --queries runs/perf-1m/heldout_queries.npy --coarse-study --markdown
+
+(from the repository root; about 10-15 minutes on two CPU cores). Without a bundle,
+``--synthetic 1000000`` indexes seeded clustered vectors instead (queries near items).
+
+Every index is searched through ``service.retrieval.ItemIndex``, the class the service
+serves with, so "re-score" is the service's exact re-scoring of the shortlist against the
+float32 vectors (memory-mapped from the bundle). Indexes, for N items of dimension d and
+the lists / sub-quantisers / shortlist that ``IndexSpec.auto`` picks for N:
+
+- Flat: exact inner-product search, the ground truth;
+- IVF-PQ: ``IVF{lists},PQ{m}x8`` ranked by its PQ scores alone;
+- IVF-PQ + re-score: the same index, its top ``rescore`` re-scored exactly;
+- OPQ + IVF-PQ + re-score: ``OPQ{m},IVF{lists},PQ{m}x8`` (what ``IndexSpec.auto`` builds);
+- HNSW32: a graph over the float32 vectors.
+
+For each, over a sweep of nprobe (IVF) or efSearch (HNSW): recall@10 and recall@100
+against exact search, single-query latency (median and p99, top-100) and the latency of
+a batch of 64 queries; per built index its build time and bytes per vector (the
+serialised index, which for IVF-PQ excludes the memory-mapped float32 vectors). Writes
+a table to stdout, ``docs/index_bench.json`` and ``docs/index_recall_latency.png``.
+
+``--coarse-study`` adds what limits IVF recall on inner-product data: the share of the
+exact top-100 that lies in the visited lists, for faiss's spherical partition (what is
+served) and two alternatives (see ``coarse_coverage``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from service.bundle import read_manifest
+from service.retrieval import EXACT_LIMIT, IndexSpec, ItemIndex
+
+LOG = logging.getLogger("bench.index")
+
+TOP = 100  # every search asks for the top 100; recall@10 is read from its first 10
+PROBE_SHARES = (1 / 128, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)  # nprobe sweep, share of lists
+EF_SEARCHES = (16, 32, 64, 128, 256, 512)
+
+
+@dataclass
+class IndexCase:
+    """One index type: how to build it and which search parameter to sweep."""
+
+    label: str
+    factory: str
+    rescore: int = 0
+    sweep: str = ""  # "nprobe", "ef_search" or "" (no parameter)
+    values: tuple[int, ...] = ()
+    shares: str = ""  # label of a case whose built index this one searches
+    train_size: int = 100_000
+
+
+@dataclass
+class Point:
+    """One operating point of one index."""
+
+    label: str
+    param: str
+    value: int | None
+    recall_at_10: float
+    recall_at_100: float
+    query_ms_p50: float
+    query_ms_p99: float
+    batch64_ms_p50: float
+
+
+@dataclass
+class Built:
+    """What building one index cost."""
+
+    label: str
+    factory: str
+    build_seconds: float
+    bytes_per_vector: float
+    compression: float
+    points: list[Point] = field(default_factory=list)
+
+
+def index_shape(n_items: int, dim: int) -> tuple[int, int, int, int, int]:
+    """(lists, PQ sub-quantisers, re-score depth, nprobe, train size) as ``IndexSpec.auto``.
+
+    Below ``EXACT_LIMIT`` auto picks Flat, so the compressed spec for a catalogue just
+    above it is scaled down to ``n_items`` (about 4 sqrt(N) lists, the same share of them
+    visited) for small test runs.
+    """
+    spec = IndexSpec.auto(max(n_items, EXACT_LIMIT + 1), dim)
+    found = re.search(r"IVF(\d+),PQ(\d+)x", spec.factory)
+    if not found:
+        raise ValueError(f"IndexSpec.auto gave {spec.factory!r}; expected an IVF-PQ factory")
+    lists, sub = int(found.group(1)), int(found.group(2))
+    nprobe = spec.nprobe
+    if n_items <= EXACT_LIMIT:
+        small = int(2 ** round(np.log2(4 * np.sqrt(n_items))))
+        lists, nprobe = small, max(1, round(nprobe * small / lists))
+    return lists, sub, spec.rescore, nprobe, min(spec.train_size, n_items)
+
+
+def default_cases(
+    n_items: int, dim: int, train_size: int = 0, hnsw: bool = True
+) -> list[IndexCase]:
+    """The five index types; ``train_size`` 0 trains on what ``IndexSpec.auto`` uses."""
+    lists, sub, rescore, nprobe, auto_train = index_shape(n_items, dim)
+    train_size = train_size or auto_train
+    nprobes = tuple(sorted({max(1, round(lists * s)) for s in PROBE_SHARES} | {nprobe}))
+    ivfpq = f"IVF{lists},PQ{sub}x8"
+    cases = [
+        IndexCase("Flat", "Flat"),
+        IndexCase("IVF-PQ", ivfpq, 0, "nprobe", nprobes, train_size=train_size),
+        IndexCase("IVF-PQ + re-score", ivfpq, rescore, "nprobe", nprobes, shares="IVF-PQ"),
+        IndexCase(
+            "OPQ + IVF-PQ + re-score",
+            f"OPQ{sub},{ivfpq}",
+            rescore,
+            "nprobe",
+            nprobes,
+            train_size=train_size,
+        ),
+    ]
+    if hnsw:
+        cases.append(IndexCase("HNSW32", "HNSW32", 0, "ef_search", EF_SEARCHES))
+    return cases
+
+
+# --------------------------------------------------------------------------- data
+
+
+def clustered_vectors(n: int, dim: int, seed: int = 0, clusters: int = 1024) -> np.ndarray:
+    """Seeded vectors with cluster structure and uneven norms, row 0 = padding (N + 1, d)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    rows = centres[rng.integers(0, clusters, n)] + 0.7 * rng.normal(size=(n, dim)).astype(
+        np.float32
+    )
+    rows *= rng.lognormal(0.0, 0.3, size=(n, 1)).astype(np.float32)
+    return np.vstack([np.zeros((1, dim), np.float32), rows]).astype(np.float32)
+
+
+def queries_near_items(vectors: np.ndarray, count: int, seed: int = 1) -> np.ndarray:
+    """Unit-length queries: random items' vectors plus noise (a stand-in for users)."""
+    rng = np.random.default_rng(seed)
+    picked = vectors[1 + rng.integers(0, len(vectors) - 1, count)]
+    q = picked + 0.5 * picked.std() * rng.normal(size=picked.shape)
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+def bundle_vectors(bundle: Path) -> tuple[np.ndarray, str]:
+    """The default retriever's item vectors of a bundle folder (memory-mapped) and a label."""
+    manifest = read_manifest(bundle)
+    encoder = manifest["default_encoder"]
+    entry = manifest["retrievers"][encoder]
+    vectors = np.load(bundle / entry["files"]["item_embeddings"], mmap_mode="r")
+    return vectors, f"bundle {bundle.name} ({encoder}, {manifest['dataset']['source']})"
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def recall(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
+    """|approximate top-k ∩ exact top-k| / k, averaged over queries."""
+    hits = [len(np.intersect1d(a[:k], e[:k])) for a, e in zip(approx, exact, strict=True)]
+    return float(np.mean(hits) / k)
+
+
+def exact_top(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Internal ids (q, k) of the exact top-k by inner product: the ground truth."""
+    import faiss
+
+    items = np.ascontiguousarray(vectors[1:], dtype=np.float32)
+    _, labels = faiss.knn(
+        np.ascontiguousarray(queries, dtype=np.float32), items, k, metric=faiss.METRIC_INNER_PRODUCT
+    )
+    return labels + 1
+
+
+def single_query_ms(index: ItemIndex, queries: np.ndarray) -> np.ndarray:
+    index.search(queries[:1], TOP)  # warm-up
+    timings = []
+    for query in queries:
+        started = time.perf_counter()
+        index.search(query[None], TOP)
+        timings.append((time.perf_counter() - started) * 1000)
+    return np.asarray(timings)
+
+
+def batch_ms(index: ItemIndex, queries: np.ndarray, batch: int = 64, repeats: int = 5) -> float:
+    """Median time of one search over ``batch`` queries."""
+    batch = min(batch, len(queries))
+    timings = []
+    for r in range(repeats):
+        lo = (r * batch) % max(1, len(queries) - batch + 1)
+        started = time.perf_counter()
+        index.search(queries[lo : lo + batch], TOP)
+        timings.append((time.perf_counter() - started) * 1000)
+    return float(np.median(timings))
+
+
+def measure(
+    index: ItemIndex,
+    case: IndexCase,
+    value: int | None,
+    queries: np.ndarray,
+    exact_ids: np.ndarray,
+    latency_queries: int,
+) -> Point:
+    _, ids = index.search(queries, TOP)
+    single = single_query_ms(index, queries[:latency_queries])
+    return Point(
+        label=case.label,
+        param=case.sweep,
+        value=value,
+        recall_at_10=recall(ids, exact_ids, 10),
+        recall_at_100=recall(ids, exact_ids, TOP),
+        query_ms_p50=float(np.median(single)),
+        query_ms_p99=float(np.percentile(single, 99)),
+        batch64_ms_p50=batch_ms(index, queries),
+    )
+
+
+def run_cases(
+    vectors: np.ndarray,
+    queries: np.ndarray,
+    exact_ids: np.ndarray,
+    cases: list[IndexCase],
+    latency_queries: int = 200,
+    seed: int = 0,
+) -> list[Built]:
+    """Build each index (once per factory), sweep its parameter, measure every point."""
+    n_items, dim = vectors.shape[0] - 1, vectors.shape[1]
+    built: dict[str, tuple[ItemIndex, Built]] = {}
+    results = []
+    for case in cases:
+        if case.shares:
+            base, base_info = built[case.shares]
+            info = Built(
+                case.label,
+                case.factory,
+                base_info.build_seconds,
+                base_info.bytes_per_vector,
+                base_info.compression,
+            )
+            faiss_index = base.index
+        else:
+            LOG.info("building %s (%s) over %d vectors", case.label, case.factory, n_items)
+            started = time.perf_counter()
+            spec = IndexSpec(case.factory, train_size=case.train_size)
+            item_index = ItemIndex.build(vectors, spec, seed=seed)
+            seconds = time.perf_counter() - started
+            per_vector = item_index.memory_bytes() / n_items
+            info = Built(case.label, case.factory, seconds, per_vector, 4 * dim / per_vector)
+            built[case.label] = (item_index, info)
+            faiss_index = item_index.index
+            LOG.info("  built in %.1fs, %.1f bytes/vector", seconds, per_vector)
+        for value in case.values or (None,):
+            options = {case.sweep: value} if case.sweep else {}
+            spec = IndexSpec(case.factory, rescore=case.rescore, **options)
+            point = measure(
+                ItemIndex(faiss_index, vectors, spec),
+                case,
+                value,
+                queries,
+                exact_ids,
+                latency_queries,
+            )
+            LOG.info(
+                "  %s %s=%s recall@10 %.4f @100 %.4f p50 %.2f ms",
+                case.label,
+                case.sweep or "-",
+                value,
+                point.recall_at_10,
+                point.recall_at_100,
+                point.query_ms_p50,
+            )
+            info.points.append(point)
+        results.append(info)
+    return results
+
+
+def coarse_coverage(
+    vectors: np.ndarray,
+    queries: np.ndarray,
+    exact_ids: np.ndarray,
+    lists: int,
+    train_size: int,
+    seed: int = 0,
+) -> list[dict]:
+    """Share of the exact top-100 inside the visited IVF lists, for three partitions.
+
+    - "spherical k-means, IP probe": what faiss builds for an inner-product IVF (and so
+      what the service serves);
+    - "L2 k-means, IP probe": centroids and item assignment by L2, lists visited by
+      inner product with the query (long centroids first);
+    - "MIPS->L2 augmentation": items get an extra coordinate sqrt(M^2 - |x|^2) and
+      queries a 0, which turns maximum inner product into nearest neighbour in L2
+      (Bachrach et al., RecSys'14); L2 k-means and L2 probing in that space.
+
+    Only the coarse level is compared: in the visited lists the re-scored PQ shortlist
+    recovers (nearly) everything, so this coverage bounds recall@100.
+    """
+    import faiss
+
+    items = np.ascontiguousarray(vectors[1:], dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(len(items), min(train_size, len(items)), replace=False)
+    norms = np.linalg.norm(items, axis=1)
+    extra = np.sqrt(np.maximum(norms.max() ** 2 - norms**2, 0.0))[:, None]
+    augmented = np.hstack([items, extra]).astype(np.float32)
+    padded_queries = np.hstack([queries, np.zeros((len(queries), 1), np.float32)])
+    partitions = [
+        ("spherical k-means, IP probe", items, queries, True, "ip"),
+        ("L2 k-means, IP probe", items, queries, False, "ip"),
+        ("MIPS->L2 augmentation", augmented, padded_queries, False, "l2"),
+    ]
+    probes = sorted({max(1, round(lists * share)) for share in PROBE_SHARES})
+    rows = []
+    for name, data, qs, spherical, probe in partitions:
+        started = time.perf_counter()
+        kmeans = faiss.Kmeans(data.shape[1], lists, niter=10, seed=seed, spherical=spherical)
+        kmeans.train(data[sample])
+        _, assign = kmeans.index.search(data, 1)
+        assign = assign.ravel()
+        sizes = np.bincount(assign, minlength=lists)
+        if probe == "ip":
+            order = np.argsort(-(qs @ kmeans.centroids.T), axis=1)  # (q, lists)
+        else:
+            order = kmeans.index.search(qs, lists)[1]
+        for nprobe in probes:
+            visited = order[:, :nprobe]
+            covered = [
+                np.isin(assign[ids - 1], row).mean()
+                for ids, row in zip(exact_ids, visited, strict=True)
+            ]
+            rows.append(
+                {
+                    "partition": name,
+                    "nprobe": nprobe,
+                    "coverage_at_100": float(np.mean(covered)),
+                    "scanned_share": float(sizes[visited].sum(axis=1).mean() / len(items)),
+                }
+            )
+        LOG.info("coarse study: %s in %.0fs", name, time.perf_counter() - started)
+    return rows
+
+
+def render(header: list[str], rows: list[list[str]], markdown: bool, left: int = 1) -> str:
+    """A plain-text table (first ``left`` columns left-aligned) or a Markdown one."""
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            c.ljust(w) if i < left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in [header, *rows]
+    )
+
+
+def format_coverage(rows: list[dict], markdown: bool = False) -> str:
+    header = ["partition", "nprobe", "scanned", "exact top-100 in visited lists"]
+    body = [
+        [
+            r["partition"],
+            str(r["nprobe"]),
+            f"{r['scanned_share']:.1%}",
+            f"{r['coverage_at_100']:.3f}",
+        ]
+        for r in rows
+    ]
+    return render(header, body, markdown)
+
+
+def format_table(results: list[Built], markdown: bool = False) -> str:
+    header = [
+        "index",
+        "param",
+        "build s",
+        "B/vector",
+        "compression",
+        "recall@10",
+        "recall@100",
+        "p50 ms",
+        "p99 ms",
+        "batch64 ms",
+    ]
+    rows = [
+        [
+            info.label,
+            f"{p.param}={p.value}" if p.param else "-",
+            f"{info.build_seconds:.1f}",
+            f"{info.bytes_per_vector:.1f}",
+            f"{info.compression:.1f}x",
+            f"{p.recall_at_10:.4f}",
+            f"{p.recall_at_100:.4f}",
+            f"{p.query_ms_p50:.2f}",
+            f"{p.query_ms_p99:.2f}",
+            f"{p.batch64_ms_p50:.1f}",
+        ]
+        for info in results
+        for p in info.points
+    ]
+    return render(header, rows, markdown, left=2)
+
+
+def plot(results: list[Built], path: Path, title: str) -> None:
+    """Recall@100 against median single-query latency, one line per index."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for info in results:
+        xs = [p.query_ms_p50 for p in info.points]
+        ys = [p.recall_at_100 for p in info.points]
+        label = f"{info.label} ({info.bytes_per_vector:.0f} B/vector, {info.compression:.1f}x)"
+        ax.plot(xs, ys, marker="o", label=label)
+        for p in info.points:
+            if p.value is not None:
+                ax.annotate(
+                    str(p.value),
+                    (p.query_ms_p50, p.recall_at_100),
+                    fontsize=7,
+                    xytext=(3, -9),
+                    textcoords="offset points",
+                )
+    ax.axhline(0.95, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("median single-query latency, top-100 (ms, log scale)")
+    ax.set_ylabel("recall@100 vs exact search")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine() -> dict:
+    import faiss
+
+    return {
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "load_average": list(os.getloadavg()),
+        "faiss": faiss.__version__,
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def run_benchmark(
+    vectors: np.ndarray,
+    queries: np.ndarray,
+    cases: list[IndexCase],
+    source: str,
+    out_json: Path | None = None,
+    out_png: Path | None = None,
+    latency_queries: int = 200,
+    coarse_study: bool = False,
+) -> dict:
+    """Run every case (and the coarse study); write the JSON and PNG; return the result."""
+    before = machine()
+    started = time.perf_counter()
+    exact_ids = exact_top(vectors, queries, TOP)
+    LOG.info(
+        "exact top-%d of %d queries in %.1fs", TOP, len(queries), time.perf_counter() - started
+    )
+    results = run_cases(vectors, queries, exact_ids, cases, latency_queries)
+    coverage = []
+    if coarse_study:
+        lists, _, _, _, train_size = index_shape(vectors.shape[0] - 1, vectors.shape[1])
+        coverage = coarse_coverage(vectors, queries, exact_ids, lists, train_size)
+    seconds = time.perf_counter() - started
+    report = {
+        "source": source,
+        "items": int(vectors.shape[0] - 1),
+        "dim": int(vectors.shape[1]),
+        "queries": int(len(queries)),
+        "latency_queries": int(min(latency_queries, len(queries))),
+        "top": TOP,
+        "machine": before,
+        "load_average_after": list(os.getloadavg()),
+        "seconds": seconds,
+        "cases": [asdict(c) for c in cases],
+        "results": [asdict(r) for r in results],
+        "coarse_study": coverage,
+    }
+    if out_json is not None:
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(report, indent=2))
+    if out_png is not None:
+        plot(results, out_png, plot_title(report))
+    return with_tables(report, results)
+
+
+def plot_title(report: dict) -> str:
+    sizes = f"{report['items']:,} items x {report['dim']} dims, {report['queries']} queries"
+    source = report["source"]
+    return f"{sizes}\n{source if len(source) <= 90 else source[:87] + '...'}"
+
+
+def with_tables(report: dict, results: list[Built]) -> dict:
+    """The report with its results as a plain-text and a Markdown table."""
+    coverage = report.get("coarse_study") or []
+    report["table"] = format_table(results)
+    report["markdown"] = format_table(results, markdown=True)
+    if coverage:
+        report["table"] += "\n\n" + format_coverage(coverage)
+        report["markdown"] += "\n\n" + format_coverage(coverage, markdown=True)
+    return report
+
+
+def results_from_report(report: dict) -> list[Built]:
+    """The ``Built`` results of a JSON report written by ``run_benchmark``."""
+    results = []
+    for entry in report["results"]:
+        points = [Point(**p) for p in entry["points"]]
+        results.append(Built(**{**entry, "points": points}))
+    return results
+
+
+def replot(json_path: Path, out_png: Path) -> dict:
+    """Tables and PNG again from a JSON report, without measuring anything."""
+    report = json.loads(json_path.read_text())
+    results = results_from_report(report)
+    plot(results, out_png, plot_title(report))
+    return with_tables(report, results)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.index",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--bundle", type=Path, help="bundle folder, e.g. models/perf-1m")
+    source.add_argument("--synthetic", type=int, help="N seeded clustered vectors instead")
+    parser.add_argument("--dim", type=int, default=64, help="with --synthetic")
+    parser.add_argument(
+        "--queries",
+        type=Path,
+        help="(q, d) float32 .npy of user embeddings "
+        "(default with --bundle: runs/<bundle name>/heldout_queries.npy when it exists)",
+    )
+    parser.add_argument("--n-queries", type=int, default=1000, help="queries used for recall")
+    parser.add_argument("--latency-queries", type=int, default=200)
+    parser.add_argument(
+        "--train-size", type=int, default=0, help="IVF/PQ training vectors (0: as auto)"
+    )
+    parser.add_argument("--no-hnsw", action="store_true", help="skip HNSW32 (slow to build)")
+    parser.add_argument("--threads", type=int, default=0, help="faiss threads (0: all cores)")
+    parser.add_argument("--out-json", type=Path, default=Path("docs/index_bench.json"))
+    parser.add_argument("--out-png", type=Path, default=Path("docs/index_recall_latency.png"))
+    parser.add_argument(
+        "--coarse-study",
+        action="store_true",
+        help="also compare IVF partitions by how much of the exact top-100 they visit",
+    )
+    parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
+    parser.add_argument(
+        "--from-json", type=Path, help="redraw the PNG and tables from a JSON report; no runs"
+    )
+    return parser
+
+
+def load_inputs(args) -> tuple[np.ndarray, np.ndarray, str]:
+    if args.synthetic:
+        vectors = clustered_vectors(args.synthetic, args.dim)
+        return vectors, queries_near_items(vectors, args.n_queries), "seeded clustered vectors"
+    bundle = args.bundle or Path("models/perf-1m")
+    if not bundle.is_dir():
+        raise SystemExit(f"error: {bundle}: no bundle; run bench.make_perf_bundle or --synthetic")
+    vectors, source = bundle_vectors(bundle)
+    queries_path = args.queries or Path("runs") / bundle.name / "heldout_queries.npy"
+    if queries_path.is_file():
+        queries = np.load(queries_path, allow_pickle=False)[: args.n_queries]
+        return vectors, queries.astype(np.float32), f"{source}; held-out user queries"
+    LOG.warning("%s not found: queries are item vectors plus noise", queries_path)
+    return vectors, queries_near_items(vectors, args.n_queries), f"{source}; queries near items"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.from_json:
+        report = replot(args.from_json, args.out_png)
+        print(report["markdown"] if args.markdown else report["table"])
+        print(f"wrote {args.out_png}")
+        return 0
+    if args.threads:
+        import faiss
+
+        faiss.omp_set_num_threads(args.threads)
+    vectors, queries, source = load_inputs(args)
+    n_items, dim = vectors.shape[0] - 1, vectors.shape[1]
+    cases = default_cases(n_items, dim, args.train_size, hnsw=not args.no_hnsw)
+    report = run_benchmark(
+        vectors,
+        queries,
+        cases,
+        source,
+        args.out_json,
+        args.out_png,
+        args.latency_queries,
+        args.coarse_study,
+    )
+    print(plot_title(report))
+    print(report["table"])
+    if args.markdown:
+        print()
+        print(report["markdown"])
+    print(f"wrote {args.out_json} and {args.out_png}; {report['seconds']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

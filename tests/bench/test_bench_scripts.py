@@ -1,0 +1,91 @@
+"""The benchmark scripts run end to end on tiny sizes, so they cannot rot unnoticed."""
+
+import json
+
+import numpy as np
+import pytest
+
+from bench.index import (
+    IndexCase,
+    clustered_vectors,
+    default_cases,
+    queries_near_items,
+    replot,
+    run_benchmark,
+)
+from bench.make_perf_bundle import PerfBundleConfig, make_perf_bundle
+from bench.make_perf_bundle import main as make_perf_bundle_main
+from service.bundle import CURRENT, load_bundle, read_manifest
+
+
+def tiny_config(**overrides) -> PerfBundleConfig:
+    values = dict(items=2_000, users=200, dim=16, max_len=16, batch_size=64, eval_users=50)
+    return PerfBundleConfig(**{**values, **overrides})
+
+
+def test_perf_bundle_is_marked_perf_only_and_records_index_quality(tmp_path):
+    summary = make_perf_bundle(
+        tiny_config(), tmp_path / "models", "perf-tiny", run_dir=tmp_path / "run"
+    )
+    manifest = read_manifest(tmp_path / "models" / "perf-tiny")
+    assert manifest["perf_only"] is True and summary["perf_only"] is True
+    assert manifest["dataset"]["items"] == 2_000  # the whole catalogue, cold items included
+    index = manifest["retrievers"]["two_tower"]["index"]
+    for key in ("recall@10", "recall@100", "bytes_per_vector", "compression", "query_ms_p50"):
+        assert key in index
+    assert index["recall@100"] == 1.0  # exact index at this size
+    assert not (tmp_path / "models" / CURRENT).exists()  # not made current by default
+    queries = np.load(summary["queries_file"])
+    assert queries.shape == (50, 16)
+    assert load_bundle(tmp_path / "models", "perf-tiny", device="cpu").name == "perf-tiny"
+
+
+@pytest.mark.slow
+def test_perf_bundle_cli_builds_a_compressed_index_and_replaces_only_perf_bundles(tmp_path, capsys):
+    argv = [
+        "--models-dir", str(tmp_path / "models"), "--name", "perf-ivf",
+        "--run-dir", str(tmp_path / "run"), "--items", "2000", "--users", "200",
+        "--dim", "16", "--batch-size", "64", "--eval-users", "50", "--quiet",
+        "--index", "IVF16,PQ4x8", "--nprobe", "8", "--rescore", "200",
+    ]  # fmt: skip
+    assert make_perf_bundle_main(argv) == 0
+    assert "bytes/vector" in capsys.readouterr().out
+    assert make_perf_bundle_main(argv) == 2  # exists: refused without --replace
+    assert make_perf_bundle_main([*argv, "--replace"]) == 0
+    index = read_manifest(tmp_path / "models" / "perf-ivf")["retrievers"]["two_tower"]["index"]
+    assert index["spec"]["factory"] == "IVF16,PQ4x8" and index["spec"]["rescore"] == 200
+    assert index["compression"] > 1.0
+
+
+def test_index_benchmark_measures_recall_and_writes_json_and_png(tmp_path):
+    vectors = clustered_vectors(2_000, 16)
+    queries = queries_near_items(vectors, 50)
+    cases = [c for c in default_cases(2_000, 16, train_size=2_000, hnsw=True)
+             if c.label in ("Flat", "IVF-PQ", "IVF-PQ + re-score")]  # fmt: skip
+    cases.append(IndexCase("HNSW32", "HNSW32", 0, "ef_search", (64,)))
+    report = run_benchmark(
+        vectors, queries, cases, "test", tmp_path / "r.json", tmp_path / "r.png", 10, True
+    )
+    assert (tmp_path / "r.png").stat().st_size > 0
+    written = json.loads((tmp_path / "r.json").read_text())
+    flat, plain, rescored, hnsw = written["results"]
+    assert flat["points"][0]["recall_at_100"] == 1.0
+    assert flat["compression"] < 1.1
+    assert plain["compression"] > 2.0
+    # Exact re-scoring of the same shortlist never loses recall.
+    for a, b in zip(plain["points"], rescored["points"], strict=True):
+        assert b["recall_at_10"] >= a["recall_at_10"]
+    assert rescored["points"][-1]["recall_at_100"] >= 0.95  # widest nprobe
+    assert hnsw["points"][0]["recall_at_10"] >= 0.9
+    assert "recall@100" in report["table"] and report["markdown"].startswith("| index")
+    # The coarse study covers all three partitions.
+    study = written["coarse_study"]
+    assert {row["partition"] for row in study} == {
+        "spherical k-means, IP probe",
+        "L2 k-means, IP probe",
+        "MIPS->L2 augmentation",
+    }
+    assert all(0.0 <= row["coverage_at_100"] <= 1.0 for row in study)
+    # The PNG and tables can be redrawn from the JSON alone.
+    again = replot(tmp_path / "r.json", tmp_path / "again.png")
+    assert (tmp_path / "again.png").stat().st_size > 0 and again["table"] == report["table"]
