@@ -49,3 +49,16 @@ def faiss_gpus(choice: str = "auto", count: int | None = None) -> int:
     if choice == "gpu" and count == 0:
         raise DeviceError("device 'gpu' asked for, but faiss sees no GPU (install faiss-gpu)")
     return 0 if choice == "cpu" else count
+
+
+def onnx_session(path, device: str = "auto", threads: int = 1):
+    """An onnxruntime session with the service's thread and provider settings."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # One intra-op thread was fastest for single requests here; batching gives throughput,
+    # and concurrent requests get parallelism from the server's threads.
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=onnx_providers(device))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.devices import onnx_providers
+from service.devices import onnx_session
 
 LOG = logging.getLogger(__name__)
 
@@ -21,16 +21,8 @@ class OnnxUserEncoder:
     """One onnxruntime session over a user encoder graph."""
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int = 1):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        # One intra-op thread was fastest for single requests here; batching gives
-        # throughput, and concurrent requests get parallelism from the server's threads.
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), options, providers=onnx_providers(device))
+        self.session = onnx_session(path, device, threads)
         self.providers = self.session.get_providers()
 
     def encode(self, item_ids: np.ndarray, time_deltas: np.ndarray) -> np.ndarray:

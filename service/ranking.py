@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.devices import onnx_providers
+from service.devices import onnx_session
 from service.features import ItemFeatures, candidate_features
 
 LOG = logging.getLogger(__name__)
@@ -37,16 +37,8 @@ class CtrHead:
         threads: int = 1,
         feature_names: list[str] | None = None,
     ):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        # As for the user encoder: one intra-op thread per request; concurrency comes from
-        # the server's threads.
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), options, providers=onnx_providers(device))
+        self.session = onnx_session(path, device, threads)
         self.providers = self.session.get_providers()
         inputs = {i.name: i for i in self.session.get_inputs()}
         missing = [name for name in INPUT_NAMES if name not in inputs]

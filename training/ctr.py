@@ -48,6 +48,7 @@ from service.features import HISTORY_WINDOW, ItemFeatures, left_padded_events
 from service.histories import left_padded_window
 from service.ranking import INPUT_NAMES, OUTPUT_NAME, CtrHead, head_inputs
 from training.data import SequenceData
+from training.export import export_onnx
 
 LOG = logging.getLogger(__name__)
 
@@ -863,22 +864,11 @@ def export_ctr_head(head: CtrHeadModel, path: str | Path) -> None:
     )
     batch = torch.export.Dim("batch", min=1, max=65536)
     count = torch.export.Dim("candidates", min=1, max=100_000)
-    with torch.no_grad():
-        torch.onnx.export(
-            wrapper,
-            example,
-            str(path),
-            dynamo=True,
-            input_names=list(INPUT_NAMES),
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes={
-                "user_embedding": {0: batch},
-                "candidate_embeddings": {0: batch, 1: count},
-                "candidate_features": {0: batch, 1: count},
-            },
-            external_data=False,
-            verbose=False,
-        )
+    # user_embedding, candidate_embeddings, candidate_features, in the graph's input order
+    axes = ({0: batch}, {0: batch, 1: count}, {0: batch, 1: count})
+    export_onnx(
+        wrapper, example, Path(path), dict(zip(INPUT_NAMES, axes, strict=True)), [OUTPUT_NAME]
+    )
 
 
 def head_parity_shapes() -> list[tuple[int, int]]:

@@ -68,15 +68,32 @@ def export_user_encoder(model: UserEncoder, path: Path) -> None:
     )
     batch = torch.export.Dim("batch", min=1, max=65536)
     seq = torch.export.Dim("length", min=1, max=model.max_len)
+    export_onnx(
+        wrapper,
+        example,
+        path,
+        {"item_ids": {0: batch, 1: seq}, "time_deltas": {0: batch, 1: seq}},
+        ["user_embedding"],
+    )
+
+
+def export_onnx(
+    module: nn.Module, example: tuple, path: Path, dynamic_shapes: dict, outputs: list[str]
+) -> None:
+    """The project's one way to write a graph: dynamo exporter, named dynamic axes, one file.
+
+    The legacy exporter silently fixed the sequence length of attention; dynamo keeps the
+    axes in ``dynamic_shapes`` (input name -> {axis: Dim}) symbolic.
+    """
     with torch.no_grad():
         torch.onnx.export(
-            wrapper,
+            module,
             example,
             str(path),
             dynamo=True,
-            input_names=["item_ids", "time_deltas"],
-            output_names=["user_embedding"],
-            dynamic_shapes={"item_ids": {0: batch, 1: seq}, "time_deltas": {0: batch, 1: seq}},
+            input_names=list(dynamic_shapes),
+            output_names=outputs,
+            dynamic_shapes=dynamic_shapes,
             external_data=False,  # one self-contained file per graph
             verbose=False,
         )
