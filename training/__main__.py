@@ -124,6 +124,16 @@ def _parser() -> argparse.ArgumentParser:
         help="all events (recommend what comes next) or the evaluation's history",
     )
     recommend.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    recommend.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="also load histories and retrievals into the service's Redis cache",
+    )
+    recommend.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    recommend.add_argument("--key-prefix", default="recserve", help="as RECSERVE_KEY_PREFIX")
+    recommend.add_argument("--history-cap", type=int, default=200, help="as the service's")
+    recommend.add_argument("--candidates", type=int, default=200, help="as the service's")
+    recommend.add_argument("--cache-ttl", type=int, default=3600, help="seconds")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on a dataset")
     _add_data_args(evaluate)
@@ -306,6 +316,23 @@ def _batch_recommend(args) -> int:
         f"({stats['users_per_second']:.0f} users/s) with {stats['encoder']} of "
         f"{stats['bundle']} -> {args.out}"
     )
+    if args.warm_cache:
+        import asyncio
+
+        from service.cache import RedisBehaviourCache
+        from training.batch_recommend import warm_cache
+
+        async def warm() -> dict:
+            cache = RedisBehaviourCache(
+                args.redis_url, args.key_prefix, args.history_cap, args.cache_ttl, timeout=5.0
+            )
+            try:
+                return await warm_cache(cache, bundle, data, args.encoder, args.candidates)
+            finally:
+                await cache.close()
+
+        warmed = asyncio.run(warm())
+        print(f"warmed the cache at {args.redis_url} for {warmed['users_warmed']} users")
     return 0
 
 

@@ -1,11 +1,17 @@
 """Batch recommendations: top-K for every user of a dataset through an exported bundle.
 
     python -m training batch-recommend --data synthetic --models-dir models --out recs.parquet
+    python -m training batch-recommend --data synthetic --out recs.parquet \
+        --warm-cache --redis-url redis://127.0.0.1:6379/0
 
 It runs the serving path — the ONNX user encoder and the faiss index of the bundle, no
 PyTorch — over each user's history (``--history all``: every event, to recommend what
 comes next; ``test``: all but the last event, the offline evaluation's test history),
 masks the items already in that history, and writes ``user, rank, item, score`` to Parquet.
+
+``--warm-cache`` also loads each user's history into Redis and stores the retrieval the
+service would compute for it, under the same key (bundle, encoder, digest of the encoder
+input), so the first ``/recommend`` with just the ``user_id`` is already a cache hit.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from service.bundle import Bundle
+from service.cache import BehaviourCache, CachedRetrieval, history_digest
 from service.histories import left_padded_window
 from training.data import SequenceData
 
@@ -109,3 +116,75 @@ def batch_recommend(
         "encoder": encoder,
         "bundle": bundle.name,
     }
+
+
+async def warm_cache(
+    cache: BehaviourCache,
+    bundle: Bundle,
+    data: SequenceData,
+    encoder: str | None = None,
+    candidates: int = 200,
+    batch_size: int = 512,
+) -> dict:
+    """Store every user's history and its retrieval in the service's cache; returns counts.
+
+    It reproduces what the service does for a ``user_id``-only request: the newest
+    ``cache.history_cap`` events, their known items, the encoder window of those, and a
+    search deep enough for ``candidates`` unseen items.
+    """
+    encoder = encoder or bundle.default_encoder
+    retriever = bundle.retrievers[encoder]
+    to_bundle = bundle.catalogue.internal_ids(data.item_map.raw.tolist())
+    to_bundle[0] = 0
+    starts = np.maximum(data.offsets[:-1], data.offsets[1:] - cache.history_cap)
+    ends = data.offsets[1:]
+    stored = 0
+    for lo in tqdm(range(0, data.n_users, batch_size), desc="warming cache", unit="batch"):
+        users = np.arange(lo, min(lo + batch_size, data.n_users))
+        windows = []
+        events_of = {}
+        for user in users:
+            span = slice(starts[user], ends[user])
+            raw = data.item_map.raw[data.items[span]]
+            order = np.lexsort((raw, data.timestamps[span]))  # Redis's order: ts, then member
+            raw, stamps = raw[order], data.timestamps[span][order]
+            events_of[user] = list(zip(raw.tolist(), stamps.tolist(), strict=True))
+            ids = to_bundle[data.items[span]][order]
+            known = ids > 0
+            ids, stamps = ids[known], stamps[known]
+            if len(ids) == 0:
+                windows.append(None)
+                continue
+            window = left_padded_window(
+                ids, stamps, np.array([0]), np.array([len(ids)]), retriever.max_len
+            )
+            windows.append((ids, window))
+        present = [i for i, w in enumerate(windows) if w is not None]
+        if not present:
+            continue
+        width = max(windows[i][1][0].shape[1] for i in present)
+        ids_batch = np.zeros((len(present), width), dtype=np.int64)
+        deltas_batch = np.zeros((len(present), width), dtype=np.float32)
+        for row, i in enumerate(present):
+            window_ids, window_deltas = windows[i][1]
+            ids_batch[row, width - window_ids.shape[1] :] = window_ids[0]
+            deltas_batch[row, width - window_ids.shape[1] :] = window_deltas[0]
+        embeddings = retriever.encoder.encode(ids_batch, deltas_batch)
+        depths = [
+            min(bundle.catalogue.n_items, candidates + len(np.unique(windows[i][0])))
+            for i in present
+        ]
+        scores, found = retriever.index.search(embeddings, max(depths))
+        for row, i in enumerate(present):
+            user = users[i]
+            window_ids, window_deltas = windows[i][1]
+            key = cache.retrieval_key(
+                bundle.name, encoder, history_digest(window_ids, window_deltas)
+            )
+            depth = depths[row]
+            await cache.put_retrieval(
+                key, CachedRetrieval(embeddings[row], found[row, :depth], scores[row, :depth])
+            )
+            await cache.append_events(str(data.user_map.raw[user + 1]), events_of[user])
+            stored += 1
+    return {"users_warmed": stored, "encoder": encoder, "bundle": bundle.name}
