@@ -1,0 +1,311 @@
+"""Serving benchmark: the service on loopback, driven by wrk, against its own floor and ceiling.
+
+    .venv/bin/python -m bench.serving --models-dir models --bundle perf-1m \
+        --concurrency 1 4 32 --duration 15 --out docs/serving.json
+
+In one run it measures:
+- the in-process floor: one request through the pipeline (encode + retrieve + rerank, no
+  HTTP), median over many requests, for a cache miss and a cache hit;
+- /recommend over HTTP with wrk (a C client, so the load generator takes little of the two
+  cores) at each concurrency: throughput, p50/p90/p99/max, errors, and the server's CPU
+  milliseconds per request (from /proc of the server process);
+- the framework ceiling: /healthz of the same server under the same wrk settings.
+
+Over HTTP every request is a fresh random history over the bundle's catalogue (20 events,
+built by wrk's Lua script), so every /recommend is a cache miss; ``--repeat N`` makes wrk
+cycle N fixed bodies instead (cache hits after the first round). The
+server serves a hard-linked copy of the bundle in a temporary models dir (CURRENT must
+name a bundle inside its own dir; hard links cost no disk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+LUA = """
+local bodies = {%(bodies)s}
+local n_items, length, i = %(n_items)d, 20, 0
+math.randomseed(%(seed)d)
+-- With no fixed bodies every request is a fresh random history: a cache miss.
+local function random_body()
+  local events, ts = {}, 1700000000
+  for e = 1, length do
+    ts = ts + math.random(60, 86400)
+    events[e] = string.format('{"item_id":"%%d","ts":%%d}', math.random(1, n_items), ts)
+  end
+  return '{"k":10,"history":[' .. table.concat(events, ",") .. ']}'
+end
+request = function()
+  local body
+  if #bodies > 0 then
+    i = i %% #bodies + 1
+    body = bodies[i]
+  else
+    body = random_body()
+  end
+  return wrk.format("POST", "/recommend", {["Content-Type"] = "application/json"}, body)
+end
+done = function(summary, latency, requests)
+  io.write(string.format(
+    'WRKJSON {"requests": %%d, "duration_us": %%d, "errors": %%d, "non2xx": %%d, '
+    .. '"p50_ms": %%.3f, "p90_ms": %%.3f, "p99_ms": %%.3f, "max_ms": %%.3f}\\n',
+    summary.requests, summary.duration,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.errors.status,
+    latency:percentile(50) / 1000, latency:percentile(90) / 1000,
+    latency:percentile(99) / 1000, latency.max / 1000))
+end
+"""
+
+
+def request_bodies(catalogue_size: int, count: int, length: int, k: int, seed: int) -> list[str]:
+    """Distinct JSON bodies: random histories of ``length`` events over the catalogue."""
+    rng = np.random.default_rng(seed)
+    bodies = []
+    for _ in range(count):
+        items = rng.integers(1, catalogue_size + 1, length)
+        stamps = 1_700_000_000 + np.cumsum(rng.integers(60, 86_400, length))
+        history = [{"item_id": str(i), "ts": int(t)} for i, t in zip(items, stamps, strict=True)]
+        bodies.append(json.dumps({"history": history, "k": k}))
+    return bodies
+
+
+def in_process_floor(models_dir: Path, bundle: str, bodies: list[str], repeats: int) -> dict:
+    """Median milliseconds of one request through the pipeline, miss and hit, no HTTP."""
+    from service.bundle import load_bundle
+    from service.cache import InMemoryBehaviourCache
+    from service.recommender import Recommender
+
+    loaded = load_bundle(models_dir, bundle, device="cpu", threads=1)
+    recommender = Recommender(loaded)
+
+    async def run(cache, body) -> float:
+        request = json.loads(body)
+        events = [(e["item_id"], e["ts"]) for e in request["history"]]
+        started = time.perf_counter()
+        await recommender.recommend(
+            events,
+            k=request["k"],
+            encoder=None,
+            exclude_seen=True,
+            candidates=200,
+            rerank=True,
+            cache=cache,
+            history_cap=1000,
+        )
+        return (time.perf_counter() - started) * 1000
+
+    async def measure() -> dict:
+        cache = InMemoryBehaviourCache(history_cap=200, ttl_seconds=3600)
+        misses = [await run(cache, body) for body in bodies[:repeats]]
+        hits = [await run(cache, body) for body in bodies[:repeats]]
+        return {
+            "miss_p50_ms": float(np.median(misses)),
+            "miss_p99_ms": float(np.percentile(misses, 99)),
+            "hit_p50_ms": float(np.median(hits)),
+            "hit_p99_ms": float(np.percentile(hits, 99)),
+            "requests": repeats,
+        }
+
+    return asyncio.run(measure())
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk(url: str, concurrency: int, duration: int, lua: Path | None) -> dict:
+    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{duration}s", "--latency", "--timeout", "5s"]
+    if lua is not None:
+        command += ["-s", str(lua)]
+    output = subprocess.run(command + [url], capture_output=True, text=True, check=True).stdout
+    if lua is not None:
+        line = next(x for x in output.splitlines() if x.startswith("WRKJSON"))
+        result = json.loads(line[len("WRKJSON ") :])
+    else:
+        result = parse_wrk_text(output)
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    return result
+
+
+def parse_wrk_text(output: str) -> dict:
+    """Requests, duration and latency percentiles from wrk's plain --latency report."""
+
+    def ms(text: str) -> float:
+        units = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+        for unit in ("us", "ms", "s"):
+            if text.endswith(unit):
+                return float(text[: -len(unit)]) * units[unit]
+        return float(text)
+
+    result = {"errors": 0, "non2xx": 0}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] in ("50%", "90%", "99%"):
+            result[f"p{parts[0][:-1]}_ms"] = ms(parts[1])
+        if "requests in" in line:
+            result["requests"] = int(parts[0])
+            result["duration_us"] = ms(parts[3].rstrip(",")) * 1000
+        if line.strip().startswith("Latency") and len(parts) >= 4:
+            result["max_ms"] = ms(parts[3])
+        if "Non-2xx" in line:
+            result["non2xx"] = int(parts[-1])
+    return result
+
+
+def serve_copy(models_dir: Path, bundle: str) -> Path:
+    """A temporary models dir holding a hard-linked copy of ``bundle``, CURRENT naming it."""
+    from service.bundle import set_current
+
+    root = Path(tempfile.mkdtemp(prefix="recserve-bench-"))
+    shutil.copytree(models_dir / bundle, root / bundle, copy_function=os.link)
+    set_current(root, bundle)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models-dir", type=Path, default=REPO / "models")
+    parser.add_argument("--bundle", default="perf-1m")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 32])
+    parser.add_argument("--duration", type=int, default=15, help="seconds per wrk run")
+    parser.add_argument("--repeat", type=int, default=0, help="cycle N fixed bodies (hits)")
+    parser.add_argument("--floor-requests", type=int, default=300)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "serving.json")
+    args = parser.parse_args(argv)
+    if not shutil.which("wrk"):
+        print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
+        return 2
+
+    from service.bundle import read_manifest
+
+    manifest = read_manifest(args.models_dir / args.bundle)
+    n_items = manifest["dataset"]["items"]
+    bodies = request_bodies(n_items, max(args.floor_requests, args.repeat), 20, k=10, seed=0)
+    print("in-process floor ...", flush=True)
+    floor = in_process_floor(args.models_dir, args.bundle, bodies, args.floor_requests)
+    print(json.dumps(floor), flush=True)
+
+    served = serve_copy(args.models_dir, args.bundle)
+    port = args.port or _free_port()
+    env = {
+        **os.environ,
+        "RECSERVE_MODELS_DIR": str(served),
+        "RECSERVE_ADMIN_ENABLED": "0",
+        "RECSERVE_KEY_PREFIX": f"bench{port}",
+        "RECSERVE_RELOAD_POLL_SECONDS": "0",
+        "RECSERVE_DEVICE": "cpu",
+    }
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "service.main:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(args.workers),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        cwd=REPO,
+    )
+    base = f"http://127.0.0.1:{port}"
+    results: dict = {
+        "bundle": args.bundle,
+        "items": n_items,
+        "floor": floor,
+        "repeat": args.repeat,
+        "workers": args.workers,
+        "runs": [],
+    }
+    try:
+        _wait_ready(base)
+        lua = served / "bodies.lua"
+        quoted = ",".join(json.dumps(body) for body in bodies[: args.repeat])
+        lua.write_text(LUA % {"bodies": quoted, "n_items": n_items, "seed": port})
+        for concurrency in args.concurrency:
+            for target, script in (("/recommend", lua), ("/healthz", None)):
+                before = cpu_seconds(server.pid)
+                run = run_wrk(base + target, concurrency, args.duration, script)
+                run["cpu_ms_per_request"] = (
+                    (cpu_seconds(server.pid) - before) * 1000 / max(run["requests"], 1)
+                )
+                run.update(target=target, concurrency=concurrency)
+                results["runs"].append(run)
+                print(json.dumps(run), flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        shutil.rmtree(served, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(table(results))
+    return 0
+
+
+def table(results: dict) -> str:
+    rows = [
+        "| target | concurrency | req/s | p50 ms | p99 ms | max ms | errors | CPU ms/req |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in results["runs"]:
+        rows.append(
+            f"| {run['target']} | {run['concurrency']} | {run['rps']:.0f} | {run['p50_ms']:.2f} "
+            f"| {run['p99_ms']:.2f} | {run['max_ms']:.1f} | {run['errors'] + run['non2xx']} "
+            f"| {run['cpu_ms_per_request']:.2f} |"
+        )
+    return "\n".join(rows)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_ready(base: str, timeout: float = 120.0) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the server at {base} did not become ready in {timeout:.0f}s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

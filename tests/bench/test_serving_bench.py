@@ -1,0 +1,54 @@
+import json
+import shutil
+
+import pytest
+
+from bench import serving
+
+
+def test_wrk_text_report_is_parsed():
+    text = """Running 1s test @ http://127.0.0.1:1/healthz
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   150.00us  20.00us   1.50ms   90.00%
+  Latency Distribution
+     50%  140.00us
+     90%  180.00us
+     99%    1.20ms
+  6000 requests in 1.00s, 800.00KB read
+Requests/sec:   6000.00
+"""
+    result = serving.parse_wrk_text(text)
+    assert result["requests"] == 6000 and result["duration_us"] == pytest.approx(1e6)
+    assert result["p50_ms"] == pytest.approx(0.14) and result["p99_ms"] == pytest.approx(1.2)
+    assert result["max_ms"] == pytest.approx(1.5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("wrk"), reason="wrk not installed (apt-get install wrk)")
+def test_serving_benchmark_runs_against_a_real_server(exported_bundle, tmp_path):
+    models_dir, path = exported_bundle
+    out = tmp_path / "serving.json"
+    code = serving.main(
+        [
+            "--models-dir",
+            str(models_dir),
+            "--bundle",
+            path.name,
+            "--concurrency",
+            "2",
+            "--duration",
+            "1",
+            "--floor-requests",
+            "20",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["floor"]["miss_p50_ms"] > 0 and result["floor"]["hit_p50_ms"] > 0
+    targets = {run["target"] for run in result["runs"]}
+    assert targets == {"/recommend", "/healthz"}
+    for run in result["runs"]:
+        assert run["requests"] > 0 and run["errors"] == 0 and run["non2xx"] == 0
+        assert run["cpu_ms_per_request"] > 0
