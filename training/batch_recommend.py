@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from service.bundle import Bundle
 from service.cache import BehaviourCache, CachedRetrieval, history_digest
 from service.histories import left_padded_window
+from service.recommender import RetrievalJob, encode_and_search
 from training.data import SequenceData
 
 LOG = logging.getLogger(__name__)
@@ -162,29 +163,19 @@ async def warm_cache(
         present = [i for i, w in enumerate(windows) if w is not None]
         if not present:
             continue
-        width = max(windows[i][1][0].shape[1] for i in present)
-        ids_batch = np.zeros((len(present), width), dtype=np.int64)
-        deltas_batch = np.zeros((len(present), width), dtype=np.float32)
-        for row, i in enumerate(present):
-            window_ids, window_deltas = windows[i][1]
-            ids_batch[row, width - window_ids.shape[1] :] = window_ids[0]
-            deltas_batch[row, width - window_ids.shape[1] :] = window_deltas[0]
-        embeddings = retriever.encoder.encode(ids_batch, deltas_batch)
-        depths = [
-            min(bundle.catalogue.n_items, candidates + len(np.unique(windows[i][0])))
+        # The service's own batched encode + search, so warmed entries are what it computes.
+        jobs = [
+            RetrievalJob(
+                *windows[i][1],
+                min(bundle.catalogue.n_items, candidates + len(np.unique(windows[i][0]))),
+            )
             for i in present
         ]
-        scores, found = retriever.index.search(embeddings, max(depths))
-        for row, i in enumerate(present):
+        retrieved = encode_and_search(retriever, jobs)
+        for (embedding, scores, found, _), job, i in zip(retrieved, jobs, present, strict=True):
             user = users[i]
-            window_ids, window_deltas = windows[i][1]
-            key = cache.retrieval_key(
-                bundle.name, encoder, history_digest(window_ids, window_deltas)
-            )
-            depth = depths[row]
-            await cache.put_retrieval(
-                key, CachedRetrieval(embeddings[row], found[row, :depth], scores[row, :depth])
-            )
+            key = cache.retrieval_key(bundle.name, encoder, history_digest(job.ids, job.deltas))
+            await cache.put_retrieval(key, CachedRetrieval(embedding, found, scores))
             await cache.append_events(str(data.user_map.raw[user + 1]), events_of[user])
             stored += 1
     return {"users_warmed": stored, "encoder": encoder, "bundle": bundle.name}
