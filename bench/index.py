@@ -15,7 +15,9 @@ the lists / sub-quantisers / shortlist that ``IndexSpec.auto`` picks for N:
 - Flat: exact inner-product search, the ground truth;
 - IVF-PQ: ``IVF{lists},PQ{m}x8`` ranked by its PQ scores alone;
 - IVF-PQ + re-score: the same index, its top ``rescore`` re-scored exactly;
-- OPQ + IVF-PQ + re-score: ``OPQ{m},IVF{lists},PQ{m}x8`` (what ``IndexSpec.auto`` builds);
+- OPQ + IVF-PQ + re-score: ``OPQ{m},IVF{lists},PQ{m}x8`` over inner product;
+- MIPS->L2 OPQ + IVF-PQ + re-score: the same in the L2-augmented space (one extra
+  coordinate per item, ``mips_to_l2``), what ``IndexSpec.auto`` builds;
 - HNSW32: a graph over the float32 vectors.
 
 For each, over a sweep of nprobe (IVF) or efSearch (HNSW): recall@10 and recall@100
@@ -39,13 +41,13 @@ import platform
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from service.bundle import read_manifest
-from service.retrieval import EXACT_LIMIT, IndexSpec, ItemIndex
+from service.retrieval import EXACT_LIMIT, IndexSpec, ItemIndex, pq_subquantizers
 
 LOG = logging.getLogger("bench.index")
 
@@ -65,6 +67,7 @@ class IndexCase:
     values: tuple[int, ...] = ()
     shares: str = ""  # label of a case whose built index this one searches
     train_size: int = 100_000
+    mips_to_l2: bool = False
 
 
 @dataclass
@@ -94,7 +97,8 @@ class Built:
 
 
 def index_shape(n_items: int, dim: int) -> tuple[int, int, int, int, int]:
-    """(lists, PQ sub-quantisers, re-score depth, nprobe, train size) as ``IndexSpec.auto``.
+    """(lists, PQ sub-quantisers of the augmented space, re-score depth, nprobe, train
+    size) as ``IndexSpec.auto``.
 
     Below ``EXACT_LIMIT`` auto picks Flat, so the compressed spec for a catalogue just
     above it is scaled down to ``n_items`` (about 4 sqrt(N) lists, the same share of them
@@ -116,7 +120,8 @@ def default_cases(
     n_items: int, dim: int, train_size: int = 0, hnsw: bool = True
 ) -> list[IndexCase]:
     """The five index types; ``train_size`` 0 trains on what ``IndexSpec.auto`` uses."""
-    lists, sub, rescore, nprobe, auto_train = index_shape(n_items, dim)
+    lists, augmented_sub, rescore, nprobe, auto_train = index_shape(n_items, dim)
+    sub = pq_subquantizers(dim)
     train_size = train_size or auto_train
     nprobes = tuple(sorted({max(1, round(lists * s)) for s in PROBE_SHARES} | {nprobe}))
     ivfpq = f"IVF{lists},PQ{sub}x8"
@@ -131,6 +136,15 @@ def default_cases(
             "nprobe",
             nprobes,
             train_size=train_size,
+        ),
+        IndexCase(
+            "MIPS->L2 OPQ + IVF-PQ + re-score",
+            f"OPQ{augmented_sub},IVF{lists},PQ{augmented_sub}x8",
+            rescore,
+            "nprobe",
+            nprobes,
+            train_size=train_size,
+            mips_to_l2=True,
         ),
     ]
     if hnsw:
@@ -255,21 +269,21 @@ def run_cases(
                 base_info.bytes_per_vector,
                 base_info.compression,
             )
-            faiss_index = base.index
+            faiss_index, built_spec = base.index, base.spec
         else:
             LOG.info("building %s (%s) over %d vectors", case.label, case.factory, n_items)
             started = time.perf_counter()
-            spec = IndexSpec(case.factory, train_size=case.train_size)
+            spec = IndexSpec(case.factory, train_size=case.train_size, mips_to_l2=case.mips_to_l2)
             item_index = ItemIndex.build(vectors, spec, seed=seed)
             seconds = time.perf_counter() - started
             per_vector = item_index.memory_bytes() / n_items
             info = Built(case.label, case.factory, seconds, per_vector, 4 * dim / per_vector)
             built[case.label] = (item_index, info)
-            faiss_index = item_index.index
+            faiss_index, built_spec = item_index.index, item_index.spec
             LOG.info("  built in %.1fs, %.1f bytes/vector", seconds, per_vector)
         for value in case.values or (None,):
             options = {case.sweep: value} if case.sweep else {}
-            spec = IndexSpec(case.factory, rescore=case.rescore, **options)
+            spec = replace(built_spec, rescore=case.rescore, **options)
             point = measure(
                 ItemIndex(faiss_index, vectors, spec),
                 case,

@@ -12,7 +12,9 @@
    trainer's full-ranking evaluation scores every item for each evaluated user, so it
    runs on a seeded sample of users (``--eval-users``) instead of all of them;
 3. exports it with ``training.export.export_bundle(..., perf_only=True)`` and the index
-   ``IndexSpec.auto`` picks for a million items (OPQ + IVF-PQ, re-scored exactly), whose
+   ``IndexSpec.auto`` picks for a million items (OPQ + IVF-PQ in the MIPS->L2 space,
+   re-scored exactly), with a CTR head trained on the candidates retrieved for a sample
+   of ``--ctr-users`` users (so the serving benchmark includes the rerank stage), whose
    recall@10/@100 against exact search, bytes per vector, compression and query latency
    the manifest records;
 4. writes the held-out user embeddings the recall was measured on to
@@ -63,6 +65,8 @@ class PerfBundleConfig:
     index: str = "auto"
     index_options: dict = field(default_factory=dict)
     threads: int = 0  # torch threads; 0: torch's default
+    ctr_users: int = 2000  # users whose retrieved candidates train the CTR head (0: no head)
+    ctr_epochs: int = 5
 
     def model_options(self) -> dict:
         options = {"max_len": self.max_len, "dim": self.dim}
@@ -231,6 +235,13 @@ def make_perf_bundle(
     seconds["train"] = time.perf_counter() - started
 
     started = time.perf_counter()
+    ctr = None
+    if config.ctr_users:
+        from training.ctr import CtrConfig
+
+        # A sample of users is enough: the head exists so that the serving path includes
+        # the rerank stage the service runs, not to be a good ranker of synthetic data.
+        ctr = CtrConfig(max_users=config.ctr_users, epochs=config.ctr_epochs, seed=config.seed)
     path = export_bundle(
         [result.checkpoint],
         data,
@@ -240,6 +251,7 @@ def make_perf_bundle(
         index_options=config.index_options or None,
         make_current=make_current,
         perf_only=True,
+        ctr=ctr,
     )
     seconds["export"] = time.perf_counter() - started
     queries = save_heldout_queries(path, data, run_dir / "heldout_queries.npy")
@@ -319,6 +331,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--index", default=defaults.index, help="auto or a faiss factory string")
     parser.add_argument("--nprobe", type=int, help="override the index's nprobe")
     parser.add_argument("--rescore", type=int, help="override the re-scored shortlist size")
+    parser.add_argument(
+        "--ctr-users",
+        type=int,
+        default=defaults.ctr_users,
+        help="users whose candidates train the CTR head (0: a bundle without a head)",
+    )
+    parser.add_argument("--ctr-epochs", type=int, default=defaults.ctr_epochs)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=defaults.threads)
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
@@ -350,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         index_options=options,
         seed=args.seed,
         threads=args.threads,
+        ctr_users=args.ctr_users,
+        ctr_epochs=args.ctr_epochs,
     )
     started = time.perf_counter()
     try:

@@ -14,7 +14,10 @@ Suites:
 - ``single``: the runs named with ``--run encoder:loss`` (repeatable).
 
 Each finished run is appended to the JSON results file at once (a long suite that is cut
-off keeps what it finished); the table and a PNG bar chart are written from that file.
+off keeps what it finished); the table and a PNG bar chart are written from that file. A run
+whose data, encoder, loss, seed and settings are already in the file is not trained again,
+so suites that overlap (``ccl`` and ``cbns`` seed 0 are cells of ``grid``) share their runs
+and an interrupted suite resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -81,23 +84,50 @@ def run_one(data, encoder: str, loss: str, seed: int, args) -> dict:
         "wall_seconds": time.perf_counter() - started,
         "test": metrics["model"]["test"],
         "popularity_test": metrics["popularity"]["test"],
-        "config": {
-            "batch_size": args.batch_size,
-            "max_len": args.max_len,
-            "dim": args.dim,
-            "lr": args.lr,
-        },
+        "config": run_settings(args),
     }
 
 
+def run_settings(args) -> dict:
+    """The settings that make two runs of the same cell comparable."""
+    return {
+        "batch_size": args.batch_size,
+        "max_len": args.max_len,
+        "dim": args.dim,
+        "lr": args.lr,
+        "epochs": args.epochs,
+        "patience": args.patience,
+        "eval_every": args.eval_every,
+        "dropout": args.dropout,
+    }
+
+
+def already_run(rows: list[dict], source: str, encoder: str, loss: str, seed: int, args) -> bool:
+    """Whether ``rows`` hold this cell with these settings."""
+    settings = run_settings(args)
+    return any(
+        (r["data"], r["encoder"], r["loss"], r["seed"]) == (source, encoder, loss, seed)
+        and r["config"] == settings
+        for r in rows
+    )
+
+
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation over seeds per (data, encoder, loss)."""
+    """Mean and standard deviation over seeds per (data, encoder, loss, settings)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["data"], row["encoder"], row["loss"]), []).append(row)
+        key = (row["data"], row["encoder"], row["loss"], json.dumps(row["config"], sort_keys=True))
+        groups.setdefault(key, []).append(row)
     summary = []
-    for (data, encoder, loss), members in groups.items():
-        entry = {"data": data, "encoder": encoder, "loss": loss, "seeds": len(members)}
+    for (data, encoder, loss, _), members in groups.items():
+        entry = {
+            "data": data,
+            "encoder": encoder,
+            "loss": loss,
+            "seeds": len(members),
+            "max_len": members[0]["config"]["max_len"],
+            "epochs_run": statistics.mean(m["epochs_run"] for m in members),
+        }
         for metric in ("recall@10", "ndcg@10"):
             values = [m["test"][metric] for m in members]
             entry[metric] = statistics.mean(values)
@@ -117,12 +147,14 @@ def fmt(entry: dict, metric: str) -> str:
 
 def table(summary: list[dict]) -> str:
     lines = [
-        "| data | encoder | loss | seeds | Recall@10 | NDCG@10 | popularity NDCG@10 | wall (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| data | encoder | loss | max len | seeds | epochs | Recall@10 | NDCG@10 "
+        "| popularity NDCG@10 | wall (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in summary:
         lines.append(
-            f"| {s['data'].split(':')[0]} | {s['encoder']} | {s['loss']} | {s['seeds']} | "
+            f"| {s['data'].split(':')[0]} | {s['encoder']} | {s['loss']} | {s['max_len']} | "
+            f"{s['seeds']} | {s['epochs_run']:.0f} | "
             f"{fmt(s, 'recall@10')} | {fmt(s, 'ndcg@10')} | {s['popularity_ndcg@10']:.4f} | "
             f"{s['wall_seconds']:.0f} |"
         )
@@ -180,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     data = build_sequences(load_dataset(args.data))
     rows = json.loads(args.results.read_text()) if args.results.exists() else []
     for encoder, loss, seed in runs:
+        if already_run(rows, data.source, encoder, loss, seed, args):
+            print(f"== {encoder} / {loss} / seed {seed}: already in {args.results}", flush=True)
+            continue
         print(f"== {encoder} / {loss} / seed {seed} on {data.source}", flush=True)
         row = run_one(data, encoder, loss, seed, args)
         print(f"   test {json.dumps(row['test'])} in {row['wall_seconds']:.0f}s", flush=True)

@@ -6,6 +6,13 @@ returned). Small catalogues use an exact ``Flat`` index; large ones a compressed
 the float32 item vectors, read from a memory-mapped ``.npy`` so that only the compressed
 codes need to stay resident. HNSW is available as an option.
 
+With ``mips_to_l2`` the index lives in an augmented space where maximum inner product
+becomes nearest neighbour in L2 (Bachrach et al., RecSys'14): each item x gets an extra
+coordinate sqrt(M^2 - |x|^2), M the largest item norm, and each query a 0, so
+|q - x'|^2 = |q|^2 + M^2 - 2 q.x. faiss then clusters and probes by L2, which keeps the
+long item vectors that win inner products together instead of scattering them over
+directions (docs/BENCHMARKS.md: a quarter of the scan for the same recall).
+
 The same class builds the index at export time and serves it in the service, so the
 recall measured at export is the recall served.
 """
@@ -14,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +30,9 @@ from service.devices import faiss_gpus
 
 LOG = logging.getLogger(__name__)
 
+ADD_CHUNK = 100_000  # items augmented and added at a time (bounds the temporary copy)
 EXACT_LIMIT = 200_000  # catalogues up to this size are searched exactly by default
-IVF_PROBE_DIVISOR = 4  # the auto index visits 1/4 of its IVF lists per query (see auto)
+IVF_PROBE_DIVISOR = 8  # the auto index visits 1/8 of its IVF lists per query (see auto)
 IVF_TRAIN_PER_LIST = 40  # training vectors per IVF list (faiss asks for at least 39)
 
 
@@ -37,24 +45,29 @@ class IndexSpec:
     ef_search: int = 128  # HNSW candidate list size
     rescore: int = 0  # shortlist size re-scored exactly (0: no re-scoring)
     train_size: int = 100_000  # vectors used to train IVF / PQ / OPQ
+    mips_to_l2: bool = False  # index the L2-augmented vectors (see the module docstring)
+    max_norm: float = 0.0  # M of the augmentation, set by ItemIndex.build
 
     @classmethod
     def auto(cls, n_items: int, dim: int) -> IndexSpec:
-        """Exact for small catalogues; OPQ + IVF-PQ with exact re-scoring for large ones."""
+        """Exact for small catalogues; OPQ + IVF-PQ in the L2-augmented space with exact
+        re-scoring for large ones."""
         if n_items <= EXACT_LIMIT:
             return cls(factory="Flat")
-        sub = _pq_subquantizers(dim)
+        sub = pq_subquantizers(augmented_dim(dim))
         lists = int(2 ** round(np.log2(4 * np.sqrt(n_items))))
-        # faiss partitions an inner-product IVF by direction (spherical k-means), while the
-        # top items by inner product of a dot-product model are its long vectors over a wide
-        # cone of directions. On the 1M-item perf bundle (docs/BENCHMARKS.md) visiting
-        # 48 of 4096 lists gave recall@100 0.50 and a quarter of them 0.98: the re-scored
-        # PQ shortlist recovers nearly everything inside the visited lists, so nprobe sets it.
+        # An inner-product IVF partitions by direction (spherical k-means), while the top
+        # items by inner product of a dot-product model are its long vectors over a wide
+        # cone of directions: on the 1M-item perf bundle it had to visit a quarter of its
+        # lists for recall@100 0.98. Partitioned by L2 in the augmented space, an eighth of
+        # the lists holds as much of the exact top-100 (docs/BENCHMARKS.md); the re-scored
+        # PQ shortlist recovers nearly everything inside the visited lists.
         return cls(
             factory=f"OPQ{sub},IVF{lists},PQ{sub}x8",
             nprobe=max(1, lists // IVF_PROBE_DIVISOR),
             rescore=1000,
             train_size=max(cls.train_size, IVF_TRAIN_PER_LIST * lists),
+            mips_to_l2=True,
         )
 
     @property
@@ -65,7 +78,13 @@ class IndexSpec:
         return asdict(self)
 
 
-def _pq_subquantizers(dim: int) -> int:
+def augmented_dim(dim: int) -> int:
+    """Width of the MIPS->L2 space: one extra coordinate, zero-padded to a multiple of 4 so
+    that PQ's sub-quantizers divide it as they divide the usual embedding sizes."""
+    return 4 * -(-(dim + 1) // 4)
+
+
+def pq_subquantizers(dim: int) -> int:
     # 4 dimensions per byte keeps PQ error low enough for re-scoring to recover the rest.
     for sub in (dim // 4, dim // 2, dim):
         if sub and dim % sub == 0:
@@ -81,6 +100,7 @@ class ItemIndex:
         self.vectors = vectors  # (N + 1, d) float32, row 0 = padding; may be a memmap
         self.spec = spec
         self.gpus = gpus
+        self._index_dim = int(index.d)
         self._apply_search_params(index)
 
     @property
@@ -98,13 +118,20 @@ class ItemIndex:
 
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         items = vectors[1:]
-        index = faiss.index_factory(items.shape[1], spec.factory, faiss.METRIC_INNER_PRODUCT)
+        dim = items.shape[1]
+        if spec.mips_to_l2:
+            max_norm = float(np.sqrt(max((items.astype(np.float64) ** 2).sum(1).max(), 0.0)))
+            spec = replace(spec, max_norm=max_norm)
+            index = faiss.index_factory(augmented_dim(dim), spec.factory, faiss.METRIC_L2)
+        else:
+            index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:
             rng = np.random.default_rng(seed)
             size = min(len(items), spec.train_size)
-            sample = items[rng.choice(len(items), size, replace=False)]
-            index.train(sample)
-        index.add(items)
+            sample = np.sort(rng.choice(len(items), size, replace=False))
+            index.train(_augment_items(items[sample], spec))
+        for lo in range(0, len(items), ADD_CHUNK):
+            index.add(_augment_items(items[lo : lo + ADD_CHUNK], spec))
         return cls(index, vectors, spec)
 
     def _apply_search_params(self, index) -> None:
@@ -123,7 +150,15 @@ class ItemIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = max(1, min(k, self.n_items))
         depth = max(k, min(self.spec.rescore, self.n_items)) if self.spec.rescore else k
-        scores, labels = self.index.search(queries, depth)
+        if self.spec.mips_to_l2:
+            padded = np.zeros((len(queries), self._index_dim), dtype=np.float32)
+            padded[:, : queries.shape[1]] = queries
+            distances, labels = self.index.search(padded, depth)
+            # |q - x'|^2 = |q|^2 + M^2 - 2 q.x, so the inner product is recovered exactly.
+            norms = (queries.astype(np.float64) ** 2).sum(1, keepdims=True)
+            scores = ((norms + self.spec.max_norm**2 - distances) / 2).astype(np.float32)
+        else:
+            scores, labels = self.index.search(queries, depth)
         ids = np.where(labels >= 0, labels + 1, 0)
         if self.spec.rescore:
             scores, ids = self._rescore(queries, ids, k)
@@ -179,6 +214,19 @@ class ItemIndex:
             index = faiss.index_cpu_to_all_gpus(index)
             LOG.info("faiss index %s searched on %d GPU(s)", path, gpus)
         return cls(index, vectors, spec, gpus=gpus)
+
+
+def _augment_items(items: np.ndarray, spec: IndexSpec) -> np.ndarray:
+    """Items as the faiss index stores them: unchanged, or in the MIPS->L2 space."""
+    items = np.ascontiguousarray(items, dtype=np.float32)
+    if not spec.mips_to_l2:
+        return items
+    out = np.zeros((len(items), augmented_dim(items.shape[1])), dtype=np.float32)
+    out[:, : items.shape[1]] = items
+    squared = (items.astype(np.float64) ** 2).sum(1)
+    # Rounding can push the largest norms a hair past M; clip so the root stays real.
+    out[:, items.shape[1]] = np.sqrt(np.clip(spec.max_norm**2 - squared, 0.0, None))
+    return out
 
 
 def _base_index(index):

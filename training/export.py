@@ -194,7 +194,7 @@ def export_retriever(
         "offline_metrics": report.get("metrics"),
         "onnx_parity_max_abs_diff": parity,
         "index": {
-            "spec": spec.to_dict(),
+            "spec": item_index.spec.to_dict(),
             "build_seconds": build_seconds,
             "bytes_per_vector": bytes_per_vector,
             "float32_bytes_per_vector": 4 * int(vectors.shape[1]),

@@ -19,7 +19,9 @@ from service.bundle import CURRENT, load_bundle, read_manifest
 
 
 def tiny_config(**overrides) -> PerfBundleConfig:
-    values = dict(items=2_000, users=200, dim=16, max_len=16, batch_size=64, eval_users=50)
+    values = dict(
+        items=2_000, users=200, dim=16, max_len=16, batch_size=64, eval_users=50, ctr_epochs=1
+    )
     return PerfBundleConfig(**{**values, **overrides})
 
 
@@ -34,6 +36,7 @@ def test_perf_bundle_is_marked_perf_only_and_records_index_quality(tmp_path):
     for key in ("recall@10", "recall@100", "bytes_per_vector", "compression", "query_ms_p50"):
         assert key in index
     assert index["recall@100"] == 1.0  # exact index at this size
+    assert manifest["retrievers"]["two_tower"]["ctr_head"]["file"].endswith("ctr_head.onnx")
     assert not (tmp_path / "models" / CURRENT).exists()  # not made current by default
     queries = np.load(summary["queries_file"])
     assert queries.shape == (50, 16)
@@ -46,7 +49,7 @@ def test_perf_bundle_cli_builds_a_compressed_index_and_replaces_only_perf_bundle
         "--models-dir", str(tmp_path / "models"), "--name", "perf-ivf",
         "--run-dir", str(tmp_path / "run"), "--items", "2000", "--users", "200",
         "--dim", "16", "--batch-size", "64", "--eval-users", "50", "--quiet",
-        "--index", "IVF16,PQ4x8", "--nprobe", "8", "--rescore", "200",
+        "--index", "IVF16,PQ4x8", "--nprobe", "8", "--rescore", "200", "--ctr-users", "0",
     ]  # fmt: skip
     assert make_perf_bundle_main(argv) == 0
     assert "bytes/vector" in capsys.readouterr().out
@@ -55,6 +58,9 @@ def test_perf_bundle_cli_builds_a_compressed_index_and_replaces_only_perf_bundle
     index = read_manifest(tmp_path / "models" / "perf-ivf")["retrievers"]["two_tower"]["index"]
     assert index["spec"]["factory"] == "IVF16,PQ4x8" and index["spec"]["rescore"] == 200
     assert index["compression"] > 1.0
+    assert (
+        "ctr_head" not in read_manifest(tmp_path / "models" / "perf-ivf")["retrievers"]["two_tower"]
+    )
 
 
 def test_index_benchmark_measures_recall_and_writes_json_and_png(tmp_path):
