@@ -63,6 +63,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -453,10 +454,17 @@ class LoadRun:
     """One run against one target: sends, measures, stops by itself."""
 
     def __init__(
-        self, config: LoadConfig, sampler: TrafficSampler, progress_stream: TextIO | None = None
+        self,
+        config: LoadConfig,
+        sampler: TrafficSampler,
+        progress_stream: TextIO | None = None,
+        observer: Callable[[PlannedRequest, int, object], None] | None = None,
     ):
         self.config = config
         self.sampler = sampler
+        # Called with (request, status, response) for each measured request (response None
+        # when no answer came): fault runs check acknowledged events and served bundles.
+        self.observer = observer
         self.measurements = Measurements()
         self.seed_outcome: dict = {}
         self.dropped = 0
@@ -511,7 +519,7 @@ class LoadRun:
         import httpx
 
         started = time.perf_counter()
-        status, error, cache, fallback = 0, None, None, None
+        status, error, cache, fallback, response = 0, None, None, None, None
         try:
             response = await self._client.post(request.endpoint, content=request.body)
             status = response.status_code
@@ -530,6 +538,8 @@ class LoadRun:
             self.measurements.add(
                 request, started - self._t0, latency, status, error, cache, fallback
             )
+            if self.observer is not None:
+                self.observer(request, status, response)
         return status
 
     async def _seed(self) -> None:
@@ -656,9 +666,11 @@ def run_load(
     sampler: TrafficSampler,
     progress_stream: TextIO | None = None,
     handle_sigint: bool = False,
+    observer: Callable[[PlannedRequest, int, object], None] | None = None,
 ) -> dict:
     """Run one load test to its end (requests or duration) and return the result dict."""
-    return asyncio.run(LoadRun(config, sampler, progress_stream).run(handle_sigint))
+    run = LoadRun(config, sampler, progress_stream, observer)
+    return asyncio.run(run.run(handle_sigint))
 
 
 # --------------------------------------------------------------------------- output

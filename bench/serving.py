@@ -36,6 +36,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.processes import ServiceProcess  # noqa: E402
+
 LUA = """
 local bodies = {%(bodies)s}
 local n_items, length, i = %(n_items)d, 20, 0
@@ -124,13 +126,6 @@ def in_process_floor(models_dir: Path, bundle: str, bodies: list[str], repeats: 
     return asyncio.run(measure())
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its children so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 def run_wrk(url: str, concurrency: int, duration: int, lua: Path | None) -> dict:
     command = ["wrk", "-t1", f"-c{concurrency}", f"-d{duration}s", "--latency", "--timeout", "5s"]
     if lua is not None:
@@ -192,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--floor-requests", type=int, default=300)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        help="a service setting for the server, e.g. --setting batch_wait_ms=1 (repeatable)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "serving.json")
     args = parser.parse_args(argv)
     if not shutil.which("wrk"):
@@ -208,62 +209,44 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(floor), flush=True)
 
     served = serve_copy(args.models_dir, args.bundle)
-    port = args.port or _free_port()
-    env = {
-        **os.environ,
-        "RECSERVE_MODELS_DIR": str(served),
-        "RECSERVE_ADMIN_ENABLED": "0",
-        "RECSERVE_KEY_PREFIX": f"bench{port}",
-        "RECSERVE_RELOAD_POLL_SECONDS": "0",
-        "RECSERVE_DEVICE": "cpu",
-    }
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "service.main:create_app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            str(args.workers),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        cwd=REPO,
+    server = ServiceProcess(
+        {
+            "RECSERVE_MODELS_DIR": str(served),
+            "RECSERVE_ADMIN_ENABLED": "0",
+            "RECSERVE_KEY_PREFIX": f"bench{args.port or os.getpid()}",
+            "RECSERVE_RELOAD_POLL_SECONDS": "0",
+            "RECSERVE_DEVICE": "cpu",
+            **extra_settings(args.setting),
+        },
+        port=args.port or None,
+        workers=args.workers,
     )
-    base = f"http://127.0.0.1:{port}"
     results: dict = {
         "bundle": args.bundle,
         "items": n_items,
         "floor": floor,
         "repeat": args.repeat,
         "workers": args.workers,
+        "settings": extra_settings(args.setting),
         "runs": [],
     }
     try:
-        _wait_ready(base)
+        server.start()
         lua = served / "bodies.lua"
         quoted = ",".join(json.dumps(body) for body in bodies[: args.repeat])
-        lua.write_text(LUA % {"bodies": quoted, "n_items": n_items, "seed": port})
+        lua.write_text(LUA % {"bodies": quoted, "n_items": n_items, "seed": server.port})
         for concurrency in args.concurrency:
             for target, script in (("/recommend", lua), ("/healthz", None)):
-                before = cpu_seconds(server.pid)
-                run = run_wrk(base + target, concurrency, args.duration, script)
+                before = server.cpu_seconds()
+                run = run_wrk(server.url + target, concurrency, args.duration, script)
                 run["cpu_ms_per_request"] = (
-                    (cpu_seconds(server.pid) - before) * 1000 / max(run["requests"], 1)
+                    (server.cpu_seconds() - before) * 1000 / max(run["requests"], 1)
                 )
                 run.update(target=target, concurrency=concurrency)
                 results["runs"].append(run)
                 print(json.dumps(run), flush=True)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
         shutil.rmtree(served, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
@@ -285,26 +268,15 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_ready(base: str, timeout: float = 120.0) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the server at {base} did not become ready in {timeout:.0f}s")
+def extra_settings(pairs: list[str]) -> dict[str, str]:
+    """``--setting KEY=VALUE`` pairs as RECSERVE_* environment variables."""
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--setting wants KEY=VALUE, got {pair!r}")
+        settings[f"RECSERVE_{key.upper()}"] = value
+    return settings
 
 
 if __name__ == "__main__":

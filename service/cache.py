@@ -48,7 +48,7 @@ def user_key_part(user_id: str) -> str:
     return hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()[:40]
 
 
-def _member(item: str, ts: int) -> str:
+def history_member(item: str, ts: int) -> str:
     return f"{ts}:{item}"
 
 
@@ -153,7 +153,7 @@ class RedisBehaviourCache(BehaviourCache):
 
     async def append_events(self, user_id: str, events: list[tuple[str, int]]) -> int:
         key = self.history_key(user_id)
-        members = {_member(item, ts): ts for item, ts in events}
+        members = {history_member(item, ts): ts for item, ts in events}
         names = list(members)
         # One transaction: which members were there, add, trim, which are there now.
         async with self.client.pipeline(transaction=True) as pipe:
@@ -207,7 +207,7 @@ class InMemoryBehaviourCache(BehaviourCache):
     async def append_events(self, user_id: str, events: list[tuple[str, int]]) -> int:
         self._check()
         stored = self.histories.setdefault(self.history_key(user_id), {})
-        members = {_member(item, ts): ts for item, ts in events}
+        members = {history_member(item, ts): ts for item, ts in events}
         new = [m for m in members if m not in stored]
         stored.update(members)
         for member in sorted(stored, key=lambda m: (stored[m], m))[: -self.history_cap]:

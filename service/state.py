@@ -60,6 +60,9 @@ class AppState:
             try:
                 name = name or current_name(self.settings.models_dir)
                 if name == self.bundle_name:
+                    # CURRENT is back on what is served: an earlier refusal no longer applies.
+                    self.last_error = None
+                    self._failed_name = None
                     return name
                 bundle = await run_in_threadpool(
                     load_bundle,

@@ -9,34 +9,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from bench.processes import RedisProcess, free_port, wait_until  # noqa: F401 (re-exported)
+
 ADMIN_TOKEN = "test-admin-token-" + "x" * 20
 SHARED_REDIS_URL = os.environ.get("RECSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(condition, timeout: float, interval: float = 0.05, what: str = "condition"):
-    """Poll ``condition()`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def history_events(data, user: int, end: int | None = None) -> list[dict]:
@@ -69,7 +50,7 @@ def shared_redis():
     client.close()
 
 
-def _delete_prefix(client, prefix: str) -> None:
+def delete_prefix(client, prefix: str) -> None:
     keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
     if keys:
         client.delete(*keys)
@@ -80,7 +61,7 @@ def key_prefix(shared_redis):
     """A key prefix no other test uses; its keys are deleted afterwards."""
     prefix = f"t{uuid.uuid4().hex[:20]}"
     yield prefix
-    _delete_prefix(shared_redis, prefix)
+    delete_prefix(shared_redis, prefix)
 
 
 @pytest.fixture
@@ -134,66 +115,12 @@ def client(make_settings):
         yield test_client
 
 
-class RedisServer:
-    """A private redis-server on one port that a test may stop and start again."""
-
-    def __init__(self, port: int, workdir: Path):
-        self.port = port
-        self.workdir = workdir
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        import redis
-
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        probe = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-
-        def answers() -> bool:
-            if self.process.poll() is not None:
-                raise AssertionError(f"redis-server exited with {self.process.returncode}")
-            try:
-                return bool(probe.ping())
-            except redis.exceptions.ConnectionError:
-                return False
-
-        try:
-            wait_until(answers, timeout=10, what=f"redis-server on port {self.port}")
-        finally:
-            probe.close()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.process = None
-
-
 @pytest.fixture
 def redis_server(tmp_path):
     """A running private redis-server (``.url``, ``.stop()``, ``.start()``), always killed."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
-    server = RedisServer(free_port(), tmp_path)
+    server = RedisProcess(free_port(), tmp_path / "redis")
     try:
         server.start()
         yield server

@@ -2,81 +2,38 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import httpx
 import numpy as np
 import pytest
 
-from tests.service.conftest import (
-    ADMIN_TOKEN,
-    SHARED_REDIS_URL,
-    free_port,
-    history_events,
-    wait_until,
-)
+from bench.processes import ServiceProcess
+from tests.service.conftest import ADMIN_TOKEN, SHARED_REDIS_URL, history_events
 
 STARTUP_SECONDS = 60  # imports of onnxruntime and faiss on a busy machine
 
 
 @pytest.fixture
 def server(served_models, key_prefix, tmp_path):
-    """A uvicorn process serving the tiny bundle; yields its base URL; always killed."""
-    port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("RECSERVE_")},
-        "RECSERVE_MODELS_DIR": str(served_models),
-        "RECSERVE_REDIS_URL": SHARED_REDIS_URL,
-        "RECSERVE_KEY_PREFIX": key_prefix,
-        "RECSERVE_ADMIN_TOKEN": ADMIN_TOKEN,
-        "RECSERVE_RELOAD_POLL_SECONDS": "0",
-        "RECSERVE_DEVICE": "cpu",
-    }
-    log = open(tmp_path / "uvicorn.log", "wb")  # closed in finally
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "service.main:create_app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    """A uvicorn process serving the tiny bundle; yields its base URL; always stopped."""
+    service = ServiceProcess(
+        {
+            "RECSERVE_MODELS_DIR": str(served_models),
+            "RECSERVE_REDIS_URL": SHARED_REDIS_URL,
+            "RECSERVE_KEY_PREFIX": key_prefix,
+            "RECSERVE_ADMIN_TOKEN": ADMIN_TOKEN,
+            "RECSERVE_RELOAD_POLL_SECONDS": "0",
+            "RECSERVE_DEVICE": "cpu",
+        },
+        log_path=tmp_path / "uvicorn.log",
+        access_log=True,
     )
-    base = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        if process.poll() is not None:
-            output = (tmp_path / "uvicorn.log").read_text()
-            raise AssertionError(f"uvicorn exited with {process.returncode}:\n{output}")
-        try:
-            return httpx.get(f"{base}/readyz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
+    service.start(timeout=STARTUP_SECONDS)
     try:
-        wait_until(ready, timeout=STARTUP_SECONDS, interval=0.2, what="uvicorn to be ready")
-        yield base
+        yield service.url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-        log.close()
+        service.stop()
     # A clean shutdown: the lifespan ended without hanging or a traceback.
-    text = (tmp_path / "uvicorn.log").read_text()
+    text = service.log()
     assert "Traceback" not in text, text
 
 

@@ -151,6 +151,15 @@ def test_a_fixed_current_clears_the_last_error(client, served_models, second_bun
     assert ready["bundle"] == "tiny-v2" and ready["last_error"] is None
 
 
+def test_current_set_back_to_the_served_bundle_clears_the_last_error(client, served_models):
+    corrupt_copy(served_models)
+    assert client.post("/admin/reload", headers=ADMIN).status_code == 409
+    set_current(served_models, "tiny")
+    assert client.post("/admin/reload", headers=ADMIN).status_code == 200
+    ready = client.get("/readyz").json()
+    assert ready["bundle"] == "tiny" and ready["last_error"] is None
+
+
 def test_a_refused_bundle_is_not_retried_by_polling(make_settings, served_models):
     refused_once = 'recserve_reloads_total{outcome="refused"} 1.0'
     with TestClient(create_app(make_settings(reload_poll_seconds=0.05))) as client:
