@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from service.devices import onnx_session
-from service.features import ItemFeatures, candidate_features
+from service.features import HISTORY_WINDOW, ItemFeatures, candidate_features
 
 LOG = logging.getLogger(__name__)
 
@@ -117,6 +117,76 @@ class Reranked:
     retrieval_scores: np.ndarray  # (c,)
 
 
+@dataclass
+class RerankJob:
+    """One request's share of a batched head call: its kept candidates and its history."""
+
+    user_embedding: np.ndarray  # (d,)
+    candidate_ids: np.ndarray  # (c,) internal ids in retrieval order, nothing to remove
+    retrieval_scores: np.ndarray  # (c,)
+    history_ids: np.ndarray  # (l,) known events, oldest first
+    history_ts: np.ndarray  # (l,)
+    request_time: int
+
+
+def request_job(
+    user_embedding: np.ndarray,
+    candidate_ids: np.ndarray,
+    retrieval_scores: np.ndarray,
+    history_ids: np.ndarray,
+    history_ts: np.ndarray,
+    request_time: int,
+    exclude: np.ndarray | None = None,
+) -> RerankJob:
+    """One request as a job: padding and ``exclude`` are removed from the candidates first,
+    so that ranks and score gaps are those of the list that is served."""
+    ids = np.asarray(candidate_ids, dtype=np.int64).reshape(-1)
+    scores = np.asarray(retrieval_scores, dtype=np.float32).reshape(-1)
+    keep = ids > 0
+    if exclude is not None and len(exclude):
+        keep &= ~np.isin(ids, exclude)
+    return RerankJob(
+        np.asarray(user_embedding, dtype=np.float32).reshape(-1),
+        ids[keep],
+        scores[keep],
+        np.asarray(history_ids, dtype=np.int64).reshape(-1),
+        np.asarray(history_ts, dtype=np.int64).reshape(-1),
+        request_time,
+    )
+
+
+def batch_head_inputs(
+    items: ItemFeatures, item_vectors: np.ndarray, jobs: list[RerankJob]
+) -> HeadInputs:
+    """The head's inputs for several requests: candidate lists right-padded to the longest
+    (padding slots get zero vectors and features), histories left-padded; every row's
+    features are exactly those of the request alone."""
+    width = max(len(job.candidate_ids) for job in jobs)
+    # At least one (padding) column: the history features reduce over it.
+    length = max(1, *(min(len(job.history_ids), HISTORY_WINDOW) for job in jobs))
+    ids = np.zeros((len(jobs), width), dtype=np.int64)
+    scores = np.zeros((len(jobs), width), dtype=np.float32)
+    history_ids = np.zeros((len(jobs), length), dtype=np.int64)
+    history_ts = np.zeros((len(jobs), length), dtype=np.int64)
+    for row, job in enumerate(jobs):
+        ids[row, : len(job.candidate_ids)] = job.candidate_ids
+        scores[row, : len(job.retrieval_scores)] = job.retrieval_scores
+        recent = min(len(job.history_ids), length)
+        if recent:
+            history_ids[row, length - recent :] = job.history_ids[-recent:]
+            history_ts[row, length - recent :] = job.history_ts[-recent:]
+    return head_inputs(
+        np.stack([np.asarray(job.user_embedding, dtype=np.float32) for job in jobs]),
+        ids,
+        scores,
+        item_vectors,
+        history_ids,
+        history_ts,
+        np.array([job.request_time for job in jobs], dtype=np.int64),
+        items,
+    )
+
+
 def request_head_inputs(
     items: ItemFeatures,
     item_vectors: np.ndarray,
@@ -128,28 +198,51 @@ def request_head_inputs(
     request_time: int,
     exclude: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, HeadInputs]:
-    """One request's kept candidates (ids, scores) and head inputs (batch of one).
-
-    Padding and ``exclude`` are removed first, so ranks and score gaps are those of the
-    list that is served.
-    """
-    ids = np.asarray(candidate_ids, dtype=np.int64).reshape(-1)
-    scores = np.asarray(retrieval_scores, dtype=np.float32).reshape(-1)
-    keep = ids > 0
-    if exclude is not None and len(exclude):
-        keep &= ~np.isin(ids, exclude)
-    ids, scores = ids[keep], scores[keep]
-    inputs = head_inputs(
-        np.asarray(user_embedding, dtype=np.float32).reshape(1, -1),
-        ids[None],
-        scores[None],
-        item_vectors,
-        np.asarray(history_ids, dtype=np.int64).reshape(1, -1),
-        np.asarray(history_ts, dtype=np.int64).reshape(1, -1),
-        np.array([request_time], dtype=np.int64),
-        items,
+    """One request's kept candidates (ids, scores) and head inputs (batch of one), built
+    as the service builds them."""
+    job = request_job(
+        user_embedding,
+        candidate_ids,
+        retrieval_scores,
+        history_ids,
+        history_ts,
+        request_time,
+        exclude,
     )
-    return ids, scores, inputs
+    return job.candidate_ids, job.retrieval_scores, batch_head_inputs(items, item_vectors, [job])
+
+
+def rerank_batch(
+    head: CtrHead, items: ItemFeatures, item_vectors: np.ndarray, jobs: list[RerankJob]
+) -> list[Reranked]:
+    """Each job's candidates reordered by the head's logits, in one head call for all.
+
+    Ties keep retrieval order. The micro-batcher of ``service.recommender`` calls this with
+    the concurrent requests of a bundle's retriever.
+    """
+    results: list[Reranked | None] = [None] * len(jobs)
+    scored = [i for i, job in enumerate(jobs) if len(job.candidate_ids)]
+    for i in set(range(len(jobs))) - set(scored):
+        empty = np.zeros(0, dtype=np.float32)
+        results[i] = Reranked(np.zeros(0, dtype=np.int64), empty, empty)
+    if scored:
+        inputs = batch_head_inputs(items, item_vectors, [jobs[i] for i in scored])
+        if head.feature_names is not None and head.feature_names != inputs.feature_names:
+            raise ValueError(
+                f"the head was trained on features {head.feature_names}, "
+                f"the catalogue gives {inputs.feature_names}"
+            )
+        logits = head.score(inputs.user, inputs.candidates, inputs.features)  # (b, width)
+        for row, i in enumerate(scored):
+            job = jobs[i]
+            mine = logits[row, : len(job.candidate_ids)]
+            order = np.argsort(-mine, kind="stable")
+            results[i] = Reranked(
+                np.asarray(job.candidate_ids)[order],
+                mine[order],
+                np.asarray(job.retrieval_scores)[order],
+            )
+    return results
 
 
 def rerank(
@@ -169,9 +262,7 @@ def rerank(
     ``history_ids`` / ``history_ts`` are the request's known events, oldest first; ``exclude``
     holds ids that must not be served (the seen items). Ties keep retrieval order.
     """
-    ids, scores, inputs = request_head_inputs(
-        items,
-        item_vectors,
+    job = request_job(
         user_embedding,
         candidate_ids,
         retrieval_scores,
@@ -180,14 +271,4 @@ def rerank(
         request_time,
         exclude,
     )
-    if len(ids) == 0:
-        empty = np.zeros(0, dtype=np.float32)
-        return Reranked(ids, empty, empty)
-    if head.feature_names is not None and head.feature_names != inputs.feature_names:
-        raise ValueError(
-            f"the head was trained on features {head.feature_names}, "
-            f"the catalogue gives {inputs.feature_names}"
-        )
-    logits = head.score(inputs.user, inputs.candidates, inputs.features)[0]  # (c,)
-    order = np.argsort(-logits, kind="stable")
-    return Reranked(ids[order], logits[order], scores[order])
+    return rerank_batch(head, items, item_vectors, [job])[0]

@@ -8,7 +8,8 @@ One request goes through these steps (timed separately):
    up in the behaviour cache — a hit skips encoding and retrieval;
 3. otherwise encode with the retriever's ONNX graph and search its index deep enough to
    survive the removal of seen items, and store both in the cache;
-4. remove seen items when asked, rerank with the CTR head when the bundle has one (not yet),
+4. remove seen items when asked, rerank with the CTR head when the bundle has one (one
+   head call for the candidates of all concurrent requests, like step 3),
    and return the best ``k``.
 
 A history with no known item gets the popularity fallback, flagged in the response.
@@ -29,7 +30,7 @@ from service.bundle import Bundle, Retriever
 from service.cache import BehaviourCache, CachedRetrieval, history_digest
 from service.errors import StoreUnavailable, UnknownEncoder
 from service.histories import left_padded_window
-from service.ranking import rerank as rerank_candidates
+from service.ranking import RerankJob, rerank_batch
 
 LOG = logging.getLogger(__name__)
 
@@ -86,12 +87,27 @@ class Recommender:
     ):
         self.bundle = bundle
         self.default_encoder = default_encoder or bundle.default_encoder
-        # One batcher per retriever: its requests share an ONNX call and a faiss search.
+        # One batcher per retriever: its requests share an ONNX call and a faiss search,
+        # and (where the retriever has a CTR head) one head call for all their candidates.
         self.batchers = {
             name: MicroBatcher(
                 partial(encode_and_search, retriever), max_batch, max_wait_ms, on_batch
             )
             for name, retriever in bundle.retrievers.items()
+        }
+        self.rerankers = {
+            name: MicroBatcher(
+                partial(
+                    rerank_batch,
+                    retriever.ctr_head,
+                    bundle.item_features,
+                    retriever.item_vectors,
+                ),
+                max_batch,
+                max_wait_ms,
+            )
+            for name, retriever in bundle.retrievers.items()
+            if retriever.ctr_head is not None and bundle.item_features is not None
         }
         popularity = bundle.catalogue.popularity.astype(np.float64)
         popularity[0] = -np.inf
@@ -194,21 +210,18 @@ class Recommender:
             found_ids[: max(candidates, k)],
             found_scores[: max(candidates, k)],
         )
-        head = retriever.ctr_head if rerank else None
-        if head is not None and self.bundle.item_features is not None and len(found_ids):
+        reranker = self.rerankers.get(retriever.name) if rerank else None
+        if reranker is not None and len(found_ids):
             reranking = time.perf_counter()
-            ranked = await run_in_threadpool(
-                rerank_candidates,
-                head,
-                self.bundle.item_features,
-                retriever.item_vectors,
-                embedding,
-                found_ids,
-                found_scores,
-                history.item_ids,
-                history.timestamps,
-                int(time.time()),
-                seen,
+            ranked = await reranker.submit(
+                RerankJob(
+                    embedding,
+                    found_ids,
+                    found_scores,
+                    history.item_ids,
+                    history.timestamps,
+                    int(time.time()),
+                )
             )
             timings["rerank"] = _ms(reranking)
             result.reranked = True

@@ -8,20 +8,18 @@ import numpy as np
 import pytest
 
 from service.features import NEVER, ItemFeatures, feature_names
-from service.ranking import INPUT_NAMES, OUTPUT_NAME, CtrHead, rerank
+from service.ranking import INPUT_NAMES, OUTPUT_NAME, CtrHead, RerankJob, rerank, rerank_batch
 
 NAMES = feature_names(with_genres=False)
 POPULARITY = NAMES.index("log_popularity")
 DIM = 4
 
 
-@pytest.fixture(scope="module")
-def popularity_head(tmp_path_factory) -> CtrHead:
-    """logits = candidate_features @ one-hot(log_popularity): (B, C, F) -> (B, C)."""
+def linear_head(weights: np.ndarray, folder) -> CtrHead:
+    """An ONNX head with logits = candidate_features @ weights: (B, C, F) -> (B, C)."""
     from onnx import TensorProto, checker, helper, numpy_helper
 
-    weights = np.zeros((len(NAMES), 1), dtype=np.float32)
-    weights[POPULARITY] = 1.0
+    weights = np.asarray(weights, dtype=np.float32).reshape(len(NAMES), 1)
     graph = helper.make_graph(
         [
             helper.make_node("MatMul", ["candidate_features", "w"], ["scored"]),
@@ -41,9 +39,43 @@ def popularity_head(tmp_path_factory) -> CtrHead:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     checker.check_model(model)
-    path = tmp_path_factory.mktemp("head") / "ctr_head.onnx"
+    path = folder / "ctr_head.onnx"
     path.write_bytes(model.SerializeToString())
     return CtrHead(path, device="cpu", threads=1, feature_names=NAMES)
+
+
+@pytest.fixture(scope="module")
+def popularity_head(tmp_path_factory) -> CtrHead:
+    """logits = the log popularity feature."""
+    weights = np.zeros(len(NAMES))
+    weights[POPULARITY] = 1.0
+    return linear_head(weights, tmp_path_factory.mktemp("head"))
+
+
+def test_a_batch_of_requests_is_reranked_as_each_alone(tmp_path):
+    """Right-padded candidates and left-padded histories change no row's features."""
+    head = linear_head(np.random.default_rng(3).normal(size=len(NAMES)), tmp_path)
+    items, table = catalogue_items(), vectors()
+    rng = np.random.default_rng(4)
+    jobs = []
+    for count, length in [(5, 2), (0, 3), (8, 1), (3, 0), (6, 70)]:
+        ids = rng.permutation(np.arange(1, 9))[:count]
+        jobs.append(
+            RerankJob(
+                user_embedding=rng.normal(size=DIM).astype(np.float32),
+                candidate_ids=ids,
+                retrieval_scores=np.sort(rng.normal(size=count))[::-1].astype(np.float32),
+                history_ids=rng.integers(1, 9, size=length),
+                history_ts=np.sort(rng.integers(0, 900, size=length)),
+                request_time=int(rng.integers(900, 2000)),
+            )
+        )
+    together = rerank_batch(head, items, table, jobs)
+    for job, batched in zip(jobs, together, strict=True):
+        (alone,) = rerank_batch(head, items, table, [job])
+        np.testing.assert_array_equal(batched.ids, alone.ids)
+        np.testing.assert_allclose(batched.logits, alone.logits, rtol=1e-5, atol=1e-6)
+        assert sorted(batched.ids.tolist()) == sorted(job.candidate_ids.tolist())
 
 
 def catalogue_items(n: int = 8) -> ItemFeatures:
