@@ -13,7 +13,8 @@ In one run it measures:
 
 Over HTTP every request is a fresh random history over the bundle's catalogue (20 events,
 built by wrk's Lua script), so every /recommend is a cache miss; ``--repeat N`` makes wrk
-cycle N fixed bodies instead (cache hits after the first round). The
+cycle N fixed bodies instead (cache hits after the first round), for a share
+``--repeat-share`` of the requests (default all; e.g. 0.8 mixes 20% fresh misses). The
 server serves a hard-linked copy of the bundle in a temporary models dir (CURRENT must
 name a bundle inside its own dir; hard links cost no disk).
 """
@@ -53,7 +54,7 @@ local function random_body()
 end
 request = function()
   local body
-  if #bodies > 0 then
+  if #bodies > 0 and math.random() < %(repeat_share)f then
     i = i %% #bodies + 1
     body = bodies[i]
   else
@@ -184,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 32])
     parser.add_argument("--duration", type=int, default=15, help="seconds per wrk run")
     parser.add_argument("--repeat", type=int, default=0, help="cycle N fixed bodies (hits)")
+    parser.add_argument(
+        "--repeat-share",
+        type=float,
+        default=1.0,
+        help="with --repeat: the share of requests that repeat a fixed body (the rest are "
+        "fresh random histories, i.e. misses)",
+    )
     parser.add_argument("--floor-requests", type=int, default=300)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
@@ -226,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "items": n_items,
         "floor": floor,
         "repeat": args.repeat,
+        "repeat_share": args.repeat_share if args.repeat else 0.0,
         "workers": args.workers,
         "settings": extra_settings(args.setting),
         "runs": [],
@@ -234,7 +243,15 @@ def main(argv: list[str] | None = None) -> int:
         server.start()
         lua = served / "bodies.lua"
         quoted = ",".join(json.dumps(body) for body in bodies[: args.repeat])
-        lua.write_text(LUA % {"bodies": quoted, "n_items": n_items, "seed": server.port})
+        lua.write_text(
+            LUA
+            % {
+                "bodies": quoted,
+                "n_items": n_items,
+                "seed": server.port,
+                "repeat_share": args.repeat_share,
+            }
+        )
         for concurrency in args.concurrency:
             for target, script in (("/recommend", lua), ("/healthz", None)):
                 before = server.cpu_seconds()

@@ -125,6 +125,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await state.stop_background()
+            if state.recommender is not None:
+                await state.recommender.drain()
             await cache.close()
 
     app = FastAPI(

@@ -17,6 +17,7 @@ A history with no known item gets the popularity fallback, flagged in the respon
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -109,6 +110,9 @@ class Recommender:
             for name, retriever in bundle.retrievers.items()
             if retriever.ctr_head is not None and bundle.item_features is not None
         }
+        # Cache writes run behind the response; a lookup of a key still being written
+        # waits for it, so a repeat request on this worker always finds its entry.
+        self._writes: dict[CacheKey, asyncio.Task] = {}
         popularity = bundle.catalogue.popularity.astype(np.float64)
         popularity[0] = -np.inf
         self._popular_order = np.argsort(-popularity, kind="stable")
@@ -186,6 +190,9 @@ class Recommender:
         depth = min(self.bundle.catalogue.n_items, max(candidates, k) + len(seen))
         key = (self.bundle.name, retriever.name, history_digest(ids, deltas))
 
+        writing = self._writes.get(key)
+        if writing is not None:
+            await asyncio.shield(writing)
         cached = await _cache_get(cache, key)
         result.cache = "bypass" if cache is None or cached is False else "miss"
         if cached and len(cached.ids) >= depth:
@@ -199,10 +206,9 @@ class Recommender:
             )
             timings["encode"], timings["retrieve"] = took
             if result.cache == "miss":
-                stored = await _cache_put(
+                self._write_behind(
                     cache, key, CachedRetrieval(embedding, found_ids, found_scores)
                 )
-                result.cache = "miss" if stored else "bypass"
 
         keep = (found_ids > 0) & ~np.isin(found_ids, seen)
         found_ids, found_scores = found_ids[keep], found_scores[keep]
@@ -237,6 +243,22 @@ class Recommender:
             ]
         result.timings_ms = {**timings, "total": _ms(started)}
         return result
+
+    def _write_behind(self, cache: BehaviourCache, key: CacheKey, value: CachedRetrieval) -> None:
+        """Store an entry without making the request wait for Redis's answer."""
+        task = asyncio.create_task(_cache_put(cache, key, value))
+        self._writes[key] = task
+
+        def forget(done: asyncio.Task) -> None:
+            if self._writes.get(key) is done:
+                del self._writes[key]
+
+        task.add_done_callback(forget)
+
+    async def drain(self) -> None:
+        """Wait for the cache writes still in flight (before the cache is closed)."""
+        if self._writes:
+            await asyncio.gather(*self._writes.values(), return_exceptions=True)
 
     async def similar(self, item_id: str, k: int, encoder: str | None) -> list[dict] | None:
         """Items nearest to ``item_id`` in the retriever's item space (None: unknown item)."""

@@ -223,3 +223,40 @@ def test_similar_items_never_include_the_item_itself(recommender):
 
 def test_similar_items_of_an_unknown_item_are_none(recommender):
     assert asyncio.run(recommender.similar("no-such-item", 10, None)) is None
+
+
+class SlowWriteCache(InMemoryBehaviourCache):
+    """Writes take a while, as a Redis round trip does."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes_done = 0
+
+    async def put_retrieval(self, key, value):
+        await asyncio.sleep(0.05)
+        await super().put_retrieval(key, value)
+        self.writes_done += 1
+
+
+def test_a_miss_answers_before_its_cache_write_and_a_repeat_still_hits(bundle, tiny_data):
+    recommender = Recommender(bundle)  # its own, so no other test's writes are in flight
+    events = user_events(tiny_data, 4)
+    cache = SlowWriteCache()
+
+    async def scenario():
+        first = await recommender.recommend(
+            events, k=5, encoder=None, exclude_seen=True, candidates=50, rerank=False,
+            cache=cache, history_cap=1000,
+        )  # fmt: skip
+        written_when_answered = cache.writes_done
+        second = await recommender.recommend(
+            events, k=5, encoder=None, exclude_seen=True, candidates=50, rerank=False,
+            cache=cache, history_cap=1000,
+        )  # fmt: skip
+        await recommender.drain()
+        return first, written_when_answered, second
+
+    first, written_when_answered, second = asyncio.run(scenario())
+    assert first.cache == "miss" and written_when_answered == 0  # the answer did not wait
+    assert second.cache == "hit" and ids(second) == ids(first)  # the repeat waited for it
+    assert cache.writes_done == 1
