@@ -196,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument(
+        "--profile",
+        type=Path,
+        help="py-spy the server during the highest-concurrency /recommend run; collapsed "
+        "stacks go to this file and the top functions into the JSON",
+    )
+    parser.add_argument(
         "--setting",
         action="append",
         default=[],
@@ -262,6 +268,13 @@ def main(argv: list[str] | None = None) -> int:
                 run.update(target=target, concurrency=concurrency)
                 results["runs"].append(run)
                 print(json.dumps(run), flush=True)
+        if args.profile:
+            # An extra run, so that the sampler's CPU is in none of the measured ones.
+            concurrency = max(args.concurrency)
+            profiler = start_profile(server.process.pid, args.duration, args.profile)
+            run_wrk(server.url + "/recommend", concurrency, args.duration, lua)
+            profiler.wait(timeout=args.duration + 60)
+            results["profile"] = {"concurrency": concurrency, **summarise_profile(args.profile)}
     finally:
         server.stop()
         shutil.rmtree(served, ignore_errors=True)
@@ -283,6 +296,51 @@ def table(results: dict) -> str:
             f"| {run['cpu_ms_per_request']:.2f} |"
         )
     return "\n".join(rows)
+
+
+def start_profile(pid: int, seconds: int, out: Path) -> subprocess.Popen:
+    """py-spy sampling every thread of ``pid`` for ``seconds`` without pausing it;
+    collapsed stacks. ``--idle`` because faiss and onnxruntime run without the GIL, which
+    py-spy would otherwise count as idle; their time shows as the Python frame that called
+    them (native frames need pausing, and their unwinding through faiss gave nothing)."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return subprocess.Popen(
+        [py_spy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "200"]
+        + ["--format", "raw", "--nonblocking", "--idle", "--output", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+WAITING = ("Condition.wait", "Queue.get", "select", "_run_once")  # leaf frames of idle threads
+
+
+def summarise_profile(path: Path, top: int = 25) -> dict:
+    """Share of busy samples per function: where it ran (self) and what it was under
+    (total). Samples of threads waiting for work (an idle pool thread, the event loop in
+    its poll) are counted apart."""
+    own: dict[str, int] = {}
+    under: dict[str, int] = {}
+    samples = waiting = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = [f.split(" (")[0] for f in stack.split(";")]
+        if frames[-1] in WAITING:
+            waiting += int(count)
+            continue
+        n = int(count)
+        samples += n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in set(frames):
+            under[frame] = under.get(frame, 0) + n
+
+    def share(table: dict[str, int]) -> list[tuple[str, float]]:
+        ranked = sorted(table.items(), key=lambda kv: -kv[1])[:top]
+        return [(name, count / max(samples, 1)) for name, count in ranked]
+
+    return {"samples": samples, "waiting": waiting, "self": share(own), "total": share(under)}
 
 
 def extra_settings(pairs: list[str]) -> dict[str, str]:
