@@ -561,6 +561,34 @@ def replot(json_path: Path, out_png: Path) -> dict:
     return with_tables(report, results)
 
 
+def sweep_served(bundle: Path, queries: np.ndarray, latency_queries: int) -> list[Point]:
+    """The bundle's own index, as the service loads it, at a range of nprobe: nothing is
+    built, so a served index can be re-tuned in a minute."""
+    from service.retrieval import IndexSpec
+
+    manifest = read_manifest(bundle)
+    entry = manifest["retrievers"][manifest["default_encoder"]]
+    vectors = np.load(bundle / entry["files"]["item_embeddings"], mmap_mode="r")
+    spec = IndexSpec(**entry["index"]["spec"])
+    served = ItemIndex.load(bundle / entry["files"]["index"], vectors, spec, device="cpu")
+    case = IndexCase(f"served {spec.factory}", spec.factory, spec.rescore, "nprobe")
+    exact_ids = exact_top(vectors, queries, TOP)
+    lists = faiss_lists(served.index)
+    points = []
+    for share in PROBE_SHARES:
+        nprobe = max(1, round(lists * share))
+        index = ItemIndex(served.index, vectors, replace(spec, nprobe=nprobe))
+        points.append(measure(index, case, nprobe, queries, exact_ids, latency_queries))
+        LOG.info("served nprobe=%d recall@100 %.4f", nprobe, points[-1].recall_at_100)
+    return points
+
+
+def faiss_lists(index) -> int:
+    import faiss
+
+    return int(faiss.extract_index_ivf(index).nlist)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.index",
@@ -592,6 +620,11 @@ def _parser() -> argparse.ArgumentParser:
         help="also compare IVF partitions by how much of the exact top-100 they visit",
     )
     parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
+    parser.add_argument(
+        "--served",
+        action="store_true",
+        help="with --bundle: sweep nprobe of the bundle's own IVF index; builds nothing",
+    )
     parser.add_argument(
         "--from-json", type=Path, help="redraw the PNG and tables from a JSON report; no runs"
     )
@@ -629,6 +662,18 @@ def main(argv: list[str] | None = None) -> int:
 
         faiss.omp_set_num_threads(args.threads)
     vectors, queries, source = load_inputs(args)
+    if args.served:
+        points = sweep_served(args.bundle or Path("models/perf-1m"), queries, args.latency_queries)
+        print(f"{points[0].label} on {source}")
+        print("| nprobe | recall@10 | recall@100 | p50 ms | p99 ms | batch64 ms |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for point in points:
+            print(
+                f"| {point.value} | {point.recall_at_10:.4f} | {point.recall_at_100:.4f} | "
+                f"{point.query_ms_p50:.2f} | {point.query_ms_p99:.2f} | "
+                f"{point.batch64_ms_p50:.1f} |"
+            )
+        return 0
     n_items, dim = vectors.shape[0] - 1, vectors.shape[1]
     cases = default_cases(n_items, dim, args.train_size, hnsw=not args.no_hnsw)
     report = run_benchmark(

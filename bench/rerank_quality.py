@@ -105,6 +105,25 @@ def measure_latency(head, prepared, data, depth: int, runs: int) -> dict[str, fl
     }
 
 
+def remeasure_latency(data, args) -> int:
+    """Latency of the heads recorded in ``args.results``, measured again; the file is updated."""
+    from service.ranking import CtrHead
+    from training.ctr import CtrConfig, prepare_ctr_data
+
+    result = json.loads(args.results.read_text())
+    config = CtrConfig(**{**result["config"], "deep": tuple(result["config"]["deep"])})
+    prepared = prepare_ctr_data(data, Path(result["bundle"]), config, max(result["depths"]))
+    for name, head in result["heads"].items():
+        session = CtrHead(head["onnx"], device="cpu", threads=1, feature_names=head["features"])
+        head["latency_ms"] = measure_latency(
+            session, prepared, data, max(result["depths"]), args.latency_runs
+        )
+        head["latency_ms"]["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        print(f"{name}: {json.dumps(head['latency_ms'])}", flush=True)
+    args.results.write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def table(result: dict) -> str:
     lines = [
         "| head | candidates | NDCG@10 retrieval | NDCG@10 reranked | "
@@ -167,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-runs", type=int, default=200)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--results", type=Path, default=REPO / "docs" / "rerank_quality.json")
+    parser.add_argument(
+        "--remeasure-latency",
+        action="store_true",
+        help="train nothing: measure the heads of an earlier run (its --results file) again, "
+        "e.g. on a quieter machine, and update their latency in that file",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -187,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir)
     data = build_sequences(load_dataset(args.data))
+    if args.remeasure_latency:
+        return remeasure_latency(data, args)
     started = time.perf_counter()
     if args.bundle:
         bundle = Path(args.bundle)
