@@ -70,7 +70,7 @@ def run_one(data, encoder: str, loss: str, seed: int, args) -> dict:
             **ENCODER_OPTIONS[encoder],
         },
     )
-    out = REPO / "runs" / "quality" / f"{args.tag}-{encoder}-{loss}-s{seed}"
+    out = args.run_dir / f"{args.tag}-{encoder}-{loss}-s{seed}"
     started = time.perf_counter()
     report = train(data, config, out).report
     metrics = report["metrics"]
@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tag", default="q")
+    parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "quality")
     parser.add_argument("--results", type=Path, default=REPO / "docs" / "train_quality.json")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "train_quality.png")
     args = parser.parse_args(argv)
@@ -223,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         args.results.write_text(json.dumps(rows, indent=2))
     summary = summarise(rows)
     print(table(summary))
-    plot(summary, args.plot)
+    # One data set per chart: its popularity line is the baseline of every bar.
+    plot([entry for entry in summary if entry["data"] == data.source], args.plot)
     return 0
 
 

@@ -1,0 +1,32 @@
+"""bench/train_quality.py on tiny synthetic data: results file, resumption, chart."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.train_quality import main
+
+
+@pytest.mark.slow
+def test_a_cell_already_in_the_results_is_not_trained_again(tmp_path, capsys):
+    results, chart = tmp_path / "results.json", tmp_path / "chart.png"
+    argv = [
+        "--data", "synthetic:users=150,items=40,seed=3", "--suite", "single",
+        "--run", "two_tower:sampled_softmax", "--epochs", "1", "--eval-every", "1",
+        "--max-len", "8", "--dim", "8", "--results", str(results), "--plot", str(chart),
+        "--run-dir", str(tmp_path / "runs"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    first = json.loads(results.read_text())
+    assert len(first) == 1 and first[0]["encoder"] == "two_tower"
+    assert 0.0 <= first[0]["test"]["ndcg@10"] <= 1.0 and chart.stat().st_size > 0
+
+    assert main(argv) == 0  # same cell, same settings: skipped
+    assert "already in" in capsys.readouterr().out
+    assert json.loads(results.read_text()) == first
+
+    assert main([*argv, "--lr", "0.01"]) == 0  # other settings: a new cell
+    rows = json.loads(results.read_text())
+    assert len(rows) == 2 and rows[1]["config"]["lr"] == 0.01
