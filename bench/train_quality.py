@@ -63,6 +63,7 @@ def run_one(data, encoder: str, loss: str, seed: int, args) -> dict:
         eval_every=args.eval_every,
         seed=seed,
         device=args.device,
+        loss_options=loss_options(args.loss_option),
         model_options={
             "max_len": args.max_len,
             "dim": args.dim,
@@ -99,7 +100,25 @@ def run_settings(args) -> dict:
         "patience": args.patience,
         "eval_every": args.eval_every,
         "dropout": args.dropout,
+        "loss_options": loss_options(args.loss_option),
     }
+
+
+def loss_options(pairs: list[str]) -> dict:
+    """``--loss-option KEY=VALUE`` pairs, numbers as numbers."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--loss-option wants KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = int(value)
+        except ValueError:
+            try:
+                options[key] = float(value)
+            except ValueError:
+                options[key] = value
+    return options
 
 
 def already_run(rows: list[dict], source: str, encoder: str, loss: str, seed: int, args) -> bool:
@@ -120,10 +139,11 @@ def summarise(rows: list[dict]) -> list[dict]:
         groups.setdefault(key, []).append(row)
     summary = []
     for (data, encoder, loss, _), members in groups.items():
+        options = members[0]["config"].get("loss_options") or {}
         entry = {
             "data": data,
             "encoder": encoder,
-            "loss": loss,
+            "loss": " ".join([loss, *(f"{k}={v}" for k, v in sorted(options.items()))]),
             "seeds": len(members),
             "max_len": members[0]["config"]["max_len"],
             "epochs_run": statistics.mean(m["epochs_run"] for m in members),
@@ -162,21 +182,25 @@ def table(summary: list[dict]) -> str:
 
 
 def plot(summary: list[dict], path: Path) -> None:
+    """Horizontal bars of test NDCG@10 (seed standard deviation as error bars) with the
+    popularity baseline; horizontal so that long labels (loss options) stay readable."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{s['encoder']}\n{s['loss']}" for s in summary]
+    labels = [f"{s['encoder']} / {s['loss']}" for s in summary]
     values = [s["ndcg@10"] for s in summary]
     errors = [s["ndcg@10_std"] for s in summary]
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(summary)), 4))
-    ax.bar(labels, values, yerr=errors, capsize=3, color="tab:blue", label="model")
+    fig, ax = plt.subplots(figsize=(8, max(3, 0.32 * len(summary) + 1)))
+    positions = range(len(summary))[::-1]  # first row on top
+    ax.barh(list(positions), values, xerr=errors, capsize=3, color="tab:blue", label="model")
+    ax.set_yticks(list(positions), labels, fontsize=7)
     if summary:
-        ax.axhline(summary[0]["popularity_ndcg@10"], color="tab:red", ls="--", label="popularity")
-    ax.set_ylabel("test NDCG@10 (full ranking)")
-    ax.legend()
-    plt.setp(ax.get_xticklabels(), fontsize=7)
+        ax.axvline(summary[0]["popularity_ndcg@10"], color="tab:red", ls="--", label="popularity")
+        ax.set_title(summary[0]["data"].split(":")[0], fontsize=9)
+    ax.set_xlabel("test NDCG@10 (full ranking)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -198,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--loss-option",
+        action="append",
+        default=[],
+        help="an option of the loss, e.g. --loss-option margin=0.5 (repeatable)",
+    )
     parser.add_argument("--tag", default="q")
     parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "quality")
     parser.add_argument("--results", type=Path, default=REPO / "docs" / "train_quality.json")
