@@ -115,6 +115,23 @@ def service_settings(fixture: Fixture, redis: RedisProcess, token: str, **extra)
     return settings
 
 
+def private_stack(
+    fixture: Fixture, name: str, persistent: bool = False, workers: int = 1, **settings
+) -> tuple[RedisProcess, ServiceProcess, str]:
+    """A running redis-server of the scenario's own and a (not yet started) service on it,
+    with a fresh admin token; both write into a new folder ``name-*`` of the workdir."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=fixture.workdir))
+    redis = RedisProcess(free_port(), workdir / "redis", persistent=persistent)
+    redis.start()
+    token = secrets.token_hex(16)
+    service = ServiceProcess(
+        service_settings(fixture, redis, token, **settings),
+        workers=workers,
+        log_path=workdir / "uvicorn.log",
+    )
+    return redis, service, token
+
+
 class Recorder:
     """Every measured request of a load run, as the load generator's observer."""
 
@@ -206,12 +223,7 @@ def redis_outage(
     concurrency: int = 4,
 ) -> FaultRow:
     """Stop Redis during a load run and start it again."""
-    workdir = Path(tempfile.mkdtemp(prefix="outage-", dir=fixture.workdir))
-    redis = RedisProcess(free_port(), workdir / "redis", persistent=True)
-    redis.start()
-    service = ServiceProcess(
-        service_settings(fixture, redis, secrets.token_hex(16)), log_path=workdir / "uvicorn.log"
-    )
+    redis, service, _ = private_stack(fixture, "outage", persistent=True)
     try:
         service.start()
         recorder = Recorder()
@@ -299,17 +311,9 @@ def reload_under_load(
 
     from service.bundle import read_manifest, set_current
 
-    workdir = Path(tempfile.mkdtemp(prefix="reload-", dir=fixture.workdir))
-    redis = RedisProcess(free_port(), workdir / "redis")
-    redis.start()
-    token = secrets.token_hex(16)
     first, second = fixture.bundles
     set_current(fixture.models_dir, first)
-    service = ServiceProcess(
-        service_settings(fixture, redis, token, reload_poll_seconds=1),
-        workers=workers,
-        log_path=workdir / "uvicorn.log",
-    )
+    redis, service, token = private_stack(fixture, "reload", workers=workers, reload_poll_seconds=1)
     bodies = _history_bodies(fixture.data, histories)
     manifest = read_manifest(fixture.models_dir / first)
     bundle_bytes = sum(f["bytes"] for f in manifest["files"].values())
@@ -440,15 +444,9 @@ def bad_bundles(fixture: Fixture, cases: tuple[str, ...] = tuple(BAD_BUNDLES)) -
 
     from service.bundle import set_current
 
-    workdir = Path(tempfile.mkdtemp(prefix="bad-", dir=fixture.workdir))
-    redis = RedisProcess(free_port(), workdir / "redis")
-    redis.start()
-    token = secrets.token_hex(16)
     good = fixture.bundles[0]
     set_current(fixture.models_dir, good)
-    service = ServiceProcess(
-        service_settings(fixture, redis, token), log_path=workdir / "uvicorn.log"
-    )
+    redis, service, token = private_stack(fixture, "bad")
     body = _history_bodies(fixture.data, 1)[0]
     rows = []
     try:
@@ -462,9 +460,7 @@ def bad_bundles(fixture: Fixture, cases: tuple[str, ...] = tuple(BAD_BUNDLES)) -
                 set_current(fixture.models_dir, name)
                 reload = client.post("/admin/reload", headers={"Authorization": f"Bearer {token}"})
                 ready = client.get("/readyz").json()
-                answers = [
-                    client.post("/recommend", content=body, headers=JSON) for _ in range(20)
-                ]
+                answers = [client.post("/recommend", content=body, headers=JSON) for _ in range(20)]
                 wrong = sum(a.status_code != 200 or a.json().get("bundle") != good for a in answers)
                 detail = reload.json().get("detail", "")
                 why = BAD_BUNDLES[case][1]
@@ -503,12 +499,7 @@ def soak(
     fixture: Fixture, seconds: float = 600.0, rate: float = 50.0, warmup: float = 60.0
 ) -> FaultRow:
     """A moderate open-loop rate for ``seconds``; memory after warm-up against the end."""
-    workdir = Path(tempfile.mkdtemp(prefix="soak-", dir=fixture.workdir))
-    redis = RedisProcess(free_port(), workdir / "redis")
-    redis.start()
-    service = ServiceProcess(
-        service_settings(fixture, redis, secrets.token_hex(16)), log_path=workdir / "uvicorn.log"
-    )
+    redis, service, _ = private_stack(fixture, "soak")
     rss: list[tuple[float, int]] = []
     stop = threading.Event()
     try:
