@@ -16,8 +16,11 @@ the lists / sub-quantisers / shortlist that ``IndexSpec.auto`` picks for N:
 - IVF-PQ: ``IVF{lists},PQ{m}x8`` ranked by its PQ scores alone;
 - IVF-PQ + re-score: the same index, its top ``rescore`` re-scored exactly;
 - OPQ + IVF-PQ + re-score: ``OPQ{m},IVF{lists},PQ{m}x8`` over inner product;
-- MIPS->L2 OPQ + IVF-PQ + re-score: the same in the L2-augmented space (one extra
-  coordinate per item, ``mips_to_l2``), what ``IndexSpec.auto`` builds;
+- MIPS->L2 IVF-PQ + re-score: lists from L2 k-means in the augmented space (one extra
+  coordinate per item, ``mips_to_l2``), probed by L2 there, 8-bit PQ codes of the
+  residuals scored by inner product;
+- MIPS->L2 IVF-PQ fast-scan + re-score: the same partition with 4-bit fast-scan codes (two
+  dimensions per code), what ``IndexSpec.auto`` builds;
 - HNSW32: a graph over the float32 vectors.
 
 For each, over a sweep of nprobe (IVF) or efSearch (HNSW): recall@10 and recall@100
@@ -47,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from service.bundle import read_manifest
-from service.retrieval import EXACT_LIMIT, IndexSpec, ItemIndex, pq_subquantizers
+from service.retrieval import EXACT_LIMIT, IndexSpec, ItemIndex, augmented_dim, pq_subquantizers
 
 LOG = logging.getLogger("bench.index")
 
@@ -120,8 +123,9 @@ def default_cases(
     n_items: int, dim: int, train_size: int = 0, hnsw: bool = True
 ) -> list[IndexCase]:
     """The five index types; ``train_size`` 0 trains on what ``IndexSpec.auto`` uses."""
-    lists, augmented_sub, rescore, nprobe, auto_train = index_shape(n_items, dim)
+    lists, fast_sub, rescore, nprobe, auto_train = index_shape(n_items, dim)
     sub = pq_subquantizers(dim)
+    augmented_sub = pq_subquantizers(augmented_dim(dim))
     train_size = train_size or auto_train
     nprobes = tuple(sorted({max(1, round(lists * s)) for s in PROBE_SHARES} | {nprobe}))
     ivfpq = f"IVF{lists},PQ{sub}x8"
@@ -138,8 +142,17 @@ def default_cases(
             train_size=train_size,
         ),
         IndexCase(
-            "MIPS->L2 OPQ + IVF-PQ + re-score",
-            f"OPQ{augmented_sub},IVF{lists},PQ{augmented_sub}x8",
+            "MIPS->L2 IVF-PQ + re-score",
+            f"IVF{lists},PQ{augmented_sub}x8",
+            rescore,
+            "nprobe",
+            nprobes,
+            train_size=train_size,
+            mips_to_l2=True,
+        ),
+        IndexCase(
+            "MIPS->L2 IVF-PQ fast-scan + re-score",
+            f"IVF{lists},PQ{fast_sub}x4fs",
             rescore,
             "nprobe",
             nprobes,

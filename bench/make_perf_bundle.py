@@ -12,11 +12,11 @@
    trainer's full-ranking evaluation scores every item for each evaluated user, so it
    runs on a seeded sample of users (``--eval-users``) instead of all of them;
 3. exports it with ``training.export.export_bundle(..., perf_only=True)`` and the index
-   ``IndexSpec.auto`` picks for a million items (OPQ + IVF-PQ in the MIPS->L2 space,
-   re-scored exactly), with a CTR head trained on the candidates retrieved for a sample
-   of ``--ctr-users`` users (so the serving benchmark includes the rerank stage), whose
-   recall@10/@100 against exact search, bytes per vector, compression and query latency
-   the manifest records;
+   ``IndexSpec.auto`` picks for a million items (IVF with fast-scan PQ codes, partitioned
+   in the MIPS->L2 space, re-scored exactly), with a CTR head trained on the candidates
+   retrieved for a sample of ``--ctr-users`` users (so the serving benchmark includes
+   the rerank stage), whose recall@10/@100 against exact search, bytes per vector,
+   compression and query latency the manifest records;
 4. writes the held-out user embeddings the recall was measured on to
    ``<run-dir>/heldout_queries.npy`` for ``bench/index.py``, and prints a summary.
 

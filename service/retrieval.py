@@ -9,9 +9,13 @@ codes need to stay resident. HNSW is available as an option.
 With ``mips_to_l2`` the index lives in an augmented space where maximum inner product
 becomes nearest neighbour in L2 (Bachrach et al., RecSys'14): each item x gets an extra
 coordinate sqrt(M^2 - |x|^2), M the largest item norm, and each query a 0, so
-|q - x'|^2 = |q|^2 + M^2 - 2 q.x. faiss then clusters and probes by L2, which keeps the
-long item vectors that win inner products together instead of scattering them over
-directions (docs/BENCHMARKS.md: a quarter of the scan for the same recall).
+|q - x'|^2 = |q|^2 + M^2 - 2 q.x. An IVF index then clusters and probes by L2, which keeps
+the long item vectors that win inner products together instead of scattering them over
+directions (docs/BENCHMARKS.md: a quarter of the scan for the same recall), while its codes
+are scored by inner product: the query's 0 makes the extra coordinate drop out of every
+score, so the codes spend no precision on it, and an inner-product lookup table is built
+once per query rather than once per visited list. Flat and HNSW indexes use plain L2 in
+the augmented space.
 
 The same class builds the index at export time and serves it in the service, so the
 recall measured at export is the recall served.
@@ -32,8 +36,9 @@ LOG = logging.getLogger(__name__)
 
 ADD_CHUNK = 100_000  # items augmented and added at a time (bounds the temporary copy)
 EXACT_LIMIT = 200_000  # catalogues up to this size are searched exactly by default
-IVF_PROBE_DIVISOR = 8  # the auto index visits 1/8 of its IVF lists per query (see auto)
+IVF_PROBE_SHARE = 5 / 32  # share of its IVF lists the auto index visits per query (see auto)
 IVF_TRAIN_PER_LIST = 40  # training vectors per IVF list (faiss asks for at least 39)
+RESCORE_DEPTH = 1000  # shortlist the auto index re-scores exactly
 
 
 @dataclass
@@ -50,22 +55,24 @@ class IndexSpec:
 
     @classmethod
     def auto(cls, n_items: int, dim: int) -> IndexSpec:
-        """Exact for small catalogues; OPQ + IVF-PQ in the L2-augmented space with exact
-        re-scoring for large ones."""
+        """Exact for small catalogues; for large ones IVF with 4-bit fast-scan PQ codes,
+        partitioned in the L2-augmented space, with exact re-scoring."""
         if n_items <= EXACT_LIMIT:
             return cls(factory="Flat")
-        sub = pq_subquantizers(augmented_dim(dim))
+        sub = augmented_dim(dim) // 2
         lists = int(2 ** round(np.log2(4 * np.sqrt(n_items))))
         # An inner-product IVF partitions by direction (spherical k-means), while the top
         # items by inner product of a dot-product model are its long vectors over a wide
         # cone of directions: on the 1M-item perf bundle it had to visit a quarter of its
-        # lists for recall@100 0.98. Partitioned by L2 in the augmented space, an eighth of
-        # the lists holds as much of the exact top-100 (docs/BENCHMARKS.md); the re-scored
-        # PQ shortlist recovers nearly everything inside the visited lists.
+        # lists for recall@100 0.98. Partitioned by L2 in the augmented space, 5/32 of the
+        # lists give recall@100 0.955 there (docs/BENCHMARKS.md). Fast-scan codes (two
+        # dimensions per 4-bit code, scanned with SIMD shuffles) cost a third of 8-bit PQ's
+        # scan at the same shortlist quality once re-scored. OPQ is left out: after the
+        # exact re-score it added nothing measurable to 8-bit PQ there.
         return cls(
-            factory=f"OPQ{sub},IVF{lists},PQ{sub}x8",
-            nprobe=max(1, lists // IVF_PROBE_DIVISOR),
-            rescore=1000,
+            factory=f"IVF{lists},PQ{sub}x4fs",
+            nprobe=max(1, round(lists * IVF_PROBE_SHARE)),
+            rescore=RESCORE_DEPTH,
             train_size=max(cls.train_size, IVF_TRAIN_PER_LIST * lists),
             mips_to_l2=True,
         )
@@ -96,12 +103,20 @@ class ItemIndex:
     """Top-k items by inner product for a batch of query vectors."""
 
     def __init__(self, index, vectors: np.ndarray, spec: IndexSpec, gpus: int = 0):
+
         self.index = index
         self.vectors = vectors  # (N + 1, d) float32, row 0 = padding; may be a memmap
         self.spec = spec
         self.gpus = gpus
         self._index_dim = int(index.d)
         self._apply_search_params(index)
+        # An inner-product IVF behind an L2 quantizer is searched with its own probes (the
+        # IVF would take the quantizer's L2 distances for inner products of the centroids).
+        self._l2_probed = _l2_probed(index, spec)
+        if self._l2_probed:
+            self._transforms, self._ivf = _split_pretransform(index)
+            self._centroids = self._ivf.quantizer.reconstruct_n(0, self._ivf.nlist)
+            self._centroid_norms = (self._centroids.astype(np.float64) ** 2).sum(1)
 
     @property
     def n_items(self) -> int:
@@ -122,14 +137,26 @@ class ItemIndex:
         if spec.mips_to_l2:
             max_norm = float(np.sqrt(max((items.astype(np.float64) ** 2).sum(1).max(), 0.0)))
             spec = replace(spec, max_norm=max_norm)
-            index = faiss.index_factory(augmented_dim(dim), spec.factory, faiss.METRIC_L2)
+            probe = faiss.index_factory(augmented_dim(dim), spec.factory, faiss.METRIC_L2)
+            # An IVF is rebuilt with inner-product codes behind an L2 quantizer (see the
+            # module docstring); Flat and HNSW stay L2.
+            index = (
+                faiss.index_factory(augmented_dim(dim), spec.factory, faiss.METRIC_INNER_PRODUCT)
+                if _is_ivf(probe)
+                else probe
+            )
         else:
             index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:
             rng = np.random.default_rng(seed)
             size = min(len(items), spec.train_size)
-            sample = np.sort(rng.choice(len(items), size, replace=False))
-            index.train(_augment_items(items[sample], spec))
+            sample = _augment_items(
+                items[np.sort(rng.choice(len(items), size, replace=False))], spec
+            )
+            if spec.mips_to_l2 and _is_ivf(index):
+                _train_l2_partitioned(index, sample, seed)
+            else:
+                index.train(sample)
         for lo in range(0, len(items), ADD_CHUNK):
             index.add(_augment_items(items[lo : lo + ADD_CHUNK], spec))
         return cls(index, vectors, spec)
@@ -150,10 +177,10 @@ class ItemIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = max(1, min(k, self.n_items))
         depth = max(k, min(self.spec.rescore, self.n_items)) if self.spec.rescore else k
-        if self.spec.mips_to_l2:
-            padded = np.zeros((len(queries), self._index_dim), dtype=np.float32)
-            padded[:, : queries.shape[1]] = queries
-            distances, labels = self.index.search(padded, depth)
+        if self._l2_probed:
+            scores, labels = self._search_l2_probed(self._pad(queries), depth)
+        elif self.spec.mips_to_l2:
+            distances, labels = self.index.search(self._pad(queries), depth)
             # |q - x'|^2 = |q|^2 + M^2 - 2 q.x, so the inner product is recovered exactly.
             norms = (queries.astype(np.float64) ** 2).sum(1, keepdims=True)
             scores = ((norms + self.spec.max_norm**2 - distances) / 2).astype(np.float32)
@@ -165,6 +192,34 @@ class ItemIndex:
         scores = np.where(ids > 0, scores, -np.inf).astype(np.float32)
         return scores[:, :k], ids[:, :k]
 
+    def _pad(self, queries: np.ndarray) -> np.ndarray:
+        """Queries in the augmented space: zeros in the extra coordinates."""
+        padded = np.zeros((len(queries), self._index_dim), dtype=np.float32)
+        padded[:, : queries.shape[1]] = queries
+        return padded
+
+    def _search_l2_probed(self, padded: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        for transform in self._transforms:
+            padded = transform.apply(padded)
+        nprobe = min(self.spec.nprobe, self._ivf.nlist)
+        self._ivf.nprobe = nprobe
+        # Probes are the lists nearest to the query moved onto the sphere of radius M where
+        # every augmented item lies, s q with s = M / |q| (a positive scale leaves the
+        # items' order unchanged). With the query left at its own length the centroids'
+        # norms decide instead: on seeded data with M = 21 and unit queries, recall@100 at
+        # a quarter of the lists fell from 0.94 to 0.71; on the perf bundle (M = 1.8) the
+        # two are within 0.001.
+        # One product with the centroids gives both the probe order (|s q - c|^2 ranks
+        # lists as 2 s q.c - |c|^2 does) and q.c, the term the IVF adds to the residual
+        # codes' q.(x - c) per list. numpy's product and partial sort took a fifth of the
+        # time of faiss's flat quantizer search, whose heap of 512 probes dominated.
+        products = padded @ self._centroids.T  # (b, lists)
+        scale = self.spec.max_norm / np.maximum(np.linalg.norm(padded, axis=1), 1e-12)
+        closeness = 2 * scale[:, None] * products - self._centroid_norms
+        lists = np.argpartition(-closeness, nprobe - 1, axis=1)[:, :nprobe]
+        coarse = np.take_along_axis(products, lists, axis=1)
+        return self._ivf.search_preassigned(padded, depth, lists, coarse)
+
     def _rescore(
         self, queries: np.ndarray, ids: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -172,6 +227,11 @@ class ItemIndex:
         # the memory-mapped vectors.
         exact = np.einsum("bd,bkd->bk", queries, self.vectors[ids])  # (b, depth)
         exact = np.where(ids > 0, exact, -np.inf)
+        if k < exact.shape[1]:
+            # The best k, then their order (ties in shortlist order): a full sort of the
+            # shortlist cost as much as the exact scoring itself.
+            best = np.sort(np.argpartition(-exact, k - 1, axis=1)[:, :k], axis=1)
+            exact, ids = np.take_along_axis(exact, best, 1), np.take_along_axis(ids, best, 1)
         order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(exact, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
@@ -205,15 +265,88 @@ class ItemIndex:
     def load(
         cls, path: str | Path, vectors: np.ndarray, spec: IndexSpec, device: str = "auto"
     ) -> ItemIndex:
-        """Read an index; with a GPU (``device`` auto or gpu) search moves onto it."""
+        """Read an index; with a GPU (``device`` auto or gpu) search moves onto it when
+        faiss can search that kind of index there, and stays on the CPU otherwise."""
         import faiss
 
         index = faiss.read_index(str(path))
         gpus = faiss_gpus(device)
-        if gpus:
-            index = faiss.index_cpu_to_all_gpus(index)
-            LOG.info("faiss index %s searched on %d GPU(s)", path, gpus)
+        if gpus and _l2_probed(index, spec):
+            # Searched with probes and coarse terms of our own (search_preassigned), which
+            # faiss's GPU indexes do not take; its 4-bit fast-scan codes have no GPU kernel.
+            LOG.warning("faiss index %s is searched on the CPU (L2-probed IVF)", path)
+            gpus = 0
+        elif gpus:
+            try:
+                index = faiss.index_cpu_to_all_gpus(index)
+                LOG.info("faiss index %s searched on %d GPU(s)", path, gpus)
+            except RuntimeError as exc:
+                LOG.warning("faiss index %s is searched on the CPU: %s", path, exc)
+                gpus = 0
         return cls(index, vectors, spec, gpus=gpus)
+
+
+def _l2_probed(index, spec: IndexSpec) -> bool:
+    """An inner-product IVF behind an L2 quantizer in the augmented space (see build)."""
+    import faiss
+
+    return (
+        spec.mips_to_l2
+        and _is_ivf(index)
+        and _base_index(index).metric_type == faiss.METRIC_INNER_PRODUCT
+    )
+
+
+def _is_ivf(index) -> bool:
+    import faiss
+
+    try:
+        faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _split_pretransform(index) -> tuple[list, object]:
+    """(the vector transforms in front of an IVF, the IVF itself)."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    transforms = []
+    if isinstance(index, faiss.IndexPreTransform):
+        transforms = [
+            faiss.downcast_VectorTransform(index.chain.at(i)) for i in range(index.chain.size())
+        ]
+    return transforms, faiss.extract_index_ivf(index)
+
+
+def _train_l2_partitioned(index, sample: np.ndarray, seed: int) -> None:
+    """Train an inner-product IVF whose lists come from L2 k-means in the augmented space.
+
+    faiss trains an inner-product IVF with spherical k-means and assigns and probes by inner
+    product; here the transforms in front of it are trained first, then L2 k-means on the
+    transformed sample fills an L2 quantizer that assigns items and picks probes, and the
+    codes (residuals from those centroids) are trained as usual.
+    """
+    import faiss
+
+    transforms, ivf = _split_pretransform(index)
+    for transform in transforms:
+        transform.train(sample)
+        sample = transform.apply(sample)
+    kmeans = faiss.Kmeans(ivf.d, ivf.nlist, niter=20, seed=seed)
+    kmeans.train(sample)
+    quantizer = faiss.IndexFlatL2(ivf.d)
+    quantizer.add(kmeans.centroids)
+    ivf.quantizer = quantizer
+    ivf.own_fields = True
+    quantizer.this.disown()  # the IVF frees it
+    if isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQFastScan):
+        # The factory's fast-scan PQ encodes raw vectors; residuals from the centroids were
+        # needed for recall@100 0.95 on the perf bundle (0.86 without, same scan).
+        ivf.by_residual = True
+    ivf.train(sample)
+    index.is_trained = True
 
 
 def _augment_items(items: np.ndarray, spec: IndexSpec) -> np.ndarray:

@@ -67,14 +67,15 @@ def test_index_benchmark_measures_recall_and_writes_json_and_png(tmp_path):
     vectors = clustered_vectors(2_000, 16)
     queries = queries_near_items(vectors, 50)
     cases = [c for c in default_cases(2_000, 16, train_size=2_000, hnsw=True)
-             if c.label in ("Flat", "IVF-PQ", "IVF-PQ + re-score")]  # fmt: skip
+             if c.label in ("Flat", "IVF-PQ", "IVF-PQ + re-score",
+                            "MIPS->L2 IVF-PQ fast-scan + re-score")]  # fmt: skip
     cases.append(IndexCase("HNSW32", "HNSW32", 0, "ef_search", (64,)))
     report = run_benchmark(
         vectors, queries, cases, "test", tmp_path / "r.json", tmp_path / "r.png", 10, True
     )
     assert (tmp_path / "r.png").stat().st_size > 0
     written = json.loads((tmp_path / "r.json").read_text())
-    flat, plain, rescored, hnsw = written["results"]
+    flat, plain, rescored, fast_scan, hnsw = written["results"]
     assert flat["points"][0]["recall_at_100"] == 1.0
     assert flat["compression"] < 1.1
     assert plain["compression"] > 2.0
@@ -82,6 +83,8 @@ def test_index_benchmark_measures_recall_and_writes_json_and_png(tmp_path):
     for a, b in zip(plain["points"], rescored["points"], strict=True):
         assert b["recall_at_10"] >= a["recall_at_10"]
     assert rescored["points"][-1]["recall_at_100"] >= 0.95  # widest nprobe
+    assert fast_scan["factory"].endswith("x4fs") and fast_scan["compression"] > 2.0
+    assert fast_scan["points"][-1]["recall_at_100"] >= 0.95
     assert hnsw["points"][0]["recall_at_10"] >= 0.9
     assert "recall@100" in report["table"] and report["markdown"].startswith("| index")
     # The coarse study covers all three partitions.

@@ -68,7 +68,7 @@ def test_hnsw_option_reaches_high_recall():
 def test_auto_spec_is_exact_for_small_catalogues_and_compressed_for_large():
     assert IndexSpec.auto(3_706, 64).exact
     large = IndexSpec.auto(1_000_000, 64)
-    assert not large.exact and "PQ17" in large.factory and large.rescore > 0
+    assert not large.exact and large.factory == "IVF4096,PQ34x4fs" and large.rescore > 0
     assert IndexSpec.auto(EXACT_LIMIT + 1, 64).rescore > 0
 
 
@@ -141,5 +141,108 @@ def test_augmented_index_round_trips_through_its_saved_spec(tmp_path):
 
 def test_auto_spec_for_large_catalogues_partitions_in_the_augmented_space():
     spec = IndexSpec.auto(1_000_000, 64)
-    assert spec.mips_to_l2 and "PQ17" in spec.factory and spec.nprobe == 4096 // 8
+    assert spec.mips_to_l2 and "x4fs" in spec.factory and spec.nprobe == 640
     assert augmented_dim(64) == 68 and augmented_dim(63) == 64
+
+
+def test_augmented_ivf_assigns_and_probes_by_l2_and_scores_codes_by_inner_product():
+    import faiss
+
+    vectors = norm_skewed_vectors(4_000, 16)
+    index = ItemIndex.build(
+        vectors, IndexSpec("IVF32,PQ20x8", nprobe=32, rescore=0, mips_to_l2=True)
+    )
+    ivf = faiss.extract_index_ivf(index.index)
+    assert ivf.metric_type == faiss.METRIC_INNER_PRODUCT and ivf.by_residual
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    assert isinstance(quantizer, faiss.IndexFlatL2)
+    # Every item sits in the list of its L2-nearest centroid in the augmented space.
+    augmented = np.hstack(
+        [vectors[1:], np.zeros((4_000, 4), np.float32)]
+    )  # 16 + 1 extra, padded to 20
+    augmented[:, 16] = np.sqrt(np.maximum(index.spec.max_norm**2 - (vectors[1:] ** 2).sum(1), 0))
+    _, nearest = quantizer.search(augmented, 1)
+    invlists = ivf.invlists
+    listed = np.empty(4_000, dtype=np.int64)
+    for lst in range(ivf.nlist):
+        ids = faiss.rev_swig_ptr(invlists.get_ids(lst), invlists.list_size(lst)).copy()
+        listed[ids] = lst
+    assert (listed == nearest[:, 0]).mean() > 0.99  # ties in float32 aside
+    # Visiting every list, the PQ scores approximate the inner products themselves (the
+    # coarse term q.c is added back per list), so the exact top 10 is in a short list.
+    queries = queries_around(vectors, 50)
+    scores, ids = index.search(queries, 50)
+    exact = queries @ vectors[1:].T
+    error = np.abs(scores - np.take_along_axis(exact, ids - 1, 1)) / np.abs(scores)
+    assert np.median(error) < 0.02, np.median(error)
+    top10 = np.argsort(-exact, axis=1)[:, :10] + 1
+    found = np.mean([len(np.intersect1d(a, e)) / 10 for a, e in zip(ids, top10, strict=True)])
+    assert found >= 0.9, found
+
+
+def test_augmented_fast_scan_index_with_rescoring_keeps_recall_and_is_8x_smaller():
+    vectors = norm_skewed_vectors(20_000, 64)
+    spec = IndexSpec("IVF64,PQ34x4fs", nprobe=16, rescore=1000, train_size=10_000, mips_to_l2=True)
+    index = ItemIndex.build(vectors, spec)
+    quality = measure_recall(index, queries_around(vectors, 200))
+    assert quality["recall@100"] >= 0.95 and quality["recall@10"] >= 0.95, quality
+    assert 4 * 64 / (index.memory_bytes() / 20_000) >= 8
+
+
+def test_an_augmented_ivf_with_l2_codes_from_earlier_bundles_still_searches_exactly(tmp_path):
+    import faiss
+
+    # Bundles built before the inner-product codes hold an all-L2 augmented IVF.
+    vectors = norm_skewed_vectors(3_000, 16)
+    spec = IndexSpec("IVF16,Flat", nprobe=16, mips_to_l2=True)
+    spec.max_norm = float(np.linalg.norm(vectors[1:], axis=1).max())
+    from service.retrieval import _augment_items
+
+    old = faiss.index_factory(augmented_dim(16), "IVF16,Flat", faiss.METRIC_L2)
+    old.train(_augment_items(vectors[1:], spec))
+    old.add(_augment_items(vectors[1:], spec))
+    faiss.write_index(old, str(tmp_path / "items.faiss"))
+    loaded = ItemIndex.load(tmp_path / "items.faiss", vectors, spec, device="cpu")
+    queries = queries_near(vectors, 10)
+    scores, ids = loaded.search(queries, 5)
+    exact = queries @ vectors[1:].T
+    np.testing.assert_array_equal(ids, np.argsort(-exact, axis=1)[:, :5] + 1)
+    np.testing.assert_allclose(
+        scores, np.take_along_axis(exact, ids - 1, axis=1), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_an_l2_probed_index_stays_on_the_cpu_when_a_gpu_is_offered(tmp_path, monkeypatch):
+    import faiss
+
+    import service.retrieval as retrieval
+
+    vectors = norm_skewed_vectors(3_000, 16)
+    spec = IndexSpec("IVF16,PQ10x4fs", nprobe=16, rescore=100, mips_to_l2=True)
+    built = ItemIndex.build(vectors, spec)
+    built.save(tmp_path / "items.faiss")
+    moved = []
+    monkeypatch.setattr(retrieval, "faiss_gpus", lambda device: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda index: moved.append(index))
+    loaded = ItemIndex.load(tmp_path / "items.faiss", vectors, built.spec, device="gpu")
+    assert loaded.gpus == 0 and not moved
+    queries = queries_near(vectors, 5)
+    np.testing.assert_array_equal(loaded.search(queries, 10)[1], built.search(queries, 10)[1])
+
+
+def test_an_index_faiss_cannot_move_to_the_gpu_is_searched_on_the_cpu(tmp_path, monkeypatch):
+    import faiss
+
+    import service.retrieval as retrieval
+
+    vectors = clustered_vectors(2_000, 16)
+    spec = IndexSpec("IVF16,PQ4x8", nprobe=4, rescore=100)
+    ItemIndex.build(vectors, spec).save(tmp_path / "items.faiss")
+
+    def unsupported(index):
+        raise RuntimeError("not implemented for this type of index")
+
+    monkeypatch.setattr(retrieval, "faiss_gpus", lambda device: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", unsupported)
+    loaded = ItemIndex.load(tmp_path / "items.faiss", vectors, spec, device="auto")
+    assert loaded.gpus == 0 and loaded.search(queries_near(vectors, 2), 5)[1].shape == (2, 5)
