@@ -126,6 +126,17 @@ def test_head_gives_one_logit_per_task_and_serves_the_first():
     )
 
 
+def test_factorised_interaction_is_the_projection_of_user_item_and_their_product():
+    head = _random_head()
+    user, cand = torch.randn(3, 8), torch.randn(3, 5, 8)
+    plain = torch.cat([user[:, None].expand_as(cand), cand, user[:, None] * cand], dim=-1)
+    with torch.no_grad():
+        expected = head.interaction(plain)
+        got = head.interact(user, cand)
+    assert got.shape == (3, 5, head.config.interaction)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_train_ctr_head_runs_end_to_end_and_beats_chance(tiny_data, exported_bundle, tmp_path):
     _, bundle_path = exported_bundle
     config = CtrConfig(**TINY_HEAD)
