@@ -206,7 +206,7 @@ def left_padded_events(
 
 
 def _log_capped(seconds: np.ndarray) -> np.ndarray:
-    return np.log1p(np.clip(seconds, 0, AGE_CAP).astype(np.float64))
+    return np.log1p(np.clip(seconds, 0, AGE_CAP).astype(np.float32))
 
 
 def candidate_features(
@@ -219,10 +219,14 @@ def candidate_features(
     request_time: np.ndarray,
     items: ItemFeatures,
 ) -> tuple[np.ndarray, list[str]]:
-    """Scalar features (B, C, F) float32 and their names; see the module docstring."""
+    """Scalar features (B, C, F) float32 and their names; see the module docstring.
+
+    Computed in float32 throughout: the service builds them for every candidate of every
+    request, and float64 copies of the candidate vectors were most of their cost.
+    """
     user = np.asarray(user_embedding, dtype=np.float32)  # (b, d)
     ids = np.asarray(candidate_ids, dtype=np.int64)  # (b, c)
-    scores = np.asarray(retrieval_scores, dtype=np.float64)  # (b, c)
+    scores = np.asarray(retrieval_scores, dtype=np.float32)  # (b, c)
     vectors = np.asarray(candidate_vectors, dtype=np.float32)  # (b, c, d)
     request = np.asarray(request_time, dtype=np.int64).reshape(-1)  # (b,)
     history_ids = np.asarray(history_ids, dtype=np.int64)[:, -HISTORY_WINDOW:]  # (b, l)
@@ -230,18 +234,18 @@ def candidate_features(
     b, c = ids.shape
     real = ids > 0  # (b, c)
     names = items.names
-    out = np.zeros((b, c, len(names)), dtype=np.float64)
+    out = np.empty((b, c, len(names)), dtype=np.float32)
 
     best = np.max(np.where(real, scores, -np.inf), axis=1, keepdims=True, initial=-np.inf)
     best = np.where(np.isfinite(best), best, 0.0)
     out[..., 0] = scores
     out[..., 1] = scores - best
-    out[..., 2] = np.log1p(np.arange(c, dtype=np.float64))[None, :]
-    user_norm = np.linalg.norm(user.astype(np.float64), axis=-1)[:, None]  # (b, 1)
-    item_norm = np.linalg.norm(vectors.astype(np.float64), axis=-1)  # (b, c)
-    dots = np.einsum("bd,bcd->bc", user.astype(np.float64), vectors.astype(np.float64))
+    out[..., 2] = np.log1p(np.arange(c, dtype=np.float32))[None, :]
+    user_norm = np.sqrt(np.einsum("bd,bd->b", user, user))[:, None]  # (b, 1)
+    item_norm = np.sqrt(np.einsum("bcd,bcd->bc", vectors, vectors))  # (b, c)
+    dots = np.einsum("bd,bcd->bc", user, vectors)
     out[..., 3] = dots / np.maximum(user_norm * item_norm, 1e-12)
-    out[..., 4] = np.log1p(items.popularity[ids].astype(np.float64))
+    out[..., 4] = np.log1p(items.popularity[ids].astype(np.float32))
 
     last = items.last_seen_before(ids, request)  # (b, c)
     age = np.where(last == NEVER, AGE_CAP, request[:, None] - last)
@@ -252,15 +256,17 @@ def candidate_features(
     newest = np.max(np.where(known, history_ts, np.iinfo(np.int64).min), axis=1)
     gap = np.where(has_history, request - np.where(has_history, newest, 0), AGE_CAP)
     out[..., 6] = _log_capped(gap)[:, None]
-    out[..., 7] = np.log1p(np.minimum(known.sum(axis=1), HISTORY_WINDOW))[:, None]
+    out[..., 7] = np.log1p(np.minimum(known.sum(axis=1), HISTORY_WINDOW).astype(np.float32))[
+        :, None
+    ]
 
     if items.has_genres:
         recent = history_ids[:, -GENRE_WINDOW:]  # (b, r)
         counted = np.maximum((recent > 0).sum(axis=1), 1)[:, None]  # (b, 1)
-        profile = items.genres[recent].sum(axis=1, dtype=np.float64) / counted  # (b, g)
-        candidate_genres = items.genres[ids].astype(np.float64)  # (b, c, g)
+        profile = items.genres[recent].sum(axis=1) / counted  # (b, g)
+        candidate_genres = items.genres[ids]  # (b, c, g) float32
         shared = np.einsum("bcg,bg->bc", candidate_genres, profile)
         out[..., 8] = shared / np.maximum(candidate_genres.sum(axis=-1), 1.0)
 
     out[~real] = 0.0
-    return out.astype(np.float32), names
+    return out, names
