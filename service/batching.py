@@ -1,10 +1,15 @@
-"""Dynamic micro-batching: concurrent requests share one ONNX call and one faiss search.
+"""Dynamic micro-batching: concurrent requests share one Redis round trip, one ONNX call,
+one faiss search and one CTR head call.
 
 ``MicroBatcher.submit(item)`` queues an item and awaits its own result. A single worker
 task takes whatever is queued (at most ``max_batch`` items), waits at most ``max_wait_ms``
-for more, and runs the batch function once in a thread. With ``max_wait_ms=0`` it never
-waits: a lone request goes straight through (no added latency at concurrency 1), while
-requests that arrive during a running batch form the next one, so batches grow with load.
+for more, and awaits the batch function once for all of them. With ``max_wait_ms=0`` it
+never waits: a lone request goes straight through (no added latency at concurrency 1),
+while requests that arrive during a running batch form the next one, so batches grow with
+load. Up to ``in_flight`` batches run at once: with two, the next batch is collected and
+starts (say, its cache read) while the previous one still computes, so the event loop and
+the compute thread work side by side instead of in turns. The batch function is a
+coroutine; ``in_thread`` turns a blocking one into a coroutine that runs it off the loop.
 
 If the batch function raises, each item is retried alone, so one bad request fails only
 itself and never its neighbours.
@@ -15,38 +20,56 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from typing import Generic, TypeVar
-
-from starlette.concurrency import run_in_threadpool
 
 LOG = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
+BatchFunction = Callable[[list[Item]], Awaitable[list[Result]]]
+
+
+def in_thread(
+    fn: Callable[[list[Item]], list[Result]], executor: Executor | None = None
+) -> BatchFunction:
+    """A blocking batch function as a coroutine running in ``executor`` (default: the
+    loop's). onnxruntime, faiss and numpy's large kernels release the GIL there."""
+
+    async def run(items: list[Item]) -> list[Result]:
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, items)
+
+    return run
+
 
 class MicroBatcher(Generic[Item, Result]):
     def __init__(
         self,
-        fn: Callable[[list[Item]], list[Result]],
+        fn: BatchFunction,
         max_batch: int = 32,
         max_wait_ms: float = 0.0,
         on_batch: Callable[[int], None] | None = None,
+        in_flight: int = 1,
     ):
-        if max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
+        if max_batch < 1 or in_flight < 1:
+            raise ValueError("max_batch and in_flight must be at least 1")
         self.fn = fn
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.on_batch = on_batch
+        self.in_flight = in_flight
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._running: set[asyncio.Task] = set()
 
     async def submit(self, item: Item) -> Result:
         """Queue ``item`` and wait for its result (or its own exception)."""
         if self._queue is None:
             self._queue = asyncio.Queue()
+            self._slots = asyncio.Semaphore(self.in_flight)
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((item, future))
         # The worker exits once the queue is empty (no idle task holds a swapped-out bundle
@@ -77,43 +100,71 @@ class MicroBatcher(Generic[Item, Result]):
 
     async def _serve(self) -> None:
         while not self._queue.empty():
+            # A free slot first, then the batch: it takes everything queued meanwhile.
+            await self._slots.acquire()
+            if self._queue.empty():
+                self._slots.release()
+                break
             batch = await self._collect(self._queue.get_nowait())
             if not batch:
+                self._slots.release()
                 continue
-            if self.on_batch is not None:
-                self.on_batch(len(batch))
-            items = [item for item, _ in batch]
-            try:
-                results = await run_in_threadpool(self.fn, items)
-            except Exception as exc:
-                if len(batch) == 1:
-                    batch[0][1].set_exception(exc)
-                else:
-                    LOG.warning("batch of %d failed; retrying its items one by one", len(batch))
-                    await self._one_by_one(batch)
-                continue
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+            task = asyncio.create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._slots.release()
+
+    async def _run(self, batch: list) -> None:
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
+        items = [item for item, _ in batch]
+        try:
+            results = await self.fn(items)
+        except asyncio.CancelledError:
+            for _, future in batch:
+                future.cancel()
+            raise
+        except Exception as exc:
+            if len(batch) == 1:
+                _settle(batch[0][1], exception=exc)
+            else:
+                LOG.warning("batch of %d failed; retrying its items one by one", len(batch))
+                await self._one_by_one(batch)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            _settle(future, result)
 
     async def _one_by_one(self, batch: list) -> None:
         for item, future in batch:
             try:
-                (result,) = await run_in_threadpool(self.fn, [item])
+                (result,) = await self.fn([item])
             except Exception as exc:
-                if not future.done():
-                    future.set_exception(exc)
+                _settle(future, exception=exc)
                 continue
-            if not future.done():
-                future.set_result(result)
+            _settle(future, result)
 
     async def close(self) -> None:
-        """Stop the worker; queued requests that never ran are cancelled."""
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
+        """Stop the worker and the running batches; queued requests that never ran are
+        cancelled."""
+        for task in [self._worker, *self._running]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._worker = None
         while self._queue is not None and not self._queue.empty():
             _, future = self._queue.get_nowait()
             future.cancel()
+
+
+def _settle(future: asyncio.Future, result=None, exception: BaseException | None = None) -> None:
+    """Deliver to a request that is still waiting (one that gave up is left alone)."""
+    if future.done():
+        return
+    if exception is not None:
+        future.set_exception(exception)
+    else:
+        future.set_result(result)

@@ -62,3 +62,15 @@ def onnx_session(path, device: str = "auto", threads: int = 1):
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), options, providers=onnx_providers(device))
+
+
+def limit_native_threads(threads: int) -> None:
+    """Threads of the native kernels the pipeline calls: faiss's OpenMP loops (for the
+    calling thread, as OpenMP keeps the setting per thread) and the BLAS libraries of numpy
+    and faiss (for the process). Both default to one thread per core and spin between
+    calls, which on a small machine takes cores from the event loop; batching, not
+    intra-op threads, gives the service its throughput. onnxruntime has its own setting.
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(threads)

@@ -128,6 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if state.recommender is not None:
                 await state.recommender.drain()
             await cache.close()
+            state.executor.shutdown(cancel_futures=True)
 
     app = FastAPI(
         title="recserve",

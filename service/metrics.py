@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+STAGES = ("encode", "retrieve", "rerank", "total")
 STAGE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -62,6 +63,18 @@ class Metrics:
         self.bundle = Gauge(
             "recserve_bundle_info", "The bundle being served", ["bundle"], registry=self.registry
         )
+
+        # The children /recommend touches on every request, resolved once.
+        self._cache_outcomes = {r: self.cache.labels(result=r) for r in ("hit", "miss", "bypass")}
+        self._stages = {s: self.stage.labels(stage=s) for s in STAGES}
+
+    def recommended(self, cache: str, fallback: str | None, timings_ms: dict[str, float]) -> None:
+        """Count and time one /recommend answer."""
+        self._cache_outcomes[cache].inc()
+        if fallback:
+            self.fallbacks.labels(kind=fallback).inc()
+        for stage, child in self._stages.items():
+            child.observe(timings_ms[stage] / 1000.0)
 
     def serving(self, bundle: str) -> None:
         self.bundle.clear()

@@ -1,16 +1,24 @@
 """The recommendation pipeline: history -> user embedding -> candidates -> (rerank) -> top k.
 
-One request goes through these steps (timed separately):
+A request joins its retriever's micro-batch, and the batch goes through these steps:
 
-1. map raw item ids to the bundle's ids (unknown ids are counted, not fatal), order the
-   events by time and keep the most recent ``request_history_cap``;
-2. build the encoder input window (``service.histories``) and its digest; look the digest
-   up in the behaviour cache — a hit skips encoding and retrieval;
-3. otherwise encode with the retriever's ONNX graph and search its index deep enough to
-   survive the removal of seen items, and store both in the cache;
-4. remove seen items when asked, rerank with the CTR head when the bundle has one (one
-   head call for the candidates of all concurrent requests, like step 3),
-   and return the best ``k``.
+1. for all its requests at once: map raw item ids to the bundle's ids (unknown ids are
+   counted, not fatal), order each history by time and keep its most recent
+   ``request_history_cap`` events, build the encoder input windows
+   (``service.histories``) and their digests, the keys of the requests' entries in the
+   behaviour cache;
+2. read all those entries in one Redis round trip (a hit skips encoding and retrieval);
+3. in the worker thread: encode the misses with one ONNX call, search the index once for
+   all of them, remove each request's seen items and rerank every request's candidates
+   with one CTR head call (where the bundle has a head);
+4. write the new entries behind the answers, in one pipeline (a repeat that arrives before
+   they land is served from memory), and return each request's best ``k``, timed per
+   stage (each stage's time is its batch's).
+
+Per request, the event loop only parses, queues and answers: everything per event or per
+candidate runs once per batch, in numpy or in the native libraries, so that the Python
+work that holds the GIL, which bounds the throughput of a worker, is amortised. Two
+batches can be in flight: one computing while the next one is read from the cache.
 
 A history with no known item gets the popularity fallback, flagged in the response.
 """
@@ -20,16 +28,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from service.batching import MicroBatcher
-from service.bundle import Bundle, Retriever
+from service.batching import MicroBatcher, in_thread
+from service.bundle import Bundle, Catalogue, Retriever
 from service.cache import BehaviourCache, CachedRetrieval, history_digest
 from service.errors import StoreUnavailable, UnknownEncoder
+from service.features import ItemFeatures
 from service.histories import left_padded_window
 from service.ranking import RerankJob, rerank_batch
 
@@ -59,20 +69,81 @@ class PreparedHistory:
     truncated: bool
 
 
-def prepare_history(bundle: Bundle, events: list[tuple[str, int]], cap: int) -> PreparedHistory:
-    """Known events ordered by time (stable), the newest ``cap`` of them."""
-    raw = [item for item, _ in events]
-    stamps = np.fromiter((ts for _, ts in events), dtype=np.int64, count=len(events))
-    ids = bundle.catalogue.internal_ids(raw)
-    order = np.argsort(stamps, kind="stable")
-    ids, stamps = ids[order], stamps[order]
+def prepare_histories(
+    catalogue: Catalogue, histories: list[list[tuple[str, int]]], caps: list[int]
+) -> list[PreparedHistory]:
+    """Each history's known events ordered by time (stable), the newest ``cap`` of them;
+    one pass over all events of all histories."""
+    lengths = np.fromiter((len(events) for events in histories), np.int64, len(histories))
+    total = int(lengths.sum())
+    ids = catalogue.internal_ids([item for events in histories for item, _ in events])
+    stamps = np.fromiter((ts for events in histories for _, ts in events), np.int64, total)
+    owner = np.repeat(np.arange(len(histories)), lengths)
+    order = np.lexsort((stamps, owner))  # by history, then time; ties keep their order
+    ids, stamps, owner = ids[order], stamps[order], owner[order]
     known = ids > 0
-    unknown = int((~known).sum())
-    ids, stamps = ids[known], stamps[known]
-    truncated = len(ids) > cap  # only dropped known events truncate what the encoder sees
-    if truncated:
-        ids, stamps = ids[-cap:], stamps[-cap:]
-    return PreparedHistory(ids, stamps, unknown, truncated)
+    unknown = np.bincount(owner[~known], minlength=len(histories))
+    ids, stamps, owner = ids[known], stamps[known], owner[known]
+    counts = np.bincount(owner, minlength=len(histories))
+    caps_of = np.asarray(caps, dtype=np.int64)
+    # Only dropped known events truncate what the encoder sees.
+    from_end = np.cumsum(counts)[owner] - 1 - np.arange(len(ids))
+    newest = from_end < caps_of[owner]
+    ids, stamps = ids[newest], stamps[newest]
+    ends = np.cumsum(np.minimum(counts, caps_of))
+    starts = ends - np.minimum(counts, caps_of)
+    return [
+        PreparedHistory(ids[a:b], stamps[a:b], int(u), bool(n > cap))
+        for a, b, u, n, cap in zip(starts, ends, unknown, counts, caps_of, strict=True)
+    ]
+
+
+def prepare_history(bundle: Bundle, events: list[tuple[str, int]], cap: int) -> PreparedHistory:
+    """One history's known events ordered by time (stable), the newest ``cap`` of them."""
+    return prepare_histories(bundle.catalogue, [events], [cap])[0]
+
+
+@dataclass
+class RetrievalJob:
+    """One request's share of a batched encode + search."""
+
+    ids: np.ndarray  # (1, L) encoder window
+    deltas: np.ndarray  # (1, L)
+    depth: int
+    embedding: np.ndarray | None = None  # (d,) when the cache already had it
+
+
+@dataclass
+class Job:
+    """One request inside a pipeline batch: what it asks, then what its batch found."""
+
+    events: list[tuple[str, int]]
+    history_cap: int
+    exclude_seen: bool
+    keep: int  # candidates kept after exclusion: max(candidates, k)
+    k: int
+    rerank: bool
+    request_time: int
+    cache: BehaviourCache | None
+    history: PreparedHistory | None = None
+    retrieval: RetrievalJob | None = None
+    seen: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # never served
+    key: str | None = None  # the request's cache entry (None without a cache)
+    cached: CachedRetrieval | None = None
+    outcome: str = "bypass"  # hit, miss or bypass
+
+
+@dataclass
+class Answer:
+    """A job's result: the entry to cache (on a miss) and the ranked top k."""
+
+    entry: CachedRetrieval | None
+    ids: np.ndarray  # (<= k,) best first
+    scores: np.ndarray  # the served score: the head's logit, or the retrieval score
+    retrieval_scores: np.ndarray
+    reranked: bool
+    timings: dict[str, float]
+    items: list[dict] = field(default_factory=list)
 
 
 class Recommender:
@@ -85,34 +156,31 @@ class Recommender:
         max_batch: int = 32,
         max_wait_ms: float = 0.0,
         on_batch=None,
+        executor: Executor | None = None,
+        in_flight: int = 2,
     ):
         self.bundle = bundle
         self.default_encoder = default_encoder or bundle.default_encoder
-        # One batcher per retriever: its requests share an ONNX call and a faiss search,
-        # and (where the retriever has a CTR head) one head call for all their candidates.
-        self.batchers = {
-            name: MicroBatcher(
-                partial(encode_and_search, retriever), max_batch, max_wait_ms, on_batch
-            )
-            for name, retriever in bundle.retrievers.items()
-        }
-        self.rerankers = {
+        # One batcher per retriever: its requests share a cache read, an ONNX call, a faiss
+        # search and a head call, all computed in ``executor`` (default: the loop's).
+        self.pipelines = {
             name: MicroBatcher(
                 partial(
-                    rerank_batch,
-                    retriever.ctr_head,
-                    bundle.item_features,
-                    retriever.item_vectors,
+                    self._run_batch,
+                    retriever,
+                    in_thread(partial(compute_batch, retriever, bundle.item_features), executor),
                 ),
                 max_batch,
                 max_wait_ms,
+                on_batch,
+                in_flight,
             )
             for name, retriever in bundle.retrievers.items()
-            if retriever.ctr_head is not None and bundle.item_features is not None
         }
-        # Cache writes run behind the response; a lookup of a key still being written
-        # waits for it, so a repeat request on this worker always finds its entry.
-        self._writes: dict[CacheKey, asyncio.Task] = {}
+        # Entries whose write is still in flight, served from here to a repeat request
+        # that arrives before Redis has them: (cache, key) -> entry.
+        self._unwritten: dict[tuple[BehaviourCache, str], CachedRetrieval] = {}
+        self._writes: set[asyncio.Task] = set()
         popularity = bundle.catalogue.popularity.astype(np.float64)
         popularity[0] = -np.inf
         self._popular_order = np.argsort(-popularity, kind="stable")
@@ -126,20 +194,28 @@ class Recommender:
             )
         return self.bundle.retrievers[name]
 
-    def _item(self, item_id: int, score: float, retrieval_score: float) -> dict:
-        titles = self.bundle.catalogue.titles
-        entry = {
-            "item_id": str(self.bundle.catalogue.raw_ids[item_id]),
-            "score": float(score),
-            "retrieval_score": float(retrieval_score),
-        }
-        if titles is not None and titles[item_id] is not None:
-            entry["title"] = titles[item_id]
-        return entry
+    def items(self, ids: np.ndarray, scores: np.ndarray, retrieval_scores: np.ndarray):
+        """Response items for internal ids, best first."""
+        catalogue = self.bundle.catalogue
+        titles = catalogue.titles
+        return [
+            {
+                "item_id": str(raw),
+                "score": score,
+                "retrieval_score": retrieval_score,
+                "title": titles[i] if titles is not None else None,
+            }
+            for raw, score, retrieval_score, i in zip(
+                catalogue.raw_ids[ids].tolist(),
+                np.asarray(scores, dtype=np.float64).tolist(),
+                np.asarray(retrieval_scores, dtype=np.float64).tolist(),
+                ids.tolist(),
+                strict=True,
+            )
+        ]
 
     def popular(self, k: int, exclude: np.ndarray) -> list[dict]:
         """The ``k`` most popular items not in ``exclude``, scored by log count."""
-        counts = self.bundle.catalogue.popularity
         chosen = []
         excluded = set(exclude.tolist())
         for item in self._popular_order:
@@ -148,7 +224,9 @@ class Recommender:
             chosen.append(item)
             if len(chosen) == k:
                 break
-        return [self._item(i, np.log1p(counts[i]), np.log1p(counts[i])) for i in chosen]
+        chosen = np.asarray(chosen, dtype=np.int64)
+        scores = np.log1p(self.bundle.catalogue.popularity[chosen])
+        return self.items(chosen, scores, scores)
 
     async def recommend(
         self,
@@ -164,101 +242,141 @@ class Recommender:
     ) -> Recommendation:
         started = time.perf_counter()
         retriever = self.retriever(encoder)
-        history = prepare_history(self.bundle, events, history_cap)
-        result = Recommendation(
-            items=[],
+        job = Job(
+            events=events,
+            history_cap=history_cap,
+            exclude_seen=exclude_seen,
+            keep=max(candidates, k),
+            k=k,
+            rerank=rerank,
+            request_time=int(time.time()),
+            cache=cache,
+        )
+        answer = await self.pipelines[retriever.name].submit(job)
+        return Recommendation(
+            items=answer.items,
             bundle=self.bundle.name,
             encoder=retriever.name,
-            unknown_items=history.unknown,
-            history_truncated=history.truncated,
+            reranked=answer.reranked,
+            cache=job.outcome,
+            fallback=None if answer.entry is not None else "popularity",
+            unknown_items=job.history.unknown,
+            history_truncated=job.history.truncated,
+            timings_ms={**answer.timings, "total": _ms(started)},
         )
-        timings = {"encode": 0.0, "retrieve": 0.0, "rerank": 0.0}
-        if len(history.item_ids) == 0:
-            result.fallback = "popularity"
-            result.items = self.popular(k, history.item_ids)
-            result.timings_ms = {**timings, "total": _ms(started)}
-            return result
 
+    async def _run_batch(self, retriever: Retriever, compute, jobs: list[Job]) -> list[Answer]:
+        """History preparation and the cache read for the batch, the computation in the
+        worker thread, the writes behind the answers."""
+        self._prepare(retriever, jobs)
+        served = [job for job in jobs if job.retrieval is not None]
+        if served:
+            await self._look_up(served)
+            computed = iter(await compute(served))
+        written: dict[BehaviourCache, list[tuple[str, CachedRetrieval]]] = {}
+        answers = []
+        for job in jobs:
+            if job.retrieval is None:  # no known item: the popularity fallback
+                answers.append(self._fallback(job))
+                continue
+            answer = next(computed)
+            answer.items = self.items(answer.ids, answer.scores, answer.retrieval_scores)
+            answers.append(answer)
+            if job.outcome == "miss":
+                written.setdefault(job.cache, []).append((job.key, answer.entry))
+        for cache, entries in written.items():
+            self._write_behind(cache, entries)
+        return answers
+
+    def _prepare(self, retriever: Retriever, jobs: list[Job]) -> None:
+        """Histories, encoder windows, cache keys and seen items of a batch, in one pass."""
+        histories = prepare_histories(
+            self.bundle.catalogue, [job.events for job in jobs], [job.history_cap for job in jobs]
+        )
+        for job, history in zip(jobs, histories, strict=True):
+            job.history = history
+        usable = [job for job in jobs if len(job.history.item_ids)]
+        if not usable:
+            return
+        lengths = np.array([len(job.history.item_ids) for job in usable])
+        ends = np.cumsum(lengths)
+        item_ids = np.concatenate([job.history.item_ids for job in usable])
         ids, deltas = left_padded_window(
-            history.item_ids,
-            history.timestamps,
-            np.array([0]),
-            np.array([len(history.item_ids)]),
+            item_ids,
+            np.concatenate([job.history.timestamps for job in usable]),
+            ends - lengths,
+            ends,
             retriever.max_len,
         )
-        seen = np.unique(history.item_ids) if exclude_seen else np.zeros(0, np.int64)
-        depth = min(self.bundle.catalogue.n_items, max(candidates, k) + len(seen))
-        key = (self.bundle.name, retriever.name, history_digest(ids, deltas))
-
-        writing = self._writes.get(key)
-        if writing is not None:
-            await asyncio.shield(writing)
-        cached = await _cache_get(cache, key)
-        result.cache = "bypass" if cache is None or cached is False else "miss"
-        if cached and len(cached.ids) >= depth:
-            result.cache = "hit"
-            found_ids, found_scores = cached.ids[:depth], cached.scores[:depth]
-            embedding = cached.embedding
-        else:
-            job = RetrievalJob(ids, deltas, depth, cached.embedding if cached else None)
-            embedding, found_scores, found_ids, took = await self.batchers[retriever.name].submit(
-                job
-            )
-            timings["encode"], timings["retrieve"] = took
-            if result.cache == "miss":
-                self._write_behind(
-                    cache, key, CachedRetrieval(embedding, found_ids, found_scores)
+        # The distinct items of every history, from one sort of (request, item) keys.
+        span = self.bundle.catalogue.n_items + 1
+        distinct = np.unique(np.repeat(np.arange(len(usable)), lengths) * span + item_ids)
+        bounds = np.searchsorted(distinct, np.arange(len(usable) + 1) * span)
+        for row, (job, length) in enumerate(zip(usable, lengths.tolist(), strict=True)):
+            # Each window is cut to its own width, exactly as it would be encoded alone, so
+            # its digest does not depend on the batch it came in.
+            width = min(retriever.max_len, length)
+            window, gaps = ids[row : row + 1, -width:], deltas[row : row + 1, -width:]
+            mine = distinct[bounds[row] : bounds[row + 1]] - row * span
+            if job.exclude_seen:
+                job.seen = mine
+            depth = min(self.bundle.catalogue.n_items, job.keep + len(job.seen))
+            job.retrieval = RetrievalJob(window, gaps, depth)
+            if job.cache is not None:
+                job.key = job.cache.retrieval_key(
+                    self.bundle.name, retriever.name, history_digest(window, gaps)
                 )
 
-        keep = (found_ids > 0) & ~np.isin(found_ids, seen)
-        found_ids, found_scores = found_ids[keep], found_scores[keep]
-        found_ids, found_scores = (
-            found_ids[: max(candidates, k)],
-            found_scores[: max(candidates, k)],
+    def _fallback(self, job: Job) -> Answer:
+        empty = np.zeros(0, dtype=np.int64)
+        return Answer(
+            entry=None,
+            ids=empty,
+            scores=empty,
+            retrieval_scores=empty,
+            reranked=False,
+            timings={"encode": 0.0, "retrieve": 0.0, "rerank": 0.0},
+            items=self.popular(job.k, job.history.item_ids),
         )
-        reranker = self.rerankers.get(retriever.name) if rerank else None
-        if reranker is not None and len(found_ids):
-            reranking = time.perf_counter()
-            ranked = await reranker.submit(
-                RerankJob(
-                    embedding,
-                    found_ids,
-                    found_scores,
-                    history.item_ids,
-                    history.timestamps,
-                    int(time.time()),
-                )
-            )
-            timings["rerank"] = _ms(reranking)
-            result.reranked = True
-            result.items = [
-                self._item(i, s, r)
-                for i, s, r in zip(
-                    ranked.ids[:k], ranked.logits[:k], ranked.retrieval_scores[:k], strict=True
-                )
-            ]
-        else:
-            result.items = [
-                self._item(i, s, s) for i, s in zip(found_ids[:k], found_scores[:k], strict=True)
-            ]
-        result.timings_ms = {**timings, "total": _ms(started)}
-        return result
 
-    def _write_behind(self, cache: BehaviourCache, key: CacheKey, value: CachedRetrieval) -> None:
-        """Store an entry without making the request wait for Redis's answer."""
-        task = asyncio.create_task(_cache_put(cache, key, value))
-        self._writes[key] = task
+    async def _look_up(self, jobs: list[Job]) -> None:
+        """Set each job's cached entry and outcome; one read per cache for the batch."""
+        asking: dict[BehaviourCache, list[Job]] = {}
+        for job in jobs:
+            if job.cache is None:
+                continue
+            unwritten = self._unwritten.get((job.cache, job.key))
+            if unwritten is not None:
+                _use(job, unwritten)
+            else:
+                asking.setdefault(job.cache, []).append(job)
+        for cache, group in asking.items():
+            try:
+                found = await cache.get_retrievals([job.key for job in group])
+            except StoreUnavailable:
+                continue  # bypass: the answer is computed as if there were no cache
+            for job, entry in zip(group, found, strict=True):
+                _use(job, entry)
+
+    def _write_behind(self, cache: BehaviourCache, entries: list[tuple[str, CachedRetrieval]]):
+        """Store a batch's new entries without making its requests wait for Redis."""
+        for key, value in entries:
+            self._unwritten[(cache, key)] = value
+        task = asyncio.create_task(_cache_put(cache, entries))
+        self._writes.add(task)
 
         def forget(done: asyncio.Task) -> None:
-            if self._writes.get(key) is done:
-                del self._writes[key]
+            self._writes.discard(done)
+            for key, value in entries:
+                if self._unwritten.get((cache, key)) is value:
+                    del self._unwritten[(cache, key)]
 
         task.add_done_callback(forget)
 
     async def drain(self) -> None:
         """Wait for the cache writes still in flight (before the cache is closed)."""
         if self._writes:
-            await asyncio.gather(*self._writes.values(), return_exceptions=True)
+            await asyncio.gather(*self._writes, return_exceptions=True)
 
     async def similar(self, item_id: str, k: int, encoder: str | None) -> list[dict] | None:
         """Items nearest to ``item_id`` in the retriever's item space (None: unknown item)."""
@@ -268,18 +386,20 @@ class Recommender:
             return None
         query = np.asarray(retriever.item_vectors[internal], dtype=np.float32)[None]
         scores, ids = await run_in_threadpool(retriever.index.search, query, k + 1)
-        pairs = [(i, s) for i, s in zip(ids[0], scores[0], strict=True) if i not in (0, internal)]
-        return [self._item(i, s, s) for i, s in pairs[:k]]
+        keep = (ids[0] != 0) & (ids[0] != internal)
+        return self.items(ids[0][keep][:k], scores[0][keep][:k], scores[0][keep][:k])
 
 
-@dataclass
-class RetrievalJob:
-    """One request's share of a batched encode + search."""
-
-    ids: np.ndarray  # (1, L) encoder window
-    deltas: np.ndarray  # (1, L)
-    depth: int
-    embedding: np.ndarray | None = None  # (d,) when the cache already had it
+def _use(job: Job, entry: CachedRetrieval | None) -> None:
+    """A found entry deep enough is a hit; a shallower one still saves the encoding."""
+    job.outcome = "miss"
+    if entry is None:
+        return
+    if len(entry.ids) >= job.retrieval.depth:
+        job.outcome = "hit"
+        job.cached = entry
+    else:
+        job.retrieval.embedding = entry.embedding
 
 
 def encode_and_search(
@@ -314,25 +434,87 @@ def encode_and_search(
     ]
 
 
-CacheKey = tuple[str, str, str]  # bundle, encoder, history digest
+def compute_batch(
+    retriever: Retriever, item_features: ItemFeatures | None, jobs: list[Job]
+) -> list[Answer]:
+    """Everything but the cache for a batch of requests, in one thread: encode and search
+    the misses together, drop each request's seen items, rerank all with one head call."""
+    entries: list[CachedRetrieval | None] = [job.cached for job in jobs]
+    timings = {"encode": 0.0, "retrieve": 0.0, "rerank": 0.0}
+    misses = [i for i, entry in enumerate(entries) if entry is None]
+    if misses:
+        found = encode_and_search(retriever, [jobs[i].retrieval for i in misses])
+        for i, (embedding, scores, ids, _) in zip(misses, found, strict=True):
+            entries[i] = CachedRetrieval(embedding, ids, scores)
+        timings["encode"], timings["retrieve"] = found[0][3]
+    kept = _without_seen(jobs, entries, retriever.index.n_items + 1)
+
+    ranked: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    head = retriever.ctr_head if item_features is not None else None
+    wanted = [
+        i for i, job in enumerate(jobs) if job.rerank and head is not None and len(kept[i][0])
+    ]
+    if wanted:
+        started = time.perf_counter()
+        reranked = rerank_batch(
+            head,
+            item_features,
+            retriever.item_vectors,
+            [
+                RerankJob(
+                    entries[i].embedding,
+                    kept[i][0],
+                    kept[i][1],
+                    jobs[i].history.item_ids,
+                    jobs[i].history.timestamps,
+                    jobs[i].request_time,
+                )
+                for i in wanted
+            ],
+        )
+        timings["rerank"] = _ms(started)
+        for i, result in zip(wanted, reranked, strict=True):
+            ranked[i] = (result.ids, result.logits, result.retrieval_scores)
+    answers = []
+    for i, job in enumerate(jobs):
+        ids, scores, retrieval_scores = ranked.get(i, (kept[i][0], kept[i][1], kept[i][1]))
+        answers.append(
+            Answer(
+                entry=entries[i],
+                ids=ids[: job.k],
+                scores=scores[: job.k],
+                retrieval_scores=retrieval_scores[: job.k],
+                reranked=i in ranked,
+                timings=timings,
+            )
+        )
+    return answers
 
 
-async def _cache_get(cache: BehaviourCache | None, key: CacheKey) -> CachedRetrieval | None | bool:
-    """The cached entry, None on a miss, False when the cache cannot be reached."""
-    if cache is None:
-        return False
+def _without_seen(
+    jobs: list[Job], entries: list[CachedRetrieval], span: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each job's candidates to its depth without padding and seen items, the first
+    ``keep`` of them; one membership test for the whole batch (ids are below ``span``)."""
+    ids = [entry.ids[: job.retrieval.depth] for job, entry in zip(jobs, entries, strict=True)]
+    lengths = np.array([len(found) for found in ids])
+    flat = np.concatenate(ids)
+    owner = np.repeat(np.arange(len(jobs)), lengths)
+    seen = np.concatenate([job.seen + row * span for row, job in enumerate(jobs)])
+    keep = (flat > 0) & ~np.isin(owner * span + flat, seen)
+    ends = np.cumsum(lengths)
+    kept = []
+    for row, (job, entry) in enumerate(zip(jobs, entries, strict=True)):
+        mine = keep[ends[row] - lengths[row] : ends[row]]
+        depth = job.retrieval.depth
+        kept.append((ids[row][mine][: job.keep], entry.scores[:depth][mine][: job.keep]))
+    return kept
+
+
+async def _cache_put(cache: BehaviourCache, entries: list[tuple[str, CachedRetrieval]]) -> bool:
+    """Store entries; False when the cache cannot be reached (the answers are still served)."""
     try:
-        return await cache.get_retrieval(cache.retrieval_key(*key))
-    except StoreUnavailable:
-        return False
-
-
-async def _cache_put(cache: BehaviourCache | None, key: CacheKey, value: CachedRetrieval) -> bool:
-    """Store an entry; False when the cache cannot be reached (the answer is still served)."""
-    if cache is None:
-        return False
-    try:
-        await cache.put_retrieval(cache.retrieval_key(*key), value)
+        await cache.put_retrievals(entries)
         return True
     except StoreUnavailable:
         return False

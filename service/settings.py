@@ -26,9 +26,12 @@ class Settings(BaseSettings):
     default_encoder: str | None = None  # None: the bundle's default
     candidates: int = Field(200, ge=1, le=5000)
     device: str = Field("auto", pattern="^(auto|cpu|gpu)$")
-    onnx_threads: int = Field(1, ge=1, le=64)
+    onnx_threads: int = Field(1, ge=1, le=64)  # intra-op threads of each ONNX session
+    native_threads: int = Field(1, ge=1, le=64)  # faiss OpenMP and BLAS threads
+    compute_threads: int = Field(1, ge=1, le=64)  # threads running batches (ONNX, faiss, head)
     max_batch: int = Field(32, ge=1, le=1024)  # requests coalesced into one encoder call
     batch_wait_ms: float = Field(0.0, ge=0, le=100)  # 0: never wait for company
+    batches_in_flight: int = Field(2, ge=1, le=16)  # one computing, the next being read
     cache_ttl_seconds: int = Field(3600, ge=1)
     history_cap: int = Field(200, ge=1, le=100_000)  # events kept per user in Redis
     request_history_cap: int = Field(1000, ge=1, le=100_000)  # events read from a request

@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 from starlette.concurrency import run_in_threadpool
 
 from service.bundle import current_name, load_bundle
 from service.cache import BehaviourCache
+from service.devices import limit_native_threads
 from service.errors import BundleError
 from service.metrics import Metrics
 from service.recommender import Recommender
@@ -43,6 +45,14 @@ class AppState:
         self._failed_name: str | None = None
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
+        # One thread computes every batch (ONNX, faiss, the head): on a small machine a
+        # second one only contends with the event loop for the cores and the GIL.
+        self.executor = ThreadPoolExecutor(
+            max_workers=settings.compute_threads,
+            thread_name_prefix="recserve-compute",
+            initializer=limit_native_threads,
+            initargs=(settings.native_threads,),
+        )
 
     def require_recommender(self) -> Recommender:
         recommender = self.recommender
@@ -77,6 +87,8 @@ class AppState:
                     self.settings.max_batch,
                     self.settings.batch_wait_ms,
                     self.metrics.batch_size.observe,
+                    self.executor,
+                    self.settings.batches_in_flight,
                 )
                 # Refuse a bundle that lacks the configured default encoder up front.
                 recommender.retriever(None)

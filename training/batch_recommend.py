@@ -172,10 +172,16 @@ async def warm_cache(
             for i in present
         ]
         retrieved = encode_and_search(retriever, jobs)
-        for (embedding, scores, found, _), job, i in zip(retrieved, jobs, present, strict=True):
+        entries = [
+            (
+                cache.retrieval_key(bundle.name, encoder, history_digest(job.ids, job.deltas)),
+                CachedRetrieval(embedding, found, scores),
+            )
+            for (embedding, scores, found, _), job in zip(retrieved, jobs, strict=True)
+        ]
+        await cache.put_retrievals(entries)
+        for i in present:
             user = users[i]
-            key = cache.retrieval_key(bundle.name, encoder, history_digest(job.ids, job.deltas))
-            await cache.put_retrieval(key, CachedRetrieval(embedding, found, scores))
             await cache.append_events(str(data.user_map.raw[user + 1]), events_of[user])
             stored += 1
     return {"users_warmed": stored, "encoder": encoder, "bundle": bundle.name}

@@ -33,6 +33,23 @@ def test_a_history_gets_k_recommendations_from_the_bundle(client, history):
     assert body["reranked"] is False and body["unknown_items"] == 0
     assert set(body["timings_ms"]) == {"encode", "retrieve", "rerank", "total"}
     assert not {event["item_id"] for event in history} & set(item_ids(response))
+    assert response.headers["content-type"] == "application/json"
+
+
+def test_every_kind_of_recommend_response_is_what_the_schema_documents(client, history):
+    from service.api.schemas import RecommendResponse
+
+    schema = client.get("/openapi.json").json()
+    documented = schema["paths"]["/recommend"]["post"]["responses"]["200"]["content"]
+    assert documented["application/json"]["schema"]["$ref"].endswith("/RecommendResponse")
+    bodies = [
+        {"history": history, "k": 3},  # miss
+        {"history": history, "k": 3},  # hit
+        {"history": [{"item_id": "no-such-item", "ts": 1}]},  # fallback
+    ]
+    for body in bodies:
+        answer = client.post("/recommend", json=body).json()
+        assert RecommendResponse.model_validate(answer).model_dump() == answer
 
 
 def test_a_repeated_request_is_a_cache_hit(client, history):

@@ -1,10 +1,11 @@
 import asyncio
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.batching import MicroBatcher
+from service.batching import MicroBatcher, in_thread
 
 
 def run(coroutine):
@@ -19,7 +20,7 @@ def test_each_request_gets_its_own_result_from_a_shared_batch():
         return [2 * x for x in items]
 
     async def main():
-        batcher = MicroBatcher(double, max_batch=8, on_batch=sizes.append)
+        batcher = MicroBatcher(in_thread(double), max_batch=8, on_batch=sizes.append)
         results = await asyncio.gather(*(batcher.submit(i) for i in range(20)))
         await batcher.close()
         return results
@@ -35,7 +36,7 @@ def test_a_failing_request_does_not_fail_its_neighbours():
         return [x + 100 for x in items]
 
     async def main():
-        batcher = MicroBatcher(picky, max_batch=16, max_wait_ms=20)
+        batcher = MicroBatcher(in_thread(picky), max_batch=16, max_wait_ms=20)
         results = await asyncio.gather(
             *(batcher.submit(i) for i in range(6)), return_exceptions=True
         )
@@ -49,7 +50,7 @@ def test_a_failing_request_does_not_fail_its_neighbours():
 
 def test_a_lone_request_does_not_wait_when_max_wait_is_zero():
     async def main():
-        batcher = MicroBatcher(lambda items: items, max_batch=32, max_wait_ms=0)
+        batcher = MicroBatcher(in_thread(lambda items: items), max_batch=32, max_wait_ms=0)
         await batcher.submit(0)  # start the worker
         started = time.perf_counter()
         await batcher.submit(1)
@@ -68,7 +69,7 @@ def test_the_wait_bound_holds():
         return items
 
     async def main():
-        batcher = MicroBatcher(record, max_batch=64, max_wait_ms=30)
+        batcher = MicroBatcher(in_thread(record), max_batch=64, max_wait_ms=30)
         started = time.perf_counter()
         result = await batcher.submit("only")
         await batcher.close()
@@ -80,22 +81,95 @@ def test_the_wait_bound_holds():
     assert 0.02 <= waited < 0.5  # waited for company, but not (much) longer than the bound
 
 
-def test_batches_run_off_the_event_loop_thread():
+def test_blocking_batches_run_off_the_event_loop_thread_in_the_given_executor():
     threads = []
 
     def where(items):
-        threads.append(threading.get_ident())
+        threads.append(threading.current_thread().name)
         return items
 
     async def main():
-        batcher = MicroBatcher(where)
-        await batcher.submit(1)
-        await batcher.close()
-        return threading.get_ident()
+        with ThreadPoolExecutor(1, thread_name_prefix="compute") as executor:
+            batcher = MicroBatcher(in_thread(where, executor))
+            await batcher.submit(1)
+            await batcher.close()
+        return threading.current_thread().name
 
-    assert run(main()) not in threads
+    assert run(main()) not in threads and threads[0].startswith("compute")
+
+
+def test_an_async_batch_function_is_awaited_on_the_loop():
+    async def doubled(items):
+        await asyncio.sleep(0)
+        return [2 * x for x in items]
+
+    async def main():
+        batcher = MicroBatcher(doubled, max_batch=4)
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(10)))
+        await batcher.close()
+        return results
+
+    assert run(main()) == [2 * i for i in range(10)]
+
+
+def test_a_request_that_gave_up_does_not_break_the_batch():
+    release = threading.Event()
+
+    def slow(items):
+        release.wait(5)
+        return [x + 1 for x in items]
+
+    async def main():
+        batcher = MicroBatcher(in_thread(slow), max_batch=8)
+        first = asyncio.ensure_future(batcher.submit(0))
+        await asyncio.sleep(0.01)  # the first batch is running; these two queue behind it
+        impatient = asyncio.ensure_future(batcher.submit(1))
+        patient = asyncio.ensure_future(batcher.submit(2))
+        await asyncio.sleep(0.01)
+        impatient.cancel()
+        release.set()
+        results = await asyncio.gather(first, patient)
+        await batcher.close()
+        return results, impatient.cancelled()
+
+    assert run(main()) == ([1, 3], True)
 
 
 def test_max_batch_must_be_positive():
     with pytest.raises(ValueError):
         MicroBatcher(lambda items: items, max_batch=0)
+
+
+def test_with_two_in_flight_the_next_batch_starts_while_one_is_running():
+    started = []
+    release = asyncio.Event()
+
+    async def slow(items):
+        started.append(list(items))
+        if len(started) == 1:
+            await release.wait()  # the first batch holds on until the second has started
+        return items
+
+    async def main(in_flight):
+        started.clear()
+        release.clear()
+        batcher = MicroBatcher(slow, max_batch=2, in_flight=in_flight)
+        first = asyncio.gather(*(batcher.submit(i) for i in range(2)))
+        await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(batcher.submit(2))
+        await asyncio.sleep(0.05)
+        overlapped = len(started) == 2
+        release.set()
+        results = await asyncio.gather(first, second)
+        await batcher.close()
+        return overlapped, results
+
+    overlapped, results = run(main(2))
+    assert overlapped and results == [[0, 1], 2]
+    overlapped, results = run(main(1))
+    assert not overlapped and results == [[0, 1], 2]
+
+
+def test_in_flight_must_be_positive():
+    with pytest.raises(ValueError):
+        MicroBatcher(in_thread(lambda items: items), in_flight=0)

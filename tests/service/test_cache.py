@@ -12,6 +12,7 @@ from service.cache import (
     CachedRetrieval,
     InMemoryBehaviourCache,
     RedisBehaviourCache,
+    encode_retrieval,
     history_digest,
     user_key_part,
 )
@@ -181,53 +182,67 @@ def _retrieval(depth: int = 5, dim: int = 4, seed: int = 0) -> CachedRetrieval:
     )
 
 
-def test_a_cached_retrieval_comes_back_unchanged(store):
-    value = _retrieval()
+def test_cached_retrievals_come_back_unchanged_in_the_order_asked(store):
+    values = [_retrieval(depth=5, seed=0), _retrieval(depth=9, dim=6, seed=1)]
 
     async def scenario(cache):
-        key = cache.retrieval_key("tiny", "sasrec", "abc")
-        await cache.put_retrieval(key, value)
-        return await cache.get_retrieval(key), await cache.get_retrieval(key + "x")
+        keys = [cache.retrieval_key("tiny", "sasrec", digest) for digest in ("abc", "def")]
+        await cache.put_retrievals(list(zip(keys, values, strict=True)))
+        return await cache.get_retrievals([keys[1], keys[0] + "x", keys[0]])
 
-    found, missing = store(scenario)
+    second, missing, first = store(scenario)
     assert missing is None
-    assert found.embedding.dtype == np.float32 and found.ids.dtype == np.int64
-    np.testing.assert_array_equal(found.embedding, value.embedding)
-    np.testing.assert_array_equal(found.ids, value.ids)
-    np.testing.assert_array_equal(found.scores, value.scores)
+    for found, value in ((first, values[0]), (second, values[1])):
+        assert found.embedding.dtype == np.float32 and found.ids.dtype == np.int64
+        np.testing.assert_array_equal(found.embedding, value.embedding)
+        np.testing.assert_array_equal(found.ids, value.ids)
+        np.testing.assert_array_equal(found.scores, value.scores)
+
+
+def test_reading_and_writing_no_entries_is_a_no_op(store):
+    async def scenario(cache):
+        await cache.put_retrievals([])
+        return await cache.get_retrievals([])
+
+    assert store(scenario) == []
 
 
 def test_a_cached_retrieval_expires(redis_store, shared_redis):
     async def scenario(cache):
         key = cache.retrieval_key("tiny", "sasrec", "abc")
-        await cache.put_retrieval(key, _retrieval())
+        await cache.put_retrievals([(key, _retrieval())])
         return key
 
     key = redis_store(scenario, ttl_seconds=30)
     assert 0 < shared_redis.ttl(key) <= 30
 
 
-def test_a_torn_cache_entry_is_a_miss(redis_store, shared_redis):
-    key = f"{redis_store.prefix}:emb:tiny:sasrec:torn"
-    value = _retrieval(depth=5)
-    shared_redis.hset(
-        key,
-        mapping={
-            "emb": value.embedding.tobytes(),
-            "ids": value.ids.tobytes(),
-            "scores": value.scores[:3].tobytes(),
-        },
-    )
+def test_a_torn_or_foreign_cache_entry_is_a_miss(redis_store, shared_redis):
+    keys = [f"{redis_store.prefix}:ret:tiny:sasrec:{name}" for name in "abcd"]
+    whole = encode_retrieval(_retrieval(depth=5))
+    shared_redis.set(keys[0], whole[:-4])  # cut short
+    shared_redis.set(keys[1], b"x" + whole[1:])  # another format
+    shared_redis.hset(keys[2], mapping={"emb": b"1234"})  # another kind of value
+    shared_redis.set(keys[3], whole)
 
     async def scenario(cache):
-        return await cache.get_retrieval(key)
+        return await cache.get_retrievals(keys)
 
-    assert redis_store(scenario) is None
+    torn, foreign, other_kind, intact = redis_store(scenario)
+    assert torn is None and foreign is None and other_kind is None
+    assert intact is not None and len(intact.ids) == 5
+
+
+def test_an_entry_with_mismatched_ids_and_scores_is_refused():
+    value = _retrieval(depth=5)
+    value.scores = value.scores[:3]
+    with pytest.raises(ValueError, match="5 candidate ids but 3 scores"):
+        encode_retrieval(value)
 
 
 def test_retrieval_keys_name_bundle_encoder_and_digest():
     cache = InMemoryBehaviourCache("p")
-    assert cache.retrieval_key("tiny", "sasrec", "d1") == "p:emb:tiny:sasrec:d1"
+    assert cache.retrieval_key("tiny", "sasrec", "d1") == "p:ret:tiny:sasrec:d1"
     assert cache.retrieval_key("tiny-v2", "sasrec", "d1") != cache.retrieval_key(
         "tiny", "sasrec", "d1"
     )
@@ -273,7 +288,7 @@ def test_an_unavailable_in_memory_store_raises_store_unavailable():
         with pytest.raises(StoreUnavailable):
             await cache.history("u")
         with pytest.raises(StoreUnavailable):
-            await cache.get_retrieval("k")
+            await cache.get_retrievals(["k"])
         assert await cache.ping() is False
 
     asyncio.run(scenario())
@@ -291,7 +306,9 @@ def test_unreachable_redis_raises_store_unavailable_quickly():
             with pytest.raises(StoreUnavailable):
                 await cache.history("u")
             with pytest.raises(StoreUnavailable):
-                await cache.put_retrieval("p:emb:b:e:d", _retrieval())
+                await cache.put_retrievals([("p:ret:b:e:d", _retrieval())])
+            with pytest.raises(StoreUnavailable):
+                await cache.get_retrievals(["p:ret:b:e:d"])
             assert await cache.ping() is False
             return time.perf_counter() - started
         finally:

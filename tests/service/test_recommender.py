@@ -232,9 +232,9 @@ class SlowWriteCache(InMemoryBehaviourCache):
         super().__init__()
         self.writes_done = 0
 
-    async def put_retrieval(self, key, value):
+    async def put_retrievals(self, entries):
         await asyncio.sleep(0.05)
-        await super().put_retrieval(key, value)
+        await super().put_retrievals(entries)
         self.writes_done += 1
 
 
@@ -258,5 +258,93 @@ def test_a_miss_answers_before_its_cache_write_and_a_repeat_still_hits(bundle, t
 
     first, written_when_answered, second = asyncio.run(scenario())
     assert first.cache == "miss" and written_when_answered == 0  # the answer did not wait
-    assert second.cache == "hit" and ids(second) == ids(first)  # the repeat waited for it
-    assert cache.writes_done == 1
+    # The repeat came before the write landed and was served the entry being written.
+    assert second.cache == "hit" and ids(second) == ids(first)
+    assert cache.writes_done == 1 and len(cache.retrievals) == 1
+
+
+class CountingCache(InMemoryBehaviourCache):
+    def __init__(self):
+        super().__init__()
+        self.reads: list[int] = []
+        self.writes: list[int] = []
+
+    async def get_retrievals(self, keys):
+        self.reads.append(len(keys))
+        return await super().get_retrievals(keys)
+
+    async def put_retrievals(self, entries):
+        self.writes.append(len(entries))
+        await super().put_retrievals(entries)
+
+
+def test_concurrent_requests_share_one_cache_read_and_one_write(bundle, tiny_data):
+    recommender = Recommender(bundle, max_batch=8, max_wait_ms=50)
+    cache = CountingCache()
+    histories = [user_events(tiny_data, user) for user in range(8)]
+
+    async def scenario():
+        answers = await asyncio.gather(
+            *(
+                recommender.recommend(
+                    events, k=5, encoder=None, exclude_seen=True, candidates=50,
+                    rerank=False, cache=cache, history_cap=1000,
+                )  # fmt: skip
+                for events in histories
+            )
+        )
+        await recommender.drain()
+        return answers
+
+    answers = asyncio.run(scenario())
+    assert cache.reads == [8] and cache.writes == [8]
+    assert [a.cache for a in answers] == ["miss"] * 8
+    for events, answer in zip(histories, answers, strict=True):  # each got its own answer
+        assert ids(answer) == ids(recommend(Recommender(bundle), events, k=5, candidates=50))
+
+
+def test_histories_prepared_together_are_each_what_they_are_alone(bundle, tiny_data):
+    from service.recommender import prepare_histories
+
+    histories = [
+        user_events(tiny_data, 1),
+        [],
+        [("nope", 5), ("1", 3), ("2", 3)],
+        user_events(tiny_data, 3)[::-1],  # arrives newest first
+        [("1", 1), ("x", 2)],
+    ]
+    caps = [1000, 10, 1, 7, 1000]
+    together = prepare_histories(bundle.catalogue, histories, caps)
+    for events, cap, batched in zip(histories, caps, together, strict=True):
+        alone = prepare_history(bundle, events, cap)
+        np.testing.assert_array_equal(batched.item_ids, alone.item_ids)
+        np.testing.assert_array_equal(batched.timestamps, alone.timestamps)
+        assert (batched.unknown, batched.truncated) == (alone.unknown, alone.truncated)
+    assert together[2].truncated and len(together[2].item_ids) == 1
+
+
+def test_a_request_gets_the_same_answer_and_cache_key_in_any_batch(bundle, tiny_data):
+    alone_cache = CountingCache()
+    batched_cache = CountingCache()
+    histories = [user_events(tiny_data, user)[: 3 + user] for user in range(6)]
+
+    async def scenario(cache, max_batch):
+        recommender = Recommender(bundle, max_batch=max_batch, max_wait_ms=50)
+        answers = await asyncio.gather(
+            *(
+                recommender.recommend(
+                    events, k=5, encoder=None, exclude_seen=True, candidates=30,
+                    rerank=False, cache=cache, history_cap=1000,
+                )  # fmt: skip
+                for events in histories
+            )
+        )
+        await recommender.drain()
+        return answers
+
+    alone = asyncio.run(scenario(alone_cache, 1))
+    together = asyncio.run(scenario(batched_cache, 6))
+    assert batched_cache.reads == [6] and alone_cache.reads == [1] * 6
+    assert [ids(a) for a in alone] == [ids(b) for b in together]
+    # Windows of different lengths share a batch, yet each key is the one it has alone.
+    assert set(alone_cache.retrievals) == set(batched_cache.retrievals)
