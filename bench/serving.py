@@ -90,19 +90,21 @@ def request_bodies(catalogue_size: int, count: int, length: int, k: int, seed: i
 def in_process_floor(models_dir: Path, bundle: str, bodies: list[str], repeats: int) -> dict:
     """Median milliseconds of one request through the pipeline, miss and hit, no HTTP.
 
-    Threads as the server sets them: one intra-op thread per ONNX session, and one compute
-    thread with one faiss thread for the batches.
+    Threads as the server sets them: one intra-op thread per ONNX session, one thread
+    computing the batches with one-thread native kernels. The batches are computed in this
+    process (the server sends them to its compute process), so the floor has no IPC.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     from service.bundle import load_bundle
     from service.cache import InMemoryBehaviourCache
+    from service.compute import ThreadCompute
     from service.devices import limit_native_threads
     from service.recommender import Recommender
 
     loaded = load_bundle(models_dir, bundle, device="cpu", threads=1)
     executor = ThreadPoolExecutor(1, initializer=limit_native_threads, initargs=(1,))
-    recommender = Recommender(loaded, executor=executor)
+    recommender = Recommender(loaded, compute=ThreadCompute(loaded, executor))
 
     async def run(cache, body) -> float:
         request = json.loads(body)

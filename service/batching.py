@@ -9,7 +9,7 @@ while requests that arrive during a running batch form the next one, so batches 
 load. Up to ``in_flight`` batches run at once: with two, the next batch is collected and
 starts (say, its cache read) while the previous one still computes, so the event loop and
 the compute thread work side by side instead of in turns. The batch function is a
-coroutine; ``in_thread`` turns a blocking one into a coroutine that runs it off the loop.
+coroutine (``service.compute`` runs the blocking work off the loop).
 
 If the batch function raises, each item is retried alone, so one bad request fails only
 itself and never its neighbours.
@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
 from typing import Generic, TypeVar
 
 LOG = logging.getLogger(__name__)
@@ -30,18 +29,6 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 BatchFunction = Callable[[list[Item]], Awaitable[list[Result]]]
-
-
-def in_thread(
-    fn: Callable[[list[Item]], list[Result]], executor: Executor | None = None
-) -> BatchFunction:
-    """A blocking batch function as a coroutine running in ``executor`` (default: the
-    loop's). onnxruntime, faiss and numpy's large kernels release the GIL there."""
-
-    async def run(items: list[Item]) -> list[Result]:
-        return await asyncio.get_running_loop().run_in_executor(executor, fn, items)
-
-    return run
 
 
 class MicroBatcher(Generic[Item, Result]):
@@ -64,6 +51,11 @@ class MicroBatcher(Generic[Item, Result]):
         self._worker: asyncio.Task | None = None
         self._slots: asyncio.Semaphore | None = None
         self._running: set[asyncio.Task] = set()
+
+    @property
+    def busy(self) -> bool:
+        """Requests are queued or a batch is running."""
+        return bool(self._running) or (self._queue is not None and not self._queue.empty())
 
     async def submit(self, item: Item) -> Result:
         """Queue ``item`` and wait for its result (or its own exception)."""

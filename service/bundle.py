@@ -276,18 +276,16 @@ def read_catalogue(path: Path) -> Catalogue:
 
 @dataclass
 class Retriever:
-    """One encoder's serving parts: ONNX user encoder, item vectors, index, optional head."""
+    """One encoder's serving parts: ONNX user encoder, item vectors, index, optional head
+    (the models are None where the bundle was loaded without them)."""
 
     name: str
-    encoder: object  # service.encoder.OnnxUserEncoder
-    index: object  # service.retrieval.ItemIndex
+    encoder: object | None  # service.encoder.OnnxUserEncoder
+    index: object | None  # service.retrieval.ItemIndex
     max_len: int
     info: dict
+    item_vectors: np.ndarray  # (N + 1, d) float32, memory-mapped
     ctr_head: object | None = None
-
-    @property
-    def item_vectors(self) -> np.ndarray:
-        return self.index.vectors
 
 
 @dataclass
@@ -309,19 +307,25 @@ def load_bundle(
     name: str | None = None,
     device: str = "auto",
     threads: int = 1,
+    models: bool = True,
+    verify: bool = True,
 ) -> Bundle:
-    """Load (and fully verify) bundle ``name``, or the one named by CURRENT."""
-    from service.encoder import OnnxUserEncoder
+    """Load (and fully verify) bundle ``name``, or the one named by CURRENT.
+
+    ``models=False`` reads everything but the models (no onnxruntime session, no faiss
+    index: a process that hands its batches to a compute process needs only the catalogue
+    and the retrievers' settings); ``verify=False`` skips the checksums, for the compute
+    process that loads files its parent has just verified.
+    """
     from service.features import ItemFeatures
-    from service.ranking import CtrHead
-    from service.retrieval import IndexSpec, ItemIndex
 
     name = name or current_name(models_dir)
     path = bundle_dir(models_dir, name)
     if not path.is_dir():
         raise BundleError(f"{path}: bundle {name!r} does not exist")
     manifest = read_manifest(path)
-    verify_files(path, manifest)
+    if verify:
+        verify_files(path, manifest)
     catalogue = read_catalogue(path / ITEMS)
     item_features = (
         ItemFeatures.from_catalogue(catalogue) if catalogue.last_seen is not None else None
@@ -339,41 +343,63 @@ def load_bundle(
                 f"{vectors_path}: shape {vectors.shape} {vectors.dtype}, expected "
                 f"({catalogue.n_items + 1}, d) float32"
             )
-        spec = IndexSpec(**info["index"]["spec"])
-        try:
-            index = ItemIndex.load(path / files["index"], vectors, spec, device)
-        except RuntimeError as exc:
-            raise BundleError(f"{path / files['index']}: unreadable faiss index ({exc})") from exc
-        if index.index.ntotal != catalogue.n_items:
+        head_names = info["ctr_head"]["feature_names"] if "ctr_head" in files else None
+        if head_names is not None and (
+            item_features is None or list(item_features.names) != list(head_names)
+        ):
             raise BundleError(
-                f"{path / files['index']}: holds {index.index.ntotal} items, "
-                f"catalogue has {catalogue.n_items}"
+                f"{path / files['ctr_head']}: trained on features {head_names}, "
+                f"which {ITEMS} cannot provide"
             )
-        try:
-            user_encoder = OnnxUserEncoder(path / files["user_encoder"], device, threads)
-        except Exception as exc:  # onnxruntime raises its own unrelated exception types
-            raise BundleError(f"{path / files['user_encoder']}: cannot be loaded ({exc})") from exc
-        ctr_head = None
-        if "ctr_head" in files:
-            head_path = path / files["ctr_head"]
-            names = info["ctr_head"]["feature_names"]
-            if item_features is None or list(item_features.names) != list(names):
-                raise BundleError(
-                    f"{head_path}: trained on features {names}, which {ITEMS} cannot provide"
-                )
-            try:
-                ctr_head = CtrHead(head_path, device, threads, feature_names=names)
-            except Exception as exc:  # onnxruntime raises its own unrelated exception types
-                raise BundleError(f"{head_path}: cannot be loaded ({exc})") from exc
-        retrievers[encoder] = Retriever(
+        retriever = Retriever(
             name=encoder,
-            encoder=user_encoder,
-            index=index,
+            encoder=None,
+            index=None,
             max_len=int(info["max_len"]),
             info=info,
-            ctr_head=ctr_head,
+            item_vectors=vectors,
         )
+        if models:
+            _load_models(retriever, path, catalogue, device, threads, head_names)
+        retrievers[encoder] = retriever
     if not retrievers:
         raise BundleError(f"{path / MANIFEST}: no retrievers")
     LOG.info("loaded bundle %s with %s", name, ", ".join(retrievers))
     return Bundle(name, path, manifest, catalogue, retrievers, item_features)
+
+
+def _load_models(
+    retriever: Retriever,
+    path: Path,
+    catalogue: Catalogue,
+    device: str,
+    threads: int,
+    head_names: list[str] | None,
+) -> None:
+    """The retriever's faiss index, ONNX user encoder and CTR head, each refused by name."""
+    from service.encoder import OnnxUserEncoder
+    from service.ranking import CtrHead
+    from service.retrieval import IndexSpec, ItemIndex
+
+    files = retriever.info["files"]
+    spec = IndexSpec(**retriever.info["index"]["spec"])
+    try:
+        index = ItemIndex.load(path / files["index"], retriever.item_vectors, spec, device)
+    except RuntimeError as exc:
+        raise BundleError(f"{path / files['index']}: unreadable faiss index ({exc})") from exc
+    if index.index.ntotal != catalogue.n_items:
+        raise BundleError(
+            f"{path / files['index']}: holds {index.index.ntotal} items, "
+            f"catalogue has {catalogue.n_items}"
+        )
+    try:
+        retriever.encoder = OnnxUserEncoder(path / files["user_encoder"], device, threads)
+    except Exception as exc:  # onnxruntime raises its own unrelated exception types
+        raise BundleError(f"{path / files['user_encoder']}: cannot be loaded ({exc})") from exc
+    if head_names is not None:
+        head_path = path / files["ctr_head"]
+        try:
+            retriever.ctr_head = CtrHead(head_path, device, threads, feature_names=head_names)
+        except Exception as exc:  # onnxruntime raises its own unrelated exception types
+            raise BundleError(f"{head_path}: cannot be loaded ({exc})") from exc
+    retriever.index = index

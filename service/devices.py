@@ -71,6 +71,7 @@ def limit_native_threads(threads: int) -> None:
     calls, which on a small machine takes cores from the event loop; batching, not
     intra-op threads, gives the service its throughput. onnxruntime has its own setting.
     """
+    import faiss  # noqa: F401  (its OpenMP and BLAS must be loaded to be limited)
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(threads)

@@ -30,6 +30,7 @@ from service.state import AppState, NotReady
 LOG = logging.getLogger(__name__)
 
 BODY_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's own wording
+OTEL_OFF = {"tracing": False, "metrics": False, "logs": False}
 
 
 class BodyTooLarge(HTTPException):
@@ -125,16 +126,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await state.stop_background()
-            if state.recommender is not None:
-                await state.recommender.drain()
+            await state.close()
             await cache.close()
-            state.executor.shutdown(cancel_futures=True)
 
     app = FastAPI(
         title="recserve",
         summary="Sequential recommendations from an exported bundle",
         version="0.1.0",
         lifespan=lifespan,
+        # FastAPI's OpenTelemetry instrumentation asks on every request whether a provider
+        # is configured; the service reports through Prometheus unless told otherwise.
+        telemetry=None if settings.opentelemetry else OTEL_OFF,
     )
     for module in (recommend, events, items, health, admin):
         app.include_router(module.router)

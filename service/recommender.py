@@ -28,16 +28,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
-from starlette.concurrency import run_in_threadpool
 
-from service.batching import MicroBatcher, in_thread
+from service.batching import MicroBatcher
 from service.bundle import Bundle, Catalogue, Retriever
 from service.cache import BehaviourCache, CachedRetrieval, history_digest
+from service.compute import ProcessCompute, ThreadCompute
 from service.errors import StoreUnavailable, UnknownEncoder
 from service.features import ItemFeatures
 from service.histories import left_padded_window
@@ -114,28 +113,42 @@ class RetrievalJob:
 
 
 @dataclass
+class ComputeJob:
+    """What the computation needs of one request (all of it goes to a compute process)."""
+
+    history_ids: np.ndarray  # (n,) known events, oldest first
+    history_ts: np.ndarray  # (n,)
+    retrieval: RetrievalJob
+    seen: np.ndarray  # ids never to serve (empty unless exclude_seen)
+    keep: int  # candidates kept after exclusion: max(candidates, k)
+    k: int
+    rerank: bool
+    request_time: int
+    cached: CachedRetrieval | None = None  # a cache hit: no encoding, no search
+
+
+@dataclass
 class Job:
     """One request inside a pipeline batch: what it asks, then what its batch found."""
 
     events: list[tuple[str, int]]
     history_cap: int
     exclude_seen: bool
-    keep: int  # candidates kept after exclusion: max(candidates, k)
+    keep: int
     k: int
     rerank: bool
     request_time: int
     cache: BehaviourCache | None
     history: PreparedHistory | None = None
-    retrieval: RetrievalJob | None = None
-    seen: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # never served
+    work: ComputeJob | None = None  # None: no known item, the popularity fallback
     key: str | None = None  # the request's cache entry (None without a cache)
-    cached: CachedRetrieval | None = None
     outcome: str = "bypass"  # hit, miss or bypass
 
 
 @dataclass
 class Answer:
-    """A job's result: the entry to cache (on a miss) and the ranked top k."""
+    """A job's result: the entry to cache (None for a hit or the fallback) and the ranked
+    top k."""
 
     entry: CachedRetrieval | None
     ids: np.ndarray  # (<= k,) best first
@@ -156,24 +169,18 @@ class Recommender:
         max_batch: int = 32,
         max_wait_ms: float = 0.0,
         on_batch=None,
-        executor: Executor | None = None,
+        compute: ThreadCompute | ProcessCompute | None = None,
         in_flight: int = 2,
     ):
         self.bundle = bundle
         self.default_encoder = default_encoder or bundle.default_encoder
+        # Where batches are computed (service.compute); by default a thread of the loop's.
+        self.compute = compute or ThreadCompute(bundle)
         # One batcher per retriever: its requests share a cache read, an ONNX call, a faiss
-        # search and a head call, all computed in ``executor`` (default: the loop's).
+        # search and a head call.
         self.pipelines = {
             name: MicroBatcher(
-                partial(
-                    self._run_batch,
-                    retriever,
-                    in_thread(partial(compute_batch, retriever, bundle.item_features), executor),
-                ),
-                max_batch,
-                max_wait_ms,
-                on_batch,
-                in_flight,
+                partial(self._run_batch, retriever), max_batch, max_wait_ms, on_batch, in_flight
             )
             for name, retriever in bundle.retrievers.items()
         }
@@ -259,24 +266,42 @@ class Recommender:
             encoder=retriever.name,
             reranked=answer.reranked,
             cache=job.outcome,
-            fallback=None if answer.entry is not None else "popularity",
+            fallback=None if job.work is not None else "popularity",
             unknown_items=job.history.unknown,
             history_truncated=job.history.truncated,
             timings_ms={**answer.timings, "total": _ms(started)},
         )
 
-    async def _run_batch(self, retriever: Retriever, compute, jobs: list[Job]) -> list[Answer]:
-        """History preparation and the cache read for the batch, the computation in the
-        worker thread, the writes behind the answers."""
+    async def start(self) -> None:
+        """Start where batches are computed (a compute process loads its models here)."""
+        await self.compute.start()
+
+    async def close(self, grace_seconds: float = 5.0) -> None:
+        """Stop once the batches in flight are answered and the writes have landed
+        (requests that took this recommender just before a reload still finish)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_seconds
+        while any(p.busy for p in self.pipelines.values()) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for pipeline in self.pipelines.values():
+            await pipeline.close()
+        await self.drain()
+        await self.compute.close()
+
+    async def _run_batch(self, retriever: Retriever, jobs: list[Job]) -> list[Answer]:
+        """History preparation and the cache read for the batch, the computation where the
+        compute backend runs it, the writes behind the answers."""
         self._prepare(retriever, jobs)
-        served = [job for job in jobs if job.retrieval is not None]
+        served = [job for job in jobs if job.work is not None]
         if served:
             await self._look_up(served)
-            computed = iter(await compute(served))
+            computed = iter(
+                await self.compute.batch(retriever.name, [job.work for job in served])
+            )
         written: dict[BehaviourCache, list[tuple[str, CachedRetrieval]]] = {}
         answers = []
         for job in jobs:
-            if job.retrieval is None:  # no known item: the popularity fallback
+            if job.work is None:  # no known item: the popularity fallback
                 answers.append(self._fallback(job))
                 continue
             answer = next(computed)
@@ -317,11 +342,20 @@ class Recommender:
             # its digest does not depend on the batch it came in.
             width = min(retriever.max_len, length)
             window, gaps = ids[row : row + 1, -width:], deltas[row : row + 1, -width:]
-            mine = distinct[bounds[row] : bounds[row + 1]] - row * span
-            if job.exclude_seen:
-                job.seen = mine
-            depth = min(self.bundle.catalogue.n_items, job.keep + len(job.seen))
-            job.retrieval = RetrievalJob(window, gaps, depth)
+            seen = distinct[bounds[row] : bounds[row + 1]] - row * span
+            if not job.exclude_seen:
+                seen = seen[:0]
+            depth = min(self.bundle.catalogue.n_items, job.keep + len(seen))
+            job.work = ComputeJob(
+                history_ids=job.history.item_ids,
+                history_ts=job.history.timestamps,
+                retrieval=RetrievalJob(window, gaps, depth),
+                seen=seen,
+                keep=job.keep,
+                k=job.k,
+                rerank=job.rerank,
+                request_time=job.request_time,
+            )
             if job.cache is not None:
                 job.key = job.cache.retrieval_key(
                     self.bundle.name, retriever.name, history_digest(window, gaps)
@@ -385,7 +419,7 @@ class Recommender:
         if internal is None:
             return None
         query = np.asarray(retriever.item_vectors[internal], dtype=np.float32)[None]
-        scores, ids = await run_in_threadpool(retriever.index.search, query, k + 1)
+        scores, ids = await self.compute.search(retriever.name, query, k + 1)
         keep = (ids[0] != 0) & (ids[0] != internal)
         return self.items(ids[0][keep][:k], scores[0][keep][:k], scores[0][keep][:k])
 
@@ -395,11 +429,11 @@ def _use(job: Job, entry: CachedRetrieval | None) -> None:
     job.outcome = "miss"
     if entry is None:
         return
-    if len(entry.ids) >= job.retrieval.depth:
+    if len(entry.ids) >= job.work.retrieval.depth:
         job.outcome = "hit"
-        job.cached = entry
+        job.work.cached = entry
     else:
-        job.retrieval.embedding = entry.embedding
+        job.work.retrieval.embedding = entry.embedding
 
 
 def encode_and_search(
@@ -435,7 +469,7 @@ def encode_and_search(
 
 
 def compute_batch(
-    retriever: Retriever, item_features: ItemFeatures | None, jobs: list[Job]
+    retriever: Retriever, item_features: ItemFeatures | None, jobs: list[ComputeJob]
 ) -> list[Answer]:
     """Everything but the cache for a batch of requests, in one thread: encode and search
     the misses together, drop each request's seen items, rerank all with one head call."""
@@ -465,8 +499,8 @@ def compute_batch(
                     entries[i].embedding,
                     kept[i][0],
                     kept[i][1],
-                    jobs[i].history.item_ids,
-                    jobs[i].history.timestamps,
+                    jobs[i].history_ids,
+                    jobs[i].history_ts,
                     jobs[i].request_time,
                 )
                 for i in wanted
@@ -480,7 +514,8 @@ def compute_batch(
         ids, scores, retrieval_scores = ranked.get(i, (kept[i][0], kept[i][1], kept[i][1]))
         answers.append(
             Answer(
-                entry=entries[i],
+                # Only a new entry travels back (a hit's is the caller's already).
+                entry=entries[i] if job.cached is None else None,
                 ids=ids[: job.k],
                 scores=scores[: job.k],
                 retrieval_scores=retrieval_scores[: job.k],
@@ -492,7 +527,7 @@ def compute_batch(
 
 
 def _without_seen(
-    jobs: list[Job], entries: list[CachedRetrieval], span: int
+    jobs: list[ComputeJob], entries: list[CachedRetrieval], span: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each job's candidates to its depth without padding and seen items, the first
     ``keep`` of them; one membership test for the whole batch (ids are below ``span``)."""

@@ -28,7 +28,11 @@ class Settings(BaseSettings):
     device: str = Field("auto", pattern="^(auto|cpu|gpu)$")
     onnx_threads: int = Field(1, ge=1, le=64)  # intra-op threads of each ONNX session
     native_threads: int = Field(1, ge=1, le=64)  # faiss OpenMP and BLAS threads
-    compute_threads: int = Field(1, ge=1, le=64)  # threads running batches (ONNX, faiss, head)
+    # Where batches (ONNX, faiss, the head) are computed: a child process of the worker
+    # (its own GIL; the fastest under load) or a thread of the worker (no second copy of
+    # the models). See service/compute.py.
+    compute: str = Field("process", pattern="^(process|thread)$")
+    compute_threads: int = Field(1, ge=1, le=64)  # threads running batches with "thread"
     max_batch: int = Field(32, ge=1, le=1024)  # requests coalesced into one encoder call
     batch_wait_ms: float = Field(0.0, ge=0, le=100)  # 0: never wait for company
     batches_in_flight: int = Field(2, ge=1, le=16)  # one computing, the next being read
@@ -42,6 +46,7 @@ class Settings(BaseSettings):
     dev_mode: bool = False
     reload_poll_seconds: float = Field(5.0, ge=0)  # 0: no polling of models/CURRENT
     cors_origins: list[str] = []
+    opentelemetry: bool = False  # FastAPI's native OpenTelemetry (global providers, OTEL_*)
 
     @model_validator(mode="after")
     def _admin_needs_a_token(self) -> Settings:

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.bundle import current_name, load_bundle
 from service.cache import BehaviourCache
+from service.compute import ProcessCompute, ThreadCompute
 from service.devices import limit_native_threads
 from service.errors import BundleError
 from service.metrics import Metrics
@@ -45,6 +46,7 @@ class AppState:
         self._failed_name: str | None = None
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
+        self._retiring: set[asyncio.Task] = set()
         # One thread computes every batch (ONNX, faiss, the head): on a small machine a
         # second one only contends with the event loop for the cores and the GIL.
         self.executor = ThreadPoolExecutor(
@@ -74,12 +76,26 @@ class AppState:
                     self.last_error = None
                     self._failed_name = None
                     return name
+                in_process = self.settings.compute == "process"
+                # With a compute process the models are loaded there, not here.
                 bundle = await run_in_threadpool(
                     load_bundle,
                     self.settings.models_dir,
                     name,
                     self.settings.device,
                     self.settings.onnx_threads,
+                    not in_process,
+                )
+                compute = (
+                    ProcessCompute(
+                        self.settings.models_dir,
+                        name,
+                        self.settings.device,
+                        self.settings.onnx_threads,
+                        self.settings.native_threads,
+                    )
+                    if in_process
+                    else ThreadCompute(bundle, self.executor)
                 )
                 recommender = Recommender(
                     bundle,
@@ -87,11 +103,12 @@ class AppState:
                     self.settings.max_batch,
                     self.settings.batch_wait_ms,
                     self.metrics.batch_size.observe,
-                    self.executor,
+                    compute,
                     self.settings.batches_in_flight,
                 )
                 # Refuse a bundle that lacks the configured default encoder up front.
                 recommender.retriever(None)
+                await recommender.start()
             except Exception as exc:
                 self.last_error = f"reload refused: {exc}"
                 self._failed_name = name
@@ -100,7 +117,11 @@ class AppState:
                 if isinstance(exc, BundleError):
                     raise
                 raise BundleError(str(exc)) from exc
-            self.recommender = recommender
+            retired, self.recommender = self.recommender, recommender
+            if retired is not None:
+                # Requests that took it just before the swap still finish on it.
+                self._retiring.add(asyncio.create_task(retired.close()))
+                self._retiring = {task for task in self._retiring if not task.done()}
             self.last_error = None
             self._failed_name = None
             self.metrics.reloads.labels(outcome="loaded").inc()
@@ -146,6 +167,15 @@ class AppState:
         if self.settings.reload_poll_seconds > 0:
             self._tasks.append(asyncio.create_task(self._poll_current()))
         self._tasks.append(asyncio.create_task(self._listen()))
+
+    async def close(self) -> None:
+        """Stop serving: the current and the retiring recommenders finish what they have in
+        flight and stop their compute; then the compute thread goes."""
+        if self.recommender is not None:
+            await self.recommender.close()
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+        self.executor.shutdown(cancel_futures=True)
 
     async def stop_background(self) -> None:
         # A cancellation can be lost inside a library: on Python 3.11, asyncio.wait_for (which

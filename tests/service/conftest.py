@@ -64,6 +64,18 @@ def key_prefix(shared_redis):
     delete_prefix(shared_redis, prefix)
 
 
+@pytest.fixture(scope="session")
+def head_models(tiny_data, trained_run, tmp_path_factory):
+    """A models dir whose CURRENT bundle ("with-head") has a CTR head."""
+    from training.ctr import CtrConfig
+    from training.export import export_bundle
+
+    models = tmp_path_factory.mktemp("head-models")
+    config = CtrConfig(candidates=30, epochs=2, encode_batch=128)
+    export_bundle([trained_run.checkpoint], tiny_data, models, name="with-head", ctr=config)
+    return models
+
+
 @pytest.fixture
 def served_models(exported_bundle, tmp_path) -> Path:
     """A private copy of the models dir (CURRENT = "tiny") that a test may change."""
@@ -97,6 +109,9 @@ def make_settings(served_models, key_prefix):
             "reload_poll_seconds": 0,
             "admin_token": ADMIN_TOKEN,
             "device": "cpu",
+            # A compute process per test app would add seconds to each; tests/service/
+            # test_compute.py and the real-server tests run the default process mode.
+            "compute": "thread",
             **overrides,
         }
         return Settings(**values)

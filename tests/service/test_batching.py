@@ -1,15 +1,23 @@
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.batching import MicroBatcher, in_thread
+from service.batching import MicroBatcher
 
 
 def run(coroutine):
     return asyncio.run(coroutine)
+
+
+def in_thread(fn):
+    """A blocking batch function as the coroutine the batcher awaits."""
+
+    async def batch(items):
+        return await asyncio.get_running_loop().run_in_executor(None, fn, items)
+
+    return batch
 
 
 def test_each_request_gets_its_own_result_from_a_shared_batch():
@@ -79,23 +87,6 @@ def test_the_wait_bound_holds():
     assert result == "only"
     waited = calls[0][0] - started
     assert 0.02 <= waited < 0.5  # waited for company, but not (much) longer than the bound
-
-
-def test_blocking_batches_run_off_the_event_loop_thread_in_the_given_executor():
-    threads = []
-
-    def where(items):
-        threads.append(threading.current_thread().name)
-        return items
-
-    async def main():
-        with ThreadPoolExecutor(1, thread_name_prefix="compute") as executor:
-            batcher = MicroBatcher(in_thread(where, executor))
-            await batcher.submit(1)
-            await batcher.close()
-        return threading.current_thread().name
-
-    assert run(main()) not in threads and threads[0].startswith("compute")
 
 
 def test_an_async_batch_function_is_awaited_on_the_loop():

@@ -6,18 +6,6 @@ from fastapi.testclient import TestClient
 from service.main import create_app
 
 
-@pytest.fixture(scope="session")
-def head_models(tiny_data, trained_run, tmp_path_factory):
-    """A models dir whose CURRENT bundle has a CTR head."""
-    from training.ctr import CtrConfig
-    from training.export import export_bundle
-
-    models = tmp_path_factory.mktemp("head-models")
-    config = CtrConfig(candidates=30, epochs=2, encode_batch=128)
-    export_bundle([trained_run.checkpoint], tiny_data, models, name="with-head", ctr=config)
-    return models
-
-
 @pytest.fixture
 def head_client(make_settings, head_models):
     with TestClient(create_app(make_settings(models_dir=head_models))) as test_client:

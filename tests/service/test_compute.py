@@ -1,0 +1,167 @@
+"""Where batches are computed: a child process answers exactly as a thread does."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.bundle import load_bundle
+from service.compute import ComputeError, ProcessCompute, ThreadCompute
+from service.errors import BundleError
+from service.main import create_app
+from service.recommender import Recommender
+from tests.service.test_recommender import user_events
+
+pytestmark = pytest.mark.slow
+
+
+def answers(recommender: Recommender, histories, **options):
+    async def scenario():
+        await recommender.start()
+        try:
+            results = await asyncio.gather(
+                *(
+                    recommender.recommend(
+                        events,
+                        k=8,
+                        encoder=None,
+                        exclude_seen=True,
+                        candidates=25,
+                        rerank=True,
+                        cache=None,
+                        history_cap=1000,
+                        **options,
+                    )  # fmt: skip
+                    for events in histories
+                )
+            )
+            similar = await recommender.similar("3", 5, None)
+        finally:
+            await recommender.close()
+        return results, similar
+
+    return asyncio.run(scenario())
+
+
+def test_a_compute_process_answers_exactly_as_a_thread(head_models, tiny_data):
+    bundle = load_bundle(head_models, device="cpu")
+    histories = [user_events(tiny_data, user) for user in range(12)] + [[("nope", 1)]]
+    in_thread, similar_in_thread = answers(Recommender(bundle, max_batch=4), histories)
+    light = load_bundle(head_models, device="cpu", models=False)
+    assert light.retrievers["sasrec"].index is None  # the worker keeps no models
+    compute = ProcessCompute(head_models, bundle.name, device="cpu")
+    in_process, similar_in_process = answers(
+        Recommender(light, max_batch=4, compute=compute), histories
+    )
+    assert [r.items for r in in_process] == [r.items for r in in_thread]
+    assert all(r.reranked for r in in_process[:-1]) and in_process[-1].fallback == "popularity"
+    assert similar_in_process == similar_in_thread
+    assert not compute.running  # closed with its recommender
+
+
+def test_a_bundle_the_compute_process_cannot_load_is_refused_with_its_reason(head_models, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(head_models, models)
+    onnx = models / "with-head" / "retrievers" / "sasrec" / "ctr_head.onnx"
+    onnx.write_bytes(b"not an onnx graph")
+
+    async def scenario():
+        compute = ProcessCompute(models, "with-head", device="cpu")
+        with pytest.raises(BundleError, match="ctr_head.onnx: cannot be loaded"):
+            await compute.start()
+        assert not compute.running
+
+    asyncio.run(scenario())
+
+
+def test_a_compute_process_that_dies_fails_its_calls_and_is_replaced(head_models):
+    queries = np.eye(
+        1,
+        load_bundle(head_models, models=False).retrievers["sasrec"].item_vectors.shape[1],
+        dtype=np.float32,
+    )
+
+    async def scenario():
+        compute = ProcessCompute(head_models, "with-head", device="cpu")
+        await compute.start()
+        try:
+            before = await compute.search("sasrec", queries, 5)
+            first_pid = compute._process.pid
+            os.kill(first_pid, signal.SIGSTOP)  # a call is sure to be pending when it dies
+            pending = asyncio.ensure_future(compute.search("sasrec", queries, 5))
+            await asyncio.sleep(0.2)
+            os.kill(first_pid, signal.SIGKILL)
+            with pytest.raises(ComputeError, match="went away"):
+                await pending
+            again = await compute.search("sasrec", queries, 5)  # a new child
+            assert compute._process.pid != first_pid
+            return before, again
+        finally:
+            await compute.close()
+
+    before, again = asyncio.run(scenario())
+    np.testing.assert_array_equal(before[1], again[1])
+
+
+def test_a_thread_compute_runs_off_the_event_loop(head_models):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    bundle = load_bundle(head_models, device="cpu")
+    seen_threads = []
+    index = bundle.retrievers["sasrec"].index
+    search = index.search
+
+    def recording(queries, k):
+        seen_threads.append(threading.current_thread().name)
+        return search(queries, k)
+
+    index.search = recording
+
+    async def scenario():
+        with ThreadPoolExecutor(1, thread_name_prefix="compute") as executor:
+            compute = ThreadCompute(bundle, executor)
+            vector = np.ones((1, index.dim), np.float32)
+            await compute.search("sasrec", vector, 3)
+        return threading.current_thread().name
+
+    assert asyncio.run(scenario()) != seen_threads[0] and seen_threads[0].startswith("compute")
+
+
+def test_an_app_in_process_mode_serves_and_retires_the_old_process_on_reload(
+    make_settings, head_models, tmp_path, history
+):
+    models = tmp_path / "head-copy"
+    shutil.copytree(head_models, models)
+    shutil.copytree(models / "with-head", models / "with-head-2")
+    settings = make_settings(models_dir=models, compute="process")
+    with TestClient(create_app(settings)) as client:
+        state = client.app.state.recserve
+        first = state.recommender.compute
+        answer = client.post("/recommend", json={"history": history, "k": 5}).json()
+        assert answer["reranked"] and len(answer["items"]) == 5
+        (models / "CURRENT").write_text("with-head-2\n")
+        reloaded = client.post(
+            "/admin/reload",
+            headers={"authorization": f"Bearer {settings.admin_token.get_secret_value()}"},
+        )
+        assert reloaded.status_code == 200
+        again = client.post("/recommend", json={"history": history, "k": 5}).json()
+        assert again["bundle"] == "with-head-2"
+        assert [i["item_id"] for i in again["items"]] == [i["item_id"] for i in answer["items"]]
+        second = state.recommender.compute
+        assert second is not first and second.running
+        for _ in range(100):  # the old one stops once idle
+            if not first.running:
+                break
+            client.get("/healthz")
+            time.sleep(0.05)
+        assert not first.running
+    assert not second.running  # stopped at shutdown
