@@ -198,13 +198,19 @@ class ServiceProcess:
             return [self.process.pid]
         return _children(self.process.pid)
 
+    def serving_pids(self) -> list[int]:
+        """The workers and their compute processes (service.compute)."""
+        workers = self.worker_pids()
+        return workers + [child for worker in workers for child in _children(worker)]
+
     def rss_bytes(self) -> int:
         """Resident memory of the serving processes together (Linux /proc)."""
-        return sum(_rss(pid) for pid in self.worker_pids())
+        return sum(_rss(pid) for pid in self.serving_pids())
 
     def cpu_seconds(self) -> float:
-        """User + system CPU seconds of the server and its reaped children (Linux /proc)."""
-        return sum(_cpu(pid) for pid in {self.process.pid, *self.worker_pids()})
+        """User + system CPU seconds of the server, its workers and their compute processes
+        (Linux /proc; a process that exits meanwhile takes its seconds with it)."""
+        return sum(_cpu(pid) for pid in {self.process.pid, *self.serving_pids()})
 
     def stop(self) -> int | None:
         """SIGTERM (uvicorn's graceful shutdown), SIGKILL after 15 s; the exit code."""

@@ -213,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile",
         type=Path,
-        help="py-spy the server during the highest-concurrency /recommend run; collapsed "
-        "stacks go to this file and the top functions into the JSON",
+        help="py-spy the worker and its compute process during an extra run at the highest "
+        "concurrency; collapsed stacks go to FILE-worker.txt and FILE-compute.txt, the top "
+        "functions into the JSON",
     )
     parser.add_argument(
         "--setting",
@@ -238,11 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(floor), flush=True)
 
     served = serve_copy(args.models_dir, args.bundle)
+    prefix = f"bench{args.port or os.getpid()}"
     server = ServiceProcess(
         {
             "RECSERVE_MODELS_DIR": str(served),
             "RECSERVE_ADMIN_ENABLED": "0",
-            "RECSERVE_KEY_PREFIX": f"bench{args.port or os.getpid()}",
+            "RECSERVE_KEY_PREFIX": prefix,
             "RECSERVE_RELOAD_POLL_SECONDS": "0",
             "RECSERVE_DEVICE": "cpu",
             **extra_settings(args.setting),
@@ -284,15 +286,28 @@ def main(argv: list[str] | None = None) -> int:
                 results["runs"].append(run)
                 print(json.dumps(run), flush=True)
         if args.profile:
-            # An extra run, so that the sampler's CPU is in none of the measured ones.
+            # An extra run, so that the samplers' CPU is in none of the measured ones. The
+            # worker is sampled while it holds the GIL (what bounds it), its compute
+            # process whenever it runs.
             concurrency = max(args.concurrency)
-            profiler = start_profile(server.process.pid, args.duration, args.profile)
+            targets = {"worker": (server.process.pid, True)}
+            computing = server.serving_pids()[1:]  # the worker's compute process, if any
+            if computing:
+                targets["compute"] = (computing[0], False)
+            profilers = {
+                name: start_profile(pid, args.duration, profile_path(args.profile, name), gil)
+                for name, (pid, gil) in targets.items()
+            }
             run_wrk(server.url + "/recommend", concurrency, args.duration, lua)
-            profiler.wait(timeout=args.duration + 60)
-            results["profile"] = {"concurrency": concurrency, **summarise_profile(args.profile)}
+            results["profile"] = {"concurrency": concurrency}
+            for name, profiler in profilers.items():
+                profiler.wait(timeout=args.duration + 60)
+                path = profile_path(args.profile, name)
+                results["profile"][name] = summarise_profile(path)
     finally:
         server.stop()
         shutil.rmtree(served, ignore_errors=True)
+        forget_keys(os.environ.get("RECSERVE_REDIS_URL", DEFAULT_REDIS_URL), prefix)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(table(results))
@@ -313,18 +328,51 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def start_profile(pid: int, seconds: int, out: Path) -> subprocess.Popen:
+def start_profile(pid: int, seconds: int, out: Path, gil: bool) -> subprocess.Popen:
     """py-spy sampling every thread of ``pid`` for ``seconds`` without pausing it;
-    collapsed stacks. ``--idle`` because faiss and onnxruntime run without the GIL, which
-    py-spy would otherwise count as idle; their time shows as the Python frame that called
-    them (native frames need pausing, and their unwinding through faiss gave nothing)."""
+    collapsed stacks. ``gil``: only samples of the thread holding the GIL; otherwise
+    ``--idle`` as well, because faiss and onnxruntime run without the GIL, which py-spy
+    would otherwise count as idle; their time shows as the Python frame that called them
+    (native frames need pausing, and their unwinding through faiss gave nothing)."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     return subprocess.Popen(
         [py_spy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "200"]
-        + ["--format", "raw", "--nonblocking", "--idle", "--output", str(out)],
+        + ["--format", "raw", "--nonblocking", "--gil" if gil else "--idle"]
+        + ["--output", str(out)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def profile_path(base: Path, process: str) -> Path:
+    """Where the collapsed stacks of one profiled process go: base-worker.txt, ..."""
+    return base.with_name(f"{base.stem}-{process}{base.suffix or '.txt'}")
+
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def forget_keys(url: str, prefix: str) -> int:
+    """Delete the keys the benchmark's server wrote (tens of thousands of cache entries
+    of random histories that nobody will ask for again); how many."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    deleted = 0
+    try:
+        keys = []
+        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            keys.append(key)
+            if len(keys) == 1000:
+                deleted += client.delete(*keys)
+                keys.clear()
+        if keys:
+            deleted += client.delete(*keys)
+    except redis.exceptions.RedisError as exc:
+        print(f"could not delete the benchmark's keys {prefix}:*: {exc}", file=sys.stderr)
+    finally:
+        client.close()
+    return deleted
 
 
 WAITING = ("Condition.wait", "Queue.get", "select", "_run_once")  # leaf frames of idle threads

@@ -25,9 +25,12 @@ Requests/sec:   6000.00
 
 @pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("wrk"), reason="wrk not installed (apt-get install wrk)")
-def test_serving_benchmark_runs_against_a_real_server(exported_bundle, tmp_path):
+def test_serving_benchmark_runs_against_a_real_server(exported_bundle, tmp_path, monkeypatch):
+    import redis
+
     models_dir, path = exported_bundle
     out = tmp_path / "serving.json"
+    monkeypatch.setattr(serving.os, "getpid", lambda: 424242)  # the server's key prefix
     code = serving.main(
         [
             "--models-dir",
@@ -40,6 +43,12 @@ def test_serving_benchmark_runs_against_a_real_server(exported_bundle, tmp_path)
             "1",
             "--floor-requests",
             "20",
+            "--repeat",
+            "5",
+            "--repeat-share",
+            "0.5",
+            "--profile",
+            str(tmp_path / "profile.txt"),
             "--out",
             str(out),
         ]
@@ -52,3 +61,10 @@ def test_serving_benchmark_runs_against_a_real_server(exported_bundle, tmp_path)
     for run in result["runs"]:
         assert run["requests"] > 0 and run["errors"] == 0 and run["non2xx"] == 0
         assert run["cpu_ms_per_request"] > 0
+    # Both processes were sampled: the worker holding the GIL, and its compute process.
+    assert {"worker", "compute"} <= set(result["profile"])
+    assert result["profile"]["compute"]["samples"] > 0
+    assert (tmp_path / "profile-worker.txt").exists()
+    # The cache entries of its random histories do not outlive the benchmark.
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    assert not list(client.scan_iter(match="bench424242:*"))
