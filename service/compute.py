@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import logging
 import pickle
@@ -78,6 +77,33 @@ class ThreadCompute:
         """Nothing to stop."""
 
 
+class _Frames(asyncio.Protocol):
+    """The worker's end of the socket pair: frames in, each handed to ``on_frame``."""
+
+    def __init__(self, on_frame, on_lost):
+        self.on_frame = on_frame
+        self.on_lost = on_lost
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while len(self._buffer) >= FRAME.size:
+            (length,) = FRAME.unpack_from(self._buffer)
+            end = FRAME.size + length
+            if len(self._buffer) < end:
+                return
+            value = pickle.loads(memoryview(self._buffer)[FRAME.size : end])
+            del self._buffer[:end]
+            self.on_frame(value)
+
+    def connection_lost(self, exc) -> None:
+        self.on_lost(exc)
+
+
 class ProcessCompute:
     """Batches computed by a child process that loads the bundle's models itself."""
 
@@ -106,19 +132,30 @@ class ProcessCompute:
         ]
         self.bundle = bundle
         self._process: asyncio.subprocess.Process | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task | None = None
+        self._frames: _Frames | None = None
+        self._ready: asyncio.Future | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._ids = itertools.count()
         self._starting: asyncio.Task | None = None
 
     @property
     def running(self) -> bool:
-        return self._process is not None and self._process.returncode is None
+        return (
+            self._process is not None
+            and self._process.returncode is None
+            and self._frames is not None
+            and self._ready is not None
+            and self._ready.done()
+            and not self._ready.cancelled()
+            and self._ready.exception() is None
+            and self._frames.transport is not None
+            and not self._frames.transport.is_closing()
+        )
 
     async def start(self) -> None:
         """Spawn the child and wait until its bundle is loaded; BundleError with its
         reason when it cannot load it."""
+        loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         try:
             self._process = await asyncio.create_subprocess_exec(
@@ -126,22 +163,49 @@ class ProcessCompute:
             )
         finally:
             theirs.close()
-        reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+        self._ready = loop.create_future()
+        _, self._frames = await loop.create_unix_connection(
+            lambda: _Frames(self._on_frame, self._on_lost), sock=ours
+        )
         try:
-            ok, message = await asyncio.wait_for(read_frame(reader), START_TIMEOUT_SECONDS)
-        except (asyncio.IncompleteReadError, TimeoutError) as exc:
+            await asyncio.wait_for(asyncio.shield(self._ready), START_TIMEOUT_SECONDS)
+        except (ComputeError, TimeoutError) as exc:
             await self.close()
-            raise BundleError(f"compute process for {self.bundle} did not start ({exc!r})") from exc
-        if not ok:
+            raise BundleError(f"compute process for {self.bundle} did not start ({exc})") from exc
+        except BundleError:
             await self.close()
-            raise BundleError(message)
-        self._reader_task = asyncio.create_task(self._read_answers(reader))
+            raise
         LOG.info("compute process %d serves bundle %s", self._process.pid, self.bundle)
+
+    def _on_frame(self, value) -> None:
+        if not self._ready.done():  # the first frame: (loaded, why not)
+            ok, message = value
+            if ok:
+                self._ready.set_result(None)
+            else:
+                self._ready.set_exception(BundleError(message))
+            return
+        call_id, ok, result = value
+        future = self._pending.get(call_id)
+        if future is None or future.done():
+            return
+        if ok:
+            future.set_result(result)
+        else:
+            future.set_exception(result)
+
+    def _on_lost(self, exc) -> None:
+        failure = ComputeError(f"compute process for {self.bundle} went away ({exc!r})")
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(failure)
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(failure)
 
     async def _ensure_running(self) -> None:
         # A child that died (killed, out of memory) is replaced on the next call; calls
         # that were waiting on it have failed with ComputeError.
-        if self.running and self._reader_task is not None and not self._reader_task.done():
+        if self.running:
             return
         if self._starting is None or self._starting.done():
             LOG.warning("compute process for %s is not running; starting one", self.bundle)
@@ -155,8 +219,7 @@ class ProcessCompute:
         future = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
         try:
-            self._writer.write(frame((call_id, op, args)))
-            await self._writer.drain()
+            self._frames.transport.write(frame((call_id, op, args)))
             return await future
         finally:
             self._pending.pop(call_id, None)
@@ -167,35 +230,11 @@ class ProcessCompute:
     async def search(self, retriever: str, queries: np.ndarray, k: int):
         return await self._call("search", retriever, queries, k)
 
-    async def _read_answers(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while True:
-                call_id, ok, value = await read_frame(reader)
-                future = self._pending.get(call_id)
-                if future is None or future.done():
-                    continue
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(value)
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            failure = ComputeError(f"compute process for {self.bundle} went away ({exc!r})")
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(failure)
-
     async def close(self) -> None:
         """Stop the child (it exits when its socket closes) and forget what was pending."""
-        if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(Exception):
-                await self._writer.wait_closed()
-            self._writer = None
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader_task
-            self._reader_task = None
+        if self._frames is not None and self._frames.transport is not None:
+            self._frames.transport.close()
+        self._frames = None
         if self._process is not None:
             try:
                 await asyncio.wait_for(self._process.wait(), STOP_TIMEOUT_SECONDS)
@@ -209,11 +248,6 @@ def frame(value) -> bytes:
     """``value`` as one length-prefixed pickle frame."""
     payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     return FRAME.pack(len(payload)) + payload
-
-
-async def read_frame(reader: asyncio.StreamReader):
-    (length,) = FRAME.unpack(await reader.readexactly(FRAME.size))
-    return pickle.loads(await reader.readexactly(length))
 
 
 def _read_frame_blocking(stream) -> object | None:

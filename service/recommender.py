@@ -548,6 +548,9 @@ def _without_seen(
 
 async def _cache_put(cache: BehaviourCache, entries: list[tuple[str, CachedRetrieval]]) -> bool:
     """Store entries; False when the cache cannot be reached (the answers are still served)."""
+    # One turn of the loop first: the batch's requests, woken in this same turn, send their
+    # answers before the write spends its CPU.
+    await asyncio.sleep(0)
     try:
         await cache.put_retrievals(entries)
         return True
