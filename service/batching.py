@@ -6,9 +6,10 @@ task takes whatever is queued (at most ``max_batch`` items), waits at most ``max
 for more, and awaits the batch function once for all of them. With ``max_wait_ms=0`` it
 never waits: a lone request goes straight through (no added latency at concurrency 1),
 while requests that arrive during a running batch form the next one, so batches grow with
-load. Up to ``in_flight`` batches run at once: with two, the next batch is collected and
-starts (say, its cache read) while the previous one still computes, so the event loop and
-the compute thread work side by side instead of in turns. The batch function is a
+load. Up to ``in_flight`` batches run at once: the next batch is collected and starts (its
+cache read, say) while the previous one still computes, so the event loop and the compute
+work side by side instead of in turns (a compute process merges the batches that queue
+up for it, so several in flight never means small computations). The batch function is a
 coroutine (``service.compute`` runs the blocking work off the loop).
 
 If the batch function raises, each item is retried alone, so one bad request fails only

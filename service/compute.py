@@ -250,50 +250,119 @@ def frame(value) -> bytes:
     return FRAME.pack(len(payload)) + payload
 
 
-def _read_frame_blocking(stream) -> object | None:
-    header = stream.read(FRAME.size)
-    if len(header) < FRAME.size:
-        return None  # the parent closed its end: time to go
-    (length,) = FRAME.unpack(header)
-    return pickle.loads(stream.read(length))
+class _Inbox:
+    """The child's end of the socket pair: whole frames, waiting for one or taking only
+    what has already arrived."""
+
+    def __init__(self, connection: socket.socket):
+        self.connection = connection
+        self._buffer = bytearray()
+
+    def _parsed(self):
+        if len(self._buffer) < FRAME.size:
+            return None
+        (length,) = FRAME.unpack_from(self._buffer)
+        if len(self._buffer) < FRAME.size + length:
+            return None
+        value = pickle.loads(memoryview(self._buffer)[FRAME.size : FRAME.size + length])
+        del self._buffer[: FRAME.size + length]
+        return value
+
+    def take(self, wait: bool):
+        """The next request; None when nothing more has arrived (``wait=False``).
+        EOFError once the worker has closed its end."""
+        self.connection.setblocking(wait)
+        while (value := self._parsed()) is None:
+            try:
+                data = self.connection.recv(1 << 20)
+            except BlockingIOError:
+                return None
+            if not data:
+                raise EOFError
+            self._buffer += data
+        return value
 
 
 def serve(connection: socket.socket, args: argparse.Namespace) -> None:
-    """The child: load the bundle, then answer requests in order until the socket closes."""
+    """The child: load the bundle, then answer requests until the socket closes.
+
+    The batches that queued up while one was computing are computed together, as one
+    batch, and answered one by one: sent as soon as the worker formed them, they keep the
+    process busy without a gap, and merged they cost less than one after the other.
+    """
     from service.bundle import load_bundle
     from service.devices import limit_native_threads
     from service.recommender import compute_batch
 
     limit_native_threads(args.native_threads)
-    stream = connection.makefile("rwb")
     try:
         # The parent verified the checksums of these very files before starting us.
         bundle = load_bundle(
             args.models_dir, args.bundle, args.device, args.onnx_threads, verify=False
         )
     except Exception as exc:  # every reason goes back to the parent, which refuses the bundle
-        stream.write(frame((False, str(exc))))
-        stream.flush()
+        connection.sendall(frame((False, str(exc))))
         return
-    stream.write(frame((True, "ready")))
-    stream.flush()
-    while (request := _read_frame_blocking(stream)) is not None:
-        call_id, op, call_args = request
+    connection.sendall(frame((True, "ready")))
+    inbox = _Inbox(connection)
+
+    def batches(retriever: str, requests: list) -> list:
+        """Each request's answers (or its exception), from one merged computation; if that
+        fails, each request alone, so one bad request fails only itself."""
+        merged = [job for _, (_, jobs) in requests for job in jobs]
         try:
+            answers = compute_batch(bundle.retrievers[retriever], bundle.item_features, merged)
+        except Exception as exc:
+            if len(requests) == 1:
+                return [exc]
+            return [batches(retriever, [request])[0] for request in requests]
+        parts, start = [], 0
+        for _, (_, jobs) in requests:
+            parts.append(answers[start : start + len(jobs)])
+            start += len(jobs)
+        return parts
+
+    while True:
+        try:
+            waiting = [inbox.take(wait=True)]
+            while (more := inbox.take(wait=False)) is not None:
+                waiting.append(more)
+        except EOFError:
+            return
+        replies = []
+        by_retriever: dict[str, list] = {}
+        for call_id, op, call_args in waiting:
             if op == "batch":
-                retriever, jobs = call_args
-                value = compute_batch(bundle.retrievers[retriever], bundle.item_features, jobs)
-            elif op == "search":
-                retriever, queries, k = call_args
-                value = bundle.retrievers[retriever].index.search(queries, k)
-            else:
-                raise ValueError(f"unknown compute operation {op!r}")
-            answer = (call_id, True, value)
-        except Exception as exc:  # the batcher retries a failed batch request by request
-            # As a ComputeError with the original's name: any exception pickles that way.
-            answer = (call_id, False, ComputeError(f"{type(exc).__name__}: {exc}"))
-        stream.write(frame(answer))
-        stream.flush()
+                by_retriever.setdefault(call_args[0], []).append((call_id, call_args))
+                continue
+            replies.append(_answer(call_id, _single, bundle, op, call_args))
+        for retriever, requests in by_retriever.items():
+            parts = batches(retriever, requests)
+            for (call_id, _), part in zip(requests, parts, strict=True):
+                replies.append(_answer(call_id, _unless_error, part))
+        connection.setblocking(True)
+        connection.sendall(b"".join(frame(reply) for reply in replies))
+
+
+def _single(bundle, op: str, call_args):
+    if op == "search":
+        retriever, queries, k = call_args
+        return bundle.retrievers[retriever].index.search(queries, k)
+    raise ValueError(f"unknown compute operation {op!r}")
+
+
+def _unless_error(part):
+    if isinstance(part, Exception):
+        raise part
+    return part
+
+
+def _answer(call_id: int, compute, *args) -> tuple:
+    try:
+        return call_id, True, compute(*args)
+    except Exception as exc:  # the batcher retries a failed batch request by request
+        # As a ComputeError with the original's name: any exception pickles that way.
+        return call_id, False, ComputeError(f"{type(exc).__name__}: {exc}")
 
 
 def main(argv: list[str] | None = None) -> int:

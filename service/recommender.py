@@ -170,7 +170,7 @@ class Recommender:
         max_wait_ms: float = 0.0,
         on_batch=None,
         compute: ThreadCompute | ProcessCompute | None = None,
-        in_flight: int = 2,
+        in_flight: int = 4,
     ):
         self.bundle = bundle
         self.default_encoder = default_encoder or bundle.default_encoder

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     compute_threads: int = Field(1, ge=1, le=64)  # threads running batches with "thread"
     max_batch: int = Field(32, ge=1, le=1024)  # requests coalesced into one encoder call
     batch_wait_ms: float = Field(0.0, ge=0, le=100)  # 0: never wait for company
-    batches_in_flight: int = Field(2, ge=1, le=16)  # one computing, the next being read
+    batches_in_flight: int = Field(4, ge=1, le=16)  # batches prepared, read or computing at once
     cache_ttl_seconds: int = Field(3600, ge=1)
     history_cap: int = Field(200, ge=1, le=100_000)  # events kept per user in Redis
     request_history_cap: int = Field(1000, ge=1, le=100_000)  # events read from a request

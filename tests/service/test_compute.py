@@ -165,3 +165,45 @@ def test_an_app_in_process_mode_serves_and_retires_the_old_process_on_reload(
             time.sleep(0.05)
         assert not first.running
     assert not second.running  # stopped at shutdown
+
+
+def compute_jobs(bundle, histories):
+    """The ComputeJobs a recommender would send for these histories (no cache)."""
+    from service.recommender import Job
+
+    recommender = Recommender(bundle)
+    jobs = [Job(events, 1000, True, 20, 5, True, 1_800_000_000, None) for events in histories]
+    recommender._prepare(bundle.retrievers["sasrec"], jobs)
+    return [job.work for job in jobs]
+
+
+def test_batches_queued_in_the_compute_process_are_merged_yet_answered_apart(
+    head_models, tiny_data
+):
+    bundle = load_bundle(head_models, device="cpu")
+    groups = [
+        compute_jobs(bundle, [user_events(tiny_data, user) for user in users])
+        for users in ([0, 1], [2], [3, 4, 5])
+    ]
+    bad = compute_jobs(bundle, [user_events(tiny_data, 6)])
+    bad[0].retrieval.ids = bad[0].retrieval.ids[:, :0]  # an empty window: encoding fails
+    alone = [asyncio.run(ThreadCompute(bundle).batch("sasrec", jobs)) for jobs in groups]
+
+    async def scenario():
+        compute = ProcessCompute(head_models, "with-head", device="cpu")
+        await compute.start()
+        try:
+            os.kill(compute._process.pid, signal.SIGSTOP)  # so that all four queue up
+            calls = [asyncio.ensure_future(compute.batch("sasrec", jobs)) for jobs in groups]
+            calls.insert(1, asyncio.ensure_future(compute.batch("sasrec", bad)))
+            await asyncio.sleep(0.2)
+            os.kill(compute._process.pid, signal.SIGCONT)
+            return await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await compute.close()
+
+    first, failed, *rest = asyncio.run(scenario())
+    assert isinstance(failed, ComputeError)  # only the bad request's call failed
+    for got, expected in zip([first, *rest], alone, strict=True):
+        assert [a.ids.tolist() for a in got] == [a.ids.tolist() for a in expected]
+        np.testing.assert_allclose([a.scores for a in got], [a.scores for a in expected], rtol=1e-5)

@@ -278,16 +278,14 @@ class CountingCache(InMemoryBehaviourCache):
         await super().put_retrievals(entries)
 
 
-def test_concurrent_requests_share_one_cache_read_and_one_write(bundle, tiny_data):
-    recommender = Recommender(bundle, max_batch=8, max_wait_ms=50)
-    cache = CountingCache()
-    histories = [user_events(tiny_data, user) for user in range(8)]
+def recommend_together(recommender, histories, cache, candidates):
+    """All histories at once (they share micro-batches), after which writes are drained."""
 
     async def scenario():
         answers = await asyncio.gather(
             *(
                 recommender.recommend(
-                    events, k=5, encoder=None, exclude_seen=True, candidates=50,
+                    events, k=5, encoder=None, exclude_seen=True, candidates=candidates,
                     rerank=False, cache=cache, history_cap=1000,
                 )  # fmt: skip
                 for events in histories
@@ -296,7 +294,14 @@ def test_concurrent_requests_share_one_cache_read_and_one_write(bundle, tiny_dat
         await recommender.drain()
         return answers
 
-    answers = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_concurrent_requests_share_one_cache_read_and_one_write(bundle, tiny_data):
+    recommender = Recommender(bundle, max_batch=8, max_wait_ms=50)
+    cache = CountingCache()
+    histories = [user_events(tiny_data, user) for user in range(8)]
+    answers = recommend_together(recommender, histories, cache, 50)
     assert cache.reads == [8] and cache.writes == [8]
     assert [a.cache for a in answers] == ["miss"] * 8
     for events, answer in zip(histories, answers, strict=True):  # each got its own answer
@@ -328,22 +333,10 @@ def test_a_request_gets_the_same_answer_and_cache_key_in_any_batch(bundle, tiny_
     batched_cache = CountingCache()
     histories = [user_events(tiny_data, user)[: 3 + user] for user in range(6)]
 
-    async def scenario(cache, max_batch):
-        recommender = Recommender(bundle, max_batch=max_batch, max_wait_ms=50)
-        answers = await asyncio.gather(
-            *(
-                recommender.recommend(
-                    events, k=5, encoder=None, exclude_seen=True, candidates=30,
-                    rerank=False, cache=cache, history_cap=1000,
-                )  # fmt: skip
-                for events in histories
-            )
-        )
-        await recommender.drain()
-        return answers
-
-    alone = asyncio.run(scenario(alone_cache, 1))
-    together = asyncio.run(scenario(batched_cache, 6))
+    alone = recommend_together(Recommender(bundle, max_batch=1), histories, alone_cache, 30)
+    together = recommend_together(
+        Recommender(bundle, max_batch=6, max_wait_ms=50), histories, batched_cache, 30
+    )
     assert batched_cache.reads == [6] and alone_cache.reads == [1] * 6
     assert [ids(a) for a in alone] == [ids(b) for b in together]
     # Windows of different lengths share a batch, yet each key is the one it has alone.
