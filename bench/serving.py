@@ -12,10 +12,11 @@ In one run it measures:
 - the framework ceiling: /healthz of the same server under the same wrk settings.
 
 Over HTTP every request is a fresh random history over the bundle's catalogue (20 events,
-built by wrk's Lua script), so every /recommend is a cache miss; ``--repeat N`` makes wrk
-cycle N fixed bodies instead (cache hits after the first round), for a share
-``--repeat-share`` of the requests (default all; e.g. 0.8 mixes 20% fresh misses). The
-server serves a hard-linked copy of the bundle in a temporary models dir (CURRENT must
+built by wrk's Lua script, seeded anew for every run), so every /recommend is a cache
+miss; ``--repeat N`` makes wrk cycle N fixed bodies instead (cache hits after the first
+round), for a share ``--repeat-share`` of the requests (default all; e.g. 0.8 mixes 20%
+fresh misses). Each run records the share of cache hits the server counted. The server
+serves a hard-linked copy of the bundle in a temporary models dir (CURRENT must
 name a bundle inside its own dir; hard links cost no disk).
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -262,26 +264,32 @@ def main(argv: list[str] | None = None) -> int:
         "settings": extra_settings(args.setting),
         "runs": [],
     }
+    quoted = ",".join(json.dumps(body) for body in bodies[: args.repeat])
+    seeds = itertools.count(1)
+
+    def script() -> Path:
+        # Every wrk run draws its fresh histories from its own seed: with one seed for all,
+        # each run would replay the previous runs' "fresh" histories as cache hits.
+        lua = served / "bodies.lua"
+        values = {"bodies": quoted, "n_items": n_items, "repeat_share": args.repeat_share}
+        lua.write_text(LUA % {**values, "seed": next(seeds)})
+        return lua
+
     try:
         server.start()
-        lua = served / "bodies.lua"
-        quoted = ",".join(json.dumps(body) for body in bodies[: args.repeat])
-        lua.write_text(
-            LUA
-            % {
-                "bodies": quoted,
-                "n_items": n_items,
-                "seed": server.port,
-                "repeat_share": args.repeat_share,
-            }
-        )
         for concurrency in args.concurrency:
-            for target, script in (("/recommend", lua), ("/healthz", None)):
-                before = server.cpu_seconds()
-                run = run_wrk(server.url + target, concurrency, args.duration, script)
+            for target in ("/recommend", "/healthz"):
+                before, outcomes = server.cpu_seconds(), cache_outcomes(server.url)
+                lua = script() if target == "/recommend" else None
+                run = run_wrk(server.url + target, concurrency, args.duration, lua)
                 run["cpu_ms_per_request"] = (
                     (server.cpu_seconds() - before) * 1000 / max(run["requests"], 1)
                 )
+                if target == "/recommend":
+                    counted = {
+                        k: v - outcomes.get(k, 0) for k, v in cache_outcomes(server.url).items()
+                    }
+                    run["cache_hit_share"] = counted.get("hit", 0) / max(sum(counted.values()), 1)
                 run.update(target=target, concurrency=concurrency)
                 results["runs"].append(run)
                 print(json.dumps(run), flush=True)
@@ -298,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                 name: start_profile(pid, args.duration, profile_path(args.profile, name), gil)
                 for name, (pid, gil) in targets.items()
             }
-            run_wrk(server.url + "/recommend", concurrency, args.duration, lua)
+            run_wrk(server.url + "/recommend", concurrency, args.duration, script())
             results["profile"] = {"concurrency": concurrency}
             for name, profiler in profilers.items():
                 profiler.wait(timeout=args.duration + 60)
@@ -316,14 +324,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(results: dict) -> str:
     rows = [
-        "| target | concurrency | req/s | p50 ms | p99 ms | max ms | errors | CPU ms/req |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| target | concurrency | req/s | p50 ms | p99 ms | max ms | errors | CPU ms/req "
+        "| cache hits |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in results["runs"]:
+        hits = f"{run['cache_hit_share']:.0%}" if "cache_hit_share" in run else "-"
         rows.append(
             f"| {run['target']} | {run['concurrency']} | {run['rps']:.0f} | {run['p50_ms']:.2f} "
             f"| {run['p99_ms']:.2f} | {run['max_ms']:.1f} | {run['errors'] + run['non2xx']} "
-            f"| {run['cpu_ms_per_request']:.2f} |"
+            f"| {run['cpu_ms_per_request']:.2f} | {hits} |"
         )
     return "\n".join(rows)
 
@@ -342,6 +352,18 @@ def start_profile(pid: int, seconds: int, out: Path, gil: bool) -> subprocess.Po
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def cache_outcomes(url: str) -> dict[str, float]:
+    """The server's /recommend cache outcomes so far (hit, miss, bypass), from /metrics."""
+    import httpx
+
+    counts = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("recserve_cache_total{"):
+            labels, _, value = line.rpartition(" ")
+            counts[labels.split('result="')[1].split('"')[0]] = float(value)
+    return counts
 
 
 def profile_path(base: Path, process: str) -> Path:

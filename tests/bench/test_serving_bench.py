@@ -61,6 +61,8 @@ def test_serving_benchmark_runs_against_a_real_server(exported_bundle, tmp_path,
     for run in result["runs"]:
         assert run["requests"] > 0 and run["errors"] == 0 and run["non2xx"] == 0
         assert run["cpu_ms_per_request"] > 0
+    recommend = [run for run in result["runs"] if run["target"] == "/recommend"]
+    assert all(0.0 <= run["cache_hit_share"] <= 1.0 for run in recommend)
     # Both processes were sampled: the worker holding the GIL, and its compute process.
     assert {"worker", "compute"} <= set(result["profile"])
     assert result["profile"]["compute"]["samples"] > 0
@@ -68,3 +70,16 @@ def test_serving_benchmark_runs_against_a_real_server(exported_bundle, tmp_path,
     # The cache entries of its random histories do not outlive the benchmark.
     client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
     assert not list(client.scan_iter(match="bench424242:*"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("wrk"), reason="wrk not installed (apt-get install wrk)")
+def test_every_run_without_repeats_is_all_cache_misses(exported_bundle, tmp_path):
+    models_dir, path = exported_bundle
+    out = tmp_path / "serving.json"
+    argv = ["--models-dir", str(models_dir), "--bundle", path.name, "--concurrency", "1", "2"]
+    argv += ["--duration", "1", "--floor-requests", "5", "--out", str(out)]
+    assert serving.main(argv) == 0
+    runs = [run for run in json.loads(out.read_text())["runs"] if run["target"] == "/recommend"]
+    # The second run does not replay the first one's histories.
+    assert [run["cache_hit_share"] for run in runs] == [0.0, 0.0]
