@@ -588,8 +588,8 @@ def sweep_served(bundle: Path, queries: np.ndarray, latency_queries: int) -> lis
     exact_ids = exact_top(vectors, queries, TOP)
     lists = faiss_lists(served.index)
     points = []
-    for share in PROBE_SHARES:
-        nprobe = max(1, round(lists * share))
+    # The spec's own nprobe beside the usual shares of the lists.
+    for nprobe in sorted({max(1, round(lists * share)) for share in PROBE_SHARES} | {spec.nprobe}):
         index = ItemIndex(served.index, vectors, replace(spec, nprobe=nprobe))
         points.append(measure(index, case, nprobe, queries, exact_ids, latency_queries))
         LOG.info("served nprobe=%d recall@100 %.4f", nprobe, points[-1].recall_at_100)
