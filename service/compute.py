@@ -114,7 +114,9 @@ class ProcessCompute:
         device: str = "auto",
         onnx_threads: int = 1,
         native_threads: int = 1,
+        call_timeout: float = 30.0,
     ):
+        self.call_timeout = call_timeout
         self.command = [
             sys.executable,
             "-m",
@@ -220,7 +222,20 @@ class ProcessCompute:
         self._pending[call_id] = future
         try:
             self._frames.transport.write(frame((call_id, op, args)))
-            return await future
+            return await asyncio.wait_for(future, self.call_timeout)
+        except TimeoutError:
+            # A child that stops answering (stuck, or stopped) would hold every request;
+            # it is killed, what waited on it fails, and the next call starts a new one.
+            LOG.error(
+                "compute process for %s did not answer in %.0f s; killing it",
+                self.bundle,
+                self.call_timeout,
+            )
+            if self._process is not None and self._process.returncode is None:
+                self._process.kill()
+            raise ComputeError(
+                f"compute process for {self.bundle} did not answer in {self.call_timeout:.0f} s"
+            ) from None
         finally:
             self._pending.pop(call_id, None)
 

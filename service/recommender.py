@@ -295,9 +295,7 @@ class Recommender:
         served = [job for job in jobs if job.work is not None]
         if served:
             await self._look_up(served)
-            computed = iter(
-                await self.compute.batch(retriever.name, [job.work for job in served])
-            )
+            computed = iter(await self.compute.batch(retriever.name, [job.work for job in served]))
         written: dict[BehaviourCache, list[tuple[str, CachedRetrieval]]] = {}
         answers = []
         for job in jobs:

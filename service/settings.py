@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     # the models). See service/compute.py.
     compute: str = Field("process", pattern="^(process|thread)$")
     compute_threads: int = Field(1, ge=1, le=64)  # threads running batches with "thread"
+    compute_timeout_seconds: float = Field(30.0, gt=0)  # a compute process silent longer is killed
     max_batch: int = Field(32, ge=1, le=1024)  # requests coalesced into one encoder call
     batch_wait_ms: float = Field(0.0, ge=0, le=100)  # 0: never wait for company
     batches_in_flight: int = Field(4, ge=1, le=16)  # batches prepared, read or computing at once

@@ -93,6 +93,7 @@ class AppState:
                         self.settings.device,
                         self.settings.onnx_threads,
                         self.settings.native_threads,
+                        self.settings.compute_timeout_seconds,
                     )
                     if in_process
                     else ThreadCompute(bundle, self.executor)

@@ -207,3 +207,29 @@ def test_batches_queued_in_the_compute_process_are_merged_yet_answered_apart(
     for got, expected in zip([first, *rest], alone, strict=True):
         assert [a.ids.tolist() for a in got] == [a.ids.tolist() for a in expected]
         np.testing.assert_allclose([a.scores for a in got], [a.scores for a in expected], rtol=1e-5)
+
+
+def test_a_compute_process_that_stops_answering_is_killed_and_replaced(head_models):
+    queries = np.ones(
+        (1, load_bundle(head_models, models=False).retrievers["sasrec"].item_vectors.shape[1]),
+        np.float32,
+    )
+
+    async def scenario():
+        compute = ProcessCompute(head_models, "with-head", device="cpu", call_timeout=1.0)
+        await compute.start()
+        try:
+            stuck = compute._process.pid
+            os.kill(stuck, signal.SIGSTOP)
+            with pytest.raises(ComputeError, match="did not answer in 1 s"):
+                await compute.search("sasrec", queries, 5)
+            await compute._process.wait()  # killed, not left stopped
+            _, ids = await compute.search("sasrec", queries, 5)  # a new child answers
+            return stuck, compute._process.pid, ids
+        finally:
+            await compute.close()
+
+    stuck, replacement, ids = asyncio.run(scenario())
+    assert replacement != stuck and ids.shape == (1, 5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(stuck, 0)
