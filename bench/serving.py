@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
         shutil.rmtree(served, ignore_errors=True)
-        forget_keys(os.environ.get("RECSERVE_REDIS_URL", DEFAULT_REDIS_URL), prefix)
+        forget_keys(os.environ.get("RECSERVE_REDIS_URL", default_redis_url()), prefix)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(table(results))
@@ -371,7 +371,11 @@ def profile_path(base: Path, process: str) -> Path:
     return base.with_name(f"{base.stem}-{process}{base.suffix or '.txt'}")
 
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+def default_redis_url() -> str:
+    """The Redis the server uses when RECSERVE_REDIS_URL is not set: the settings' default."""
+    from service.settings import Settings
+
+    return Settings.model_fields["redis_url"].default
 
 
 def forget_keys(url: str, prefix: str) -> int:

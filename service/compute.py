@@ -13,8 +13,9 @@ the models, nothing to spawn): the choice for tests and for light load.
 
 The protocol is length-prefixed pickle frames over a Unix socket pair, both directions
 read and written by the event loop itself (no helper threads that would queue for the
-GIL): a request ``(id, op, args)``, an answer ``(id, ok, value)``. The child computes one
-request at a time, in order, with one-thread native kernels. It is started by
+GIL): a request ``(id, op, args)``, an answer ``(id, ok, value)``. The child computes with
+one-thread native kernels, merging the batch requests that queued up while it was busy
+into one computation and answering each apart. It is started by
 ``python -m service.compute``; it says ``ready`` once its bundle is loaded, or why not.
 """
 
@@ -91,13 +92,7 @@ class _Frames(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        while len(self._buffer) >= FRAME.size:
-            (length,) = FRAME.unpack_from(self._buffer)
-            end = FRAME.size + length
-            if len(self._buffer) < end:
-                return
-            value = pickle.loads(memoryview(self._buffer)[FRAME.size : end])
-            del self._buffer[:end]
+        while (value := take_frame(self._buffer)) is not NO_FRAME:
             self.on_frame(value)
 
     def connection_lost(self, exc) -> None:
@@ -265,6 +260,23 @@ def frame(value) -> bytes:
     return FRAME.pack(len(payload)) + payload
 
 
+NO_FRAME = object()  # what take_frame returns while a frame is incomplete
+
+
+def take_frame(buffer: bytearray):
+    """The value of the first whole frame in ``buffer``, removed from it; ``NO_FRAME``
+    while the frame has not fully arrived."""
+    if len(buffer) < FRAME.size:
+        return NO_FRAME
+    (length,) = FRAME.unpack_from(buffer)
+    end = FRAME.size + length
+    if len(buffer) < end:
+        return NO_FRAME
+    value = pickle.loads(memoryview(buffer)[FRAME.size : end])
+    del buffer[:end]
+    return value
+
+
 class _Inbox:
     """The child's end of the socket pair: whole frames, waiting for one or taking only
     what has already arrived."""
@@ -273,21 +285,11 @@ class _Inbox:
         self.connection = connection
         self._buffer = bytearray()
 
-    def _parsed(self):
-        if len(self._buffer) < FRAME.size:
-            return None
-        (length,) = FRAME.unpack_from(self._buffer)
-        if len(self._buffer) < FRAME.size + length:
-            return None
-        value = pickle.loads(memoryview(self._buffer)[FRAME.size : FRAME.size + length])
-        del self._buffer[: FRAME.size + length]
-        return value
-
     def take(self, wait: bool):
         """The next request; None when nothing more has arrived (``wait=False``).
         EOFError once the worker has closed its end."""
         self.connection.setblocking(wait)
-        while (value := self._parsed()) is None:
+        while (value := take_frame(self._buffer)) is NO_FRAME:
             try:
                 data = self.connection.recv(1 << 20)
             except BlockingIOError:

@@ -8,17 +8,18 @@ A request joins its retriever's micro-batch, and the batch goes through these st
    (``service.histories``) and their digests, the keys of the requests' entries in the
    behaviour cache;
 2. read all those entries in one Redis round trip (a hit skips encoding and retrieval);
-3. in the worker thread: encode the misses with one ONNX call, search the index once for
-   all of them, remove each request's seen items and rerank every request's candidates
-   with one CTR head call (where the bundle has a head);
+3. where the compute backend runs it (``service.compute``: a child process, or a thread):
+   encode the misses with one ONNX call, search the index once for all of them, remove
+   each request's seen items and rerank every request's candidates with one CTR head call
+   (where the bundle has a head);
 4. write the new entries behind the answers, in one pipeline (a repeat that arrives before
    they land is served from memory), and return each request's best ``k``, timed per
    stage (each stage's time is its batch's).
 
 Per request, the event loop only parses, queues and answers: everything per event or per
 candidate runs once per batch, in numpy or in the native libraries, so that the Python
-work that holds the GIL, which bounds the throughput of a worker, is amortised. Two
-batches can be in flight: one computing while the next one is read from the cache.
+work that holds the GIL, which bounds the throughput of a worker, is amortised. Several
+batches can be in flight: one computing while the next ones are prepared and read.
 
 A history with no known item gets the popularity fallback, flagged in the response.
 """
