@@ -279,17 +279,17 @@ def main(argv: list[str] | None = None) -> int:
         server.start()
         for concurrency in args.concurrency:
             for target in ("/recommend", "/healthz"):
-                before, outcomes = server.cpu_seconds(), cache_outcomes(server.url)
+                before, counts = server.cpu_seconds(), server_counts(server.url)
                 lua = script() if target == "/recommend" else None
                 run = run_wrk(server.url + target, concurrency, args.duration, lua)
                 run["cpu_ms_per_request"] = (
                     (server.cpu_seconds() - before) * 1000 / max(run["requests"], 1)
                 )
                 if target == "/recommend":
-                    counted = {
-                        k: v - outcomes.get(k, 0) for k, v in cache_outcomes(server.url).items()
-                    }
-                    run["cache_hit_share"] = counted.get("hit", 0) / max(sum(counted.values()), 1)
+                    new = {k: v - counts.get(k, 0) for k, v in server_counts(server.url).items()}
+                    outcomes = sum(new.get(k, 0) for k in ("hit", "miss", "bypass"))
+                    run["cache_hit_share"] = new.get("hit", 0) / max(outcomes, 1)
+                    run["mean_batch"] = new.get("batched", 0) / max(new.get("batches", 0), 1)
                 run.update(target=target, concurrency=concurrency)
                 results["runs"].append(run)
                 print(json.dumps(run), flush=True)
@@ -325,15 +325,16 @@ def main(argv: list[str] | None = None) -> int:
 def table(results: dict) -> str:
     rows = [
         "| target | concurrency | req/s | p50 ms | p99 ms | max ms | errors | CPU ms/req "
-        "| cache hits |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| cache hits | batch |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in results["runs"]:
         hits = f"{run['cache_hit_share']:.0%}" if "cache_hit_share" in run else "-"
+        batch = f"{run['mean_batch']:.1f}" if "mean_batch" in run else "-"
         rows.append(
             f"| {run['target']} | {run['concurrency']} | {run['rps']:.0f} | {run['p50_ms']:.2f} "
             f"| {run['p99_ms']:.2f} | {run['max_ms']:.1f} | {run['errors'] + run['non2xx']} "
-            f"| {run['cpu_ms_per_request']:.2f} | {hits} |"
+            f"| {run['cpu_ms_per_request']:.2f} | {hits} | {batch} |"
         )
     return "\n".join(rows)
 
@@ -354,15 +355,20 @@ def start_profile(pid: int, seconds: int, out: Path, gil: bool) -> subprocess.Po
     )
 
 
-def cache_outcomes(url: str) -> dict[str, float]:
-    """The server's /recommend cache outcomes so far (hit, miss, bypass), from /metrics."""
+def server_counts(url: str) -> dict[str, float]:
+    """The server's /recommend cache outcomes so far (hit, miss, bypass) and its batches
+    (batches, batched: requests in them), from /metrics."""
     import httpx
 
     counts = {}
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("recserve_cache_total{"):
-            labels, _, value = line.rpartition(" ")
-            counts[labels.split('result="')[1].split('"')[0]] = float(value)
+        name, _, value = line.rpartition(" ")
+        if name.startswith("recserve_cache_total{"):
+            counts[name.split('result="')[1].split('"')[0]] = float(value)
+        elif name == "recserve_batch_size_count":
+            counts["batches"] = float(value)
+        elif name == "recserve_batch_size_sum":
+            counts["batched"] = float(value)
     return counts
 
 

@@ -18,6 +18,7 @@ resolved inside the models directory, so CURRENT cannot point elsewhere.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -366,6 +367,21 @@ def load_bundle(
         raise BundleError(f"{path / MANIFEST}: no retrievers")
     LOG.info("loaded bundle %s with %s", name, ", ".join(retrievers))
     return Bundle(name, path, manifest, catalogue, retrievers, item_features)
+
+
+def settle_heap() -> None:
+    """Collect what is garbage now, then keep every object still alive (a loaded bundle's
+    catalogue above all) out of the cyclic garbage collector's later passes.
+
+    A full collection walks every tracked container, and the id dictionary of a 1M-item
+    catalogue makes that 7 ms: run by the collector at random moments under load, it
+    doubled the 99th percentile latency of /recommend on the perf bundle. Frozen objects
+    are still freed by reference counting, and each call lifts the previous freeze before
+    collecting, so a retired bundle held only by a reference cycle goes at the next call.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def _load_models(

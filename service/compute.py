@@ -307,7 +307,7 @@ def serve(connection: socket.socket, args: argparse.Namespace) -> None:
     batch, and answered one by one: sent as soon as the worker formed them, they keep the
     process busy without a gap, and merged they cost less than one after the other.
     """
-    from service.bundle import load_bundle
+    from service.bundle import load_bundle, settle_heap
     from service.devices import limit_native_threads
     from service.recommender import compute_batch
 
@@ -320,6 +320,7 @@ def serve(connection: socket.socket, args: argparse.Namespace) -> None:
     except Exception as exc:  # every reason goes back to the parent, which refuses the bundle
         connection.sendall(frame((False, str(exc))))
         return
+    settle_heap()
     connection.sendall(frame((True, "ready")))
     inbox = _Inbox(connection)
 

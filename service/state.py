@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from starlette.concurrency import run_in_threadpool
 
-from service.bundle import current_name, load_bundle
+from service.bundle import current_name, load_bundle, settle_heap
 from service.cache import BehaviourCache
 from service.compute import ProcessCompute, ThreadCompute
 from service.devices import limit_native_threads
@@ -120,9 +120,14 @@ class AppState:
                 raise BundleError(str(exc)) from exc
             retired, self.recommender = self.recommender, recommender
             if retired is not None:
-                # Requests that took it just before the swap still finish on it.
-                self._retiring.add(asyncio.create_task(retired.close()))
+                # Requests that took it just before the swap still finish on it; once they
+                # have, its bundle is collected with the heap settled anew.
+                closing = asyncio.create_task(retired.close())
+                closing.add_done_callback(lambda _: settle_heap())
+                self._retiring.add(closing)
                 self._retiring = {task for task in self._retiring if not task.done()}
+                del retired
+            settle_heap()
             self.last_error = None
             self._failed_name = None
             self.metrics.reloads.labels(outcome="loaded").inc()

@@ -92,7 +92,10 @@ def test_reload_serves_the_bundle_named_by_current(client, served_models, second
 def test_a_reload_reaches_the_other_workers_over_redis(
     make_settings, served_models, second_bundle, history, shared_redis, key_prefix
 ):
-    settings = make_settings()
+    # Two apps share this process's GIL, and each reload runs a full garbage collection,
+    # which takes tens of milliseconds in a test process that holds torch: a Redis reply
+    # can wait for it longer than the default timeout.
+    settings = make_settings(redis_timeout_seconds=2.0)
     channel = f"{key_prefix}:reload"
     with TestClient(create_app(settings)) as first, TestClient(create_app(settings)) as second:
         wait_until(

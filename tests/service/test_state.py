@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import shutil
 import time
+import weakref
 
 import service.state as state_module
 from service.cache import InMemoryBehaviourCache
@@ -40,3 +43,31 @@ def test_shutdown_does_not_hang_when_a_task_swallows_a_cancellation(monkeypatch,
     assert seen == ["swallowed"] and task.cancelled()
     assert took < 1.0
     assert state._tasks == []
+
+
+def test_a_retired_bundle_is_freed_and_the_served_one_is_kept_out_of_the_collector(
+    served_models, second_bundle
+):
+    # The served bundle is frozen out of the cyclic collector (a full pass over a large
+    # catalogue stalls every request in flight); a retired one must still be freed, even
+    # though the recommender that held it sits in a reference cycle.
+    shutil.copytree(second_bundle, served_models / second_bundle.name)
+    state = AppState(
+        Settings(models_dir=served_models, dev_mode=True, compute="thread"),
+        InMemoryBehaviourCache(),
+        Metrics(),
+    )
+
+    async def scenario():
+        await state.reload("tiny")
+        first = weakref.ref(state.recommender.bundle)
+        assert gc.get_freeze_count() > 0
+        await state.reload(second_bundle.name)
+        await asyncio.gather(*state._retiring)
+        await asyncio.sleep(0)  # the retiring task's done callback
+        assert state.recommender.bundle.name == second_bundle.name
+        alive = first() is not None
+        await state.close()
+        return alive
+
+    assert not asyncio.run(scenario())
