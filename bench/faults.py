@@ -48,6 +48,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.loadgen import quiet_http_logs  # noqa: E402
 from bench.processes import RedisProcess, ServiceProcess, free_port, wait_until  # noqa: E402
 
 LOG = logging.getLogger("bench.faults")
@@ -657,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    quiet_http_logs()  # a fault run sends tens of thousands of requests
     if shutil.which("redis-server") is None:
         print("redis-server is not installed", file=sys.stderr)
         return 2

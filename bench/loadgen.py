@@ -788,11 +788,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_http_logs() -> None:
+    """Keep httpx and httpcore at WARNING: at INFO they log a line per request."""
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore"):  # one line per request otherwise
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_http_logs()
     try:
         mix = TrafficMix(
             events_share=args.events_share,

@@ -407,7 +407,9 @@ def forget_keys(url: str, prefix: str) -> int:
     return deleted
 
 
-WAITING = ("Condition.wait", "Queue.get", "select", "_run_once")  # leaf frames of idle threads
+# Leaf frames of waiting: an idle pool thread, the event loop in its poll, the compute
+# process blocked on its socket for the next batch.
+WAITING = ("Condition.wait", "Queue.get", "select", "_run_once", "_Inbox.take")
 
 
 def summarise_profile(path: Path, top: int = 25) -> dict:
