@@ -32,7 +32,7 @@ class Metrics:
         )
         self.cache = Counter(
             "recserve_cache_total",
-            "Retrieval cache outcomes (hit, miss, bypass)",
+            "Cache outcomes (hit, miss, bypass; answer: reused whole)",
             ["result"],
             registry=self.registry,
         )
@@ -65,7 +65,9 @@ class Metrics:
         )
 
         # The children /recommend touches on every request, resolved once.
-        self._cache_outcomes = {r: self.cache.labels(result=r) for r in ("hit", "miss", "bypass")}
+        self._cache_outcomes = {
+            r: self.cache.labels(result=r) for r in ("hit", "miss", "bypass", "answer")
+        }
         self._stages = {s: self.stage.labels(stage=s) for s in STAGES}
 
     def recommended(self, cache: str, fallback: str | None, timings_ms: dict[str, float]) -> None:

@@ -29,10 +29,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import numpy as np
+from cachetools import TTLCache
 
 from service.batching import MicroBatcher
 from service.bundle import Bundle, Catalogue, Retriever
@@ -54,7 +55,7 @@ class Recommendation:
     bundle: str
     encoder: str
     reranked: bool = False
-    cache: str = "bypass"  # hit, miss or bypass
+    cache: str = "bypass"  # hit, miss, bypass, or answer (reused whole from the answer memo)
     fallback: str | None = None
     unknown_items: int = 0
     history_truncated: bool = False
@@ -172,8 +173,16 @@ class Recommender:
         on_batch=None,
         compute: ThreadCompute | ProcessCompute | None = None,
         in_flight: int = 4,
+        answers: TTLCache | None = None,
     ):
         self.bundle = bundle
+        # Recent answers by request, when configured (RECSERVE_ANSWER_TTL_SECONDS): an
+        # identical request (same events, same parameters) within the TTL gets the same
+        # ranked list without a batch. Any change to the history changes the key, so an
+        # answer never outlives the history it was computed from; what can age, by at most
+        # the TTL, is the request time behind the head's time features. Per recommender,
+        # so a reload starts empty.
+        self.answers = answers
         self.default_encoder = default_encoder or bundle.default_encoder
         # Where batches are computed (service.compute); by default a thread of the loop's.
         self.compute = compute or ThreadCompute(bundle)
@@ -250,18 +259,35 @@ class Recommender:
     ) -> Recommendation:
         started = time.perf_counter()
         retriever = self.retriever(encoder)
+        keep = max(candidates, k)
+        asked = None
+        if self.answers is not None:
+            asked = (retriever.name, k, keep, exclude_seen, rerank, history_cap, tuple(events))
+            reused = self.answers.get(asked)
+            if reused is not None:
+                # The reused answer is shared: never mutated, only copied with new fields.
+                return replace(
+                    reused,
+                    cache="answer",
+                    timings_ms={
+                        "encode": 0.0,
+                        "retrieve": 0.0,
+                        "rerank": 0.0,
+                        "total": _ms(started),
+                    },
+                )
         job = Job(
             events=events,
             history_cap=history_cap,
             exclude_seen=exclude_seen,
-            keep=max(candidates, k),
+            keep=keep,
             k=k,
             rerank=rerank,
             request_time=int(time.time()),
             cache=cache,
         )
         answer = await self.pipelines[retriever.name].submit(job)
-        return Recommendation(
+        recommendation = Recommendation(
             items=answer.items,
             bundle=self.bundle.name,
             encoder=retriever.name,
@@ -272,6 +298,9 @@ class Recommender:
             history_truncated=job.history.truncated,
             timings_ms={**answer.timings, "total": _ms(started)},
         )
+        if asked is not None:
+            self.answers[asked] = recommendation
+        return recommendation
 
     async def start(self) -> None:
         """Start where batches are computed (a compute process loads its models here)."""

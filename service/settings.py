@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(0.0, ge=0, le=100)  # 0: never wait for company
     batches_in_flight: int = Field(4, ge=1, le=16)  # batches prepared, read or computing at once
     cache_ttl_seconds: int = Field(3600, ge=1)
+    # Reuse the whole answer to an identical request (same events and parameters) for this
+    # long, per worker; 0: never. Repeats then skip batching and Redis entirely, at the
+    # price of item-age and user-gap features up to this old (see service.recommender).
+    answer_ttl_seconds: float = Field(0.0, ge=0, le=3600)
+    answer_cache_size: int = Field(10_000, ge=1, le=10_000_000)  # answers kept per worker
     history_cap: int = Field(200, ge=1, le=100_000)  # events kept per user in Redis
     request_history_cap: int = Field(1000, ge=1, le=100_000)  # events read from a request
     max_events_per_request: int = Field(1000, ge=1)

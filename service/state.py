@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+from cachetools import TTLCache
 from starlette.concurrency import run_in_threadpool
 
 from service.bundle import current_name, load_bundle, settle_heap
@@ -30,6 +32,13 @@ LOG = logging.getLogger(__name__)
 
 STOP_ATTEMPTS = 5  # cancellations sent to a background task at shutdown
 STOP_WAIT_SECONDS = 1.0  # how long each one is given
+
+
+def answer_memo(settings: Settings) -> TTLCache | None:
+    """A fresh memo of whole answers when RECSERVE_ANSWER_TTL_SECONDS is set, else None."""
+    if settings.answer_ttl_seconds <= 0:
+        return None
+    return TTLCache(settings.answer_cache_size, settings.answer_ttl_seconds, time.monotonic)
 
 
 class NotReady(Exception):
@@ -106,6 +115,7 @@ class AppState:
                     self.metrics.batch_size.observe,
                     compute,
                     self.settings.batches_in_flight,
+                    answer_memo(self.settings),
                 )
                 # Refuse a bundle that lacks the configured default encoder up front.
                 recommender.retriever(None)

@@ -74,7 +74,10 @@ class RecommendResponse(BaseModel):
     bundle: str
     encoder: str
     reranked: bool
-    cache: str = Field(description="hit, miss or bypass")
+    cache: str = Field(
+        description="hit, miss or bypass (the retrieval cache); answer: the whole answer to "
+        "an identical recent request, reused (RECSERVE_ANSWER_TTL_SECONDS)"
+    )
     fallback: str | None = Field(None, description="popularity when no history was usable")
     unknown_items: int
     history_truncated: bool

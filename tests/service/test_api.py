@@ -7,6 +7,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
+from service.api.schemas import RecommendResponse
 from service.main import create_app
 
 JSON = {"content-type": "application/json"}
@@ -37,8 +38,6 @@ def test_a_history_gets_k_recommendations_from_the_bundle(client, history):
 
 
 def test_every_kind_of_recommend_response_is_what_the_schema_documents(client, history):
-    from service.api.schemas import RecommendResponse
-
     schema = client.get("/openapi.json").json()
     documented = schema["paths"]["/recommend"]["post"]["responses"]["200"]["content"]
     assert documented["application/json"]["schema"]["$ref"].endswith("/RecommendResponse")
@@ -308,6 +307,18 @@ def test_readyz_names_the_bundle(client):
     assert body["ready"] is True and body["bundle"] == "tiny"
     assert body["encoders"] == ["sasrec"] and body["redis"] == "up"
     assert body["last_error"] is None
+
+
+def test_with_an_answer_ttl_a_repeated_request_is_answered_whole(make_settings, history):
+    with TestClient(create_app(make_settings(answer_ttl_seconds=30))) as client:
+        first = client.post("/recommend", json={"history": history}).json()
+        second = client.post("/recommend", json={"history": history}).json()
+        changed = client.post("/recommend", json={"history": history[:-1]}).json()
+        text = client.get("/metrics").text
+    assert (first["cache"], second["cache"], changed["cache"]) == ("miss", "answer", "miss")
+    assert second["items"] == first["items"]
+    RecommendResponse.model_validate(second)
+    assert 'recserve_cache_total{result="answer"} 1.0' in text
 
 
 def test_metrics_expose_cache_outcomes_and_stage_latencies(client, history):

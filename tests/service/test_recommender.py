@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
+from cachetools import TTLCache
 
 from service.bundle import load_bundle
 from service.cache import InMemoryBehaviourCache
@@ -202,6 +204,77 @@ def test_a_deeper_request_than_the_cached_one_is_answered_in_full(recommender, t
     assert shallow.cache == "miss" and deep.cache == "miss"
     assert deep.items == recommend(recommender, events, k=50, exclude_seen=False).items
     assert ids(deep)[:3] == ids(shallow)
+
+
+# --------------------------------------------------------------------------- answer memo
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def memo_recommender(bundle, ttl: float = 60.0, clock=None):
+    batches: list[int] = []
+    memo = TTLCache(100, ttl, clock or time.monotonic)
+    return Recommender(bundle, on_batch=batches.append, answers=memo), batches
+
+
+def test_an_identical_request_reuses_the_whole_answer_without_a_batch(bundle, tiny_data):
+    recommender, batches = memo_recommender(bundle)
+    events = user_events(tiny_data, 2)
+    first = recommend(recommender, events, rerank=True)
+    second = recommend(recommender, list(events), rerank=True)
+    assert (first.cache, second.cache) == ("bypass", "answer")
+    assert second.items == first.items and second.reranked == first.reranked
+    assert len(batches) == 1
+    assert second.timings_ms["encode"] == second.timings_ms["rerank"] == 0.0
+    # The memo's answer is shared, never changed by being served again.
+    assert first.cache == "bypass"
+
+
+def test_a_changed_history_or_request_is_never_answered_from_the_memo(bundle, tiny_data):
+    recommender, batches = memo_recommender(bundle)
+    plain = Recommender(bundle)
+    events = user_events(tiny_data, 2)
+    recommend(recommender, events)
+    newest = [*events, (events[-1][0], events[-1][1] + 60)]
+    variants = [
+        (newest, {}),
+        (events[:-1], {}),
+        (events, {"k": 5}),
+        (events, {"candidates": 50}),
+        (events, {"exclude_seen": False}),
+        (events, {"rerank": True}),
+        (events, {"history_cap": 3}),
+    ]
+    for changed, options in variants:
+        result = recommend(recommender, changed, **options)
+        assert result.cache != "answer", options or "changed history"
+        assert result.items == recommend(plain, changed, **options).items
+    assert len(batches) == 1 + len(variants)
+
+
+def test_a_reused_answer_expires_after_its_ttl(bundle, tiny_data):
+    clock = Clock()
+    recommender, batches = memo_recommender(bundle, ttl=10.0, clock=clock)
+    events = user_events(tiny_data, 2)
+    recommend(recommender, events)
+    clock.now = 9.9
+    assert recommend(recommender, events).cache == "answer"
+    clock.now = 10.1
+    assert recommend(recommender, events).cache == "bypass"
+    assert len(batches) == 2
+
+
+def test_without_a_memo_nothing_is_reused(recommender, tiny_data):
+    events = user_events(tiny_data, 2)
+    assert recommend(recommender, events).cache == recommend(recommender, events).cache == "bypass"
 
 
 def test_an_unreachable_cache_is_bypassed_with_the_same_answer(recommender, tiny_data):
