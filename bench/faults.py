@@ -502,13 +502,14 @@ def soak(
     """A moderate open-loop rate for ``seconds``; memory after warm-up against the end."""
     redis, service, _ = private_stack(fixture, "soak")
     rss: list[tuple[float, int]] = []
+    rss_by_role: list[tuple[float, dict[str, int]]] = []
     stop = threading.Event()
     try:
         service.start()
         recorder = Recorder()
         t0 = time.monotonic()
         sampler = threading.Thread(
-            target=_sample_rss, args=(service, stop, rss, t0, 2.0), daemon=True
+            target=_sample_rss, args=(service, stop, rss, t0, 2.0, rss_by_role), daemon=True
         )
         sampler.start()
         mix = {"events_share": 0.1, "user_id_share": 0.2, "repeat_share": 0.3, "seed_users": 50}
@@ -538,7 +539,12 @@ def soak(
         events_lost=0,
         passed=errors == 0 and growth < 0.10,
         command=COMMAND.format(scenario="soak"),
-        details={"rss": rss, "growth": growth, "load": _load_summary(result)},
+        details={
+            "rss": rss,
+            "rss_by_role": rss_by_role,
+            "growth": growth,
+            "load": _load_summary(result),
+        },
     )
 
 
@@ -596,9 +602,16 @@ def _tail_serves(seen: list, since: int, bundle: str, count: int) -> bool:
     return len(tail) >= count and all(b == bundle for _, _, b, _ in tail[-count:])
 
 
-def _sample_rss(service: ServiceProcess, stop, out: list, t0: float, every: float) -> None:
+def _sample_rss(
+    service: ServiceProcess, stop, out: list, t0: float, every: float, by_role: list | None = None
+) -> None:
+    """(seconds, total bytes) every ``every`` s into ``out``; with ``by_role``, also
+    (seconds, {"workers": bytes, "compute": bytes}), so that growth names its process."""
     while not stop.wait(every):
-        out.append((time.monotonic() - t0, service.rss_bytes()))
+        roles = service.rss_by_role()
+        out.append((time.monotonic() - t0, sum(roles.values())))
+        if by_role is not None:
+            by_role.append((out[-1][0], roles))
 
 
 def _load_summary(result: dict) -> dict:

@@ -205,7 +205,16 @@ class ServiceProcess:
 
     def rss_bytes(self) -> int:
         """Resident memory of the serving processes together (Linux /proc)."""
-        return sum(_rss(pid) for pid in self.serving_pids())
+        return sum(self.rss_by_role().values())
+
+    def rss_by_role(self) -> dict[str, int]:
+        """Resident memory of the workers together and of their compute processes together."""
+        workers = self.worker_pids()
+        children = [child for worker in workers for child in _children(worker)]
+        return {
+            "workers": sum(_rss(pid) for pid in workers),
+            "compute": sum(_rss(pid) for pid in children),
+        }
 
     def cpu_seconds(self) -> float:
         """User + system CPU seconds of the server, its workers and their compute processes

@@ -287,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if target == "/recommend":
                     new = {k: v - counts.get(k, 0) for k, v in server_counts(server.url).items()}
-                    outcomes = sum(new.get(k, 0) for k in ("hit", "miss", "bypass"))
+                    outcomes = sum(new.get(k, 0) for k in ("hit", "miss", "bypass", "answer"))
                     run["cache_hit_share"] = new.get("hit", 0) / max(outcomes, 1)
+                    run["answer_share"] = new.get("answer", 0) / max(outcomes, 1)
                     run["mean_batch"] = new.get("batched", 0) / max(new.get("batches", 0), 1)
                 run.update(target=target, concurrency=concurrency)
                 results["runs"].append(run)
@@ -325,16 +326,17 @@ def main(argv: list[str] | None = None) -> int:
 def table(results: dict) -> str:
     rows = [
         "| target | concurrency | req/s | p50 ms | p99 ms | max ms | errors | CPU ms/req "
-        "| cache hits | batch |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| cache hits | answers reused | batch |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in results["runs"]:
         hits = f"{run['cache_hit_share']:.0%}" if "cache_hit_share" in run else "-"
         batch = f"{run['mean_batch']:.1f}" if "mean_batch" in run else "-"
+        answers = f"{run['answer_share']:.0%}" if "answer_share" in run else "-"
         rows.append(
             f"| {run['target']} | {run['concurrency']} | {run['rps']:.0f} | {run['p50_ms']:.2f} "
             f"| {run['p99_ms']:.2f} | {run['max_ms']:.1f} | {run['errors'] + run['non2xx']} "
-            f"| {run['cpu_ms_per_request']:.2f} | {hits} | {batch} |"
+            f"| {run['cpu_ms_per_request']:.2f} | {hits} | {answers} | {batch} |"
         )
     return "\n".join(rows)
 
@@ -356,7 +358,7 @@ def start_profile(pid: int, seconds: int, out: Path, gil: bool) -> subprocess.Po
 
 
 def server_counts(url: str) -> dict[str, float]:
-    """The server's /recommend cache outcomes so far (hit, miss, bypass) and its batches
+    """The server's /recommend cache outcomes so far (hit, miss, bypass, answer) and its batches
     (batches, batched: requests in them), from /metrics."""
     import httpx
 

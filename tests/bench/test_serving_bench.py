@@ -63,6 +63,7 @@ def test_serving_benchmark_runs_against_a_real_server(exported_bundle, tmp_path,
         assert run["cpu_ms_per_request"] > 0
     recommend = [run for run in result["runs"] if run["target"] == "/recommend"]
     assert all(0.0 <= run["cache_hit_share"] <= 1.0 for run in recommend)
+    assert all(run["mean_batch"] >= 1.0 for run in recommend)  # requests per batch
     # Both processes were sampled: the worker holding the GIL, and its compute process.
     assert {"worker", "compute"} <= set(result["profile"])
     assert result["profile"]["compute"]["samples"] > 0
