@@ -27,6 +27,7 @@ A history with no known item gets the popularity fallback, flagged in the respon
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -181,7 +182,8 @@ class Recommender:
         # ranked list without a batch. Any change to the history changes the key, so an
         # answer never outlives the history it was computed from; what can age, by at most
         # the TTL, is the request time behind the head's time features. Per recommender,
-        # so a reload starts empty.
+        # so a reload starts empty; keys are digests and the budget is counted in items,
+        # so neither long histories nor a large k can make it grow unbounded.
         self.answers = answers
         self.default_encoder = default_encoder or bundle.default_encoder
         # Where batches are computed (service.compute); by default a thread of the loop's.
@@ -262,7 +264,9 @@ class Recommender:
         keep = max(candidates, k)
         asked = None
         if self.answers is not None:
-            asked = (retriever.name, k, keep, exclude_seen, rerank, history_cap, tuple(events))
+            asked = request_digest(
+                events, (retriever.name, k, keep, exclude_seen, rerank, history_cap)
+            )
             reused = self.answers.get(asked)
             if reused is not None:
                 # The reused answer is shared: never mutated, only copied with new fields.
@@ -450,6 +454,18 @@ class Recommender:
         scores, ids = await self.compute.search(retriever.name, query, k + 1)
         keep = (ids[0] != 0) & (ids[0] != internal)
         return self.items(ids[0][keep][:k], scores[0][keep][:k], scores[0][keep][:k])
+
+
+def request_digest(events: list[tuple[str, int]], parameters: tuple) -> bytes:
+    """A 160-bit digest of exactly what an answer depends on besides the request time: the
+    events as sent and the request's parameters. A digest rather than the events
+    themselves keys the answer memo, so a long history costs it 20 bytes."""
+    return hashlib.blake2b(repr((parameters, events)).encode(), digest_size=20).digest()
+
+
+def answer_size(recommendation: Recommendation) -> int:
+    """What an answer counts against the memo's budget: its items (at least one)."""
+    return max(1, len(recommendation.items))
 
 
 def _use(job: Job, entry: CachedRetrieval | None) -> None:

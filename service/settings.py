@@ -42,7 +42,9 @@ class Settings(BaseSettings):
     # long, per worker; 0: never. Repeats then skip batching and Redis entirely, at the
     # price of item-age and user-gap features up to this old (see service.recommender).
     answer_ttl_seconds: float = Field(0.0, ge=0, le=3600)
-    answer_cache_size: int = Field(10_000, ge=1, le=10_000_000)  # answers kept per worker
+    # The memo's budget per worker, in items: an answer of k items counts k (about 0.4 kB
+    # an item), so it stays bounded whatever k the requests ask for.
+    answer_cache_items: int = Field(200_000, ge=1, le=100_000_000)
     history_cap: int = Field(200, ge=1, le=100_000)  # events kept per user in Redis
     request_history_cap: int = Field(1000, ge=1, le=100_000)  # events read from a request
     max_events_per_request: int = Field(1000, ge=1)

@@ -25,7 +25,7 @@ from service.compute import ProcessCompute, ThreadCompute
 from service.devices import limit_native_threads
 from service.errors import BundleError
 from service.metrics import Metrics
-from service.recommender import Recommender
+from service.recommender import Recommender, answer_size
 from service.settings import Settings
 
 LOG = logging.getLogger(__name__)
@@ -38,7 +38,9 @@ def answer_memo(settings: Settings) -> TTLCache | None:
     """A fresh memo of whole answers when RECSERVE_ANSWER_TTL_SECONDS is set, else None."""
     if settings.answer_ttl_seconds <= 0:
         return None
-    return TTLCache(settings.answer_cache_size, settings.answer_ttl_seconds, time.monotonic)
+    return TTLCache(
+        settings.answer_cache_items, settings.answer_ttl_seconds, time.monotonic, answer_size
+    )
 
 
 class NotReady(Exception):

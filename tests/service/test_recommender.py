@@ -12,7 +12,7 @@ from cachetools import TTLCache
 from service.bundle import load_bundle
 from service.cache import InMemoryBehaviourCache
 from service.errors import UnknownEncoder
-from service.recommender import Recommender, prepare_history
+from service.recommender import Recommender, answer_size, prepare_history
 
 
 @pytest.fixture(scope="module")
@@ -219,9 +219,9 @@ class Clock:
         return self.now
 
 
-def memo_recommender(bundle, ttl: float = 60.0, clock=None):
+def memo_recommender(bundle, ttl: float = 60.0, clock=None, items: int = 1000):
     batches: list[int] = []
-    memo = TTLCache(100, ttl, clock or time.monotonic)
+    memo = TTLCache(items, ttl, clock or time.monotonic, answer_size)
     return Recommender(bundle, on_batch=batches.append, answers=memo), batches
 
 
@@ -270,6 +270,24 @@ def test_a_reused_answer_expires_after_its_ttl(bundle, tiny_data):
     clock.now = 10.1
     assert recommend(recommender, events).cache == "bypass"
     assert len(batches) == 2
+
+
+def test_the_memo_holds_at_most_its_budget_of_items(bundle, tiny_data):
+    recommender, _ = memo_recommender(bundle, items=25)
+    requests = [user_events(tiny_data, user) for user in (2, 3, 4)]
+    for events in requests:  # ten items each: the third evicts the first
+        assert len(recommend(recommender, events).items) == 10
+    assert recommender.answers.currsize <= 25
+    assert recommend(recommender, requests[2]).cache == "answer"
+    assert recommend(recommender, requests[0]).cache == "bypass"
+
+
+def test_a_long_history_costs_the_memo_a_fixed_size_key(bundle, tiny_data):
+    recommender, _ = memo_recommender(bundle)
+    events = user_events(tiny_data, 2) * 200
+    recommend(recommender, events, history_cap=100_000)
+    assert [len(key) for key in recommender.answers] == [20]
+    assert recommend(recommender, events, history_cap=100_000).cache == "answer"
 
 
 def test_without_a_memo_nothing_is_reused(recommender, tiny_data):
