@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import marshal
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -459,8 +460,11 @@ class Recommender:
 def request_digest(events: list[tuple[str, int]], parameters: tuple) -> bytes:
     """A 160-bit digest of exactly what an answer depends on besides the request time: the
     events as sent and the request's parameters. A digest rather than the events
-    themselves keys the answer memo, so a long history costs it 20 bytes."""
-    return hashlib.blake2b(repr((parameters, events)).encode(), digest_size=20).digest()
+    themselves keys the answer memo, so a long history costs it 20 bytes. marshal writes
+    strings, ints and tuples unambiguously (what it writes reads back to the same value)
+    and five times faster than repr; format 2, because later ones write back-references
+    that depend on reference counts, so equal events could serialise differently."""
+    return hashlib.blake2b(marshal.dumps((parameters, events), 2), digest_size=20).digest()
 
 
 def answer_size(recommendation: Recommendation) -> int:
