@@ -198,10 +198,17 @@ class ServiceProcess:
             return [self.process.pid]
         return _children(self.process.pid)
 
-    def serving_pids(self) -> list[int]:
-        """The workers and their compute processes (service.compute)."""
+    def pids_by_role(self) -> dict[str, list[int]]:
+        """The workers, and their compute processes (service.compute)."""
         workers = self.worker_pids()
-        return workers + [child for worker in workers for child in _children(worker)]
+        return {
+            "workers": workers,
+            "compute": [child for worker in workers for child in _children(worker)],
+        }
+
+    def serving_pids(self) -> list[int]:
+        """The workers and their compute processes."""
+        return [pid for pids in self.pids_by_role().values() for pid in pids]
 
     def rss_bytes(self) -> int:
         """Resident memory of the serving processes together (Linux /proc)."""
@@ -209,12 +216,7 @@ class ServiceProcess:
 
     def rss_by_role(self) -> dict[str, int]:
         """Resident memory of the workers together and of their compute processes together."""
-        workers = self.worker_pids()
-        children = [child for worker in workers for child in _children(worker)]
-        return {
-            "workers": sum(_rss(pid) for pid in workers),
-            "compute": sum(_rss(pid) for pid in children),
-        }
+        return {role: sum(map(_rss, pids)) for role, pids in self.pids_by_role().items()}
 
     def cpu_seconds(self) -> float:
         """User + system CPU seconds of the server, its workers and their compute processes

@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             # process whenever it runs.
             concurrency = max(args.concurrency)
             targets = {"worker": (server.process.pid, True)}
-            computing = server.serving_pids()[1:]  # the worker's compute process, if any
+            computing = server.pids_by_role()["compute"]  # the worker's, if any
             if computing:
                 targets["compute"] = (computing[0], False)
             profilers = {

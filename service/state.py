@@ -138,7 +138,6 @@ class AppState:
                 closing.add_done_callback(lambda _: settle_heap())
                 self._retiring.add(closing)
                 self._retiring = {task for task in self._retiring if not task.done()}
-                del retired
             settle_heap()
             self.last_error = None
             self._failed_name = None
