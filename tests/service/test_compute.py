@@ -50,7 +50,10 @@ def answers(recommender: Recommender, histories, **options):
     return asyncio.run(scenario())
 
 
-def test_a_compute_process_answers_exactly_as_a_thread(head_models, tiny_data):
+def test_a_compute_process_answers_exactly_as_a_thread(head_models, tiny_data, monkeypatch):
+    # One request time for both runs: the head's time features follow it, and the process
+    # run starts seconds after the thread run (a clean-clone CI run once differed there).
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_000.0)
     bundle = load_bundle(head_models, device="cpu")
     histories = [user_events(tiny_data, user) for user in range(12)] + [[("nope", 1)]]
     in_thread, similar_in_thread = answers(Recommender(bundle, max_batch=4), histories)
