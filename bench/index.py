@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from service.bundle import read_manifest
+from service.devices import faiss_gpus
 from service.retrieval import EXACT_LIMIT, IndexSpec, ItemIndex, augmented_dim, pq_subquantizers
 
 LOG = logging.getLogger("bench.index")
@@ -120,9 +121,11 @@ def index_shape(n_items: int, dim: int) -> tuple[int, int, int, int, int]:
 
 
 def default_cases(
-    n_items: int, dim: int, train_size: int = 0, hnsw: bool = True
+    n_items: int, dim: int, train_size: int = 0, hnsw: bool = True, gpu: bool = False
 ) -> list[IndexCase]:
-    """The five index types; ``train_size`` 0 trains on what ``IndexSpec.auto`` uses."""
+    """The five index types; ``train_size`` 0 trains on what ``IndexSpec.auto`` uses. With
+    ``gpu``, the three that faiss searches on a GPU (no OPQ, L2-probed lists, fast-scan
+    codes or HNSW there)."""
     lists, fast_sub, rescore, nprobe, auto_train = index_shape(n_items, dim)
     sub = pq_subquantizers(dim)
     augmented_sub = pq_subquantizers(augmented_dim(dim))
@@ -160,6 +163,8 @@ def default_cases(
             mips_to_l2=True,
         ),
     ]
+    if gpu:
+        return cases[:3]
     if hnsw:
         cases.append(IndexCase("HNSW32", "HNSW32", 0, "ef_search", EF_SEARCHES))
     return cases
@@ -267,8 +272,10 @@ def run_cases(
     cases: list[IndexCase],
     latency_queries: int = 200,
     seed: int = 0,
+    gpus: int = 0,
 ) -> list[Built]:
-    """Build each index (once per factory), sweep its parameter, measure every point."""
+    """Build each index (once per factory), sweep its parameter, measure every point;
+    with ``gpus``, built on the CPU and searched on the GPUs."""
     n_items, dim = vectors.shape[0] - 1, vectors.shape[1]
     built: dict[str, tuple[ItemIndex, Built]] = {}
     results = []
@@ -293,12 +300,17 @@ def run_cases(
             info = Built(case.label, case.factory, seconds, per_vector, 4 * dim / per_vector)
             built[case.label] = (item_index, info)
             faiss_index, built_spec = item_index.index, item_index.spec
+            if gpus:
+                import faiss
+
+                faiss_index = faiss.index_cpu_to_all_gpus(faiss_index)
+                item_index.index = faiss_index  # what a case sharing it searches
             LOG.info("  built in %.1fs, %.1f bytes/vector", seconds, per_vector)
         for value in case.values or (None,):
             options = {case.sweep: value} if case.sweep else {}
             spec = replace(built_spec, rescore=case.rescore, **options)
             point = measure(
-                ItemIndex(faiss_index, vectors, spec),
+                ItemIndex(faiss_index, vectors, spec, gpus=gpus),
                 case,
                 value,
                 queries,
@@ -490,6 +502,7 @@ def machine() -> dict:
         "load_average": list(os.getloadavg()),
         "faiss": faiss.__version__,
         "faiss_threads": faiss.omp_get_max_threads(),
+        "faiss_gpus": faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0,
         "numpy": np.__version__,
         "python": platform.python_version(),
     }
@@ -504,6 +517,7 @@ def run_benchmark(
     out_png: Path | None = None,
     latency_queries: int = 200,
     coarse_study: bool = False,
+    gpus: int = 0,
 ) -> dict:
     """Run every case (and the coarse study); write the JSON and PNG; return the result."""
     before = machine()
@@ -512,7 +526,7 @@ def run_benchmark(
     LOG.info(
         "exact top-%d of %d queries in %.1fs", TOP, len(queries), time.perf_counter() - started
     )
-    results = run_cases(vectors, queries, exact_ids, cases, latency_queries)
+    results = run_cases(vectors, queries, exact_ids, cases, latency_queries, gpus=gpus)
     coverage = []
     if coarse_study:
         lists, _, _, _, train_size = index_shape(vectors.shape[0] - 1, vectors.shape[1])
@@ -526,6 +540,7 @@ def run_benchmark(
         "latency_queries": int(min(latency_queries, len(queries))),
         "top": TOP,
         "machine": before,
+        "searched_on": f"{gpus} GPU(s)" if gpus else "CPU",
         "load_average_after": list(os.getloadavg()),
         "seconds": seconds,
         "cases": [asdict(c) for c in cases],
@@ -542,6 +557,7 @@ def run_benchmark(
 
 def plot_title(report: dict) -> str:
     sizes = f"{report['items']:,} items x {report['dim']} dims, {report['queries']} queries"
+    sizes += f", searched on {report.get('searched_on', 'CPU')}"
     source = report["source"]
     return f"{sizes}\n{source if len(source) <= 90 else source[:87] + '...'}"
 
@@ -625,6 +641,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-hnsw", action="store_true", help="skip HNSW32 (slow to build)")
     parser.add_argument("--threads", type=int, default=0, help="faiss threads (0: all cores)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "gpu"],
+        help="gpu: search on every GPU faiss sees (built on the CPU), the kinds it can search",
+    )
     parser.add_argument("--out-json", type=Path, default=Path("docs/index_bench.json"))
     parser.add_argument("--out-png", type=Path, default=Path("docs/index_recall_latency.png"))
     parser.add_argument(
@@ -688,7 +710,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 0
     n_items, dim = vectors.shape[0] - 1, vectors.shape[1]
-    cases = default_cases(n_items, dim, args.train_size, hnsw=not args.no_hnsw)
+    gpus = faiss_gpus("gpu") if args.device == "gpu" else 0
+    cases = default_cases(n_items, dim, args.train_size, hnsw=not args.no_hnsw, gpu=bool(gpus))
     report = run_benchmark(
         vectors,
         queries,
@@ -698,6 +721,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out_png,
         args.latency_queries,
         args.coarse_study,
+        gpus,
     )
     print(plot_title(report))
     print(report["table"])

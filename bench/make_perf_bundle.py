@@ -64,6 +64,8 @@ class PerfBundleConfig:
     eval_users: int = 1000  # users in each full-ranking evaluation (valid, test)
     index: str = "auto"
     index_options: dict = field(default_factory=dict)
+    index_device: str = "auto"  # where the index will be searched (decides auto's kind)
+    train_device: str = "cpu"  # torch device of the training run, e.g. cuda
     threads: int = 0  # torch threads; 0: torch's default
     ctr_users: int = 2000  # users whose retrieved candidates train the CTR head (0: no head)
     ctr_epochs: int = 5
@@ -159,6 +161,7 @@ def train_encoder(data: SequenceData, config: PerfBundleConfig, run_dir: Path):
         patience=config.epochs,
         seed=config.seed,
         threads=config.threads,
+        device=config.train_device,
         model_options=config.model_options(),
     )
     return train(data, train_config, run_dir)
@@ -249,6 +252,7 @@ def make_perf_bundle(
         name=name,
         index=config.index,
         index_options=config.index_options or None,
+        index_device=config.index_device,
         make_current=make_current,
         perf_only=True,
         ctr=ctr,
@@ -329,6 +333,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--eval-users", type=int, default=defaults.eval_users)
     parser.add_argument("--index", default=defaults.index, help="auto or a faiss factory string")
+    parser.add_argument(
+        "--index-device",
+        default=defaults.index_device,
+        choices=["auto", "cpu", "gpu"],
+        help="where the index will be searched; auto: a GPU if faiss sees one here",
+    )
+    parser.add_argument(
+        "--train-device", default=defaults.train_device, help="torch device for training"
+    )
     parser.add_argument("--nprobe", type=int, help="override the index's nprobe")
     parser.add_argument("--rescore", type=int, help="override the re-scored shortlist size")
     parser.add_argument(
@@ -367,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         eval_users=args.eval_users,
         index=args.index,
         index_options=options,
+        index_device=args.index_device,
+        train_device=args.train_device,
         seed=args.seed,
         threads=args.threads,
         ctr_users=args.ctr_users,

@@ -89,7 +89,9 @@ def request_bodies(catalogue_size: int, count: int, length: int, k: int, seed: i
     return bodies
 
 
-def in_process_floor(models_dir: Path, bundle: str, bodies: list[str], repeats: int) -> dict:
+def in_process_floor(
+    models_dir: Path, bundle: str, bodies: list[str], repeats: int, device: str = "cpu"
+) -> dict:
     """Median milliseconds of one request through the pipeline, miss and hit, no HTTP.
 
     Threads as the server sets them: one intra-op thread per ONNX session, one thread
@@ -104,7 +106,7 @@ def in_process_floor(models_dir: Path, bundle: str, bodies: list[str], repeats: 
     from service.devices import limit_native_threads
     from service.recommender import Recommender
 
-    loaded = load_bundle(models_dir, bundle, device="cpu", threads=1)
+    loaded = load_bundle(models_dir, bundle, device=device, threads=1)
     executor = ThreadPoolExecutor(1, initializer=limit_native_threads, initargs=(1,))
     recommender = Recommender(loaded, compute=ThreadCompute(loaded, executor))
 
@@ -136,6 +138,7 @@ def in_process_floor(models_dir: Path, bundle: str, bodies: list[str], repeats: 
             "hit_p99_ms": float(np.percentile(hits, 99)),
             "hit_cheaper": float(np.median(misses) / np.median(hits)),
             "requests": repeats,
+            "placement": placement(loaded),
         }
 
     try:
@@ -193,6 +196,18 @@ def serve_copy(models_dir: Path, bundle: str) -> Path:
     return root
 
 
+def placement(loaded) -> dict:
+    """Where the default retriever's stages ran: onnxruntime providers, faiss GPUs."""
+    retriever = loaded.retrievers[loaded.default_encoder]
+    head = retriever.ctr_head
+    return {
+        "encoder_providers": retriever.encoder.session.get_providers(),
+        "index_gpus": retriever.index.gpus,
+        "index": retriever.index.spec.factory,
+        "ctr_head_providers": head.session.get_providers() if head is not None else None,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -225,6 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="a service setting for the server, e.g. --setting batch_wait_ms=1 (repeatable)",
     )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "gpu", "auto"],
+        help="RECSERVE_DEVICE of the server and of the floor (gpu: onnxruntime's CUDA "
+        "provider and faiss GPU indexes, failing when either is missing)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "serving.json")
     args = parser.parse_args(argv)
     if not shutil.which("wrk"):
@@ -237,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     n_items = manifest["dataset"]["items"]
     bodies = request_bodies(n_items, max(args.floor_requests, args.repeat), 20, k=10, seed=0)
     print("in-process floor ...", flush=True)
-    floor = in_process_floor(args.models_dir, args.bundle, bodies, args.floor_requests)
+    floor = in_process_floor(args.models_dir, args.bundle, bodies, args.floor_requests, args.device)
     print(json.dumps(floor), flush=True)
 
     served = serve_copy(args.models_dir, args.bundle)
@@ -248,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             "RECSERVE_ADMIN_ENABLED": "0",
             "RECSERVE_KEY_PREFIX": prefix,
             "RECSERVE_RELOAD_POLL_SECONDS": "0",
-            "RECSERVE_DEVICE": "cpu",
+            "RECSERVE_DEVICE": args.device,
             **extra_settings(args.setting),
         },
         port=args.port or None,
@@ -261,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeat": args.repeat,
         "repeat_share": args.repeat_share if args.repeat else 0.0,
         "workers": args.workers,
+        "device": args.device,
         "settings": extra_settings(args.setting),
         "runs": [],
     }

@@ -61,7 +61,15 @@ def onnx_session(path, device: str = "auto", threads: int = 1):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=onnx_providers(device))
+    session = ort.InferenceSession(str(path), options, providers=onnx_providers(device))
+    if device == "gpu" and "CUDAExecutionProvider" not in session.get_providers():
+        # onnxruntime falls back to the CPU when the CUDA provider fails to load (a missing
+        # CUDA or cuDNN library), logging an error and nothing more.
+        raise DeviceError(
+            f"{path}: device 'gpu' asked for, but onnxruntime could not start its CUDA "
+            "provider (see its log above for the missing library)"
+        )
+    return session
 
 
 def limit_native_threads(threads: int) -> None:

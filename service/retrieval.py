@@ -39,6 +39,11 @@ EXACT_LIMIT = 200_000  # catalogues up to this size are searched exactly by defa
 IVF_PROBE_SHARE = 5 / 32  # share of its IVF lists the auto index visits per query (see auto)
 IVF_TRAIN_PER_LIST = 40  # training vectors per IVF list (faiss asks for at least 39)
 RESCORE_DEPTH = 1000  # shortlist the auto index re-scores exactly
+# On a GPU, exact search reads every vector once per batch (256 MB for 1M items of d 64,
+# well under a millisecond at HBM bandwidth), so it stays exact far longer than on a CPU.
+GPU_EXACT_LIMIT = 5_000_000
+GPU_IVF_PROBE_SHARE = 1 / 4  # inner-product IVF (the GPU has no L2-probed search)
+GPU_MAX_NPROBE = 2048  # faiss's GPU IVF visits at most this many lists per query
 
 
 @dataclass
@@ -54,9 +59,13 @@ class IndexSpec:
     max_norm: float = 0.0  # M of the augmentation, set by ItemIndex.build
 
     @classmethod
-    def auto(cls, n_items: int, dim: int) -> IndexSpec:
+    def auto(cls, n_items: int, dim: int, gpu: bool = False) -> IndexSpec:
         """Exact for small catalogues; for large ones IVF with 4-bit fast-scan PQ codes,
-        partitioned in the L2-augmented space, with exact re-scoring."""
+        partitioned in the L2-augmented space, with exact re-scoring. With ``gpu`` (the
+        index will be searched by faiss on a GPU): exact up to ``GPU_EXACT_LIMIT`` items,
+        then an inner-product IVF with 8-bit PQ codes, the kinds faiss's GPU searches."""
+        if gpu:
+            return cls._auto_gpu(n_items, dim)
         if n_items <= EXACT_LIMIT:
             return cls(factory="Flat")
         sub = augmented_dim(dim) // 2
@@ -75,6 +84,21 @@ class IndexSpec:
             rescore=RESCORE_DEPTH,
             train_size=max(cls.train_size, IVF_TRAIN_PER_LIST * lists),
             mips_to_l2=True,
+        )
+
+    @classmethod
+    def _auto_gpu(cls, n_items: int, dim: int) -> IndexSpec:
+        if n_items <= GPU_EXACT_LIMIT:
+            return cls(factory="Flat")
+        lists = int(2 ** round(np.log2(4 * np.sqrt(n_items))))
+        # Fast-scan codes and the L2-probed partition have no GPU kernels; a plain
+        # inner-product IVF needed a quarter of its lists for recall@100 0.98 on the perf
+        # bundle (docs/BENCHMARKS.md), a scan a GPU does in parallel over the whole batch.
+        return cls(
+            factory=f"IVF{lists},PQ{pq_subquantizers(dim)}",
+            nprobe=min(GPU_MAX_NPROBE, max(1, round(lists * GPU_IVF_PROBE_SHARE))),
+            rescore=RESCORE_DEPTH,
+            train_size=max(cls.train_size, IVF_TRAIN_PER_LIST * lists),
         )
 
     @property
@@ -164,6 +188,13 @@ class ItemIndex:
     def _apply_search_params(self, index) -> None:
         import faiss
 
+        if self.gpus:
+            # faiss's IVF helpers do not reach into GPU indexes; its GPU parameter space
+            # does (and into every replica when the index spans several GPUs).
+            if "ivf" in self.spec.factory.lower():
+                nprobe = min(self.spec.nprobe, GPU_MAX_NPROBE)
+                faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+            return
         try:
             faiss.extract_index_ivf(index).nprobe = self.spec.nprobe
         except RuntimeError:

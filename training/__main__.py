@@ -99,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto, or a faiss factory string such as Flat, OPQ16,IVF1024,PQ16x8, HNSW32",
     )
+    export.add_argument(
+        "--index-device",
+        default="auto",
+        choices=["auto", "cpu", "gpu"],
+        help="where the service will search the index; auto: a GPU if faiss sees one here",
+    )
     export.add_argument("--nprobe", type=int, default=None, help="IVF lists visited per query")
     export.add_argument("--rescore", type=int, default=None, help="shortlist re-scored exactly")
     export.add_argument("--no-current", action="store_true", help="do not update CURRENT")
@@ -290,6 +296,7 @@ def _export(args) -> int:
         name=args.name,
         index=args.index,
         index_options=overrides,
+        index_device=args.index_device,
         make_current=not args.no_current,
         ctr=CtrConfig(optimizer=args.ctr_head) if args.ctr_head else None,
     )

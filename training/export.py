@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from service.bundle import ITEMS, BundleWriter, retriever_dir, write_items_table
+from service.devices import faiss_gpus
 from service.encoder import OnnxUserEncoder
 from service.histories import left_padded_window
 from service.retrieval import IndexSpec, ItemIndex, measure_recall
@@ -144,9 +145,12 @@ def heldout_user_embeddings(
     return np.concatenate(embeddings) if embeddings else np.zeros((0, 1), np.float32)
 
 
-def index_spec_for(index: str, n_items: int, dim: int, options: dict | None = None) -> IndexSpec:
-    """``auto`` (by catalogue size) or a faiss factory string, with parameter overrides."""
-    spec = IndexSpec.auto(n_items, dim) if index == "auto" else IndexSpec(factory=index)
+def index_spec_for(
+    index: str, n_items: int, dim: int, options: dict | None = None, gpu: bool = False
+) -> IndexSpec:
+    """``auto`` (by catalogue size, and for a GPU with ``gpu``) or a faiss factory string,
+    with parameter overrides."""
+    spec = IndexSpec.auto(n_items, dim, gpu=gpu) if index == "auto" else IndexSpec(factory=index)
     return replace(spec, **(options or {}))
 
 
@@ -156,8 +160,12 @@ def export_retriever(
     data: SequenceData,
     index: str = "auto",
     index_options: dict | None = None,
+    index_device: str = "auto",
 ) -> tuple[str, dict]:
-    """Write one encoder's files into the bundle; returns its name and manifest entry."""
+    """Write one encoder's files into the bundle; returns its name and manifest entry.
+
+    ``index_device`` says where the index will be searched (``auto``: on a GPU when faiss
+    sees one here), which decides the kind of index ``auto`` builds."""
     model, payload = load_checkpoint(checkpoint)
     if payload["item_ids"] != data.item_map.raw.tolist():
         raise ExportError(f"{checkpoint}: trained on other items than the data given")
@@ -174,7 +182,8 @@ def export_retriever(
     vectors[0] = 0.0
     vectors_path = writer.path(f"{folder}/item_embeddings.npy")
     np.save(vectors_path, vectors, allow_pickle=False)
-    spec = index_spec_for(index, data.n_items, vectors.shape[1], index_options)
+    gpu = faiss_gpus(index_device) > 0
+    spec = index_spec_for(index, data.n_items, vectors.shape[1], index_options, gpu=gpu)
     started = time.perf_counter()
     item_index = ItemIndex.build(np.load(vectors_path, mmap_mode="r"), spec)
     build_seconds = time.perf_counter() - started
@@ -262,6 +271,7 @@ def export_bundle(
     make_current: bool = True,
     perf_only: bool = False,
     ctr=None,
+    index_device: str = "auto",
 ) -> Path:
     """Export every checkpoint into one new bundle and (by default) make it CURRENT.
 
@@ -278,7 +288,9 @@ def export_bundle(
     with BundleWriter(models_dir, name) as writer:
         retrievers = {}
         for checkpoint in checkpoints:
-            encoder, entry = export_retriever(writer, Path(checkpoint), data, index, index_options)
+            encoder, entry = export_retriever(
+                writer, Path(checkpoint), data, index, index_options, index_device
+            )
             if encoder in retrievers:
                 raise ExportError(f"two checkpoints of the same encoder kind {encoder!r}")
             retrievers[encoder] = entry

@@ -39,3 +39,24 @@ def test_this_machine_is_detected_without_arguments():
 def test_unknown_device_is_refused():
     with pytest.raises(DeviceError, match="one of"):
         onnx_providers("tpu", CPU_ONLY)
+
+
+def test_gpu_fails_loudly_when_onnxruntime_falls_back_to_the_cpu(monkeypatch):
+    # onnxruntime lists the CUDA provider, then silently runs on the CPU when it cannot
+    # load a CUDA library; the service must not serve "gpu" from the CPU.
+    import onnxruntime
+
+    from service.devices import onnx_session
+
+    class FellBack:
+        def __init__(self, path, options, providers):
+            self.asked = providers
+
+        def get_providers(self):
+            return CPU_ONLY
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: WITH_CUDA)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", FellBack)
+    with pytest.raises(DeviceError, match="could not start its CUDA provider"):
+        onnx_session("encoder.onnx", "gpu")
+    assert onnx_session("encoder.onnx", "auto").asked == WITH_CUDA

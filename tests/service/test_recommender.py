@@ -376,9 +376,15 @@ def recommend_together(recommender, histories, cache, candidates):
         answers = await asyncio.gather(
             *(
                 recommender.recommend(
-                    events, k=5, encoder=None, exclude_seen=True, candidates=candidates,
-                    rerank=False, cache=cache, history_cap=1000,
-                )  # fmt: skip
+                    events,
+                    k=5,
+                    encoder=None,
+                    exclude_seen=True,
+                    candidates=candidates,
+                    rerank=False,
+                    cache=cache,
+                    history_cap=1000,
+                )
                 for events in histories
             )
         )

@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 
-from service.retrieval import EXACT_LIMIT, IndexSpec, ItemIndex, augmented_dim, measure_recall
+from service.retrieval import (
+    EXACT_LIMIT,
+    GPU_EXACT_LIMIT,
+    GPU_MAX_NPROBE,
+    IndexSpec,
+    ItemIndex,
+    augmented_dim,
+    measure_recall,
+)
 
 
 def clustered_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -246,3 +254,39 @@ def test_an_index_faiss_cannot_move_to_the_gpu_is_searched_on_the_cpu(tmp_path, 
     monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", unsupported)
     loaded = ItemIndex.load(tmp_path / "items.faiss", vectors, spec, device="auto")
     assert loaded.gpus == 0 and loaded.search(queries_near(vectors, 2), 5)[1].shape == (2, 5)
+
+
+def test_auto_spec_for_a_gpu_is_exact_up_to_its_limit_then_an_ivf_faiss_searches_there():
+    assert IndexSpec.auto(1_000_000, 64, gpu=True).exact
+    large = IndexSpec.auto(GPU_EXACT_LIMIT + 1, 64, gpu=True)
+    # No fast-scan codes and no L2-probed partition: faiss's GPU indexes have neither.
+    assert large.factory.startswith("IVF") and "fs" not in large.factory
+    assert not large.mips_to_l2 and large.rescore > 0
+    assert 1 <= large.nprobe <= GPU_MAX_NPROBE
+    assert not IndexSpec.auto(GPU_EXACT_LIMIT + 1, 64).exact  # the CPU spec is unchanged
+
+
+def test_a_gpu_ivf_gets_its_nprobe_from_faiss_gpu_parameter_space(tmp_path, monkeypatch):
+    import faiss
+
+    import service.retrieval as retrieval
+
+    vectors = clustered_vectors(2_000, 16)
+    spec = IndexSpec("IVF16,PQ4", nprobe=6, rescore=100)
+    ItemIndex.build(vectors, spec).save(tmp_path / "items.faiss")
+    calls = []
+
+    class GpuParameterSpace:  # the CPU build has none; records what the GPU one is told
+        def set_index_parameter(self, index, name, value):
+            calls.append((name, value))
+
+    monkeypatch.setattr(retrieval, "faiss_gpus", lambda device: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda index: index)
+    monkeypatch.setattr(faiss, "GpuParameterSpace", GpuParameterSpace, raising=False)
+    loaded = ItemIndex.load(tmp_path / "items.faiss", vectors, spec, device="gpu")
+    assert loaded.gpus == 1 and calls == [("nprobe", 6)]
+    calls.clear()
+    ItemIndex(loaded.index, vectors, IndexSpec("IVF16,PQ4", nprobe=4096), gpus=1)
+    assert calls == [("nprobe", GPU_MAX_NPROBE)]
+    ItemIndex(faiss.IndexFlatIP(16), vectors, IndexSpec("Flat"), gpus=1)
+    assert calls == [("nprobe", GPU_MAX_NPROBE)]  # nothing to set on an exact index
