@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -369,6 +370,44 @@ def load_bundle(
         raise BundleError(f"{path / MANIFEST}: no retrievers")
     LOG.info("loaded bundle %s with %s", name, ", ".join(retrievers))
     return Bundle(name, path, manifest, catalogue, retrievers, item_features)
+
+
+def warm_up(bundle: Bundle, batch: int, candidates: int) -> float:
+    """Run each loaded model on the shapes serving will give it; returns the seconds taken.
+
+    onnxruntime's CUDA provider grows its memory arena the first time a larger input
+    arrives and CUDA loads kernels on their first launch: on an H200 the first requests
+    after a start took up to 200 ms where warm ones took 7 ms (docs/BENCHMARKS.md). So
+    every history width at batch 1, then batches of 1, 2, 4, ... up to twice ``batch`` (a
+    compute process merges the batches that queued meanwhile) at the longest width, each
+    searched to ``candidates`` and reranked. On a CPU this costs milliseconds.
+    """
+    started = time.perf_counter()
+    sizes = [1 << i for i in range((2 * max(batch, 1) - 1).bit_length() + 1)]
+    for retriever in bundle.retrievers.values():
+        if retriever.encoder is None:
+            continue
+        for width in range(1, retriever.max_len + 1):
+            retriever.encoder.encode(
+                np.ones((1, width), np.int64), np.zeros((1, width), np.float32)
+            )
+        head = retriever.ctr_head
+        features = 0
+        if head is not None:
+            features = len(head.feature_names or []) or head.n_features or 0
+        depth = max(1, min(candidates, retriever.index.n_items))
+        for size in sizes:
+            window = np.ones((size, retriever.max_len), np.int64)
+            users = retriever.encoder.encode(window, np.zeros(window.shape, np.float32))
+            retriever.index.search(users, depth)
+            if features:
+                dim = users.shape[1]
+                head.score(
+                    users,
+                    np.zeros((size, depth, dim), np.float32),
+                    np.zeros((size, depth, features), np.float32),
+                )
+    return time.perf_counter() - started
 
 
 def settle_heap() -> None:

@@ -110,6 +110,8 @@ class ProcessCompute:
         onnx_threads: int = 1,
         native_threads: int = 1,
         call_timeout: float = 30.0,
+        warm_batch: int = 32,
+        warm_candidates: int = 200,
     ):
         self.call_timeout = call_timeout
         self.command = [
@@ -126,6 +128,10 @@ class ProcessCompute:
             str(onnx_threads),
             "--native-threads",
             str(native_threads),
+            "--warm-batch",
+            str(warm_batch),
+            "--warm-candidates",
+            str(warm_candidates),
         ]
         self.bundle = bundle
         self._process: asyncio.subprocess.Process | None = None
@@ -307,7 +313,7 @@ def serve(connection: socket.socket, args: argparse.Namespace) -> None:
     batch, and answered one by one: sent as soon as the worker formed them, they keep the
     process busy without a gap, and merged they cost less than one after the other.
     """
-    from service.bundle import load_bundle, settle_heap
+    from service.bundle import load_bundle, settle_heap, warm_up
     from service.devices import limit_native_threads
     from service.recommender import compute_batch
 
@@ -317,6 +323,7 @@ def serve(connection: socket.socket, args: argparse.Namespace) -> None:
         bundle = load_bundle(
             args.models_dir, args.bundle, args.device, args.onnx_threads, verify=False
         )
+        warm_up(bundle, args.warm_batch, args.warm_candidates)
     except Exception as exc:  # every reason goes back to the parent, which refuses the bundle
         connection.sendall(frame((False, str(exc))))
         return
@@ -391,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--onnx-threads", type=int, default=1)
     parser.add_argument("--native-threads", type=int, default=1)
+    parser.add_argument("--warm-batch", type=int, default=32, help="largest batch to warm up")
+    parser.add_argument("--warm-candidates", type=int, default=200)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     with socket.socket(fileno=args.fd) as connection:

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from cachetools import TTLCache
 from starlette.concurrency import run_in_threadpool
 
-from service.bundle import current_name, load_bundle, settle_heap
+from service.bundle import current_name, load_bundle, settle_heap, warm_up
 from service.cache import BehaviourCache
 from service.compute import ProcessCompute, ThreadCompute
 from service.devices import limit_native_threads
@@ -105,10 +105,16 @@ class AppState:
                         self.settings.onnx_threads,
                         self.settings.native_threads,
                         self.settings.compute_timeout_seconds,
+                        self.settings.max_batch,
+                        self.settings.candidates,
                     )
                     if in_process
                     else ThreadCompute(bundle, self.executor)
                 )
+                if not in_process:
+                    await run_in_threadpool(
+                        warm_up, bundle, self.settings.max_batch, self.settings.candidates
+                    )
                 recommender = Recommender(
                     bundle,
                     self.settings.default_encoder,

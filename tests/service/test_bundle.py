@@ -12,6 +12,7 @@ from service.bundle import (
     list_bundles,
     load_bundle,
     set_current,
+    warm_up,
 )
 from service.errors import BundleError
 
@@ -132,3 +133,31 @@ def test_set_current_requires_a_plain_name(tmp_path):
 def test_missing_current_says_to_build_a_bundle(tmp_path):
     with pytest.raises(BundleError, match="build a bundle"):
         load_bundle(tmp_path, device="cpu")
+
+
+def test_warm_up_runs_every_model_on_the_shapes_serving_gives_it(head_models):
+    bundle = load_bundle(head_models, device="cpu")
+    retriever = bundle.retrievers[bundle.default_encoder]
+    seen = {"encode": [], "search": [], "score": []}
+
+    def spy(name, method):
+        def call(*arrays):
+            seen[name].append(tuple(tuple(a.shape) for a in arrays))
+            return method(*arrays)
+
+        return call
+
+    encoder, index, head = retriever.encoder, retriever.index, retriever.ctr_head
+    encoder.encode = spy("encode", encoder.encode)
+    index.search = lambda users, depth, search=index.search: (
+        seen["search"].append((users.shape[0], depth)) or search(users, depth)
+    )
+    head.score = spy("score", head.score)
+    assert warm_up(bundle, batch=3, candidates=7) >= 0
+    width = retriever.max_len
+    # Every history width alone, then batches up to twice the batch at the longest width.
+    assert [shapes[0] for shapes in seen["encode"][:width]] == [(1, w) for w in range(1, width + 1)]
+    assert [shapes[0] for shapes in seen["encode"][width:]] == [(n, width) for n in (1, 2, 4, 8)]
+    assert seen["search"] == [(n, 7) for n in (1, 2, 4, 8)]
+    features = len(bundle.item_features.names)
+    assert [shapes[2] for shapes in seen["score"]] == [(n, 7, features) for n in (1, 2, 4, 8)]
