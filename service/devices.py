@@ -7,6 +7,7 @@ without one (a silent CPU fallback would hide a broken deployment).
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from service.errors import DeviceError
@@ -61,7 +62,10 @@ def onnx_session(path, device: str = "auto", threads: int = 1):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=onnx_providers(device))
+    providers = onnx_providers(device)
+    if "CUDAExecutionProvider" in providers:
+        _load_cuda_libraries(ort)
+    session = ort.InferenceSession(str(path), options, providers=providers)
     if device == "gpu" and "CUDAExecutionProvider" not in session.get_providers():
         # onnxruntime falls back to the CPU when the CUDA provider fails to load (a missing
         # CUDA or cuDNN library), logging an error and nothing more.
@@ -70,6 +74,15 @@ def onnx_session(path, device: str = "auto", threads: int = 1):
             "provider (see its log above for the missing library)"
         )
     return session
+
+
+@functools.cache
+def _load_cuda_libraries(ort) -> None:
+    # The gpu extra's CUDA and cuDNN wheels lie off the dynamic loader's path, which is
+    # fixed at process start; onnxruntime loads them by path when asked, once per process.
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        preload()
 
 
 def limit_native_threads(threads: int) -> None:

@@ -39,9 +39,11 @@ EXACT_LIMIT = 200_000  # catalogues up to this size are searched exactly by defa
 IVF_PROBE_SHARE = 5 / 32  # share of its IVF lists the auto index visits per query (see auto)
 IVF_TRAIN_PER_LIST = 40  # training vectors per IVF list (faiss asks for at least 39)
 RESCORE_DEPTH = 1000  # shortlist the auto index re-scores exactly
-# On a GPU, exact search reads every vector once per batch (256 MB for 1M items of d 64,
-# well under a millisecond at HBM bandwidth), so it stays exact far longer than on a CPU.
-GPU_EXACT_LIMIT = 5_000_000
+# On an H200, exact search over the 1M-item perf bundle took 2.3 ms for one query and 4.3
+# ms for 64, while the IVF-PQ below took 1.0 and 11.8 ms at recall@100 0.976 (its exact
+# re-score runs on the CPU; docs/BENCHMARKS.md): exact wins the batches the service
+# forms until its cost, linear in the items, reaches the IVF's at about twice that size.
+GPU_EXACT_LIMIT = 2_000_000
 GPU_IVF_PROBE_SHARE = 1 / 4  # inner-product IVF (the GPU has no L2-probed search)
 GPU_MAX_NPROBE = 2048  # faiss's GPU IVF visits at most this many lists per query
 
@@ -92,8 +94,8 @@ class IndexSpec:
             return cls(factory="Flat")
         lists = int(2 ** round(np.log2(4 * np.sqrt(n_items))))
         # Fast-scan codes and the L2-probed partition have no GPU kernels; a plain
-        # inner-product IVF needed a quarter of its lists for recall@100 0.98 on the perf
-        # bundle (docs/BENCHMARKS.md), a scan a GPU does in parallel over the whole batch.
+        # inner-product IVF-PQ with re-scoring reached recall@100 0.976 at a quarter of its
+        # lists on the perf bundle, searched on an H200 (docs/BENCHMARKS.md).
         return cls(
             factory=f"IVF{lists},PQ{pq_subquantizers(dim)}",
             nprobe=min(GPU_MAX_NPROBE, max(1, round(lists * GPU_IVF_PROBE_SHARE))),

@@ -46,7 +46,7 @@ def test_gpu_fails_loudly_when_onnxruntime_falls_back_to_the_cpu(monkeypatch):
     # load a CUDA library; the service must not serve "gpu" from the CPU.
     import onnxruntime
 
-    from service.devices import onnx_session
+    from service.devices import _load_cuda_libraries, onnx_session
 
     class FellBack:
         def __init__(self, path, options, providers):
@@ -55,8 +55,14 @@ def test_gpu_fails_loudly_when_onnxruntime_falls_back_to_the_cpu(monkeypatch):
         def get_providers(self):
             return CPU_ONLY
 
+    preloaded = []
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: WITH_CUDA)
     monkeypatch.setattr(onnxruntime, "InferenceSession", FellBack)
+    monkeypatch.setattr(onnxruntime, "preload_dlls", lambda: preloaded.append(1), raising=False)
+    _load_cuda_libraries.cache_clear()
     with pytest.raises(DeviceError, match="could not start its CUDA provider"):
         onnx_session("encoder.onnx", "gpu")
     assert onnx_session("encoder.onnx", "auto").asked == WITH_CUDA
+    # The pip CUDA libraries were loaded once, before the first CUDA session.
+    assert preloaded == [1]
+    _load_cuda_libraries.cache_clear()
