@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         help="RECSERVE_DEVICE of the server and of the floor (gpu: onnxruntime's CUDA "
         "provider and faiss GPU indexes, failing when either is missing)",
     )
+    parser.add_argument("--server-log", type=Path, help="write the server's output to FILE")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "serving.json")
     args = parser.parse_args(argv)
     if not shutil.which("wrk"):
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         port=args.port or None,
         workers=args.workers,
+        log_path=args.server_log,
     )
     results: dict = {
         "bundle": args.bundle,
