@@ -105,3 +105,29 @@ def test_manifest_is_plain_json_with_offline_metrics(exported_bundle):
     metrics = manifest["retrievers"]["sasrec"]["offline_metrics"]
     assert {"model", "popularity"} <= set(metrics)
     assert manifest["perf_only"] is False
+
+
+def test_index_is_chosen_for_where_the_service_will_search(
+    tiny_data, trained_run, tmp_path, monkeypatch
+):
+    import training.export as export
+    from service.devices import faiss_gpus
+    from service.errors import DeviceError
+
+    # A GPU index asked for where faiss sees no GPU fails before anything is written.
+    monkeypatch.setattr(export, "faiss_gpus", lambda device: faiss_gpus(device, count=0))
+    with pytest.raises(DeviceError, match="faiss sees no GPU"):
+        export.export_bundle([trained_run.checkpoint], tiny_data, tmp_path, index_device="gpu")
+    assert list(tmp_path.iterdir()) == []
+
+    asked = []
+    spec_for = export.index_spec_for
+    monkeypatch.setattr(export, "faiss_gpus", lambda device: faiss_gpus(device, count=1))
+    monkeypatch.setattr(
+        export, "index_spec_for", lambda *args, gpu: asked.append(gpu) or spec_for(*args, gpu=gpu)
+    )
+    for device in ("auto", "cpu"):
+        export.export_bundle(
+            [trained_run.checkpoint], tiny_data, tmp_path, name=device, index_device=device
+        )
+    assert asked == [True, False]  # auto takes the GPU faiss sees; cpu never does
