@@ -195,6 +195,12 @@ class ItemIndex:
             # does (and into every replica when the index spans several GPUs).
             if "ivf" in self.spec.factory.lower():
                 nprobe = min(self.spec.nprobe, GPU_MAX_NPROBE)
+                if nprobe < self.spec.nprobe:
+                    LOG.warning(
+                        "nprobe %d is over faiss's GPU limit: %d lists visited per query",
+                        self.spec.nprobe,
+                        nprobe,
+                    )
                 faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
             return
         try:

@@ -266,7 +266,7 @@ def test_auto_spec_for_a_gpu_is_exact_up_to_its_limit_then_an_ivf_faiss_searches
     assert not IndexSpec.auto(GPU_EXACT_LIMIT + 1, 64).exact  # the CPU spec is unchanged
 
 
-def test_a_gpu_ivf_gets_its_nprobe_from_faiss_gpu_parameter_space(tmp_path, monkeypatch):
+def test_a_gpu_ivf_gets_its_nprobe_from_faiss_gpu_parameter_space(tmp_path, monkeypatch, caplog):
     import faiss
 
     import service.retrieval as retrieval
@@ -286,7 +286,9 @@ def test_a_gpu_ivf_gets_its_nprobe_from_faiss_gpu_parameter_space(tmp_path, monk
     loaded = ItemIndex.load(tmp_path / "items.faiss", vectors, spec, device="gpu")
     assert loaded.gpus == 1 and calls == [("nprobe", 6)]
     calls.clear()
-    ItemIndex(loaded.index, vectors, IndexSpec("IVF16,PQ4", nprobe=4096), gpus=1)
+    with caplog.at_level("WARNING", logger="service.retrieval"):
+        ItemIndex(loaded.index, vectors, IndexSpec("IVF16,PQ4", nprobe=4096), gpus=1)
     assert calls == [("nprobe", GPU_MAX_NPROBE)]
+    assert "over faiss's GPU limit" in caplog.text
     ItemIndex(faiss.IndexFlatIP(16), vectors, IndexSpec("Flat"), gpus=1)
     assert calls == [("nprobe", GPU_MAX_NPROBE)]  # nothing to set on an exact index
