@@ -51,7 +51,14 @@ import numpy as np
 
 from service.bundle import read_manifest
 from service.devices import faiss_gpus
-from service.retrieval import EXACT_LIMIT, IndexSpec, ItemIndex, augmented_dim, pq_subquantizers
+from service.retrieval import (
+    EXACT_LIMIT,
+    IndexSpec,
+    ItemIndex,
+    augmented_dim,
+    ivf_lists,
+    pq_subquantizers,
+)
 
 LOG = logging.getLogger("bench.index")
 
@@ -115,7 +122,7 @@ def index_shape(n_items: int, dim: int) -> tuple[int, int, int, int, int]:
     lists, sub = int(found.group(1)), int(found.group(2))
     nprobe = spec.nprobe
     if n_items <= EXACT_LIMIT:
-        small = int(2 ** round(np.log2(4 * np.sqrt(n_items))))
+        small = ivf_lists(n_items)
         lists, nprobe = small, max(1, round(nprobe * small / lists))
     return lists, sub, spec.rescore, nprobe, min(spec.train_size, n_items)
 

@@ -71,7 +71,7 @@ class IndexSpec:
         if n_items <= EXACT_LIMIT:
             return cls(factory="Flat")
         sub = augmented_dim(dim) // 2
-        lists = int(2 ** round(np.log2(4 * np.sqrt(n_items))))
+        lists = ivf_lists(n_items)
         # An inner-product IVF partitions by direction (spherical k-means), while the top
         # items by inner product of a dot-product model are its long vectors over a wide
         # cone of directions: on the 1M-item perf bundle it had to visit a quarter of its
@@ -84,7 +84,7 @@ class IndexSpec:
             factory=f"IVF{lists},PQ{sub}x4fs",
             nprobe=max(1, round(lists * IVF_PROBE_SHARE)),
             rescore=RESCORE_DEPTH,
-            train_size=max(cls.train_size, IVF_TRAIN_PER_LIST * lists),
+            train_size=cls.ivf_train_size(lists),
             mips_to_l2=True,
         )
 
@@ -92,7 +92,7 @@ class IndexSpec:
     def _auto_gpu(cls, n_items: int, dim: int) -> IndexSpec:
         if n_items <= GPU_EXACT_LIMIT:
             return cls(factory="Flat")
-        lists = int(2 ** round(np.log2(4 * np.sqrt(n_items))))
+        lists = ivf_lists(n_items)
         # Fast-scan codes and the L2-probed partition have no GPU kernels; a plain
         # inner-product IVF-PQ with re-scoring reached recall@100 0.976 at a quarter of its
         # lists on the perf bundle, searched on an H200 (docs/BENCHMARKS.md).
@@ -100,8 +100,13 @@ class IndexSpec:
             factory=f"IVF{lists},PQ{pq_subquantizers(dim)}",
             nprobe=min(GPU_MAX_NPROBE, max(1, round(lists * GPU_IVF_PROBE_SHARE))),
             rescore=RESCORE_DEPTH,
-            train_size=max(cls.train_size, IVF_TRAIN_PER_LIST * lists),
+            train_size=cls.ivf_train_size(lists),
         )
+
+    @classmethod
+    def ivf_train_size(cls, lists: int) -> int:
+        """Vectors to train an IVF of ``lists`` lists on: enough for faiss's k-means."""
+        return max(cls.train_size, IVF_TRAIN_PER_LIST * lists)
 
     @property
     def exact(self) -> bool:
@@ -109,6 +114,11 @@ class IndexSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def ivf_lists(n_items: int) -> int:
+    """IVF lists for a catalogue: the power of two nearest 4 sqrt(N)."""
+    return int(2 ** round(np.log2(4 * np.sqrt(n_items))))
 
 
 def augmented_dim(dim: int) -> int:
