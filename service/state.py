@@ -112,8 +112,13 @@ class AppState:
                     else ThreadCompute(bundle, self.executor)
                 )
                 if not in_process:
-                    await run_in_threadpool(
-                        warm_up, bundle, self.settings.max_batch, self.settings.candidates
+                    # On the executor that computes the batches, under its native-thread limits.
+                    await asyncio.get_running_loop().run_in_executor(
+                        self.executor,
+                        warm_up,
+                        bundle,
+                        self.settings.max_batch,
+                        self.settings.candidates,
                     )
                 recommender = Recommender(
                     bundle,
