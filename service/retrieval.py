@@ -152,7 +152,7 @@ class ItemIndex:
         if self._l2_probed:
             self._transforms, self._ivf = _split_pretransform(index)
             self._centroids = self._ivf.quantizer.reconstruct_n(0, self._ivf.nlist)
-            self._centroid_norms = (self._centroids.astype(np.float64) ** 2).sum(1)
+            self._centroid_norms = (self._centroids**2).sum(1, dtype=np.float64).astype(np.float32)
 
     @property
     def n_items(self) -> int:
@@ -262,10 +262,14 @@ class ItemIndex:
         # lists as 2 s q.c - |c|^2 does) and q.c, the term the IVF adds to the residual
         # codes' q.(x - c) per list. numpy's product and partial sort took a fifth of the
         # time of faiss's flat quantizer search, whose heap of 512 probes dominated.
+        # In float32 and in place, and the largest selected without negating: a sixth off
+        # this step with the same lists on the perf bundle.
         products = padded @ self._centroids.T  # (b, lists)
-        scale = self.spec.max_norm / np.maximum(np.linalg.norm(padded, axis=1), 1e-12)
-        closeness = 2 * scale[:, None] * products - self._centroid_norms
-        lists = np.argpartition(-closeness, nprobe - 1, axis=1)[:, :nprobe]
+        scale = 2 * self.spec.max_norm / np.maximum(np.linalg.norm(padded, axis=1), 1e-12)
+        closeness = products * scale[:, None].astype(np.float32)
+        closeness -= self._centroid_norms
+        first = self._ivf.nlist - nprobe
+        lists = np.argpartition(closeness, first, axis=1)[:, first:]
         coarse = np.take_along_axis(products, lists, axis=1)
         return self._ivf.search_preassigned(padded, depth, lists, coarse)
 
@@ -275,7 +279,8 @@ class ItemIndex:
         # Exact inner products for the shortlist, reading only those rows of the memory-mapped
         # vectors (np.take gathers rows 3-5 times faster than fancy indexing).
         rows = np.asarray(np.take(self.vectors, ids, axis=0))  # (b, depth, d)
-        exact = np.einsum("bd,bkd->bk", queries, rows)  # (b, depth)
+        # A batched matrix-vector product (BLAS): half the time of the same einsum.
+        exact = np.matmul(rows, queries[:, :, None])[..., 0]  # (b, depth)
         exact = np.where(ids > 0, exact, -np.inf)
         if k < exact.shape[1]:
             # The best k, then their order (ties in shortlist order): a full sort of the
