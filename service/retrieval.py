@@ -23,7 +23,9 @@ recall measured at export is the recall served.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -144,6 +146,11 @@ class ItemIndex:
         self.vectors = vectors  # (N + 1, d) float32, row 0 = padding; may be a memmap
         self.spec = spec
         self.gpus = gpus
+        # faiss's GPU indexes are not thread-safe even to search (their resources object
+        # hands every search the same scratch memory), while a worker computing in threads
+        # (RECSERVE_COMPUTE=thread) may search from several at once: one at a time on a GPU.
+        # CPU indexes are searched concurrently.
+        self._searching = threading.Lock() if gpus else contextlib.nullcontext()
         self._index_dim = int(index.d)
         self._apply_search_params(index)
         # An inner-product IVF behind an L2 quantizer is searched with its own probes (the
@@ -229,12 +236,14 @@ class ItemIndex:
         if self._l2_probed:
             scores, labels = self._search_l2_probed(self._pad(queries), depth)
         elif self.spec.mips_to_l2:
-            distances, labels = self.index.search(self._pad(queries), depth)
+            with self._searching:
+                distances, labels = self.index.search(self._pad(queries), depth)
             # |q - x'|^2 = |q|^2 + M^2 - 2 q.x, so the inner product is recovered exactly.
             norms = (queries.astype(np.float64) ** 2).sum(1, keepdims=True)
             scores = ((norms + self.spec.max_norm**2 - distances) / 2).astype(np.float32)
         else:
-            scores, labels = self.index.search(queries, depth)
+            with self._searching:
+                scores, labels = self.index.search(queries, depth)
         ids = np.where(labels >= 0, labels + 1, 0)
         if self.spec.rescore:
             scores, ids = self._rescore(queries, ids, k)

@@ -1,3 +1,7 @@
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -292,3 +296,50 @@ def test_a_gpu_ivf_gets_its_nprobe_from_faiss_gpu_parameter_space(tmp_path, monk
     assert "over faiss's GPU limit" in caplog.text
     ItemIndex(faiss.IndexFlatIP(16), vectors, IndexSpec("Flat"), gpus=1)
     assert calls == [("nprobe", GPU_MAX_NPROBE)]  # nothing to set on an exact index
+
+
+class RecordingIndex:
+    """A stand-in faiss index that records how many searches run at once."""
+
+    def __init__(self, dim: int, meet: threading.Barrier | None = None):
+        self.d = dim
+        self.meet = meet
+        self.active = 0
+        self.most = 0
+        self.guard = threading.Lock()
+
+    def search(self, queries, k):
+        with self.guard:
+            self.active += 1
+            self.most = max(self.most, self.active)
+        if self.meet is not None:
+            self.meet.wait()  # returns only once another search is inside too
+        time.sleep(0.03)
+        with self.guard:
+            self.active -= 1
+        return np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int64)
+
+
+def search_from_threads(index: ItemIndex, threads: int) -> None:
+    queries = np.ones((1, index.dim), np.float32)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda _: index.search(queries, 5), range(threads)))
+
+
+def recording(gpus: int, meet: threading.Barrier | None = None) -> ItemIndex:
+    """An exact ItemIndex (on the GPU if ``gpus``) whose faiss index is then swapped for a
+    RecordingIndex."""
+    import faiss
+
+    index = ItemIndex(faiss.IndexFlatIP(8), clustered_vectors(100, 8), IndexSpec("Flat"), gpus)
+    index.index = RecordingIndex(8, meet)
+    return index
+
+
+def test_a_gpu_index_is_searched_by_one_thread_at_a_time_a_cpu_index_by_several():
+    on_gpu = recording(gpus=1)
+    search_from_threads(on_gpu, 4)
+    assert on_gpu.index.most == 1
+    on_cpu = recording(gpus=0, meet=threading.Barrier(2, timeout=10))
+    search_from_threads(on_cpu, 2)
+    assert on_cpu.index.most == 2
