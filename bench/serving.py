@@ -90,7 +90,12 @@ def request_bodies(catalogue_size: int, count: int, length: int, k: int, seed: i
 
 
 def in_process_floor(
-    models_dir: Path, bundle: str, bodies: list[str], repeats: int, device: str = "cpu"
+    models_dir: Path,
+    bundle: str,
+    bodies: list[str],
+    repeats: int,
+    device: str = "cpu",
+    index_device: str | None = None,
 ) -> dict:
     """Median milliseconds of one request through the pipeline, miss and hit, no HTTP.
 
@@ -106,7 +111,7 @@ def in_process_floor(
     from service.devices import limit_native_threads
     from service.recommender import Recommender
 
-    loaded = load_bundle(models_dir, bundle, device=device, threads=1)
+    loaded = load_bundle(models_dir, bundle, device=device, threads=1, index_device=index_device)
     executor = ThreadPoolExecutor(1, initializer=limit_native_threads, initargs=(1,))
     recommender = Recommender(loaded, compute=ThreadCompute(loaded, executor))
 
@@ -197,15 +202,11 @@ def serve_copy(models_dir: Path, bundle: str) -> Path:
 
 
 def placement(loaded) -> dict:
-    """Where the default retriever's stages ran: onnxruntime providers, faiss GPUs."""
+    """Where the default retriever's stages ran, and its index."""
+    from service.bundle import placement as stages
+
     retriever = loaded.retrievers[loaded.default_encoder]
-    head = retriever.ctr_head
-    return {
-        "encoder_providers": retriever.encoder.session.get_providers(),
-        "index_gpus": retriever.index.gpus,
-        "index": retriever.index.spec.factory,
-        "ctr_head_providers": head.session.get_providers() if head is not None else None,
-    }
+    return {**stages(loaded)[retriever.name], "index_factory": retriever.index.spec.factory}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,6 +248,12 @@ def main(argv: list[str] | None = None) -> int:
         help="RECSERVE_DEVICE of the server and of the floor (gpu: onnxruntime's CUDA "
         "provider and faiss GPU indexes, failing when either is missing)",
     )
+    parser.add_argument(
+        "--index-device",
+        choices=["cpu", "gpu", "auto"],
+        help="RECSERVE_INDEX_DEVICE of the server and of the floor: where faiss searches, "
+        "when not on --device (e.g. --device cpu --index-device gpu)",
+    )
     parser.add_argument("--server-log", type=Path, help="write the server's output to FILE")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "serving.json")
     args = parser.parse_args(argv)
@@ -260,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     n_items = manifest["dataset"]["items"]
     bodies = request_bodies(n_items, max(args.floor_requests, args.repeat), 20, k=10, seed=0)
     print("in-process floor ...", flush=True)
-    floor = in_process_floor(args.models_dir, args.bundle, bodies, args.floor_requests, args.device)
+    floor = in_process_floor(
+        args.models_dir, args.bundle, bodies, args.floor_requests, args.device, args.index_device
+    )
     print(json.dumps(floor), flush=True)
 
     served = serve_copy(args.models_dir, args.bundle)
@@ -272,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             "RECSERVE_KEY_PREFIX": prefix,
             "RECSERVE_RELOAD_POLL_SECONDS": "0",
             "RECSERVE_DEVICE": args.device,
+            **({"RECSERVE_INDEX_DEVICE": args.index_device} if args.index_device else {}),
             **extra_settings(args.setting),
         },
         port=args.port or None,
@@ -286,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeat_share": args.repeat_share if args.repeat else 0.0,
         "workers": args.workers,
         "device": args.device,
+        "index_device": args.index_device or args.device,
         "settings": extra_settings(args.setting),
         "runs": [],
     }

@@ -313,8 +313,12 @@ def load_bundle(
     threads: int = 1,
     models: bool = True,
     verify: bool = True,
+    index_device: str | None = None,
 ) -> Bundle:
     """Load (and fully verify) bundle ``name``, or the one named by CURRENT.
+
+    ``device`` places the ONNX models (encoder, CTR head) and, unless ``index_device``
+    says otherwise, the faiss index.
 
     ``models=False`` reads everything but the models (no onnxruntime session, no faiss
     index: a process that hands its batches to a compute process needs only the catalogue
@@ -364,12 +368,27 @@ def load_bundle(
             item_vectors=vectors,
         )
         if models:
-            _load_models(retriever, path, catalogue, device, threads, head_names)
+            _load_models(
+                retriever, path, catalogue, device, index_device or device, threads, head_names
+            )
         retrievers[encoder] = retriever
     if not retrievers:
         raise BundleError(f"{path / MANIFEST}: no retrievers")
     LOG.info("loaded bundle %s with %s", name, ", ".join(retrievers))
     return Bundle(name, path, manifest, catalogue, retrievers, item_features)
+
+
+def placement(bundle: Bundle) -> dict[str, dict]:
+    """Where each retriever's stages run: the onnxruntime provider of its encoder and CTR
+    head (None without a head), and ``gpu`` or ``cpu`` for its faiss index."""
+    return {
+        name: {
+            "encoder": retriever.encoder.providers[0],
+            "index": "gpu" if retriever.index.gpus else "cpu",
+            "ctr_head": retriever.ctr_head.providers[0] if retriever.ctr_head else None,
+        }
+        for name, retriever in bundle.retrievers.items()
+    }
 
 
 def warm_up(bundle: Bundle, batch: int, candidates: int) -> float:
@@ -430,6 +449,7 @@ def _load_models(
     path: Path,
     catalogue: Catalogue,
     device: str,
+    index_device: str,
     threads: int,
     head_names: list[str] | None,
 ) -> None:
@@ -441,7 +461,7 @@ def _load_models(
     files = retriever.info["files"]
     spec = IndexSpec(**retriever.info["index"]["spec"])
     try:
-        index = ItemIndex.load(path / files["index"], retriever.item_vectors, spec, device)
+        index = ItemIndex.load(path / files["index"], retriever.item_vectors, spec, index_device)
     except RuntimeError as exc:
         raise BundleError(f"{path / files['index']}: unreadable faiss index ({exc})") from exc
     if index.index.ntotal != catalogue.n_items:

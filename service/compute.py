@@ -16,7 +16,8 @@ read and written by the event loop itself (no helper threads that would queue fo
 GIL): a request ``(id, op, args)``, an answer ``(id, ok, value)``. The child computes with
 one-thread native kernels, merging the batch requests that queued up while it was busy
 into one computation and answering each apart. It is started by
-``python -m service.compute``; it says ``ready`` once its bundle is loaded, or why not.
+``python -m service.compute``; once its bundle is loaded it says where it runs each
+stage, or why it could not load the bundle.
 """
 
 from __future__ import annotations
@@ -56,6 +57,13 @@ class ThreadCompute:
 
     async def start(self) -> None:
         """Nothing to start: the models were loaded with the bundle."""
+
+    @property
+    def placement(self) -> dict[str, dict]:
+        """Where each retriever's stages run (``service.bundle.placement``)."""
+        from service.bundle import placement
+
+        return placement(self.bundle)
 
     async def batch(self, retriever: str, jobs: list) -> list:
         from service.recommender import compute_batch
@@ -112,6 +120,7 @@ class ProcessCompute:
         call_timeout: float = 30.0,
         warm_batch: int = 32,
         warm_candidates: int = 200,
+        index_device: str | None = None,
     ):
         self.call_timeout = call_timeout
         self.command = [
@@ -132,8 +141,11 @@ class ProcessCompute:
             str(warm_batch),
             "--warm-candidates",
             str(warm_candidates),
+            *(["--index-device", index_device] if index_device else []),
         ]
         self.bundle = bundle
+        # Where the child runs each stage (service.bundle.placement), as it said when ready.
+        self.placement: dict[str, dict] = {}
         self._process: asyncio.subprocess.Process | None = None
         self._frames: _Frames | None = None
         self._ready: asyncio.Future | None = None
@@ -171,7 +183,9 @@ class ProcessCompute:
             lambda: _Frames(self._on_frame, self._on_lost), sock=ours
         )
         try:
-            await asyncio.wait_for(asyncio.shield(self._ready), START_TIMEOUT_SECONDS)
+            self.placement = await asyncio.wait_for(
+                asyncio.shield(self._ready), START_TIMEOUT_SECONDS
+            )
         except (ComputeError, TimeoutError) as exc:
             await self.close()
             raise BundleError(f"compute process for {self.bundle} did not start ({exc})") from exc
@@ -181,10 +195,10 @@ class ProcessCompute:
         LOG.info("compute process %d serves bundle %s", self._process.pid, self.bundle)
 
     def _on_frame(self, value) -> None:
-        if not self._ready.done():  # the first frame: (loaded, why not)
+        if not self._ready.done():  # the first frame: (loaded, its placement or why not)
             ok, message = value
             if ok:
-                self._ready.set_result(None)
+                self._ready.set_result(message)
             else:
                 self._ready.set_exception(BundleError(message))
             return
@@ -313,7 +327,7 @@ def serve(connection: socket.socket, args: argparse.Namespace) -> None:
     batch, and answered one by one: sent as soon as the worker formed them, they keep the
     process busy without a gap, and merged they cost less than one after the other.
     """
-    from service.bundle import load_bundle, settle_heap, warm_up
+    from service.bundle import load_bundle, placement, settle_heap, warm_up
     from service.devices import limit_native_threads
     from service.recommender import compute_batch
 
@@ -321,14 +335,19 @@ def serve(connection: socket.socket, args: argparse.Namespace) -> None:
     try:
         # The parent verified the checksums of these very files before starting us.
         bundle = load_bundle(
-            args.models_dir, args.bundle, args.device, args.onnx_threads, verify=False
+            args.models_dir,
+            args.bundle,
+            args.device,
+            args.onnx_threads,
+            verify=False,
+            index_device=args.index_device,
         )
         warm_up(bundle, args.warm_batch, args.warm_candidates)
     except Exception as exc:  # every reason goes back to the parent, which refuses the bundle
         connection.sendall(frame((False, str(exc))))
         return
     settle_heap()
-    connection.sendall(frame((True, "ready")))
+    connection.sendall(frame((True, placement(bundle))))
     inbox = _Inbox(connection)
 
     def batches(retriever: str, requests: list) -> list:
@@ -396,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-dir", required=True)
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--index-device", help="where faiss searches (default: --device)")
     parser.add_argument("--onnx-threads", type=int, default=1)
     parser.add_argument("--native-threads", type=int, default=1)
     parser.add_argument("--warm-batch", type=int, default=32, help="largest batch to warm up")

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     default_encoder: str | None = None  # None: the bundle's default
     candidates: int = Field(200, ge=1, le=5000)
     device: str = Field("auto", pattern="^(auto|cpu|gpu)$")
+    # Where the faiss index is searched when not where the ONNX models run (None: device),
+    # e.g. a GPU index beside encoder and head on the CPU.
+    index_device: str | None = Field(None, pattern="^(auto|cpu|gpu)$")
     onnx_threads: int = Field(1, ge=1, le=64)  # intra-op threads of each ONNX session
     native_threads: int = Field(1, ge=1, le=64)  # faiss OpenMP and BLAS threads
     # Where batches (ONNX, faiss, the head) are computed: a child process of the worker

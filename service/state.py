@@ -96,6 +96,7 @@ class AppState:
                     self.settings.device,
                     self.settings.onnx_threads,
                     not in_process,
+                    index_device=self.settings.index_device,
                 )
                 compute = (
                     ProcessCompute(
@@ -107,6 +108,7 @@ class AppState:
                         self.settings.compute_timeout_seconds,
                         self.settings.max_batch,
                         self.settings.candidates,
+                        self.settings.index_device,
                     )
                     if in_process
                     else ThreadCompute(bundle, self.executor)

@@ -11,6 +11,7 @@ from service.bundle import (
     current_name,
     list_bundles,
     load_bundle,
+    placement,
     set_current,
     warm_up,
 )
@@ -161,3 +162,25 @@ def test_warm_up_runs_every_model_on_the_shapes_serving_gives_it(head_models):
     assert seen["search"] == [(n, 7) for n in (1, 2, 4, 8)]
     features = len(bundle.item_features.names)
     assert [shapes[2] for shapes in seen["score"]] == [(n, 7, features) for n in (1, 2, 4, 8)]
+
+
+def test_the_index_can_be_placed_apart_from_the_onnx_models(head_models, monkeypatch):
+    import faiss
+
+    import service.retrieval as retrieval
+
+    asked = []
+    monkeypatch.setattr(retrieval, "faiss_gpus", lambda device: asked.append(device) or 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda index: index)  # a stand-in GPU
+    bundle = load_bundle(head_models, device="cpu", index_device="gpu")
+    assert asked and set(asked) == {"gpu"}
+    for stages in placement(bundle).values():
+        assert stages == {
+            "encoder": "CPUExecutionProvider",
+            "index": "gpu",
+            "ctr_head": stages["ctr_head"],
+        }
+    assert {stages["ctr_head"] for stages in placement(bundle).values()} == {"CPUExecutionProvider"}
+    asked.clear()
+    load_bundle(head_models, device="cpu")  # without it, the index goes where the models go
+    assert asked and set(asked) == {"cpu"}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.bundle import load_bundle
+from service.bundle import load_bundle, placement
 from service.compute import ComputeError, ProcessCompute, ThreadCompute
 from service.errors import BundleError
 from service.main import create_app
@@ -67,6 +67,8 @@ def test_a_compute_process_answers_exactly_as_a_thread(head_models, tiny_data, m
     assert all(r.reranked for r in in_process[:-1]) and in_process[-1].fallback == "popularity"
     assert similar_in_process == similar_in_thread
     assert not compute.running  # closed with its recommender
+    # The child says where it ran each stage: where this process ran them.
+    assert compute.placement == placement(bundle) != {}
 
 
 def test_a_bundle_the_compute_process_cannot_load_is_refused_with_its_reason(head_models, tmp_path):

@@ -42,6 +42,9 @@ def test_events_then_recommendations_over_http(server, tiny_data):
     with httpx.Client(base_url=server, timeout=10) as client:
         ready = client.get("/readyz").json()
         assert ready["bundle"] == "tiny" and ready["redis"] == "up"
+        assert set(ready["placement"]) == set(ready["encoders"])
+        for stages in ready["placement"].values():
+            assert (stages["encoder"], stages["index"]) == ("CPUExecutionProvider", "cpu")
         stored = client.post("/events", json=[{"user_id": "u-1", **e} for e in history])
         assert stored.status_code == 200
         assert stored.json() == {"received": len(history), "added": len(history)}

@@ -87,3 +87,12 @@ def test_a_key_prefix_that_could_reach_other_keys_is_refused(prefix):
 def test_out_of_range_values_are_refused_naming_the_setting(field, value):
     with pytest.raises(ValidationError, match=field):
         Settings(admin_token=TOKEN, **{field: value})
+
+
+def test_the_index_device_defaults_to_the_models_device_and_takes_only_known_ones(monkeypatch):
+    assert Settings(dev_mode=True).index_device is None
+    monkeypatch.setenv("RECSERVE_INDEX_DEVICE", "gpu")
+    assert Settings(dev_mode=True).index_device == "gpu"
+    monkeypatch.setenv("RECSERVE_INDEX_DEVICE", "tpu")
+    with pytest.raises(ValidationError, match="index_device"):
+        Settings(dev_mode=True)

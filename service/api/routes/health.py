@@ -18,12 +18,15 @@ async def healthz() -> dict:
 
 @router.get("/readyz")
 async def readyz(state: State) -> JSONResponse:
-    """Ready when a bundle is loaded; says which, whether Redis answers, and the last error."""
+    """Ready when a bundle is loaded; says which, where each of its stages runs, whether
+    Redis answers, and the last error."""
     redis_ok = await state.cache.ping() if state.cache else False
+    recommender = state.recommender
     body = {
-        "ready": state.recommender is not None,
+        "ready": recommender is not None,
         "bundle": state.bundle_name,
-        "encoders": list(state.recommender.bundle.retrievers) if state.recommender else [],
+        "encoders": list(recommender.bundle.retrievers) if recommender else [],
+        "placement": recommender.compute.placement if recommender else {},
         "redis": "up" if redis_ok else "down",
         "last_error": state.last_error,
     }
