@@ -316,11 +316,15 @@ def main(argv: list[str] | None = None) -> int:
         for concurrency in args.concurrency:
             for target in ("/recommend", "/healthz"):
                 before, counts = server.cpu_seconds(), server_counts(server.url)
+                roles_before = server.cpu_by_role()
                 lua = script() if target == "/recommend" else None
                 run = run_wrk(server.url + target, concurrency, args.duration, lua)
-                run["cpu_ms_per_request"] = (
-                    (server.cpu_seconds() - before) * 1000 / max(run["requests"], 1)
-                )
+                per_request = 1000 / max(run["requests"], 1)
+                run["cpu_ms_per_request"] = (server.cpu_seconds() - before) * per_request
+                run["cpu_ms_per_request_by_role"] = {
+                    role: (seconds - roles_before.get(role, 0.0)) * per_request
+                    for role, seconds in server.cpu_by_role().items()
+                }
                 if target == "/recommend":
                     new = {k: v - counts.get(k, 0) for k, v in server_counts(server.url).items()}
                     outcomes = sum(new.get(k, 0) for k in ("hit", "miss", "bypass", "answer"))
@@ -362,17 +366,19 @@ def main(argv: list[str] | None = None) -> int:
 def table(results: dict) -> str:
     rows = [
         "| target | concurrency | req/s | p50 ms | p99 ms | max ms | errors | CPU ms/req "
-        "| cache hits | answers reused | batch |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| worker / compute | cache hits | answers reused | batch |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in results["runs"]:
+        roles = run.get("cpu_ms_per_request_by_role", {})
+        split = f"{roles['workers']:.2f} / {roles['compute']:.2f}" if roles.get("compute") else "-"
         hits = f"{run['cache_hit_share']:.0%}" if "cache_hit_share" in run else "-"
         batch = f"{run['mean_batch']:.1f}" if "mean_batch" in run else "-"
         answers = f"{run['answer_share']:.0%}" if "answer_share" in run else "-"
         rows.append(
             f"| {run['target']} | {run['concurrency']} | {run['rps']:.0f} | {run['p50_ms']:.2f} "
             f"| {run['p99_ms']:.2f} | {run['max_ms']:.1f} | {run['errors'] + run['non2xx']} "
-            f"| {run['cpu_ms_per_request']:.2f} | {hits} | {answers} | {batch} |"
+            f"| {run['cpu_ms_per_request']:.2f} | {split} | {hits} | {answers} | {batch} |"
         )
     return "\n".join(rows)
 

@@ -1,6 +1,11 @@
 """The benchmark scripts run end to end on tiny sizes, so they cannot rot unnoticed."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +20,7 @@ from bench.index import (
 )
 from bench.make_perf_bundle import PerfBundleConfig, make_perf_bundle
 from bench.make_perf_bundle import main as make_perf_bundle_main
+from bench.processes import ServiceProcess
 from service.bundle import CURRENT, load_bundle, read_manifest
 
 
@@ -98,3 +104,25 @@ def test_index_benchmark_measures_recall_and_writes_json_and_png(tmp_path):
     # The PNG and tables can be redrawn from the JSON alone.
     again = replot(tmp_path / "r.json", tmp_path / "again.png")
     assert (tmp_path / "again.png").stat().st_size > 0 and again["table"] == report["table"]
+
+
+def test_service_cpu_is_split_between_the_worker_and_its_compute_process():
+    # A stand-in worker that sleeps while its child (in the compute process's place) spins.
+    spin = "import subprocess, sys, time; " + (
+        "subprocess.Popen([sys.executable, '-c', 'while True: pass']); time.sleep(30)"
+    )
+    service = ServiceProcess({})
+    service.process = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        deadline = time.monotonic() + 10
+        while not service.pids_by_role()["compute"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        split = service.cpu_by_role()
+        assert split["compute"] > 0.3 > split["workers"]
+        assert abs(service.cpu_seconds() - sum(split.values())) < 0.2
+    finally:
+        for child in service.pids_by_role()["compute"]:
+            os.kill(child, signal.SIGKILL)
+        service.process.kill()
+        service.process.wait()
