@@ -380,11 +380,12 @@ def load_bundle(
 
 def placement(bundle: Bundle) -> dict[str, dict]:
     """Where each retriever's stages run: the onnxruntime provider of its encoder and CTR
-    head (None without a head), and ``gpu`` or ``cpu`` for its faiss index."""
+    head, and ``gpu`` or ``cpu`` for its faiss index (None for a stage not loaded here: no
+    head, or a bundle loaded without its models)."""
     return {
         name: {
-            "encoder": retriever.encoder.providers[0],
-            "index": "gpu" if retriever.index.gpus else "cpu",
+            "encoder": retriever.encoder.providers[0] if retriever.encoder else None,
+            "index": ("gpu" if retriever.index.gpus else "cpu") if retriever.index else None,
             "ctr_head": retriever.ctr_head.providers[0] if retriever.ctr_head else None,
         }
         for name, retriever in bundle.retrievers.items()

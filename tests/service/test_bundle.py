@@ -184,3 +184,5 @@ def test_the_index_can_be_placed_apart_from_the_onnx_models(head_models, monkeyp
     asked.clear()
     load_bundle(head_models, device="cpu")  # without it, the index goes where the models go
     assert asked and set(asked) == {"cpu"}
+    light = load_bundle(head_models, device="cpu", models=False)
+    assert all(set(stages.values()) == {None} for stages in placement(light).values())
