@@ -221,14 +221,11 @@ class ServiceProcess:
     def cpu_seconds(self) -> float:
         """User + system CPU seconds of the server, its workers and their compute processes
         (Linux /proc; a process that exits meanwhile takes its seconds with it)."""
-        roles = self.pids_by_role()
-        supervisor = [] if self.process.pid in roles["workers"] else [self.process.pid]
-        return sum(map(_cpu, supervisor)) + sum(self.cpu_by_role(roles).values())
+        return sum(_cpu(pid) for pid in {self.process.pid, *self.serving_pids()})
 
-    def cpu_by_role(self, roles: dict[str, list[int]] | None = None) -> dict[str, float]:
+    def cpu_by_role(self) -> dict[str, float]:
         """CPU seconds of the workers together and of their compute processes together."""
-        roles = roles if roles is not None else self.pids_by_role()
-        return {role: sum(map(_cpu, pids)) for role, pids in roles.items()}
+        return {role: sum(map(_cpu, pids)) for role, pids in self.pids_by_role().items()}
 
     def stop(self) -> int | None:
         """SIGTERM (uvicorn's graceful shutdown), SIGKILL after 15 s; the exit code."""
