@@ -57,7 +57,7 @@ def retriever_checkpoint(data, args) -> Path:
 def measure_latency(head, prepared, data, depth: int, runs: int) -> dict[str, float]:
     """Median and p99 ms of one request of ``depth`` candidates: the head alone, and the
     features plus the head (``service.ranking.rerank``, serving-side item features)."""
-    from service.ranking import rerank
+    from service.ranking import RerankJob, rerank
     from training.ctr import candidate_vectors
 
     test = prepared.test.first(depth)
@@ -88,12 +88,14 @@ def measure_latency(head, prepared, data, depth: int, runs: int) -> dict[str, fl
             head,
             serving_items,
             vectors,
-            user[0],
-            ids[0],
-            scores,
-            history_ids,
-            history_ts,
-            request_time,
+            RerankJob(
+                user_embedding=user[0],
+                candidate_ids=ids[0],
+                retrieval_scores=scores,
+                history_ids=history_ids,
+                history_ts=history_ts,
+                request_time=request_time,
+            ),
         )
     )
     return {

@@ -94,6 +94,7 @@ def in_process_floor(
     bundle: str,
     bodies: list[str],
     repeats: int,
+    *,
     device: str = "cpu",
     index_device: str | None = None,
 ) -> dict:
@@ -119,16 +120,7 @@ def in_process_floor(
         request = json.loads(body)
         events = [(e["item_id"], e["ts"]) for e in request["history"]]
         started = time.perf_counter()
-        await recommender.recommend(
-            events,
-            k=request["k"],
-            encoder=None,
-            exclude_seen=True,
-            candidates=200,
-            rerank=True,
-            cache=cache,
-            history_cap=1000,
-        )
+        await recommender.recommend(events, k=request["k"], cache=cache)
         return (time.perf_counter() - started) * 1000
 
     async def measure() -> dict:
@@ -268,7 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     bodies = request_bodies(n_items, max(args.floor_requests, args.repeat), 20, k=10, seed=0)
     print("in-process floor ...", flush=True)
     floor = in_process_floor(
-        args.models_dir, args.bundle, bodies, args.floor_requests, args.device, args.index_device
+        args.models_dir,
+        args.bundle,
+        bodies,
+        args.floor_requests,
+        device=args.device,
+        index_device=args.index_device,
     )
     print(json.dumps(floor), flush=True)
 

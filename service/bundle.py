@@ -33,7 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
+from service.encoder import OnnxUserEncoder
 from service.errors import BundleError
+from service.features import ItemFeatures
+from service.ranking import CtrHead
+from service.retrieval import IndexSpec, ItemIndex
 
 LOG = logging.getLogger(__name__)
 
@@ -166,6 +170,7 @@ def write_items_table(
     path: Path,
     raw_ids: list[str],
     popularity: np.ndarray,
+    *,
     titles: dict[str, str] | None = None,
     genres: dict[str, list[str]] | None = None,
     last_seen: np.ndarray | None = None,
@@ -250,7 +255,7 @@ class Catalogue:
 
     def internal_ids(self, raw: list[str]) -> np.ndarray:
         """Internal ids for raw ids; unknown ids map to 0 (padding)."""
-        # map() over the dict's own get: 40% faster than a generator for a request's ids.
+        # map() over the dict's own get: faster than a generator for a request's ids.
         return np.array(list(map(self.lookup.get, raw, repeat(0, len(raw)))), dtype=np.int64)
 
 
@@ -284,12 +289,12 @@ class Retriever:
     (the models are None where the bundle was loaded without them)."""
 
     name: str
-    encoder: object | None  # service.encoder.OnnxUserEncoder
-    index: object | None  # service.retrieval.ItemIndex
+    encoder: OnnxUserEncoder | None
+    index: ItemIndex | None
     max_len: int
     info: dict
     item_vectors: np.ndarray  # (N + 1, d) float32, memory-mapped
-    ctr_head: object | None = None
+    ctr_head: CtrHead | None = None
 
 
 @dataclass
@@ -299,7 +304,7 @@ class Bundle:
     manifest: dict
     catalogue: Catalogue
     retrievers: dict[str, Retriever]
-    item_features: object | None = None  # service.features.ItemFeatures, for the CTR heads
+    item_features: ItemFeatures | None = None  # for the CTR heads
 
     @property
     def default_encoder(self) -> str:
@@ -309,6 +314,7 @@ class Bundle:
 def load_bundle(
     models_dir: str | Path,
     name: str | None = None,
+    *,
     device: str = "auto",
     threads: int = 1,
     models: bool = True,
@@ -325,8 +331,6 @@ def load_bundle(
     and the retrievers' settings); ``verify=False`` skips the checksums, for the compute
     process that loads files its parent has just verified.
     """
-    from service.features import ItemFeatures
-
     name = name or current_name(models_dir)
     path = bundle_dir(models_dir, name)
     if not path.is_dir():
@@ -369,7 +373,13 @@ def load_bundle(
         )
         if models:
             _load_models(
-                retriever, path, catalogue, device, index_device or device, threads, head_names
+                retriever,
+                path,
+                catalogue.n_items,
+                device=device,
+                index_device=index_device or device,
+                threads=threads,
+                head_names=head_names,
             )
         retrievers[encoder] = retriever
     if not retrievers:
@@ -396,8 +406,8 @@ def warm_up(bundle: Bundle, batch: int, candidates: int) -> float:
     """Run each loaded model on the shapes serving will give it; returns the seconds taken.
 
     onnxruntime's CUDA provider grows its memory arena the first time a larger input
-    arrives and CUDA loads kernels on their first launch: on an H200 the first requests
-    after a start took up to 200 ms where warm ones took 7 ms (docs/BENCHMARKS.md). So
+    arrives and CUDA loads kernels on their first launch, which made the first requests
+    after a start many times slower than warm ones on a GPU (docs/BENCHMARKS.md). So
     every history width at batch 1, then batches of 1, 2, 4, ... up to twice ``batch`` (a
     compute process merges the batches that queued meanwhile) at the longest width, each
     searched to ``candidates`` and reranked. On a CPU this costs milliseconds.
@@ -434,9 +444,10 @@ def settle_heap() -> None:
     """Collect what is garbage now, then keep every object still alive (a loaded bundle's
     catalogue above all) out of the cyclic garbage collector's later passes.
 
-    A full collection walks every tracked container, and the id dictionary of a 1M-item
-    catalogue makes that 7 ms: run by the collector at random moments under load, it
-    doubled the 99th percentile latency of /recommend on the perf bundle. Frozen objects
+    A full collection walks every tracked container, and the id dictionary of a large
+    catalogue makes that take milliseconds: run by the collector at random moments under
+    load, it raised the 99th percentile latency of /recommend on the perf bundle
+    (docs/BENCHMARKS.md, fourth pass). Frozen objects
     are still freed by reference counting, and each call lifts the previous freeze before
     collecting, so a retired bundle held only by a reference cycle goes at the next call.
     """
@@ -448,27 +459,23 @@ def settle_heap() -> None:
 def _load_models(
     retriever: Retriever,
     path: Path,
-    catalogue: Catalogue,
+    n_items: int,
+    *,
     device: str,
     index_device: str,
     threads: int,
     head_names: list[str] | None,
 ) -> None:
     """The retriever's faiss index, ONNX user encoder and CTR head, each refused by name."""
-    from service.encoder import OnnxUserEncoder
-    from service.ranking import CtrHead
-    from service.retrieval import IndexSpec, ItemIndex
-
     files = retriever.info["files"]
     spec = IndexSpec(**retriever.info["index"]["spec"])
     try:
         index = ItemIndex.load(path / files["index"], retriever.item_vectors, spec, index_device)
     except RuntimeError as exc:
         raise BundleError(f"{path / files['index']}: unreadable faiss index ({exc})") from exc
-    if index.index.ntotal != catalogue.n_items:
+    if index.index.ntotal != n_items:
         raise BundleError(
-            f"{path / files['index']}: holds {index.index.ntotal} items, "
-            f"catalogue has {catalogue.n_items}"
+            f"{path / files['index']}: holds {index.index.ntotal} items, catalogue has {n_items}"
         )
     try:
         retriever.encoder = OnnxUserEncoder(path / files["user_encoder"], device, threads)

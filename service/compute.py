@@ -1,23 +1,25 @@
 """Where a worker's batches are computed: a thread of its own, or a child process.
 
-The computation (ONNX encoder, faiss search, CTR head) runs in native code that releases
-the GIL, but the numpy work around it takes the GIL back dozens of times per batch, and a
-busy event loop holds it for up to ``sys.getswitchinterval()`` (5 ms) at each of those
-points: measured on the 1M-item perf bundle, a batch of 11 requests that computes in
-8.5 ms alone took 190 ms beside a busy Python thread. So a worker under load gets most of
-its throughput from ``ProcessCompute``: a child process that holds its own copy of the
-bundle's models (the item vectors are memory-mapped, so their pages are shared) and
-computes batches sent over a socket pair, while the worker's event loop only parses,
-queues and answers. ``ThreadCompute`` keeps everything in the worker (no second copy of
-the models, nothing to spawn): the choice for tests and for light load.
+The kernel (``service.pipeline.compute_batch``: ONNX encoder, faiss search, CTR head)
+runs in native code that releases the GIL, but the numpy work around it takes the GIL
+back dozens of times per batch, and a busy event loop holds it for up to
+``sys.getswitchinterval()`` at each of those points, so beside a busy loop a batch takes
+many times its own compute time (docs/BENCHMARKS.md, "where batches are computed"). A
+worker under load therefore gets most of its throughput from ``ProcessCompute``: a child
+process that holds its own copy of the bundle's models (the item vectors are
+memory-mapped, so their pages are shared) and computes batches sent over a socket pair,
+while the worker's event loop only parses, queues and answers. ``ThreadCompute`` keeps
+everything in the worker (no second copy of the models, nothing to spawn): the choice
+for tests and for light load.
 
 The protocol is length-prefixed pickle frames over a Unix socket pair, both directions
 read and written by the event loop itself (no helper threads that would queue for the
-GIL): a request ``(id, op, args)``, an answer ``(id, ok, value)``. The child computes with
-one-thread native kernels, merging the batch requests that queued up while it was busy
-into one computation and answering each apart. It is started by
-``python -m service.compute``; once its bundle is loaded it says where it runs each
-stage, or why it could not load the bundle.
+GIL). The child is started as ``python -m service.compute --fd N``; the worker's first
+frame is its :class:`ComputeConfig` (JSON, validated by the child), and once the bundle is
+loaded the child answers with where it runs each stage, or why it could not load the
+bundle. Then requests ``(id, op, args)`` get answers ``(id, ok, value)``. The child
+computes with one-thread native kernels, merging the batch requests that queued up while
+it was busy into one computation and answering each apart.
 """
 
 from __future__ import annotations
@@ -34,8 +36,13 @@ from concurrent.futures import Executor
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
-from service.errors import BundleError
+from service.bundle import Bundle, load_bundle, placement, settle_heap, warm_up
+from service.devices import limit_native_threads
+from service.errors import BundleError, ComputeError
+from service.pipeline import Query, Ranked, compute_batch
+from service.settings import Settings
 
 LOG = logging.getLogger(__name__)
 
@@ -44,14 +51,40 @@ START_TIMEOUT_SECONDS = 600.0  # loading a bundle's models (a 1M-item one: secon
 STOP_TIMEOUT_SECONDS = 10.0
 
 
-class ComputeError(RuntimeError):
-    """The compute process failed or went away."""
+class ComputeConfig(BaseModel):
+    """Everything a compute process needs to load and run a bundle; sent to the child as
+    its first frame and validated there."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    models_dir: Path
+    bundle: str
+    device: str = Field("auto", pattern="^(auto|cpu|gpu)$")
+    index_device: str | None = Field(None, pattern="^(auto|cpu|gpu)$")  # None: device
+    onnx_threads: int = Field(1, ge=1)
+    native_threads: int = Field(1, ge=1)
+    warm_batch: int = Field(32, ge=1)  # largest batch the warm-up runs
+    warm_candidates: int = Field(200, ge=1)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, bundle: str) -> ComputeConfig:
+        """The compute process of ``bundle`` as the service's settings configure it."""
+        return cls(
+            models_dir=settings.models_dir.resolve(),
+            bundle=bundle,
+            device=settings.device,
+            index_device=settings.index_device,
+            onnx_threads=settings.onnx_threads,
+            native_threads=settings.native_threads,
+            warm_batch=settings.max_batch,
+            warm_candidates=settings.candidates,
+        )
 
 
 class ThreadCompute:
     """Batches computed in ``executor`` (default: the loop's) with this process's models."""
 
-    def __init__(self, bundle, executor: Executor | None = None):
+    def __init__(self, bundle: Bundle, executor: Executor | None = None):
         self.bundle = bundle
         self.executor = executor
 
@@ -61,19 +94,15 @@ class ThreadCompute:
     @property
     def placement(self) -> dict[str, dict]:
         """Where each retriever's stages run (``service.bundle.placement``)."""
-        from service.bundle import placement
-
         return placement(self.bundle)
 
-    async def batch(self, retriever: str, jobs: list) -> list:
-        from service.recommender import compute_batch
-
+    async def batch(self, retriever: str, queries: list[Query]) -> list[Ranked]:
         return await asyncio.get_running_loop().run_in_executor(
             self.executor,
             compute_batch,
             self.bundle.retrievers[retriever],
             self.bundle.item_features,
-            jobs,
+            queries,
         )
 
     async def search(self, retriever: str, queries: np.ndarray, k: int):
@@ -110,40 +139,10 @@ class _Frames(asyncio.Protocol):
 class ProcessCompute:
     """Batches computed by a child process that loads the bundle's models itself."""
 
-    def __init__(
-        self,
-        models_dir: str | Path,
-        bundle: str,
-        device: str = "auto",
-        onnx_threads: int = 1,
-        native_threads: int = 1,
-        call_timeout: float = 30.0,
-        warm_batch: int = 32,
-        warm_candidates: int = 200,
-        index_device: str | None = None,
-    ):
+    def __init__(self, config: ComputeConfig, call_timeout: float = 30.0):
+        self.config = config
         self.call_timeout = call_timeout
-        self.command = [
-            sys.executable,
-            "-m",
-            "service.compute",
-            "--models-dir",
-            str(Path(models_dir).resolve()),
-            "--bundle",
-            bundle,
-            "--device",
-            device,
-            "--onnx-threads",
-            str(onnx_threads),
-            "--native-threads",
-            str(native_threads),
-            "--warm-batch",
-            str(warm_batch),
-            "--warm-candidates",
-            str(warm_candidates),
-            *(["--index-device", index_device] if index_device else []),
-        ]
-        self.bundle = bundle
+        self.bundle = config.bundle
         # Where the child runs each stage (service.bundle.placement), as it said when ready.
         self.placement: dict[str, dict] = {}
         self._process: asyncio.subprocess.Process | None = None
@@ -174,7 +173,12 @@ class ProcessCompute:
         ours, theirs = socket.socketpair()
         try:
             self._process = await asyncio.create_subprocess_exec(
-                *self.command, "--fd", str(theirs.fileno()), pass_fds=(theirs.fileno(),)
+                sys.executable,
+                "-m",
+                "service.compute",
+                "--fd",
+                str(theirs.fileno()),
+                pass_fds=(theirs.fileno(),),
             )
         finally:
             theirs.close()
@@ -182,6 +186,7 @@ class ProcessCompute:
         _, self._frames = await loop.create_unix_connection(
             lambda: _Frames(self._on_frame, self._on_lost), sock=ours
         )
+        self._frames.transport.write(frame(self.config.model_dump_json()))
         try:
             self.placement = await asyncio.wait_for(
                 asyncio.shield(self._ready), START_TIMEOUT_SECONDS
@@ -254,8 +259,8 @@ class ProcessCompute:
         finally:
             self._pending.pop(call_id, None)
 
-    async def batch(self, retriever: str, jobs: list) -> list:
-        return await self._call("batch", retriever, jobs)
+    async def batch(self, retriever: str, queries: list[Query]) -> list[Ranked]:
+        return await self._call("batch", retriever, queries)
 
     async def search(self, retriever: str, queries: np.ndarray, k: int):
         return await self._call("search", retriever, queries, k)
@@ -320,40 +325,40 @@ class _Inbox:
         return value
 
 
-def serve(connection: socket.socket, args: argparse.Namespace) -> None:
-    """The child: load the bundle, then answer requests until the socket closes.
+def serve(connection: socket.socket) -> None:
+    """The child: read the configuration, load the bundle, then answer requests until the
+    socket closes.
 
     The batches that queued up while one was computing are computed together, as one
     batch, and answered one by one: sent as soon as the worker formed them, they keep the
     process busy without a gap, and merged they cost less than one after the other.
     """
-    from service.bundle import load_bundle, placement, settle_heap, warm_up
-    from service.devices import limit_native_threads
-    from service.recommender import compute_batch
-
-    limit_native_threads(args.native_threads)
+    inbox = _Inbox(connection)
     try:
+        config = ComputeConfig.model_validate_json(inbox.take(wait=True))
+        limit_native_threads(config.native_threads)
         # The parent verified the checksums of these very files before starting us.
         bundle = load_bundle(
-            args.models_dir,
-            args.bundle,
-            args.device,
-            args.onnx_threads,
+            config.models_dir,
+            config.bundle,
+            device=config.device,
+            threads=config.onnx_threads,
             verify=False,
-            index_device=args.index_device,
+            index_device=config.index_device,
         )
-        warm_up(bundle, args.warm_batch, args.warm_candidates)
+        warm_up(bundle, config.warm_batch, config.warm_candidates)
+    except EOFError:
+        return
     except Exception as exc:  # every reason goes back to the parent, which refuses the bundle
         connection.sendall(frame((False, str(exc))))
         return
     settle_heap()
     connection.sendall(frame((True, placement(bundle))))
-    inbox = _Inbox(connection)
 
     def batches(retriever: str, requests: list) -> list:
         """Each request's answers (or its exception), from one merged computation; if that
         fails, each request alone, so one bad request fails only itself."""
-        merged = [job for _, (_, jobs) in requests for job in jobs]
+        merged = [query for _, (_, queries) in requests for query in queries]
         try:
             answers = compute_batch(bundle.retrievers[retriever], bundle.item_features, merged)
         except Exception as exc:
@@ -361,9 +366,9 @@ def serve(connection: socket.socket, args: argparse.Namespace) -> None:
                 return [exc]
             return [batches(retriever, [request])[0] for request in requests]
         parts, start = [], 0
-        for _, (_, jobs) in requests:
-            parts.append(answers[start : start + len(jobs)])
-            start += len(jobs)
+        for _, (_, queries) in requests:
+            parts.append(answers[start : start + len(queries)])
+            start += len(queries)
         return parts
 
     while True:
@@ -379,11 +384,11 @@ def serve(connection: socket.socket, args: argparse.Namespace) -> None:
             if op == "batch":
                 by_retriever.setdefault(call_args[0], []).append((call_id, call_args))
                 continue
-            replies.append(_answer(call_id, _single, bundle, op, call_args))
+            replies.append(_reply(call_id, _single, bundle, op, call_args))
         for retriever, requests in by_retriever.items():
             parts = batches(retriever, requests)
             for (call_id, _), part in zip(requests, parts, strict=True):
-                replies.append(_answer(call_id, _unless_error, part))
+                replies.append(_reply(call_id, _unless_error, part))
         connection.setblocking(True)
         connection.sendall(b"".join(frame(reply) for reply in replies))
 
@@ -401,7 +406,7 @@ def _unless_error(part):
     return part
 
 
-def _answer(call_id: int, compute, *args) -> tuple:
+def _reply(call_id: int, compute, *args) -> tuple:
     try:
         return call_id, True, compute(*args)
     except Exception as exc:  # the batcher retries a failed batch request by request
@@ -412,18 +417,10 @@ def _answer(call_id: int, compute, *args) -> tuple:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="recserve compute process (started by a worker)")
     parser.add_argument("--fd", type=int, required=True, help="the socket to the worker")
-    parser.add_argument("--models-dir", required=True)
-    parser.add_argument("--bundle", required=True)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--index-device", help="where faiss searches (default: --device)")
-    parser.add_argument("--onnx-threads", type=int, default=1)
-    parser.add_argument("--native-threads", type=int, default=1)
-    parser.add_argument("--warm-batch", type=int, default=32, help="largest batch to warm up")
-    parser.add_argument("--warm-candidates", type=int, default=200)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     with socket.socket(fileno=args.fd) as connection:
-        serve(connection, args)
+        serve(connection)
     return 0
 
 

@@ -190,21 +190,6 @@ def genre_matrix(genres: list[list[str]] | None) -> tuple[np.ndarray | None, tup
     return matrix, names
 
 
-def left_padded_events(
-    items: np.ndarray, timestamps: np.ndarray, starts: np.ndarray, ends: np.ndarray, width: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The newest ``width`` events of each range ``[start, end)``: ids and times (b, width),
-    left-padded with id 0 and time 0."""
-    starts = np.asarray(starts, dtype=np.int64)
-    ends = np.asarray(ends, dtype=np.int64)
-    index = ends[:, None] - width + np.arange(width)[None, :]  # (b, width)
-    valid = index >= starts[:, None]
-    safe = np.where(valid, index, 0)
-    ids = np.where(valid, items[safe], 0).astype(np.int64)
-    times = np.where(valid, timestamps[safe], 0).astype(np.int64)
-    return ids, times
-
-
 def _log_capped(seconds: np.ndarray) -> np.ndarray:
     return np.log1p(np.clip(seconds, 0, AGE_CAP).astype(np.float32))
 
@@ -214,6 +199,7 @@ def candidate_features(
     candidate_ids: np.ndarray,
     retrieval_scores: np.ndarray,
     candidate_vectors: np.ndarray,
+    *,
     history_ids: np.ndarray,
     history_ts: np.ndarray,
     request_time: np.ndarray,

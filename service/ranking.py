@@ -7,19 +7,21 @@ candidates by those logits. It only ever reorders what retrieval returned, after
 padding and the excluded (seen) items, so a masked item can never come back.
 
 The features are built by ``head_inputs`` here, which is exactly what the training
-pipeline (``training.ctr``) calls for its examples.
+pipeline (``training.ctr``) calls for its examples; seen items are dropped by
+``service.filters``, as everywhere else.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from service.devices import onnx_session
 from service.features import HISTORY_WINDOW, ItemFeatures, candidate_features
+from service.filters import drop_seen
 
 LOG = logging.getLogger(__name__)
 
@@ -88,6 +90,7 @@ def head_inputs(
     candidate_ids: np.ndarray,
     retrieval_scores: np.ndarray,
     item_vectors: np.ndarray,
+    *,
     history_ids: np.ndarray,
     history_ts: np.ndarray,
     request_time: np.ndarray,
@@ -99,23 +102,23 @@ def head_inputs(
     histories are (B, L) left-padded ids and times.
     """
     ids = np.asarray(candidate_ids, dtype=np.int64)
-    # np.take gathers rows of the (memory-mapped) table 3-5 times faster than fancy indexing.
+    # np.take gathers rows of the (memory-mapped) table faster than fancy indexing.
     vectors = np.asarray(np.take(item_vectors, ids.ravel(), axis=0), dtype=np.float32).reshape(
         *ids.shape, item_vectors.shape[1]
     )
     vectors[ids == 0] = 0.0
     user = np.asarray(user_embedding, dtype=np.float32)
     features, names = candidate_features(
-        user, ids, retrieval_scores, vectors, history_ids, history_ts, request_time, items
+        user,
+        ids,
+        retrieval_scores,
+        vectors,
+        history_ids=history_ids,
+        history_ts=history_ts,
+        request_time=request_time,
+        items=items,
     )
     return HeadInputs(user, vectors, features, names)
-
-
-@dataclass
-class Reranked:
-    ids: np.ndarray  # (c,) internal ids, best first
-    logits: np.ndarray  # (c,) head logits
-    retrieval_scores: np.ndarray  # (c,)
 
 
 @dataclass
@@ -130,30 +133,11 @@ class RerankJob:
     request_time: int
 
 
-def request_job(
-    user_embedding: np.ndarray,
-    candidate_ids: np.ndarray,
-    retrieval_scores: np.ndarray,
-    history_ids: np.ndarray,
-    history_ts: np.ndarray,
-    request_time: int,
-    exclude: np.ndarray | None = None,
-) -> RerankJob:
-    """One request as a job: padding and ``exclude`` are removed from the candidates first,
-    so that ranks and score gaps are those of the list that is served."""
-    ids = np.asarray(candidate_ids, dtype=np.int64).reshape(-1)
-    scores = np.asarray(retrieval_scores, dtype=np.float32).reshape(-1)
-    keep = ids > 0
-    if exclude is not None and len(exclude):
-        keep &= ~np.isin(ids, exclude)
-    return RerankJob(
-        np.asarray(user_embedding, dtype=np.float32).reshape(-1),
-        ids[keep],
-        scores[keep],
-        np.asarray(history_ids, dtype=np.int64).reshape(-1),
-        np.asarray(history_ts, dtype=np.int64).reshape(-1),
-        request_time,
-    )
+@dataclass
+class Reranked:
+    ids: np.ndarray  # (c,) internal ids, best first
+    logits: np.ndarray  # (c,) head logits
+    retrieval_scores: np.ndarray  # (c,)
 
 
 def batch_head_inputs(
@@ -181,36 +165,11 @@ def batch_head_inputs(
         ids,
         scores,
         item_vectors,
-        history_ids,
-        history_ts,
-        np.array([job.request_time for job in jobs], dtype=np.int64),
-        items,
+        history_ids=history_ids,
+        history_ts=history_ts,
+        request_time=np.array([job.request_time for job in jobs], dtype=np.int64),
+        items=items,
     )
-
-
-def request_head_inputs(
-    items: ItemFeatures,
-    item_vectors: np.ndarray,
-    user_embedding: np.ndarray,
-    candidate_ids: np.ndarray,
-    retrieval_scores: np.ndarray,
-    history_ids: np.ndarray,
-    history_ts: np.ndarray,
-    request_time: int,
-    exclude: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, HeadInputs]:
-    """One request's kept candidates (ids, scores) and head inputs (batch of one), built
-    as the service builds them."""
-    job = request_job(
-        user_embedding,
-        candidate_ids,
-        retrieval_scores,
-        history_ids,
-        history_ts,
-        request_time,
-        exclude,
-    )
-    return job.candidate_ids, job.retrieval_scores, batch_head_inputs(items, item_vectors, [job])
 
 
 def rerank_batch(
@@ -218,8 +177,8 @@ def rerank_batch(
 ) -> list[Reranked]:
     """Each job's candidates reordered by the head's logits, in one head call for all.
 
-    Ties keep retrieval order. The micro-batcher of ``service.recommender`` calls this with
-    the concurrent requests of a bundle's retriever.
+    Ties keep retrieval order. ``service.pipeline.compute_batch`` calls this with the
+    concurrent requests of a bundle's retriever.
     """
     results: list[Reranked | None] = [None] * len(jobs)
     scored = [i for i, job in enumerate(jobs) if len(job.candidate_ids)]
@@ -250,26 +209,23 @@ def rerank(
     head: CtrHead,
     items: ItemFeatures,
     item_vectors: np.ndarray,
-    user_embedding: np.ndarray,
-    candidate_ids: np.ndarray,
-    retrieval_scores: np.ndarray,
-    history_ids: np.ndarray,
-    history_ts: np.ndarray,
-    request_time: int,
+    job: RerankJob,
     exclude: np.ndarray | None = None,
 ) -> Reranked:
-    """Retrieved candidates of one request (retrieval order) reordered by the head's logits.
-
-    ``history_ids`` / ``history_ts`` are the request's known events, oldest first; ``exclude``
-    holds ids that must not be served (the seen items). Ties keep retrieval order.
+    """One request's retrieved candidates (retrieval order, padding allowed) reordered by
+    the head's logits, after padding and ``exclude`` (the seen items) are dropped, so that
+    ranks and score gaps are those of the list that is served. Ties keep retrieval order.
     """
-    job = request_job(
-        user_embedding,
-        candidate_ids,
-        retrieval_scores,
-        history_ids,
-        history_ts,
-        request_time,
-        exclude,
+    candidates = np.asarray(job.candidate_ids, dtype=np.int64).reshape(-1)
+    scores = np.asarray(job.retrieval_scores, dtype=np.float32).reshape(-1)
+    unseen = np.zeros(0, np.int64) if exclude is None else np.asarray(exclude).reshape(-1)
+    ((kept_ids, kept_scores),) = drop_seen([candidates], [scores], [unseen], [len(candidates)])
+    kept = replace(
+        job,
+        user_embedding=np.asarray(job.user_embedding, dtype=np.float32).reshape(-1),
+        candidate_ids=kept_ids,
+        retrieval_scores=kept_scores,
+        history_ids=np.asarray(job.history_ids, dtype=np.int64).reshape(-1),
+        history_ts=np.asarray(job.history_ts, dtype=np.int64).reshape(-1),
     )
-    return rerank_batch(head, items, item_vectors, [job])[0]
+    return rerank_batch(head, items, item_vectors, [kept])[0]

@@ -13,38 +13,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
-from cachetools import TTLCache
 from starlette.concurrency import run_in_threadpool
 
 from service.bundle import current_name, load_bundle, settle_heap, warm_up
 from service.cache import BehaviourCache
-from service.compute import ProcessCompute, ThreadCompute
+from service.compute import ComputeConfig, ProcessCompute, ThreadCompute
 from service.devices import limit_native_threads
-from service.errors import BundleError
+from service.errors import BundleError, NotReady
 from service.metrics import Metrics
-from service.recommender import Recommender, answer_size
+from service.recommender import Recommender
 from service.settings import Settings
 
 LOG = logging.getLogger(__name__)
 
 STOP_ATTEMPTS = 5  # cancellations sent to a background task at shutdown
 STOP_WAIT_SECONDS = 1.0  # how long each one is given
-
-
-def answer_memo(settings: Settings) -> TTLCache | None:
-    """A fresh memo of whole answers when RECSERVE_ANSWER_TTL_SECONDS is set, else None."""
-    if settings.answer_ttl_seconds <= 0:
-        return None
-    return TTLCache(
-        settings.answer_cache_items, settings.answer_ttl_seconds, time.monotonic, answer_size
-    )
-
-
-class NotReady(Exception):
-    """No bundle is loaded (the service answers 503)."""
 
 
 class AppState:
@@ -87,50 +73,33 @@ class AppState:
                     self.last_error = None
                     self._failed_name = None
                     return name
-                in_process = self.settings.compute == "process"
+                settings = self.settings
+                in_process = settings.compute == "process"
                 # With a compute process the models are loaded there, not here.
                 bundle = await run_in_threadpool(
-                    load_bundle,
-                    self.settings.models_dir,
-                    name,
-                    self.settings.device,
-                    self.settings.onnx_threads,
-                    not in_process,
-                    index_device=self.settings.index_device,
-                )
-                compute = (
-                    ProcessCompute(
-                        self.settings.models_dir,
+                    partial(
+                        load_bundle,
+                        settings.models_dir,
                         name,
-                        self.settings.device,
-                        self.settings.onnx_threads,
-                        self.settings.native_threads,
-                        self.settings.compute_timeout_seconds,
-                        self.settings.max_batch,
-                        self.settings.candidates,
-                        self.settings.index_device,
+                        device=settings.device,
+                        threads=settings.onnx_threads,
+                        models=not in_process,
+                        index_device=settings.index_device,
                     )
-                    if in_process
-                    else ThreadCompute(bundle, self.executor)
                 )
-                if not in_process:
+                if in_process:
+                    compute = ProcessCompute(
+                        ComputeConfig.from_settings(settings, name),
+                        call_timeout=settings.compute_timeout_seconds,
+                    )
+                else:
+                    compute = ThreadCompute(bundle, self.executor)
                     # On the executor that computes the batches, under its native-thread limits.
                     await asyncio.get_running_loop().run_in_executor(
-                        self.executor,
-                        warm_up,
-                        bundle,
-                        self.settings.max_batch,
-                        self.settings.candidates,
+                        self.executor, warm_up, bundle, settings.max_batch, settings.candidates
                     )
-                recommender = Recommender(
-                    bundle,
-                    self.settings.default_encoder,
-                    self.settings.max_batch,
-                    self.settings.batch_wait_ms,
-                    self.metrics.batch_size.observe,
-                    compute,
-                    self.settings.batches_in_flight,
-                    answer_memo(self.settings),
+                recommender = Recommender.from_settings(
+                    bundle, settings, compute=compute, on_batch=self.metrics.batch_size.observe
                 )
                 # Refuse a bundle that lacks the configured default encoder up front.
                 recommender.retriever(None)

@@ -317,7 +317,9 @@ def _batch_recommend(args) -> int:
         )
         return 2
     data = build_sequences(load_dataset(args.data, args.skip_malformed))
-    stats = batch_recommend(bundle, data, args.out, args.encoder, args.k, args.history)
+    stats = batch_recommend(
+        bundle, data, args.out, encoder=args.encoder, k=args.k, history=args.history
+    )
     print(
         f"{stats['users']} users, {stats['rows']} rows in {stats['seconds']:.1f}s "
         f"({stats['users_per_second']:.0f} users/s) with {stats['encoder']} of "
@@ -334,7 +336,9 @@ def _batch_recommend(args) -> int:
                 args.redis_url, args.key_prefix, args.history_cap, args.cache_ttl, timeout=5.0
             )
             try:
-                return await warm_cache(cache, bundle, data, args.encoder, args.candidates)
+                return await warm_cache(
+                    cache, bundle, data, encoder=args.encoder, candidates=args.candidates
+                )
             finally:
                 await cache.close()
 

@@ -24,9 +24,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from service.bundle import Bundle
-from service.cache import BehaviourCache, CachedRetrieval, history_digest
+from service.cache import BehaviourCache, history_digest
+from service.filters import drop_seen
 from service.histories import left_padded_window
-from service.recommender import RetrievalJob, encode_and_search
+from service.pipeline import Query, encode_and_search
 from training.data import SequenceData
 
 LOG = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ def recommend_ranges(
     encoder: str,
     items: np.ndarray,
     timestamps: np.ndarray,
+    *,
     starts: np.ndarray,
     ends: np.ndarray,
     k: int,
@@ -60,13 +62,17 @@ def recommend_ranges(
     seen_counts = ends - starts
     depth = int(min(bundle.catalogue.n_items, k + seen_counts.max(initial=0)))
     scores, found = retriever.index.search(users, depth)
+    kept = drop_seen(
+        list(found),
+        list(scores),
+        [items[start:end] for start, end in zip(starts, ends, strict=True)],
+        [k] * len(starts),
+    )
     out_scores = np.full((len(starts), k), -np.inf, dtype=np.float32)
     out_ids = np.zeros((len(starts), k), dtype=np.int64)
-    for row, (start, end) in enumerate(zip(starts, ends, strict=True)):
-        keep = ~np.isin(found[row], items[start:end]) & (found[row] > 0)
-        chosen = np.flatnonzero(keep)[:k]
-        out_scores[row, : len(chosen)] = scores[row, chosen]
-        out_ids[row, : len(chosen)] = found[row, chosen]
+    for row, (ids, row_scores) in enumerate(kept):
+        out_scores[row, : len(ids)] = row_scores
+        out_ids[row, : len(ids)] = ids
     return out_scores, out_ids
 
 
@@ -74,6 +80,7 @@ def batch_recommend(
     bundle: Bundle,
     data: SequenceData,
     out: str | Path,
+    *,
     encoder: str | None = None,
     k: int = 10,
     history: str = "all",
@@ -95,7 +102,7 @@ def batch_recommend(
     for lo in tqdm(range(0, len(users), batch_size), desc="recommending", unit="batch"):
         hi = lo + batch_size
         scores, ids = recommend_ranges(
-            bundle, encoder, items, data.timestamps, starts[lo:hi], ends[lo:hi], k
+            bundle, encoder, items, data.timestamps, starts=starts[lo:hi], ends=ends[lo:hi], k=k
         )
         valid = ids > 0
         rows, ranks = np.nonzero(valid)
@@ -123,6 +130,7 @@ async def warm_cache(
     cache: BehaviourCache,
     bundle: Bundle,
     data: SequenceData,
+    *,
     encoder: str | None = None,
     candidates: int = 200,
     batch_size: int = 512,
@@ -159,25 +167,38 @@ async def warm_cache(
             window = left_padded_window(
                 ids, stamps, np.array([0]), np.array([len(ids)]), retriever.max_len
             )
-            windows.append((ids, window))
+            windows.append((ids, stamps, window))
         present = [i for i, w in enumerate(windows) if w is not None]
         if not present:
             continue
         # The service's own batched encode + search, so warmed entries are what it computes.
-        jobs = [
-            RetrievalJob(
-                *windows[i][1],
-                min(bundle.catalogue.n_items, candidates + len(np.unique(windows[i][0]))),
+        queries = []
+        for i in present:
+            ids, stamps, (window, deltas) = windows[i]
+            seen = np.unique(ids)
+            queries.append(
+                Query(
+                    window=window,
+                    deltas=deltas,
+                    depth=min(bundle.catalogue.n_items, candidates + len(seen)),
+                    history_ids=ids,
+                    history_ts=stamps,
+                    seen=seen,
+                    keep=candidates,
+                    k=candidates,
+                    rerank=False,
+                    request_time=0,
+                )
             )
-            for i in present
-        ]
-        retrieved = encode_and_search(retriever, jobs)
+        retrieved, _ = encode_and_search(retriever, queries)
         entries = [
             (
-                cache.retrieval_key(bundle.name, encoder, history_digest(job.ids, job.deltas)),
-                CachedRetrieval(embedding, found, scores),
+                cache.retrieval_key(
+                    bundle.name, encoder, history_digest(query.window, query.deltas)
+                ),
+                entry,
             )
-            for (embedding, scores, found, _), job in zip(retrieved, jobs, strict=True)
+            for entry, query in zip(retrieved, queries, strict=True)
         ]
         await cache.put_retrievals(entries)
         for i in present:

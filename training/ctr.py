@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.features import HISTORY_WINDOW, ItemFeatures, left_padded_events
-from service.histories import left_padded_window
+from service.features import HISTORY_WINDOW, ItemFeatures
+from service.histories import left_padded_events, left_padded_window
 from service.ranking import INPUT_NAMES, OUTPUT_NAME, CtrHead, head_inputs
 from training.data import SequenceData
 from training.export import export_onnx
@@ -242,10 +242,10 @@ def retrieve_candidates(
             ids,
             scores,
             vectors,
-            history_ids,
-            history_ts,
-            data.timestamps[ends],
-            items,
+            history_ids=history_ids,
+            history_ts=history_ts,
+            request_time=data.timestamps[ends],
+            items=items,
         )
         names = inputs.feature_names
         watched = (ids == targets[:, None]) & (ids > 0)

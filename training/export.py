@@ -300,8 +300,8 @@ def export_bundle(
             writer.path(ITEMS),
             data.item_map.raw.tolist(),
             counts,
-            metadata.titles if metadata else None,
-            metadata.genres if metadata else None,
+            titles=metadata.titles if metadata else None,
+            genres=metadata.genres if metadata else None,
             last_seen=last_seen_from_events(data.n_items, *training_events(data)),
         )
         if ctr is not None:

@@ -13,9 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.bundle import load_bundle, placement
-from service.compute import ComputeError, ProcessCompute, ThreadCompute
-from service.errors import BundleError
+from service.compute import ComputeConfig, ProcessCompute, ThreadCompute
+from service.errors import BundleError, ComputeError
 from service.main import create_app
+from service.pipeline import RankingRequest, prepare_queries
 from service.recommender import Recommender
 from tests.service.test_recommender import user_events
 
@@ -59,7 +60,9 @@ def test_a_compute_process_answers_exactly_as_a_thread(head_models, tiny_data, m
     in_thread, similar_in_thread = answers(Recommender(bundle, max_batch=4), histories)
     light = load_bundle(head_models, device="cpu", models=False)
     assert light.retrievers["sasrec"].index is None  # the worker keeps no models
-    compute = ProcessCompute(head_models, bundle.name, device="cpu")
+    compute = ProcessCompute(
+        ComputeConfig(models_dir=head_models, bundle=bundle.name, device="cpu")
+    )
     in_process, similar_in_process = answers(
         Recommender(light, max_batch=4, compute=compute), histories
     )
@@ -78,7 +81,7 @@ def test_a_bundle_the_compute_process_cannot_load_is_refused_with_its_reason(hea
     onnx.write_bytes(b"not an onnx graph")
 
     async def scenario():
-        compute = ProcessCompute(models, "with-head", device="cpu")
+        compute = ProcessCompute(ComputeConfig(models_dir=models, bundle="with-head", device="cpu"))
         with pytest.raises(BundleError, match="ctr_head.onnx: cannot be loaded"):
             await compute.start()
         assert not compute.running
@@ -94,7 +97,9 @@ def test_a_compute_process_that_dies_fails_its_calls_and_is_replaced(head_models
     )
 
     async def scenario():
-        compute = ProcessCompute(head_models, "with-head", device="cpu")
+        compute = ProcessCompute(
+            ComputeConfig(models_dir=head_models, bundle="with-head", device="cpu")
+        )
         await compute.start()
         try:
             before = await compute.search("sasrec", queries, 5)
@@ -173,13 +178,21 @@ def test_an_app_in_process_mode_serves_and_retires_the_old_process_on_reload(
 
 
 def compute_jobs(bundle, histories):
-    """The ComputeJobs a recommender would send for these histories (no cache)."""
-    from service.recommender import Job
-
-    recommender = Recommender(bundle)
-    jobs = [Job(events, 1000, True, 20, 5, True, 1_800_000_000, None) for events in histories]
-    recommender._prepare(bundle.retrievers["sasrec"], jobs)
-    return [job.work for job in jobs]
+    """The queries a recommender would send for these histories (no cache)."""
+    requests = [
+        RankingRequest(
+            events=events,
+            k=5,
+            keep=20,
+            exclude_seen=True,
+            rerank=True,
+            history_cap=1000,
+            request_time=1_800_000_000,
+        )
+        for events in histories
+    ]
+    _, queries = prepare_queries(bundle.catalogue, bundle.retrievers["sasrec"], requests)
+    return queries
 
 
 def test_batches_queued_in_the_compute_process_are_merged_yet_answered_apart(
@@ -191,11 +204,13 @@ def test_batches_queued_in_the_compute_process_are_merged_yet_answered_apart(
         for users in ([0, 1], [2], [3, 4, 5])
     ]
     bad = compute_jobs(bundle, [user_events(tiny_data, 6)])
-    bad[0].retrieval.ids = bad[0].retrieval.ids[:, :0]  # an empty window: encoding fails
+    bad[0].window = bad[0].window[:, :0]  # an empty window: encoding fails
     alone = [asyncio.run(ThreadCompute(bundle).batch("sasrec", jobs)) for jobs in groups]
 
     async def scenario():
-        compute = ProcessCompute(head_models, "with-head", device="cpu")
+        compute = ProcessCompute(
+            ComputeConfig(models_dir=head_models, bundle="with-head", device="cpu")
+        )
         await compute.start()
         try:
             os.kill(compute._process.pid, signal.SIGSTOP)  # so that all four queue up
@@ -221,7 +236,10 @@ def test_a_compute_process_that_stops_answering_is_killed_and_replaced(head_mode
     )
 
     async def scenario():
-        compute = ProcessCompute(head_models, "with-head", device="cpu", call_timeout=1.0)
+        compute = ProcessCompute(
+            ComputeConfig(models_dir=head_models, bundle="with-head", device="cpu"),
+            call_timeout=1.0,
+        )
         await compute.start()
         try:
             stuck = compute._process.pid

@@ -64,7 +64,8 @@ def test_without_genres_there_is_no_genre_feature():
     items = ItemFeatures(popularity=np.array([0, 1]), last_seen=np.array([NEVER, 5]))
     features, names = candidate_features(
         np.ones((1, 2)), np.array([[1]]), np.array([[1.0]]), np.ones((1, 1, 2)),
-        np.array([[1]]), np.array([[3]]), np.array([10]), items,
+        history_ids=np.array([[1]]), history_ts=np.array([[3]]), request_time=np.array([10]),
+        items=items,
     )  # fmt: skip
     assert names == feature_names(with_genres=False) and features.shape == (1, 1, len(names))
 
@@ -106,9 +107,10 @@ def test_training_and_serving_compute_the_same_features(tiny_data, exported_bund
     """One user's test request through the training pipeline and through the serving path
     (prepare_history, encoder window, ONNX encoder, index, seen-item removal, head inputs)."""
     from service.bundle import load_bundle
+    from service.filters import drop_seen
     from service.histories import left_padded_window
-    from service.ranking import request_head_inputs
-    from service.recommender import prepare_history
+    from service.pipeline import prepare_histories
+    from service.ranking import RerankJob, batch_head_inputs
     from training.ctr import retrieve_candidates, training_item_features
 
     models_dir, _ = exported_bundle
@@ -125,7 +127,7 @@ def test_training_and_serving_compute_the_same_features(tiny_data, exported_bund
         (str(tiny_data.item_map.raw[i]), int(t))
         for i, t in zip(tiny_data.items[start:end], tiny_data.timestamps[start:end], strict=True)
     ]
-    history = prepare_history(bundle, events, cap=1000)
+    (history,) = prepare_histories(bundle.catalogue, [events], [1000])
     window, deltas = left_padded_window(
         history.item_ids,
         history.timestamps,
@@ -136,19 +138,16 @@ def test_training_and_serving_compute_the_same_features(tiny_data, exported_bund
     embedding = retriever.encoder.encode(window, deltas)
     seen = np.unique(history.item_ids)
     scores, found = retriever.index.search(embedding, depth + len(seen))
-    keep = (found[0] > 0) & ~np.isin(found[0], seen)
-    served_ids, served_scores = found[0][keep][:depth], scores[0][keep][:depth]
-    ids, kept_scores, inputs = request_head_inputs(
-        items,
-        retriever.item_vectors,
-        embedding[0],
-        served_ids,
-        served_scores,
-        history.item_ids,
-        history.timestamps,
-        int(tiny_data.timestamps[end]),  # the request time offline is the event's time
-        exclude=seen,
+    ((ids, kept_scores),) = drop_seen([found[0]], [scores[0]], [seen], [depth])
+    job = RerankJob(
+        user_embedding=embedding[0],
+        candidate_ids=ids,
+        retrieval_scores=kept_scores,
+        history_ids=history.item_ids,
+        history_ts=history.timestamps,
+        request_time=int(tiny_data.timestamps[end]),  # offline, the held-out event's time
     )
+    inputs = batch_head_inputs(items, retriever.item_vectors, [job])
 
     assert len(ids) == depth
     np.testing.assert_array_equal(offline.ids[0], ids)

@@ -94,16 +94,19 @@ def vectors(n: int = 8) -> np.ndarray:
 def call_rerank(head, ids, exclude=None, scores=None):
     ids = np.asarray(ids)
     scores = np.linspace(1.0, 0.1, len(ids)) if scores is None else scores
-    return rerank(
-        head,
-        catalogue_items(),
-        vectors(),
+    job = RerankJob(
         user_embedding=np.array([0.5, 0.5, 0.5, 0.5]),
         candidate_ids=ids,
         retrieval_scores=scores,
         history_ids=np.array([1, 2]),
         history_ts=np.array([100, 200]),
         request_time=1000,
+    )
+    return rerank(
+        head,
+        catalogue_items(),
+        vectors(),
+        job,
         exclude=None if exclude is None else np.asarray(exclude),
     )
 
@@ -151,7 +154,12 @@ def test_a_head_is_refused_for_features_it_was_not_trained_on(popularity_head):
     items.genres = np.zeros((9, 2), dtype=np.float32)  # now the catalogue adds genre_overlap
     items.last_seen[:] = NEVER
     with pytest.raises(ValueError, match="trained on features"):
-        rerank(
-            popularity_head, items, vectors(), np.ones(DIM), np.array([1, 2]),
-            np.array([0.5, 0.4]), np.array([3]), np.array([10]), 100,
-        )  # fmt: skip
+        job = RerankJob(
+            user_embedding=np.ones(DIM),
+            candidate_ids=np.array([1, 2]),
+            retrieval_scores=np.array([0.5, 0.4]),
+            history_ids=np.array([3]),
+            history_ts=np.array([10]),
+            request_time=100,
+        )
+        rerank(popularity_head, items, vectors(), job)

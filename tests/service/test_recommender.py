@@ -12,7 +12,8 @@ from cachetools import TTLCache
 from service.bundle import load_bundle
 from service.cache import InMemoryBehaviourCache
 from service.errors import UnknownEncoder
-from service.recommender import Recommender, answer_size, prepare_history
+from service.pipeline import prepare_histories
+from service.recommender import Recommender, answer_size
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +25,11 @@ def bundle(exported_bundle):
 @pytest.fixture(scope="module")
 def recommender(bundle):
     return Recommender(bundle)
+
+
+def prepare_history(bundle, events, cap):
+    """One history prepared as a batch of one."""
+    return prepare_histories(bundle.catalogue, [events], [cap])[0]
 
 
 def user_events(data, user: int) -> list[tuple[str, int]]:
@@ -406,8 +412,6 @@ def test_concurrent_requests_share_one_cache_read_and_one_write(bundle, tiny_dat
 
 
 def test_histories_prepared_together_are_each_what_they_are_alone(bundle, tiny_data):
-    from service.recommender import prepare_histories
-
     histories = [
         user_events(tiny_data, 1),
         [],

@@ -1,0 +1,267 @@
+"""The synchronous batch kernel: history -> encoder window -> embedding -> candidates ->
+(seen items dropped) -> (rerank) -> top k, for a batch of requests of one retriever.
+
+Two halves, both plain numpy and native calls (no event loop, no Redis):
+
+- :func:`prepare_queries` runs in the worker: it maps raw item ids to the bundle's ids
+  (unknown ids are counted, not fatal), orders each history by time and keeps its newest
+  ``history_cap`` events, and builds each request's :class:`Query` (the encoder window,
+  the search depth, the items never to serve);
+- :func:`compute_batch` runs where ``service.compute`` puts it (a thread, or a compute
+  process, which is why a ``Query`` carries only arrays and numbers): one ONNX call for
+  every query without an embedding, one index search for all, the seen items dropped
+  (``service.filters``), one CTR head call for all the reranked ones
+  (``service.ranking``).
+
+Everything per event or per candidate runs once per batch, so the Python work that holds
+the GIL is amortised over the batch. ``service.recommender`` wraps this kernel with the
+micro-batcher, the behaviour cache and the answer memo.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.bundle import Catalogue, Retriever
+from service.cache import CachedRetrieval
+from service.features import ItemFeatures
+from service.filters import drop_seen
+from service.histories import left_padded_window
+from service.ranking import RerankJob, rerank_batch
+
+STAGES = ("encode", "retrieve", "rerank")
+
+
+@dataclass(frozen=True)
+class RankingRequest:
+    """What one request asks of the kernel: its raw events and how to rank for them."""
+
+    events: list[tuple[str, int]]  # (raw item id, unix seconds), in any order
+    k: int
+    keep: int  # candidates kept after the seen items are dropped: max(candidates, k)
+    exclude_seen: bool
+    rerank: bool
+    history_cap: int  # newest known events read from the request
+    request_time: int
+
+
+@dataclass
+class PreparedHistory:
+    """A request's known events, oldest first, as the encoder and the head read them."""
+
+    item_ids: np.ndarray  # (n,) internal ids of known items
+    timestamps: np.ndarray  # (n,) int64
+    unknown: int  # events whose item is not in the bundle
+    truncated: bool  # known events beyond the cap were dropped
+
+
+@dataclass
+class Query:
+    """One request's share of a batch computation (it crosses to a compute process)."""
+
+    window: np.ndarray  # (1, L) encoder input, left-padded, cut to the history's own width
+    deltas: np.ndarray  # (1, L) seconds since the previous event
+    depth: int  # how deep to search so that ``keep`` candidates survive the seen items
+    history_ids: np.ndarray  # (n,) known events, oldest first (the head's history features)
+    history_ts: np.ndarray  # (n,)
+    seen: np.ndarray  # ids never to serve (empty unless exclude_seen)
+    keep: int
+    k: int
+    rerank: bool
+    request_time: int
+    embedding: np.ndarray | None = None  # (d,) from a cache entry too shallow to reuse
+    cached: CachedRetrieval | None = None  # a cache hit: no encoding, no search
+
+
+@dataclass
+class Ranked:
+    """A query's result: its best ``k`` and the retrieval to cache."""
+
+    ids: np.ndarray  # (<= k,) internal ids, best first
+    scores: np.ndarray  # the served score: the head's logit, or the retrieval score
+    retrieval_scores: np.ndarray
+    reranked: bool
+    timings: dict[str, float]  # milliseconds per stage, each its batch's
+    retrieval: CachedRetrieval | None  # computed here (None for a cache hit)
+
+
+def prepare_histories(
+    catalogue: Catalogue, histories: list[list[tuple[str, int]]], caps: list[int]
+) -> list[PreparedHistory]:
+    """Each history's known events ordered by time (stable), the newest ``cap`` of them;
+    one pass over all events of all histories."""
+    lengths = np.fromiter((len(events) for events in histories), np.int64, len(histories))
+    total = int(lengths.sum())
+    ids = catalogue.internal_ids([item for events in histories for item, _ in events])
+    stamps = np.fromiter((ts for events in histories for _, ts in events), np.int64, total)
+    owner = np.repeat(np.arange(len(histories)), lengths)
+    order = np.lexsort((stamps, owner))  # by history, then time; ties keep their order
+    ids, stamps, owner = ids[order], stamps[order], owner[order]
+    known = ids > 0
+    unknown = np.bincount(owner[~known], minlength=len(histories))
+    ids, stamps, owner = ids[known], stamps[known], owner[known]
+    counts = np.bincount(owner, minlength=len(histories))
+    caps_of = np.asarray(caps, dtype=np.int64)
+    # Only dropped known events truncate what the encoder sees.
+    from_end = np.cumsum(counts)[owner] - 1 - np.arange(len(ids))
+    newest = from_end < caps_of[owner]
+    ids, stamps = ids[newest], stamps[newest]
+    ends = np.cumsum(np.minimum(counts, caps_of))
+    starts = ends - np.minimum(counts, caps_of)
+    return [
+        PreparedHistory(ids[a:b], stamps[a:b], int(u), bool(n > cap))
+        for a, b, u, n, cap in zip(starts, ends, unknown, counts, caps_of, strict=True)
+    ]
+
+
+def prepare_queries(
+    catalogue: Catalogue, retriever: Retriever, requests: list[RankingRequest]
+) -> tuple[list[PreparedHistory], list[Query | None]]:
+    """Each request's prepared history and its query (None: no known item, the caller's
+    popularity fallback); windows, depths and seen items in one pass over the batch."""
+    histories = prepare_histories(
+        catalogue, [r.events for r in requests], [r.history_cap for r in requests]
+    )
+    queries: list[Query | None] = [None] * len(requests)
+    usable = [i for i, history in enumerate(histories) if len(history.item_ids)]
+    if not usable:
+        return histories, queries
+    lengths = np.array([len(histories[i].item_ids) for i in usable])
+    ends = np.cumsum(lengths)
+    item_ids = np.concatenate([histories[i].item_ids for i in usable])
+    ids, deltas = left_padded_window(
+        item_ids,
+        np.concatenate([histories[i].timestamps for i in usable]),
+        ends - lengths,
+        ends,
+        retriever.max_len,
+    )
+    # The distinct items of every history, from one sort of (request, item) keys.
+    span = catalogue.n_items + 1
+    distinct = np.unique(np.repeat(np.arange(len(usable)), lengths) * span + item_ids)
+    bounds = np.searchsorted(distinct, np.arange(len(usable) + 1) * span)
+    for row, (i, length) in enumerate(zip(usable, lengths.tolist(), strict=True)):
+        request, history = requests[i], histories[i]
+        # Each window is cut to its own width, exactly as it would be encoded alone, so
+        # it (and the cache key made from it) does not depend on the batch it came in.
+        width = min(retriever.max_len, length)
+        seen = distinct[bounds[row] : bounds[row + 1]] - row * span
+        if not request.exclude_seen:
+            seen = seen[:0]
+        queries[i] = Query(
+            window=ids[row : row + 1, -width:],
+            deltas=deltas[row : row + 1, -width:],
+            depth=min(catalogue.n_items, request.keep + len(seen)),
+            history_ids=history.item_ids,
+            history_ts=history.timestamps,
+            seen=seen,
+            keep=request.keep,
+            k=request.k,
+            rerank=request.rerank,
+            request_time=request.request_time,
+        )
+    return histories, queries
+
+
+def encode_and_search(
+    retriever: Retriever, queries: list[Query]
+) -> tuple[list[CachedRetrieval], dict[str, float]]:
+    """One ONNX call for every query without an embedding and one index search for all,
+    each to its own depth; with the (encode, retrieve) milliseconds of the batch.
+
+    Windows of different lengths are left-padded to the longest, which changes no
+    embedding (encoders are padding-invariant, a test checks it).
+    """
+    started = time.perf_counter()
+    embeddings = [query.embedding for query in queries]
+    missing = [i for i, e in enumerate(embeddings) if e is None]
+    if missing:
+        width = max(queries[i].window.shape[1] for i in missing)
+        ids = np.zeros((len(missing), width), dtype=np.int64)
+        deltas = np.zeros((len(missing), width), dtype=np.float32)
+        for row, i in enumerate(missing):
+            length = queries[i].window.shape[1]
+            ids[row, width - length :] = queries[i].window[0]
+            deltas[row, width - length :] = queries[i].deltas[0]
+        for row, vector in zip(missing, retriever.encoder.encode(ids, deltas), strict=True):
+            embeddings[row] = vector
+    encoded = time.perf_counter()
+    depth = max(query.depth for query in queries)
+    scores, found = retriever.index.search(np.stack(embeddings), depth)
+    timings = {"encode": elapsed_ms(started, encoded), "retrieve": elapsed_ms(encoded)}
+    return [
+        CachedRetrieval(embeddings[i], found[i, : query.depth], scores[i, : query.depth])
+        for i, query in enumerate(queries)
+    ], timings
+
+
+def compute_batch(
+    retriever: Retriever, item_features: ItemFeatures | None, queries: list[Query]
+) -> list[Ranked]:
+    """Everything but the cache for a batch of queries, in one thread: encode and search
+    the misses together, drop each query's seen items, rerank all with one head call."""
+    retrievals: list[CachedRetrieval | None] = [query.cached for query in queries]
+    timings = dict.fromkeys(STAGES, 0.0)
+    misses = [i for i, entry in enumerate(retrievals) if entry is None]
+    if misses:
+        found, took = encode_and_search(retriever, [queries[i] for i in misses])
+        for i, entry in zip(misses, found, strict=True):
+            retrievals[i] = entry
+        timings.update(took)
+    kept = drop_seen(
+        [entry.ids[: query.depth] for query, entry in zip(queries, retrievals, strict=True)],
+        [entry.scores[: query.depth] for query, entry in zip(queries, retrievals, strict=True)],
+        [query.seen for query in queries],
+        [query.keep for query in queries],
+    )
+    head = retriever.ctr_head if item_features is not None else None
+    wanted = [
+        i
+        for i, query in enumerate(queries)
+        if query.rerank and head is not None and len(kept[i][0])
+    ]
+    ranked: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    if wanted:
+        started = time.perf_counter()
+        reranked = rerank_batch(
+            head,
+            item_features,
+            retriever.item_vectors,
+            [
+                RerankJob(
+                    user_embedding=retrievals[i].embedding,
+                    candidate_ids=kept[i][0],
+                    retrieval_scores=kept[i][1],
+                    history_ids=queries[i].history_ids,
+                    history_ts=queries[i].history_ts,
+                    request_time=queries[i].request_time,
+                )
+                for i in wanted
+            ],
+        )
+        timings["rerank"] = elapsed_ms(started)
+        for i, result in zip(wanted, reranked, strict=True):
+            ranked[i] = (result.ids, result.logits, result.retrieval_scores)
+    results = []
+    for i, query in enumerate(queries):
+        ids, scores, retrieval_scores = ranked.get(i, (kept[i][0], kept[i][1], kept[i][1]))
+        results.append(
+            Ranked(
+                ids=ids[: query.k],
+                scores=scores[: query.k],
+                retrieval_scores=retrieval_scores[: query.k],
+                reranked=i in ranked,
+                timings=timings,
+                # Only a new retrieval travels back (a hit's is the caller's already).
+                retrieval=retrievals[i] if query.cached is None else None,
+            )
+        )
+    return results
+
+
+def elapsed_ms(start: float, end: float | None = None) -> float:
+    """Milliseconds from ``start`` to ``end`` (default: now), both ``time.perf_counter()``."""
+    return ((end if end is not None else time.perf_counter()) - start) * 1000.0
