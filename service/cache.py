@@ -11,8 +11,9 @@ Keys (prefix ``p`` from settings):
   the key, with a TTL. A changed history has another digest, so it never meets an old
   entry; a new bundle has another name, so it never meets the old bundle's vectors. One
   string per entry lets a batch of requests read all its entries with one MGET and write
-  them in one pipeline (a single HMGET cost about 20 times an MGET slot in redis-py's
-  asyncio client), and a value that is cut short or of another kind reads as a miss.
+  them in one pipeline (a single HMGET cost many times an MGET slot in redis-py's
+  asyncio client, docs/BENCHMARKS.md), and a value that is cut short or of another kind
+  reads as a miss.
 
 Every Redis failure surfaces as ``StoreUnavailable``; callers decide how to degrade.
 """

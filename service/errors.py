@@ -1,12 +1,19 @@
-"""The service package's exceptions, in one place so the API maps them to HTTP once.
+"""The service package's exceptions, in one place; ``service.api.errors`` maps them to HTTP.
 
-RecserveError
-├── BundleError          a bundle is missing, malformed or fails its checksums
-├── DeviceError          an accelerator was asked for but is not available
-└── RequestError         the request cannot be served as asked (4xx)
-    ├── UnknownEncoder   the encoder named in the request is not in the bundle (422)
-    ├── UnknownItem      an item id is not in the catalogue (404)
-    └── NoHistory        no history in the request and none stored (404)
+RecserveError                 everything the service raises on purpose
+├── BundleError               a bundle is missing, malformed or fails its checksums
+│   └── ReloadRefused         /admin/reload could not serve the new bundle (409)
+├── DeviceError               an accelerator was asked for but is not available
+├── StoreUnavailable          the behaviour store (Redis) is unreachable (503, Retry-After)
+├── NotReady                  no bundle is loaded yet (503, Retry-After)
+├── ComputeError              the compute process failed or went away (500)
+└── RequestError              the request cannot be served as asked (4xx)
+    ├── InvalidField          a field is well-typed but out of bounds (422)
+    ├── UnknownEncoder        the encoder named in the request is not in the bundle (422)
+    ├── UnknownItem           an item id is not in the catalogue (404)
+    ├── NoHistory             no history in the request and none stored (404)
+    ├── AdminDisabled         admin endpoints are switched off (404)
+    └── AdminTokenRequired    no valid admin token (401, WWW-Authenticate)
 """
 
 from __future__ import annotations
@@ -20,6 +27,14 @@ class BundleError(RecserveError):
     """A bundle cannot be loaded; the message names the file and the reason."""
 
 
+class ReloadRefused(BundleError):
+    """A reload asked for over HTTP was refused; ``serving`` is what still serves."""
+
+    def __init__(self, message: str, serving: str | None):
+        super().__init__(message)
+        self.serving = serving
+
+
 class DeviceError(RecserveError):
     """An accelerator was requested explicitly but cannot be used."""
 
@@ -28,10 +43,26 @@ class StoreUnavailable(RecserveError):
     """The behaviour store (Redis) is unreachable; reads degrade, writes answer 503."""
 
 
+class NotReady(RecserveError):
+    """No bundle is loaded (the service answers 503)."""
+
+
+class ComputeError(RecserveError):
+    """The compute process failed or went away."""
+
+
 class RequestError(RecserveError):
     """The request is well-formed but cannot be served as asked."""
 
     status_code = 400
+    headers: dict[str, str] | None = None
+
+
+class InvalidField(RequestError):
+    """A field passed validation of its type but breaks a limit of this service; the
+    message starts with the field's location (``body[3].ts: ...``)."""
+
+    status_code = 422
 
 
 class UnknownEncoder(RequestError):
@@ -44,3 +75,18 @@ class UnknownItem(RequestError):
 
 class NoHistory(RequestError):
     status_code = 404
+
+
+class AdminDisabled(RequestError):
+    status_code = 404
+
+    def __init__(self) -> None:
+        super().__init__("Not Found")
+
+
+class AdminTokenRequired(RequestError):
+    status_code = 401
+    headers = {"WWW-Authenticate": "Bearer"}
+
+    def __init__(self) -> None:
+        super().__init__("admin token required")

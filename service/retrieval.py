@@ -11,7 +11,7 @@ becomes nearest neighbour in L2 (Bachrach et al., RecSys'14): each item x gets a
 coordinate sqrt(M^2 - |x|^2), M the largest item norm, and each query a 0, so
 |q - x'|^2 = |q|^2 + M^2 - 2 q.x. An IVF index then clusters and probes by L2, which keeps
 the long item vectors that win inner products together instead of scattering them over
-directions (docs/BENCHMARKS.md: a quarter of the scan for the same recall), while its codes
+directions (a fraction of the scan for the same recall, docs/BENCHMARKS.md), while its codes
 are scored by inner product: the query's 0 makes the extra coordinate drop out of every
 score, so the codes spend no precision on it, and an inner-product lookup table is built
 once per query rather than once per visited list. Flat and HNSW indexes use plain L2 in
@@ -41,10 +41,9 @@ EXACT_LIMIT = 200_000  # catalogues up to this size are searched exactly by defa
 IVF_PROBE_SHARE = 5 / 32  # share of its IVF lists the auto index visits per query (see auto)
 IVF_TRAIN_PER_LIST = 40  # training vectors per IVF list (faiss asks for at least 39)
 RESCORE_DEPTH = 1000  # shortlist the auto index re-scores exactly
-# On an H200, exact search over the 1M-item perf bundle took 2.3 ms for one query and 4.3
-# ms for 64, while the IVF-PQ below took 1.0 and 11.8 ms at recall@100 0.976 (its exact
-# re-score runs on the CPU; docs/BENCHMARKS.md): exact wins the batches the service
-# forms until its cost, linear in the items, reaches the IVF's at about twice that size.
+# On a GPU, exact search wins the batches the service forms over the IVF-PQ below (whose
+# exact re-score runs on the CPU) until its cost, linear in the items, reaches the IVF's:
+# measured on an H200 at about twice the 1M-item perf bundle (docs/BENCHMARKS.md, GPU path).
 GPU_EXACT_LIMIT = 2_000_000
 GPU_IVF_PROBE_SHARE = 1 / 4  # inner-product IVF (the GPU has no L2-probed search)
 GPU_MAX_NPROBE = 2048  # faiss's GPU IVF visits at most this many lists per query
@@ -76,9 +75,9 @@ class IndexSpec:
         lists = ivf_lists(n_items)
         # An inner-product IVF partitions by direction (spherical k-means), while the top
         # items by inner product of a dot-product model are its long vectors over a wide
-        # cone of directions: on the 1M-item perf bundle it had to visit a quarter of its
-        # lists for recall@100 0.98. Partitioned by L2 in the augmented space, 5/32 of the
-        # lists give recall@100 0.955 there (docs/BENCHMARKS.md). Fast-scan codes (two
+        # cone of directions, so it has to visit many of its lists for a high recall@100;
+        # partitioned by L2 in the augmented space, IVF_PROBE_SHARE of the lists reach the
+        # export's recall target on the perf bundle (docs/BENCHMARKS.md). Fast-scan codes (two
         # dimensions per 4-bit code, scanned with SIMD shuffles) cost a third of 8-bit PQ's
         # scan at the same shortlist quality once re-scored. OPQ is left out: after the
         # exact re-score it added nothing measurable to 8-bit PQ there.
@@ -269,10 +268,9 @@ class ItemIndex:
         # two are within 0.001.
         # One product with the centroids gives both the probe order (|s q - c|^2 ranks
         # lists as 2 s q.c - |c|^2 does) and q.c, the term the IVF adds to the residual
-        # codes' q.(x - c) per list. numpy's product and partial sort took a fifth of the
-        # time of faiss's flat quantizer search, whose heap of 512 probes dominated.
-        # In float32 and in place, and the largest selected without negating: a sixth off
-        # this step with the same lists on the perf bundle.
+        # codes' q.(x - c) per list. numpy's product and partial sort beat faiss's flat
+        # quantizer search, whose heap of hundreds of probes dominated; float32, in place,
+        # and the largest selected without negating cut it further (docs/BENCHMARKS.md).
         products = padded @ self._centroids.T  # (b, lists)
         scale = 2 * self.spec.max_norm / np.maximum(np.linalg.norm(padded, axis=1), 1e-12)
         closeness = products * scale[:, None].astype(np.float32)
@@ -286,9 +284,9 @@ class ItemIndex:
         self, queries: np.ndarray, ids: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
         # Exact inner products for the shortlist, reading only those rows of the memory-mapped
-        # vectors (np.take gathers rows 3-5 times faster than fancy indexing).
+        # vectors (np.take gathers rows several times faster than fancy indexing).
         rows = np.asarray(np.take(self.vectors, ids, axis=0))  # (b, depth, d)
-        # A batched matrix-vector product (BLAS): half the time of the same einsum.
+        # A batched matrix-vector product (BLAS): faster than the same einsum.
         exact = np.matmul(rows, queries[:, :, None])[..., 0]  # (b, depth)
         exact = np.where(ids > 0, exact, -np.inf)
         if k < exact.shape[1]:

@@ -1,7 +1,7 @@
 """Service configuration: one pydantic-settings class, environment variables ``RECSERVE_*``.
 
     RECSERVE_MODELS_DIR=models RECSERVE_REDIS_URL=redis://127.0.0.1:6379/0 \
-        uvicorn service.main:app --port 8000
+        uvicorn --factory service.main:create_app --port 8000
 
 Settings are validated at start-up: an admin endpoint without a token is refused unless
 ``RECSERVE_DEV_MODE=1`` says this is a developer's machine.

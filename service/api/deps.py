@@ -1,7 +1,8 @@
 """Dependencies the routes declare: the worker state, its recommender, settings, admin.
 
 Every one is a coroutine: FastAPI runs a plain ``def`` dependency in its thread pool, one
-thread hop per dependency per request (three of them halved /recommend's throughput).
+thread hop per dependency per request, which cost /recommend much of its throughput
+(docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, Header, Request
 
+from service.errors import AdminDisabled, AdminTokenRequired
 from service.recommender import Recommender
 from service.settings import Settings
 from service.state import AppState
@@ -27,12 +29,13 @@ async def get_recommender(state: State) -> Recommender:
     return state.require_recommender()
 
 
-async def get_settings(state: State) -> Settings:
+async def get_state_settings(state: State) -> Settings:
+    """The settings this app was built with (not re-read from the environment)."""
     return state.settings
 
 
 CurrentRecommender = Annotated[Recommender, Depends(get_recommender)]
-CurrentSettings = Annotated[Settings, Depends(get_settings)]
+CurrentSettings = Annotated[Settings, Depends(get_state_settings)]
 
 
 async def require_admin(
@@ -44,7 +47,7 @@ async def require_admin(
     Without a token the service only starts in dev mode, and then admin is open.
     """
     if not settings.admin_enabled:
-        raise HTTPException(status_code=404, detail="Not Found")
+        raise AdminDisabled()
     expected = settings.admin_token.get_secret_value() if settings.admin_token else ""
     if not expected and settings.dev_mode:
         return
@@ -53,9 +56,7 @@ async def require_admin(
         given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
     )
     if not valid or not expected:
-        raise HTTPException(
-            status_code=401, detail="admin token required", headers={"WWW-Authenticate": "Bearer"}
-        )
+        raise AdminTokenRequired()
 
 
 Admin = Depends(require_admin)

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from service.api.deps import Admin, State
-from service.errors import BundleError, StoreUnavailable
+from service.errors import BundleError, ReloadRefused, StoreUnavailable
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Admin])
 
@@ -22,7 +22,7 @@ async def reload(state: State) -> JSONResponse:
     try:
         name = await state.reload()
     except BundleError as exc:
-        return JSONResponse({"detail": str(exc), "serving": previous}, status_code=409)
+        raise ReloadRefused(str(exc), serving=previous) from exc
     notified = None
     if state.cache is not None:
         try:

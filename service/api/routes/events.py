@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter
 
 from service.api.deps import CurrentSettings, State
 from service.api.schemas import Event, EventsResponse
-from service.errors import StoreUnavailable
+from service.errors import InvalidField, StoreUnavailable
 
 router = APIRouter(tags=["events"])
 
@@ -26,14 +26,12 @@ async def post_events(
     """
     events = body if isinstance(body, list) else [body]
     if len(events) > settings.max_events_per_request:
-        raise HTTPException(
-            422, f"body: at most {settings.max_events_per_request} events per request"
-        )
+        raise InvalidField(f"body: at most {settings.max_events_per_request} events per request")
     latest = time.time() + FUTURE_TOLERANCE_SECONDS
     for position, event in enumerate(events):
         if event.ts > latest:
             where = f"body[{position}].ts" if isinstance(body, list) else "body.ts"
-            raise HTTPException(422, f"{where}: {event.ts} lies more than a day in the future")
+            raise InvalidField(f"{where}: {event.ts} lies more than a day in the future")
     if state.cache is None:
         raise StoreUnavailable("no behaviour store configured")
     per_user: dict[str, list[tuple[str, int]]] = defaultdict(list)

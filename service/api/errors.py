@@ -1,0 +1,88 @@
+"""The one place where errors become HTTP answers.
+
+Every exception the service raises on purpose derives from ``service.errors.RecserveError``
+and is mapped here; FastAPI's own validation and HTTP errors are reshaped here too, so
+every 4xx names the field, and nothing unexpected leaks more than "internal error".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import NotReady, ReloadRefused, RequestError, StoreUnavailable
+from service.metrics import Metrics
+
+LOG = logging.getLogger(__name__)
+
+BODY_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's own wording
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """``loc: msg`` of every error, joined: the message names each field."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error.get("loc", ()))
+        parts.append(f"{where}: {error.get('msg')}")
+    return "; ".join(parts)
+
+
+def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """Map the service's errors (and FastAPI's) to JSON answers on ``app``."""
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, exc: RequestError):
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(ReloadRefused)
+    async def reload_refused(request: Request, exc: ReloadRefused):
+        return JSONResponse({"detail": str(exc), "serving": exc.serving}, status_code=409)
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(request: Request, exc: StoreUnavailable):
+        metrics.errors.labels(kind="redis").inc()
+        return JSONResponse(
+            {"detail": "behaviour store unavailable, retry shortly"},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+
+    @app.exception_handler(NotReady)
+    async def not_ready(request: Request, exc: NotReady):
+        return JSONResponse(
+            {"detail": f"no bundle loaded: {exc}"}, status_code=503, headers={"Retry-After": "5"}
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        metrics.errors.labels(kind="validation").inc()
+        # The message names the field; the structured list stays for clients that parse it.
+        errors = json.loads(json.dumps(exc.errors(), default=str))
+        for error in errors:
+            error.pop("input", None)  # never echo what was sent (it may be huge or secret)
+            error.pop("ctx", None)
+        return JSONResponse({"detail": validation_message(exc), "errors": errors}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        # FastAPI answers 400 for a body it cannot decode at all (invalid UTF-8, JSON nested
+        # past the parser's limit); like any other malformed body that is a 422 on 'body'.
+        if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:
+            metrics.errors.labels(kind="validation").inc()
+            return JSONResponse(
+                {"detail": "body: not decodable JSON (invalid UTF-8 or nested too deeply)"},
+                status_code=422,
+            )
+        return await http_exception_handler(request, exc)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        metrics.errors.labels(kind="internal").inc()
+        LOG.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal error"}, status_code=500)
