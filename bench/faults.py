@@ -49,7 +49,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.loadgen import quiet_http_logs  # noqa: E402
-from bench.processes import RedisProcess, ServiceProcess, free_port, wait_until  # noqa: E402
+from bench.processes import ServiceProcess  # noqa: E402
+from tests.servers import RedisProcess, free_port, wait_until  # noqa: E402
 
 LOG = logging.getLogger("bench.faults")
 
