@@ -58,6 +58,7 @@ import json
 import logging
 import secrets
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from bench.loadgen.report import format_summary, plot_timeline
@@ -104,31 +105,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _from_flags(cls, args: argparse.Namespace, **values):
+    """A ``cls`` dataclass from the flags named as its fields; ``values`` take precedence."""
+    names = {f.name for f in fields(cls)}
+    flagged = {name: value for name, value in vars(args).items() if name in names}
+    return cls(**{**flagged, **values})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_http_logs()
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     try:
-        mix = TrafficMix(
-            events_share=args.events_share,
-            user_id_share=args.user_id_share,
-            repeat_share=args.repeat_share,
-            max_history=args.max_history,
-            events_batch=args.events_batch,
-            seed_users=args.seed_users,
-            k=args.k,
-            encoder=args.encoder,
-            user_prefix=args.user_prefix,
-            seed=args.seed if args.seed is not None else secrets.randbelow(2**31),
-        )
-        config = LoadConfig(
-            url=args.url,
-            requests=args.requests,
+        mix = _from_flags(TrafficMix, args, seed=seed)
+        config = _from_flags(
+            LoadConfig,
+            args,
             duration_s=args.duration,
-            concurrency=args.concurrency,
-            rate=args.rate,
-            max_in_flight=args.max_in_flight,
-            arrivals=args.arrivals,
             timeout_s=args.timeout,
             progress=not args.quiet,
         )
