@@ -42,6 +42,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,7 +51,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.loadgen import quiet_http_logs  # noqa: E402
-from bench.processes import RedisProcess, ServiceProcess, free_port, wait_until  # noqa: E402
+from bench.processes import ServiceProcess  # noqa: E402
+from tests.servers import RedisProcess, free_port, wait_until  # noqa: E402
 
 LOG = logging.getLogger("bench.faults")
 
@@ -58,7 +61,7 @@ COMMAND = ".venv/bin/python -m bench.faults --scenario {scenario}"
 JSON = {"Content-Type": "application/json"}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FaultRow:
     """One line of the reliability table."""
 
@@ -116,21 +119,30 @@ def service_settings(fixture: Fixture, redis: RedisProcess, token: str, **extra)
     return settings
 
 
+@contextmanager
 def private_stack(
-    fixture: Fixture, name: str, persistent: bool = False, workers: int = 1, **settings
-) -> tuple[RedisProcess, ServiceProcess, str]:
-    """A running redis-server of the scenario's own and a (not yet started) service on it,
-    with a fresh admin token; both write into a new folder ``name-*`` of the workdir."""
+    fixture: Fixture, name: str, *, persistent: bool = False, workers: int = 1, **settings
+) -> Iterator[tuple[RedisProcess, ServiceProcess, str]]:
+    """A redis-server of the scenario's own and the service on it, with a fresh admin
+    token, running until the block ends; both write into a new folder ``name-*`` of the
+    workdir."""
     workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=fixture.workdir))
     redis = RedisProcess(free_port(), workdir / "redis", persistent=persistent)
     redis.start()
-    token = secrets.token_hex(16)
-    service = ServiceProcess(
-        service_settings(fixture, redis, token, **settings),
-        workers=workers,
-        log_path=workdir / "uvicorn.log",
-    )
-    return redis, service, token
+    try:
+        token = secrets.token_hex(16)
+        service = ServiceProcess(
+            service_settings(fixture, redis, token, **settings),
+            workers=workers,
+            log_path=workdir / "uvicorn.log",
+        )
+        try:
+            service.start()
+            yield redis, service, token
+        finally:
+            service.stop()
+    finally:
+        redis.stop()
 
 
 class Recorder:
@@ -218,15 +230,14 @@ def _cacheable(row: dict, down_at: float, back_at: float) -> bool:
 
 def redis_outage(
     fixture: Fixture,
+    *,
     duration: float = 30.0,
     outage_at: float = 10.0,
     outage_for: float = 8.0,
     concurrency: int = 4,
 ) -> FaultRow:
     """Stop Redis during a load run and start it again."""
-    redis, service, _ = private_stack(fixture, "outage", persistent=True)
-    try:
-        service.start()
+    with private_stack(fixture, "outage", persistent=True) as (redis, service, _):
         recorder = Recorder()
         mix = {"events_share": 0.25, "user_id_share": 0.2, "repeat_share": 0.5, "seed_users": 50}
         thread, holder = _load_in_thread(
@@ -244,9 +255,6 @@ def redis_outage(
         up_at = time.monotonic() - recorder.t0
         result = _finish(thread, holder, duration + 60)
         lost = missing_events(redis.url, "faults", recorder.acknowledged)
-    finally:
-        service.stop()
-        redis.stop()
     rows = recorder.rows
     recommend = [r for r in rows if r["kind"] in ("history", "user_id")]
     events = [r for r in rows if r["kind"] == "events"]
@@ -301,6 +309,7 @@ def redis_outage(
 
 def reload_under_load(
     fixture: Fixture,
+    *,
     reloads: int = 10,
     interval: float = 1.5,
     workers: int = 2,
@@ -314,7 +323,6 @@ def reload_under_load(
 
     first, second = fixture.bundles
     set_current(fixture.models_dir, first)
-    redis, service, token = private_stack(fixture, "reload", workers=workers, reload_poll_seconds=1)
     bodies = _history_bodies(fixture.data, histories)
     manifest = read_manifest(fixture.models_dir / first)
     bundle_bytes = sum(f["bytes"] for f in manifest["files"].values())
@@ -323,39 +331,45 @@ def reload_under_load(
     rss: list[tuple[float, int]] = []
     admin: list[dict] = []
     t0 = time.monotonic()
-    try:
-        service.start()
-        loader = threading.Thread(
-            target=lambda: asyncio.run(_fixed_load(service.url, bodies, concurrency, stop, seen)),
-            daemon=True,
-        )
-        sampler = threading.Thread(
-            target=_sample_rss, args=(service, stop, rss, t0, 0.2), daemon=True
-        )
-        loader.start()
-        sampler.start()
-        time.sleep(3.0)  # warm-up: every worker has served both caches' misses
-        baseline = service.rss_bytes()
-        with httpx.Client(base_url=service.url, timeout=30) as client:
-            for number in range(reloads):
-                target = (second, first)[number % 2]
-                set_current(fixture.models_dir, target)
-                answer = client.post("/admin/reload", headers={"Authorization": f"Bearer {token}"})
-                admin.append({"to": target, "status": answer.status_code, **answer.json()})
-                time.sleep(interval)
-            final = (second, first)[(reloads - 1) % 2]
-            converged_at = len(seen)
-            wait_until(
-                lambda: _tail_serves(seen, converged_at, final, 4 * concurrency),
-                timeout=30,
-                what=f"every worker to serve {final}",
+    stack = private_stack(fixture, "reload", workers=workers, reload_poll_seconds=1)
+    with stack as (_, service, token):
+        try:
+            loader = threading.Thread(
+                target=lambda: asyncio.run(
+                    _fixed_load(service.url, bodies, concurrency, stop, seen)
+                ),
+                daemon=True,
             )
-        time.sleep(1.0)
-        settled = service.rss_bytes()
-    finally:
-        stop.set()
-        service.stop()
-        redis.stop()
+            sampler = threading.Thread(
+                target=_sample_rss,
+                args=(service, stop, rss, t0),
+                kwargs={"every": 0.2},
+                daemon=True,
+            )
+            loader.start()
+            sampler.start()
+            time.sleep(3.0)  # warm-up: every worker has served both caches' misses
+            baseline = service.rss_bytes()
+            with httpx.Client(base_url=service.url, timeout=30) as client:
+                for number in range(reloads):
+                    target = (second, first)[number % 2]
+                    set_current(fixture.models_dir, target)
+                    answer = client.post(
+                        "/admin/reload", headers={"Authorization": f"Bearer {token}"}
+                    )
+                    admin.append({"to": target, "status": answer.status_code, **answer.json()})
+                    time.sleep(interval)
+                final = (second, first)[(reloads - 1) % 2]
+                converged_at = len(seen)
+                wait_until(
+                    lambda: _tail_serves(seen, converged_at, final, 4 * concurrency),
+                    timeout=30,
+                    what=f"every worker to serve {final}",
+                )
+            time.sleep(1.0)
+            settled = service.rss_bytes()
+        finally:
+            stop.set()
     failed = sum(status != 200 for _, status, _, _ in seen)
     names = {bundle for _, status, bundle, _ in seen if status == 200}
     rankings: dict[tuple[int, str], set] = {}
@@ -447,80 +461,77 @@ def bad_bundles(fixture: Fixture, cases: tuple[str, ...] = tuple(BAD_BUNDLES)) -
 
     good = fixture.bundles[0]
     set_current(fixture.models_dir, good)
-    redis, service, token = private_stack(fixture, "bad")
     body = _history_bodies(fixture.data, 1)[0]
     rows = []
-    try:
-        service.start()
-        with httpx.Client(base_url=service.url, timeout=30) as client:
-            for case in cases:
-                name = f"bad-{case.replace(' ', '-')}"
-                shutil.rmtree(fixture.models_dir / name, ignore_errors=True)
-                shutil.copytree(fixture.models_dir / good, fixture.models_dir / name)
-                named = spoil(fixture.models_dir / name, case)
-                set_current(fixture.models_dir, name)
-                reload = client.post("/admin/reload", headers={"Authorization": f"Bearer {token}"})
-                ready = client.get("/readyz").json()
-                answers = [client.post("/recommend", content=body, headers=JSON) for _ in range(20)]
-                wrong = sum(a.status_code != 200 or a.json().get("bundle") != good for a in answers)
-                detail = reload.json().get("detail", "")
-                why = BAD_BUNDLES[case][1]
-                passed = (
-                    reload.status_code == 409
-                    and named in detail
-                    and why in detail
-                    and named in (ready.get("last_error") or "")
-                    and ready.get("bundle") == good
-                    and wrong == 0
+    with (
+        private_stack(fixture, "bad") as (_, service, token),
+        httpx.Client(base_url=service.url, timeout=30) as client,
+    ):
+        for case in cases:
+            name = f"bad-{case.replace(' ', '-')}"
+            shutil.rmtree(fixture.models_dir / name, ignore_errors=True)
+            shutil.copytree(fixture.models_dir / good, fixture.models_dir / name)
+            named = spoil(fixture.models_dir / name, case)
+            set_current(fixture.models_dir, name)
+            reload = client.post("/admin/reload", headers={"Authorization": f"Bearer {token}"})
+            ready = client.get("/readyz").json()
+            answers = [client.post("/recommend", content=body, headers=JSON) for _ in range(20)]
+            wrong = sum(a.status_code != 200 or a.json().get("bundle") != good for a in answers)
+            detail = reload.json().get("detail", "")
+            why = BAD_BUNDLES[case][1]
+            passed = (
+                reload.status_code == 409
+                and named in detail
+                and why in detail
+                and named in (ready.get("last_error") or "")
+                and ready.get("bundle") == good
+                and wrong == 0
+            )
+            rows.append(
+                FaultRow(
+                    fault=f"CURRENT names a bundle with a {case}",
+                    behaviour=(
+                        f"reload refused with {reload.status_code} naming {named} "
+                        f"({why}); /readyz reports it; {good} kept serving"
+                    ),
+                    requests=len(answers) + 2,
+                    errors=wrong + (reload.status_code != 409),
+                    events_lost=0,
+                    passed=passed,
+                    command=COMMAND.format(scenario="bad-bundle"),
+                    details={"detail": detail, "readyz": ready},
                 )
-                rows.append(
-                    FaultRow(
-                        fault=f"CURRENT names a bundle with a {case}",
-                        behaviour=(
-                            f"reload refused with {reload.status_code} naming {named} "
-                            f"({why}); /readyz reports it; {good} kept serving"
-                        ),
-                        requests=len(answers) + 2,
-                        errors=wrong + (reload.status_code != 409),
-                        events_lost=0,
-                        passed=passed,
-                        command=COMMAND.format(scenario="bad-bundle"),
-                        details={"detail": detail, "readyz": ready},
-                    )
-                )
-                set_current(fixture.models_dir, good)
-                shutil.rmtree(fixture.models_dir / name)
-    finally:
-        service.stop()
-        redis.stop()
+            )
+            set_current(fixture.models_dir, good)
+            shutil.rmtree(fixture.models_dir / name)
     return rows
 
 
 def soak(
-    fixture: Fixture, seconds: float = 600.0, rate: float = 50.0, warmup: float = 60.0
+    fixture: Fixture, *, seconds: float = 600.0, rate: float = 50.0, warmup: float = 60.0
 ) -> FaultRow:
     """A moderate open-loop rate for ``seconds``; memory after warm-up against the end."""
-    redis, service, _ = private_stack(fixture, "soak")
     rss: list[tuple[float, int]] = []
     rss_by_role: list[tuple[float, dict[str, int]]] = []
     stop = threading.Event()
-    try:
-        service.start()
-        recorder = Recorder()
-        t0 = time.monotonic()
-        sampler = threading.Thread(
-            target=_sample_rss, args=(service, stop, rss, t0, 2.0, rss_by_role), daemon=True
-        )
-        sampler.start()
-        mix = {"events_share": 0.1, "user_id_share": 0.2, "repeat_share": 0.3, "seed_users": 50}
-        thread, holder = _load_in_thread(
-            service.url, fixture.data, mix, {"duration_s": seconds, "rate": rate}, recorder
-        )
-        result = _finish(thread, holder, seconds + 120)
-    finally:
-        stop.set()
-        service.stop()
-        redis.stop()
+    with private_stack(fixture, "soak") as (_, service, _):
+        try:
+            recorder = Recorder()
+            t0 = time.monotonic()
+            sampler = threading.Thread(
+                target=_sample_rss,
+                args=(service, stop, rss, t0),
+                kwargs={"every": 2.0, "by_role": rss_by_role},
+                daemon=True,
+            )
+            sampler.start()
+            mix = {"events_share": 0.1, "user_id_share": 0.2, "repeat_share": 0.3, "seed_users": 50}
+            thread, holder = _load_in_thread(
+                service.url, fixture.data, mix, {"duration_s": seconds, "rate": rate}, recorder
+            )
+            result = _finish(thread, holder, seconds + 120)
+        finally:
+            stop.set()
     after_warmup = [v for t, v in rss if warmup <= t < warmup + 30] or [rss[0][1]]
     end = [v for t, v in rss[-10:]]
     start_rss, end_rss = statistics.median(after_warmup), statistics.median(end)
@@ -603,7 +614,13 @@ def _tail_serves(seen: list, since: int, bundle: str, count: int) -> bool:
 
 
 def _sample_rss(
-    service: ServiceProcess, stop, out: list, t0: float, every: float, by_role: list | None = None
+    service: ServiceProcess,
+    stop,
+    out: list,
+    t0: float,
+    *,
+    every: float,
+    by_role: list | None = None,
 ) -> None:
     """(seconds, total bytes) every ``every`` s into ``out``; with ``by_role``, also
     (seconds, {"workers": bytes, "compute": bytes}), so that growth names its process."""
@@ -691,13 +708,20 @@ def main(argv: list[str] | None = None) -> int:
     for scenario in scenarios:
         LOG.info("scenario %s", scenario)
         if scenario == "redis-outage":
-            rows.append(redis_outage(fixture, args.load_seconds, 10.0, args.outage_seconds))
+            rows.append(
+                redis_outage(
+                    fixture,
+                    duration=args.load_seconds,
+                    outage_at=10.0,
+                    outage_for=args.outage_seconds,
+                )
+            )
         elif scenario == "reload":
-            rows.append(reload_under_load(fixture, args.reloads, workers=args.workers))
+            rows.append(reload_under_load(fixture, reloads=args.reloads, workers=args.workers))
         elif scenario == "bad-bundle":
             rows.extend(bad_bundles(fixture))
         else:
-            rows.append(soak(fixture, args.soak_seconds, args.soak_rate))
+            rows.append(soak(fixture, seconds=args.soak_seconds, rate=args.soak_rate))
         print(json.dumps(asdict(rows[-1]), default=str)[:2000], flush=True)
     if args.out:
         previous = json.loads(args.out.read_text()) if args.out.exists() else []

@@ -4,8 +4,9 @@
     .venv/bin/python -m bench.index --bundle models/perf-1m \
         --queries runs/perf-1m/heldout_queries.npy --coarse-study --markdown
 
-(from the repository root; about 10-15 minutes on two CPU cores). Without a bundle,
-``--synthetic 1000000`` indexes seeded clustered vectors instead (queries near items).
+(from the repository root; how long it runs: docs/BENCHMARKS.md, section 2). Without a
+bundle, ``--synthetic 1000000`` indexes seeded clustered vectors instead (queries near
+items).
 
 Every index is searched through ``service.retrieval.ItemIndex``, the class the service
 serves with, so "re-score" is the service's exact re-scoring of the shortlist against the
@@ -24,10 +25,11 @@ the lists / sub-quantisers / shortlist that ``IndexSpec.auto`` picks for N:
 - HNSW32: a graph over the float32 vectors.
 
 For each, over a sweep of nprobe (IVF) or efSearch (HNSW): recall@10 and recall@100
-against exact search, single-query latency (median and p99, top-100) and the latency of
-a batch of 64 queries; per built index its build time and bytes per vector (the
-serialised index, which for IVF-PQ excludes the memory-mapped float32 vectors). Writes
-a table to stdout, ``docs/index_bench.json`` and ``docs/index_recall_latency.png``.
+against exact search (the service's ``ItemIndex.exact_search``, searched once for all
+indexes), single-query latency (median and p99, top-100) and the latency of a batch of
+64 queries; per built index its build time and bytes per vector (the serialised index,
+which for IVF-PQ excludes the memory-mapped float32 vectors). Writes a table to stdout,
+``docs/index_bench.json`` and ``docs/index_recall_latency.png``.
 
 ``--coarse-study`` adds what limits IVF recall on inner-product data: the share of the
 exact top-100 that lies in the visited lists, for faiss's spherical partition (what is
@@ -44,7 +46,7 @@ import platform
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import KW_ONLY, asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -76,12 +78,13 @@ class IndexCase:
     rescore: int = 0
     sweep: str = ""  # "nprobe", "ef_search" or "" (no parameter)
     values: tuple[int, ...] = ()
+    _: KW_ONLY
     shares: str = ""  # label of a case whose built index this one searches
     train_size: int = 100_000
     mips_to_l2: bool = False
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Point:
     """One operating point of one index."""
 
@@ -104,6 +107,7 @@ class Built:
     build_seconds: float
     bytes_per_vector: float
     compression: float
+    _: KW_ONLY
     points: list[Point] = field(default_factory=list)
 
 
@@ -212,20 +216,24 @@ def bundle_vectors(bundle: Path) -> tuple[np.ndarray, str]:
 
 
 def recall(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
-    """|approximate top-k ∩ exact top-k| / k, averaged over queries."""
+    """|approximate top-k ∩ exact top-k| / k, averaged over queries.
+
+    Not ``service.retrieval.measure_recall``: that counts repeats of the padding id 0 (an
+    index that found fewer than k items) as hits, and searches exactly on every call,
+    which this benchmark does once for all indexes.
+    """
     hits = [len(np.intersect1d(a[:k], e[:k])) for a, e in zip(approx, exact, strict=True)]
     return float(np.mean(hits) / k)
 
 
-def exact_top(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Internal ids (q, k) of the exact top-k by inner product: the ground truth."""
+def exact_top(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Internal ids (q, TOP) of the exact top-``TOP`` by inner product, the ground truth:
+    the service's ``ItemIndex.exact_search``. That reads only the float32 vectors, so the
+    faiss index it is handed here is an empty one."""
     import faiss
 
-    items = np.ascontiguousarray(vectors[1:], dtype=np.float32)
-    _, labels = faiss.knn(
-        np.ascontiguousarray(queries, dtype=np.float32), items, k, metric=faiss.METRIC_INNER_PRODUCT
-    )
-    return labels + 1
+    searcher = ItemIndex(faiss.IndexFlatIP(vectors.shape[1]), vectors, IndexSpec())
+    return searcher.exact_search(queries, TOP)[1]
 
 
 def single_query_ms(index: ItemIndex, queries: np.ndarray) -> np.ndarray:
@@ -256,6 +264,7 @@ def measure(
     value: int | None,
     queries: np.ndarray,
     exact_ids: np.ndarray,
+    *,
     latency_queries: int,
 ) -> Point:
     _, ids = index.search(queries, TOP)
@@ -277,6 +286,7 @@ def run_cases(
     queries: np.ndarray,
     exact_ids: np.ndarray,
     cases: list[IndexCase],
+    *,
     latency_queries: int = 200,
     seed: int = 0,
     gpus: int = 0,
@@ -289,13 +299,7 @@ def run_cases(
     for case in cases:
         if case.shares:
             base, base_info = built[case.shares]
-            info = Built(
-                case.label,
-                case.factory,
-                base_info.build_seconds,
-                base_info.bytes_per_vector,
-                base_info.compression,
-            )
+            info = replace(base_info, label=case.label, factory=case.factory, points=[])
             faiss_index, built_spec = base.index, base.spec
         else:
             LOG.info("building %s (%s) over %d vectors", case.label, case.factory, n_items)
@@ -322,7 +326,7 @@ def run_cases(
                 value,
                 queries,
                 exact_ids,
-                latency_queries,
+                latency_queries=latency_queries,
             )
             LOG.info(
                 "  %s %s=%s recall@10 %.4f @100 %.4f p50 %.2f ms",
@@ -342,6 +346,7 @@ def coarse_coverage(
     vectors: np.ndarray,
     queries: np.ndarray,
     exact_ids: np.ndarray,
+    *,
     lists: int,
     train_size: int,
     seed: int = 0,
@@ -520,6 +525,7 @@ def run_benchmark(
     queries: np.ndarray,
     cases: list[IndexCase],
     source: str,
+    *,
     out_json: Path | None = None,
     out_png: Path | None = None,
     latency_queries: int = 200,
@@ -529,15 +535,17 @@ def run_benchmark(
     """Run every case (and the coarse study); write the JSON and PNG; return the result."""
     before = machine()
     started = time.perf_counter()
-    exact_ids = exact_top(vectors, queries, TOP)
+    exact_ids = exact_top(vectors, queries)
     LOG.info(
         "exact top-%d of %d queries in %.1fs", TOP, len(queries), time.perf_counter() - started
     )
-    results = run_cases(vectors, queries, exact_ids, cases, latency_queries, gpus=gpus)
+    results = run_cases(
+        vectors, queries, exact_ids, cases, latency_queries=latency_queries, gpus=gpus
+    )
     coverage = []
     if coarse_study:
         lists, _, _, _, train_size = index_shape(vectors.shape[0] - 1, vectors.shape[1])
-        coverage = coarse_coverage(vectors, queries, exact_ids, lists, train_size)
+        coverage = coarse_coverage(vectors, queries, exact_ids, lists=lists, train_size=train_size)
     seconds = time.perf_counter() - started
     report = {
         "source": source,
@@ -599,22 +607,22 @@ def replot(json_path: Path, out_png: Path) -> dict:
 
 def sweep_served(bundle: Path, queries: np.ndarray, latency_queries: int) -> list[Point]:
     """The bundle's own index, as the service loads it, at a range of nprobe: nothing is
-    built, so a served index can be re-tuned in a minute."""
-    from service.retrieval import IndexSpec
-
+    built, so a served index can be re-tuned without a rebuild."""
     manifest = read_manifest(bundle)
     entry = manifest["retrievers"][manifest["default_encoder"]]
     vectors = np.load(bundle / entry["files"]["item_embeddings"], mmap_mode="r")
     spec = IndexSpec(**entry["index"]["spec"])
     served = ItemIndex.load(bundle / entry["files"]["index"], vectors, spec, device="cpu")
     case = IndexCase(f"served {spec.factory}", spec.factory, spec.rescore, "nprobe")
-    exact_ids = exact_top(vectors, queries, TOP)
+    exact_ids = served.exact_search(queries, TOP)[1]
     lists = faiss_lists(served.index)
     points = []
     # The spec's own nprobe beside the usual shares of the lists.
     for nprobe in sorted({max(1, round(lists * share)) for share in PROBE_SHARES} | {spec.nprobe}):
         index = ItemIndex(served.index, vectors, replace(spec, nprobe=nprobe))
-        points.append(measure(index, case, nprobe, queries, exact_ids, latency_queries))
+        points.append(
+            measure(index, case, nprobe, queries, exact_ids, latency_queries=latency_queries)
+        )
         LOG.info("served nprobe=%d recall@100 %.4f", nprobe, points[-1].recall_at_100)
     return points
 
@@ -724,11 +732,11 @@ def main(argv: list[str] | None = None) -> int:
         queries,
         cases,
         source,
-        args.out_json,
-        args.out_png,
-        args.latency_queries,
-        args.coarse_study,
-        gpus,
+        out_json=args.out_json,
+        out_png=args.out_png,
+        latency_queries=args.latency_queries,
+        coarse_study=args.coarse_study,
+        gpus=gpus,
     )
     print(plot_title(report))
     print(report["table"])

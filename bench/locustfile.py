@@ -1,13 +1,14 @@
-"""Locust version of bench/loadgen.py's traffic, for teams that run Locust.
+"""Locust version of the load generator's traffic, for teams that run Locust.
 
     pip install locust
     locust -f bench/locustfile.py --host http://127.0.0.1:8000 \
         --users 16 --spawn-rate 16 --run-time 60s --headless \
         --traffic-data synthetic --repeat-share 0.3 --user-id-share 0.2 --events-share 0.1
 
-Requests are drawn exactly as in ``bench/loadgen.py`` (its :class:`TrafficSampler`: real
-histories from ``--traffic-data``, repeats of earlier history bodies, user_id-only
-requests for users whose events were acknowledged, /events continuing a user's history).
+Requests are drawn exactly as ``python -m bench.loadgen`` draws them (the
+:class:`TrafficSampler` of bench/loadgen/traffic.py: real histories from
+``--traffic-data``, repeats of earlier history bodies, user_id-only requests for users
+whose events were acknowledged, /events continuing a user's history).
 Each Locust user sends its next request as soon as the last one answered (a closed loop;
 ``--users`` is the concurrency). Request names say the kind, e.g. ``/recommend [history
 repeat]``, so Locust's table splits latency by kind. The /recommend ``cache`` field is
@@ -30,7 +31,7 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:  # locust puts only bench/ on the path
     sys.path.insert(0, _ROOT)
 
-from bench.loadgen import (  # noqa: E402
+from bench.loadgen.traffic import (  # noqa: E402
     CACHE_VALUES,
     JSON_HEADERS,
     RECOMMEND,
@@ -102,7 +103,7 @@ if HttpUser is not None:
     @events.init_command_line_parser.add_listener
     def _add_arguments(parser) -> None:
         defaults = TrafficMix()
-        group = parser.add_argument_group("recserve traffic (bench/loadgen.py)")
+        group = parser.add_argument_group("recserve traffic (bench/loadgen/traffic.py)")
         group.add_argument("--traffic-data", default="synthetic", help="data spec of histories")
         group.add_argument("--events-share", type=float, default=defaults.events_share)
         group.add_argument("--user-id-share", type=float, default=defaults.user_id_share)

@@ -77,7 +77,14 @@ def test_index_benchmark_measures_recall_and_writes_json_and_png(tmp_path):
                             "MIPS->L2 IVF-PQ fast-scan + re-score")]  # fmt: skip
     cases.append(IndexCase("HNSW32", "HNSW32", 0, "ef_search", (64,)))
     report = run_benchmark(
-        vectors, queries, cases, "test", tmp_path / "r.json", tmp_path / "r.png", 10, True
+        vectors,
+        queries,
+        cases,
+        "test",
+        out_json=tmp_path / "r.json",
+        out_png=tmp_path / "r.png",
+        latency_queries=10,
+        coarse_study=True,
     )
     assert (tmp_path / "r.png").stat().st_size > 0
     written = json.loads((tmp_path / "r.json").read_text())

@@ -35,11 +35,11 @@ from bench.loadgen import (
     TrafficMix,
     TrafficSampler,
     latency_summary,
-    main,
     run_load,
     summarise,
     timeline,
 )
+from bench.loadgen.__main__ import main
 from training.data import build_sequences
 from training.synthetic import SyntheticConfig, generate
 

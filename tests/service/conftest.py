@@ -14,10 +14,23 @@ from pathlib import Path
 
 import pytest
 
-from bench.processes import RedisProcess, free_port, wait_until  # noqa: F401 (re-exported)
+from tests.servers import RedisProcess, free_port, wait_until  # noqa: F401 (re-exported)
 
 ADMIN_TOKEN = "test-admin-token-" + "x" * 20
 SHARED_REDIS_URL = os.environ.get("RECSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def server_settings(models_dir: Path, key_prefix: str) -> dict[str, str]:
+    """RECSERVE_* variables of a real test server (tests/servers.py's ``UvicornService``):
+    ``models_dir`` served on CPU, the shared Redis under ``key_prefix``, no reload polling."""
+    return {
+        "RECSERVE_MODELS_DIR": str(models_dir),
+        "RECSERVE_REDIS_URL": SHARED_REDIS_URL,
+        "RECSERVE_KEY_PREFIX": key_prefix,
+        "RECSERVE_ADMIN_TOKEN": ADMIN_TOKEN,
+        "RECSERVE_RELOAD_POLL_SECONDS": "0",
+        "RECSERVE_DEVICE": "cpu",
+    }
 
 
 def history_events(data, user: int, end: int | None = None) -> list[dict]:

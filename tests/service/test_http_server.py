@@ -6,8 +6,8 @@ import httpx
 import numpy as np
 import pytest
 
-from bench.processes import ServiceProcess
-from tests.service.conftest import ADMIN_TOKEN, SHARED_REDIS_URL, history_events
+from tests.servers import UvicornService
+from tests.service.conftest import ADMIN_TOKEN, history_events, server_settings
 
 STARTUP_SECONDS = 60  # imports of onnxruntime and faiss on a busy machine
 
@@ -15,15 +15,8 @@ STARTUP_SECONDS = 60  # imports of onnxruntime and faiss on a busy machine
 @pytest.fixture
 def server(served_models, key_prefix, tmp_path):
     """A uvicorn process serving the tiny bundle; yields its base URL; always stopped."""
-    service = ServiceProcess(
-        {
-            "RECSERVE_MODELS_DIR": str(served_models),
-            "RECSERVE_REDIS_URL": SHARED_REDIS_URL,
-            "RECSERVE_KEY_PREFIX": key_prefix,
-            "RECSERVE_ADMIN_TOKEN": ADMIN_TOKEN,
-            "RECSERVE_RELOAD_POLL_SECONDS": "0",
-            "RECSERVE_DEVICE": "cpu",
-        },
+    service = UvicornService(
+        server_settings(served_models, key_prefix),
         log_path=tmp_path / "uvicorn.log",
         access_log=True,
     )

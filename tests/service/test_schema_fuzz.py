@@ -15,8 +15,8 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
-from bench.processes import ServiceProcess  # noqa: E402
-from tests.service.conftest import ADMIN_TOKEN, SHARED_REDIS_URL, delete_prefix  # noqa: E402
+from tests.servers import UvicornService  # noqa: E402
+from tests.service.conftest import delete_prefix, server_settings  # noqa: E402
 
 EXAMPLES_PER_OPERATION = 400  # valid and invalid requests: about 3,000 in all
 
@@ -26,17 +26,7 @@ def fuzzed_server(exported_bundle, tmp_path_factory, shared_redis):
     models_dir, _ = exported_bundle
     prefix = f"fuzz{uuid.uuid4().hex[:16]}"
     log = tmp_path_factory.mktemp("fuzz") / "uvicorn.log"
-    service = ServiceProcess(
-        {
-            "RECSERVE_MODELS_DIR": str(models_dir),
-            "RECSERVE_REDIS_URL": SHARED_REDIS_URL,
-            "RECSERVE_KEY_PREFIX": prefix,
-            "RECSERVE_ADMIN_TOKEN": ADMIN_TOKEN,
-            "RECSERVE_RELOAD_POLL_SECONDS": "0",
-            "RECSERVE_DEVICE": "cpu",
-        },
-        log_path=log,
-    )
+    service = UvicornService(server_settings(models_dir, prefix), log_path=log)
     service.start(timeout=60)
     yield service
     service.stop()
