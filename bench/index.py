@@ -58,7 +58,9 @@ from service.retrieval import (
     IndexSpec,
     ItemIndex,
     augmented_dim,
+    exact_search,
     ivf_lists,
+    measure_recall,
     pq_subquantizers,
 )
 
@@ -215,35 +217,9 @@ def bundle_vectors(bundle: Path) -> tuple[np.ndarray, str]:
 # --------------------------------------------------------------------------- measuring
 
 
-def recall(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
-    """|approximate top-k ∩ exact top-k| / k, averaged over queries.
-
-    Not ``service.retrieval.measure_recall``: that counts repeats of the padding id 0 (an
-    index that found fewer than k items) as hits, and searches exactly on every call,
-    which this benchmark does once for all indexes.
-    """
-    hits = [len(np.intersect1d(a[:k], e[:k])) for a, e in zip(approx, exact, strict=True)]
-    return float(np.mean(hits) / k)
-
-
 def exact_top(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """Internal ids (q, TOP) of the exact top-``TOP`` by inner product, the ground truth:
-    the service's ``ItemIndex.exact_search``. That reads only the float32 vectors, so the
-    faiss index it is handed here is an empty one."""
-    import faiss
-
-    searcher = ItemIndex(faiss.IndexFlatIP(vectors.shape[1]), vectors, IndexSpec())
-    return searcher.exact_search(queries, TOP)[1]
-
-
-def single_query_ms(index: ItemIndex, queries: np.ndarray) -> np.ndarray:
-    index.search(queries[:1], TOP)  # warm-up
-    timings = []
-    for query in queries:
-        started = time.perf_counter()
-        index.search(query[None], TOP)
-        timings.append((time.perf_counter() - started) * 1000)
-    return np.asarray(timings)
+    """Internal ids (q, TOP) of the exact top-``TOP`` by inner product: the ground truth."""
+    return exact_search(vectors, queries, TOP)[1]
 
 
 def batch_ms(index: ItemIndex, queries: np.ndarray, batch: int = 64, repeats: int = 5) -> float:
@@ -267,16 +243,17 @@ def measure(
     *,
     latency_queries: int,
 ) -> Point:
-    _, ids = index.search(queries, TOP)
-    single = single_query_ms(index, queries[:latency_queries])
+    quality = measure_recall(
+        index, queries, (10, TOP), exact_ids=exact_ids, latency_queries=latency_queries
+    )
     return Point(
         label=case.label,
         param=case.sweep,
         value=value,
-        recall_at_10=recall(ids, exact_ids, 10),
-        recall_at_100=recall(ids, exact_ids, TOP),
-        query_ms_p50=float(np.median(single)),
-        query_ms_p99=float(np.percentile(single, 99)),
+        recall_at_10=quality["recall@10"],
+        recall_at_100=quality[f"recall@{TOP}"],
+        query_ms_p50=quality["query_ms_p50"],
+        query_ms_p99=quality["query_ms_p99"],
         batch64_ms_p50=batch_ms(index, queries),
     )
 
@@ -614,7 +591,7 @@ def sweep_served(bundle: Path, queries: np.ndarray, latency_queries: int) -> lis
     spec = IndexSpec(**entry["index"]["spec"])
     served = ItemIndex.load(bundle / entry["files"]["index"], vectors, spec, device="cpu")
     case = IndexCase(f"served {spec.factory}", spec.factory, spec.rescore, "nprobe")
-    exact_ids = served.exact_search(queries, TOP)[1]
+    exact_ids = exact_top(vectors, queries)
     lists = faiss_lists(served.index)
     points = []
     # The spec's own nprobe beside the usual shares of the lists.

@@ -299,13 +299,7 @@ class ItemIndex:
 
     def exact_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Brute-force top-k against the float32 vectors: the ground truth for recall."""
-        import faiss
-
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        scores, labels = faiss.knn(
-            queries, np.ascontiguousarray(self.vectors[1:]), k, metric=faiss.METRIC_INNER_PRODUCT
-        )
-        return scores, labels + 1
+        return exact_search(self.vectors, queries, k)
 
     def memory_bytes(self) -> int:
         """Size of the index structure itself (the float32 vectors stay memory-mapped)."""
@@ -433,22 +427,47 @@ def _base_index(index):
     return index
 
 
+def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-k by inner product over rows 1..N of ``vectors`` (row 0 = padding):
+    scores and internal ids (q, k), id 0 where there are fewer than k items."""
+    import faiss
+
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    scores, labels = faiss.knn(
+        queries, np.ascontiguousarray(vectors[1:]), k, metric=faiss.METRIC_INNER_PRODUCT
+    )
+    return scores, np.where(labels >= 0, labels + 1, 0)
+
+
+def recall_at(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
+    """|approximate top-k ∩ exact top-k| / k averaged over queries; the padding id 0 (a
+    slot the index left empty) is never a hit."""
+    hits = [
+        len(np.intersect1d(a[:k][a[:k] > 0], e[:k]))
+        for a, e in zip(approx_ids, exact_ids, strict=True)
+    ]
+    return float(np.mean(hits) / k) if hits else float("nan")
+
+
 def measure_recall(
-    index: ItemIndex, queries: np.ndarray, ks: tuple[int, ...] = (10, 100)
+    index: ItemIndex,
+    queries: np.ndarray,
+    ks: tuple[int, ...] = (10, 100),
+    *,
+    exact_ids: np.ndarray | None = None,
+    latency_queries: int = 200,
 ) -> dict[str, float]:
-    """|approximate top-k ∩ exact top-k| / k averaged over queries, plus single-query latency."""
+    """Recall@k against exact search for each k, plus single-query latency (p50, p99 ms)
+    over the first ``latency_queries`` queries. ``exact_ids`` (q, max(ks)) spares the
+    exact search when the caller measures several indexes against the same truth."""
     top = max(ks)
-    _, exact_ids = index.exact_search(queries, top)
+    if exact_ids is None:
+        exact_ids = exact_search(index.vectors, queries, top)[1]
     _, approx_ids = index.search(queries, top)
-    result: dict[str, float] = {}
-    for k in ks:
-        overlap = [
-            len(np.intersect1d(a[:k], e[:k], assume_unique=True)) / k
-            for a, e in zip(approx_ids, exact_ids, strict=True)
-        ]
-        result[f"recall@{k}"] = float(np.mean(overlap))
+    result = {f"recall@{k}": recall_at(approx_ids, exact_ids, k) for k in ks}
+    index.search(queries[:1], top)  # warm-up: the first search pays for lazy set-up
     timings = []
-    for query in queries[: min(len(queries), 200)]:
+    for query in queries[: min(len(queries), latency_queries)]:
         started = time.perf_counter()
         index.search(query[None], top)
         timings.append((time.perf_counter() - started) * 1000)

@@ -343,3 +343,19 @@ def test_a_gpu_index_is_searched_by_one_thread_at_a_time_a_cpu_index_by_several(
     on_cpu = recording(gpus=0, meet=threading.Barrier(2, timeout=10))
     search_from_threads(on_cpu, 2)
     assert on_cpu.index.most == 2
+
+
+def test_recall_never_counts_an_empty_slot_as_a_hit():
+    """An index that fills one slot of four finds a quarter of the exact top 4, even where
+    its empty slots (id 0) repeat."""
+
+    class OneHit:
+        vectors = np.vstack([np.zeros((1, 4)), np.eye(4)]).astype(np.float32)
+
+        def search(self, queries, k):
+            ids = np.zeros((len(queries), k), dtype=np.int64)
+            ids[:, 0] = 1
+            return np.zeros(ids.shape, np.float32), ids
+
+    quality = measure_recall(OneHit(), np.ones((3, 4), np.float32), ks=(4,))
+    assert quality["recall@4"] == 0.25
