@@ -14,9 +14,9 @@ import logging
 import sys
 from pathlib import Path
 
-from service.errors import BundleError
-from training.data import DataError, build_sequences, load_dataset
-from training.export import ExportError
+from service.errors import RecserveError
+from training.data import build_sequences, load_dataset
+from training.errors import ConfigError, TrainingError
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -173,8 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "batch-recommend":
             return _batch_recommend(args)
         return _evaluate(args)
-    except (DataError, ExportError, BundleError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (TrainingError, RecserveError) as exc:
+        # One line naming the problem, never a traceback (some messages quote a library's
+        # paragraph: its lines are joined).
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 
@@ -204,7 +207,7 @@ def _key_values(pairs: list[str], flag: str) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"error: {flag} expects KEY=VALUE, got {pair!r}")
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {pair!r}")
         options[key.strip()] = json.loads(value) if _is_json_scalar(value) else value
     return options
 
@@ -230,14 +233,9 @@ def _model_options(args) -> dict:
         if value is not None:
             options[key] = value
     options.update(_key_values(args.model_option, "--model-option"))
-    try:
-        unknown = set(options) - encoder_options(args.model)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from exc
+    unknown = set(options) - encoder_options(args.model)
     if unknown:
-        raise SystemExit(
-            f"error: --model {args.model} has no option(s) {', '.join(sorted(unknown))}"
-        )
+        raise ConfigError(f"--model {args.model} has no option(s) {', '.join(sorted(unknown))}")
     return options
 
 
@@ -345,19 +343,11 @@ def _batch_recommend(args) -> int:
 
 def _evaluate(args) -> int:
     from training.evaluate import evaluate, model_scorer, popularity_scorer
-    from training.trainer import load_checkpoint
+    from training.trainer import check_same_items, load_checkpoint
 
     model, payload = load_checkpoint(args.checkpoint)
     data = build_sequences(load_dataset(args.data, args.skip_malformed))
-    if (
-        data.n_items != payload["model_config"]["n_items"]
-        or data.item_map.raw.tolist() != payload["item_ids"]
-    ):
-        print(
-            f"error: {args.data} has other items than {args.checkpoint} was trained on",
-            file=sys.stderr,
-        )
-        return 2
+    check_same_items(args.checkpoint, payload, data)
     metrics = {
         "model": {args.split: evaluate(model_scorer(model), data, args.split, model.max_len)},
         "popularity": {

@@ -50,6 +50,7 @@ from service.features import HISTORY_WINDOW, ItemFeatures, left_padded_events
 from service.histories import left_padded_window
 from service.ranking import INPUT_NAMES, OUTPUT_NAME, CtrHead, head_inputs
 from training.data import SequenceData
+from training.errors import CtrError
 from training.export import export_onnx
 
 LOG = logging.getLogger(__name__)
@@ -57,10 +58,6 @@ LOG = logging.getLogger(__name__)
 PARITY_TOLERANCE = 1e-4
 LIKED_THRESHOLD = 4.0
 CUTOFF = 10
-
-
-class CtrError(Exception):
-    """The CTR head cannot be trained or exported as asked."""
 
 
 # --------------------------------------------------------------------------- config

@@ -36,27 +36,9 @@ from pathlib import Path
 import numpy as np
 
 from service.histories import PAD, left_padded_window  # noqa: F401  (re-exported)
+from training.errors import DataError, DataFormatError, DataSpecError
 
 LOG = logging.getLogger(__name__)
-
-
-class DataError(Exception):
-    """Base class of the errors raised while reading interaction data."""
-
-
-class DataFormatError(DataError):
-    """A file is malformed; the message names the file, the line and the problem."""
-
-    def __init__(self, path: str | Path, line: int | None, problem: str):
-        self.path = str(path)
-        self.line = line
-        self.problem = problem
-        where = f"{self.path}:{line}" if line is not None else self.path
-        super().__init__(f"{where}: {problem}")
-
-
-class DataSpecError(DataError):
-    """A ``--data`` spec cannot be understood or points at nothing."""
 
 
 @dataclass

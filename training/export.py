@@ -34,17 +34,14 @@ from service.encoder import OnnxUserEncoder
 from service.histories import left_padded_window
 from service.retrieval import IndexSpec, ItemIndex, measure_recall
 from training.data import SequenceData
+from training.errors import ExportError
 from training.models.base import UserEncoder
-from training.trainer import load_checkpoint
+from training.trainer import check_same_items, load_checkpoint
 
 LOG = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-4
 RECALL_QUERIES = 1000
-
-
-class ExportError(Exception):
-    """The exported artifact does not behave like the trained model."""
 
 
 class InferenceEncoder(nn.Module):
@@ -167,8 +164,7 @@ def export_retriever(
     ``index_device`` says where the index will be searched (``auto``: on a GPU when faiss
     sees one here), which decides the kind of index ``auto`` builds."""
     model, payload = load_checkpoint(checkpoint)
-    if payload["item_ids"] != data.item_map.raw.tolist():
-        raise ExportError(f"{checkpoint}: trained on other items than the data given")
+    check_same_items(checkpoint, payload, data)
     name = payload["model"]
     folder = retriever_dir(name)
     onnx_path = writer.path(f"{folder}/user_encoder.onnx")

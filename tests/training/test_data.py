@@ -15,9 +15,6 @@ import pytest
 
 from training.data import (
     PAD,
-    DataError,
-    DataFormatError,
-    DataSpecError,
     Interactions,
     build_sequences,
     left_padded_window,
@@ -28,6 +25,7 @@ from training.data import (
     load_movielens_100k,
     load_parquet,
 )
+from training.errors import DataError, DataFormatError, DataSpecError, TrainingError
 
 GOOD_RATINGS = "1::10::5::100\n1::20::3::200\n2::10::4::150\n"
 
@@ -557,6 +555,7 @@ def test_bad_synthetic_option_is_a_spec_error(spec):
 def test_spec_and_format_errors_are_both_data_errors():
     assert issubclass(DataSpecError, DataError)
     assert issubclass(DataFormatError, DataError)
+    assert issubclass(DataError, TrainingError)
 
 
 # --------------------------------------------------------------------------- build_sequences

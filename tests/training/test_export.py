@@ -6,8 +6,9 @@ import torch
 
 from service.bundle import load_bundle, read_manifest
 from training.batch_recommend import batch_recommend
+from training.errors import CheckpointError, ExportError
 from training.evaluate import model_scorer, ranked_scores
-from training.export import ExportError, check_parity, export_user_encoder, parity_shapes
+from training.export import check_parity, export_user_encoder, parity_shapes
 
 
 def test_parity_shapes_include_lengths_not_used_at_export():
@@ -95,7 +96,7 @@ def test_checkpoint_for_other_items_is_not_exported(trained_run, tmp_path):
     from training.synthetic import SyntheticConfig, generate
 
     other = build_sequences(generate(SyntheticConfig(users=50, items=40, seed=9)))
-    with pytest.raises(ExportError, match="other items"):
+    with pytest.raises(CheckpointError, match="other items"):
         export_bundle([trained_run.checkpoint], other, tmp_path, name="x")
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from training.errors import ConfigError
 from training.losses import OBJECTIVES, CrossBatchNegatives, build_objective
 from training.models import build_encoder
 from training.trainer import batches, sequence_loss, training_windows
@@ -34,7 +35,7 @@ def test_every_objective_is_registered():
     counts = np.ones(6, dtype=np.int64)
     assert build_objective("ccl", counts).cosine
     assert not build_objective("sampled_softmax", counts).cosine
-    with pytest.raises(ValueError, match="bad option"):
+    with pytest.raises(ConfigError, match="bad option"):
         build_objective("sampled_softmax", counts, margin=0.5)
 
 

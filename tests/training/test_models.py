@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from training.errors import ConfigError
 from training.export import check_parity, export_user_encoder
 from training.losses import build_objective
 from training.models import build_encoder
@@ -66,9 +67,9 @@ def test_time_buckets_are_log_spaced_and_zero_for_padding():
 
 
 def test_unknown_model_options_are_refused():
-    with pytest.raises(ValueError, match="no option"):
+    with pytest.raises(ConfigError, match="no option"):
         build_encoder("sasrec", 10, heads=3)
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ConfigError, match="unknown model"):
         build_encoder("gru4rec", 10)
 
 

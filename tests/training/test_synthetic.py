@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from training.data import DataSpecError, build_sequences
+from training.data import build_sequences
+from training.errors import DataSpecError
 from training.synthetic import SyntheticConfig, generate
 
 

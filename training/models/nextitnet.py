@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.errors import ConfigError
 from training.models.base import UserEncoder, init_weights, time_buckets
 
 
@@ -49,7 +50,7 @@ class NextItNetConfig:
         # A config read back from JSON (a report, a manifest) carries a list.
         self.dilations = tuple(self.dilations)
         if not self.dilations or len(self.dilations) % 2:
-            raise ValueError(
+            raise ConfigError(
                 f"dilations {self.dilations} must pair up: each residual block has two"
             )
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.errors import ConfigError
 from training.models.base import UserEncoder, init_weights, time_buckets
 
 
@@ -37,7 +38,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, n_heads: int):
         super().__init__()
         if dim % n_heads:
-            raise ValueError(f"dim {dim} is not divisible by n_heads {n_heads}")
+            raise ConfigError(f"dim {dim} is not divisible by n_heads {n_heads}")
         self.n_heads = n_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.errors import ConfigError
 from training.models.base import UserEncoder, init_weights, time_buckets
 
 
@@ -49,7 +50,7 @@ class TwoTower(UserEncoder):
     def __init__(self, config: TwoTowerConfig):
         super().__init__()
         if config.recent < 1:
-            raise ValueError(f"recent must be at least 1, not {config.recent}")
+            raise ConfigError(f"recent must be at least 1, not {config.recent}")
         self.config = config
         self.max_len = config.max_len
         self.item_embedding = nn.Embedding(config.n_items + 1, config.dim, padding_idx=0)
