@@ -116,16 +116,6 @@ def resolve_retriever(source, encoder: str | None = None):
 # --------------------------------------------------------------------------- examples
 
 
-def training_events(data: SequenceData) -> tuple[np.ndarray, np.ndarray]:
-    """Item ids and timestamps of the training events (all but each user's last two)."""
-    starts, ends = data.offsets[:-1], data.train_end()
-    marks = np.zeros(len(data.items) + 1, dtype=np.int64)
-    np.add.at(marks, starts, 1)
-    np.add.at(marks, ends, -1)
-    mask = np.cumsum(marks[:-1]) > 0
-    return data.items[mask], data.timestamps[mask]
-
-
 def item_genres(data: SequenceData) -> list[list[str]] | None:
     """Genres per internal id (row 0 empty), or None when the data has no genres."""
     if data.metadata is None or not data.metadata.genres:
@@ -136,7 +126,7 @@ def item_genres(data: SequenceData) -> list[list[str]] | None:
 
 def training_item_features(data: SequenceData) -> ItemFeatures:
     """Item facts from the training events only, with the point-in-time age index."""
-    items, timestamps = training_events(data)
+    items, timestamps = data.training_events()
     return ItemFeatures.from_events(data.n_items, items, timestamps, item_genres(data))
 
 

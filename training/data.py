@@ -543,15 +543,23 @@ class SequenceData:
             raise ValueError(f"split must be 'valid' or 'test', not {split!r}")
         return users, history_end, self.items[history_end]
 
-    def train_item_counts(self) -> np.ndarray:
-        """Interaction count per internal item id over training events only ([N + 1])."""
+    def train_mask(self) -> np.ndarray:
+        """Whether each event is a training event ([E] bool): all but evaluated users' last two."""
         starts, ends = self.offsets[:-1], self.train_end()
         # A difference array marks each user's training range without a Python loop.
         marks = np.zeros(len(self.items) + 1, dtype=np.int64)
         np.add.at(marks, starts, 1)
         np.add.at(marks, ends, -1)
-        mask = np.cumsum(marks[:-1]) > 0
-        return np.bincount(self.items[mask], minlength=self.n_items + 1)
+        return np.cumsum(marks[:-1]) > 0
+
+    def training_events(self) -> tuple[np.ndarray, np.ndarray]:
+        """Item ids and timestamps of the training events, in event order."""
+        mask = self.train_mask()
+        return self.items[mask], self.timestamps[mask]
+
+    def train_item_counts(self) -> np.ndarray:
+        """Interaction count per internal item id over training events only ([N + 1])."""
+        return np.bincount(self.items[self.train_mask()], minlength=self.n_items + 1)
 
     def summary(self) -> dict:
         """Counts and ranges for reports and the bundle manifest."""

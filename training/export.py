@@ -31,6 +31,7 @@ from torch import nn
 from service.bundle import ITEMS, BundleWriter, retriever_dir, write_items_table
 from service.devices import faiss_gpus
 from service.encoder import OnnxUserEncoder
+from service.features import last_seen_from_events
 from service.histories import left_padded_window
 from service.retrieval import IndexSpec, ItemIndex, measure_recall
 from training.data import SequenceData
@@ -274,9 +275,6 @@ def export_bundle(
     With ``ctr`` (a ``training.ctr.CtrConfig``) each retriever also gets a CTR head trained
     on the candidates its exported encoder and index retrieve.
     """
-    from service.features import last_seen_from_events
-    from training.ctr import training_events
-
     if not checkpoints:
         raise ExportError("no checkpoint to export")
     created = datetime.now(timezone.utc)
@@ -298,7 +296,7 @@ def export_bundle(
             counts,
             metadata.titles if metadata else None,
             metadata.genres if metadata else None,
-            last_seen=last_seen_from_events(data.n_items, *training_events(data)),
+            last_seen=last_seen_from_events(data.n_items, *data.training_events()),
         )
         if ctr is not None:
             for entry in retrievers.values():

@@ -643,6 +643,16 @@ def test_train_item_counts_count_only_training_events():
     assert counts[PAD] == 0
 
 
+def test_training_events_are_all_but_evaluated_users_last_two_in_event_order():
+    data = build_sequences(interactions(ROWS))
+
+    # Per user by time: a -> y, w, x (valid), z (test); b -> y, x; c -> z.
+    assert data.train_mask().tolist() == [True, True, False, False, True, True, True]
+    items, timestamps = data.training_events()
+    assert data.item_map.raw[items].tolist() == ["y", "w", "y", "x", "z"]
+    assert timestamps.tolist() == [10, 20, 5, 7, 1]
+
+
 def test_summary_reports_counts_and_ranges():
     summary = build_sequences(interactions(ROWS)).summary()
 
