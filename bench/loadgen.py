@@ -74,7 +74,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.data import DataError, SequenceData, build_sequences, load_dataset  # noqa: E402
+from training.data import DataError, SequenceData, build_sequences  # noqa: E402
+from training.datasets import load_dataset  # noqa: E402
 
 LOG = logging.getLogger("bench.loadgen")
 

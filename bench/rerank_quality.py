@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         rerank_quality,
         train_ctr_head,
     )
-    from training.data import build_sequences, load_dataset
+    from training.data import build_sequences
+    from training.datasets import load_dataset
     from training.export import export_bundle
 
     if args.threads:

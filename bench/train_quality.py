@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "train_quality.png")
     args = parser.parse_args(argv)
 
-    from training.data import build_sequences, load_dataset
+    from training.data import build_sequences
+    from training.datasets import load_dataset
 
     runs = list(SUITES.get(args.suite, []))
     for spec in args.run:

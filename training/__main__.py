@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from service.errors import RecserveError
-from training.data import build_sequences, load_dataset
+from training.data import build_sequences
+from training.datasets import load_dataset
 from training.errors import ConfigError, TrainingError
 
 

@@ -11,14 +11,8 @@ A malformed file raises :class:`DataFormatError` naming the file, the line and t
 problem. With ``skip_malformed=True`` bad lines are skipped and counted in
 ``Interactions.skipped`` instead; nothing is ever dropped silently.
 
-Data specs (the CLI's ``--data``) are parsed by :func:`load_dataset`::
-
-    ml-1m:PATH        directory or ratings.dat[.gz]   (movies.dat beside it adds metadata)
-    ml-100k:PATH      directory or u.data             (u.item beside it adds metadata)
-    amazon:PATH       directory with *_item.txt[.gz] and *_time.txt[.gz], or "ITEMS,TIMES"
-    csv:PATH          header with user,item,timestamp[,rating]
-    parquet:PATH      the same columns
-    synthetic[:k=v,...]   the embedded generator (see training.synthetic)
+A ``--data`` spec names one of these loaders or the synthetic generator; it is resolved
+by ``training.datasets.load_dataset``.
 """
 
 from __future__ import annotations
@@ -417,49 +411,6 @@ def load_parquet(path: str | Path, skip_malformed: bool = False) -> Interactions
     if skipped:
         LOG.warning("%s: skipped %d rows with nulls", path, skipped)
     return Interactions(users, items, timestamps, ratings, f"parquet:{path}", skipped=skipped)
-
-
-def _amazon_files(path: Path) -> tuple[Path, Path]:
-    if "," in str(path):
-        first, second = str(path).split(",", 1)
-        for part in (first, second):
-            if not Path(part).is_file():
-                raise DataSpecError(f"{part}: no such file")
-        return Path(first), Path(second)
-    if not path.is_dir():
-        raise DataSpecError(f"{path}: expected a directory or 'ITEMS,TIMES'")
-    items = sorted(path.glob("*_item.txt*"))
-    times = sorted(path.glob("*_time.txt*"))
-    if len(items) != 1 or len(times) != 1:
-        raise DataSpecError(f"{path}: expected one *_item.txt[.gz] and one *_time.txt[.gz]")
-    return items[0], times[0]
-
-
-def load_dataset(spec: str, skip_malformed: bool = False) -> Interactions:
-    """Load interactions from a data spec such as ``ml-1m:/data/ml-1m`` or ``synthetic``."""
-    kind, _, rest = spec.partition(":")
-    kind = kind.strip().lower()
-    if kind == "synthetic":
-        from training.synthetic import SyntheticConfig, generate
-
-        return generate(SyntheticConfig.from_spec(rest))
-    if not rest:
-        raise DataSpecError(f"data spec {spec!r} needs a path: KIND:PATH")
-    path = Path(rest).expanduser()
-    if kind in ("ml-1m", "ml-10m", "movielens"):
-        return load_movielens_1m(path, skip_malformed)
-    if kind == "ml-100k":
-        return load_movielens_100k(path, skip_malformed)
-    if kind == "amazon":
-        return load_amazon_sequences(*_amazon_files(path), skip_malformed=skip_malformed)
-    if kind == "csv":
-        return load_csv(path, skip_malformed)
-    if kind == "parquet":
-        return load_parquet(path, skip_malformed)
-    raise DataSpecError(
-        f"unknown data kind {kind!r} in {spec!r}; "
-        "use ml-1m, ml-100k, amazon, csv, parquet or synthetic"
-    )
 
 
 # --------------------------------------------------------------------------- sequences

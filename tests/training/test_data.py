@@ -20,11 +20,11 @@ from training.data import (
     left_padded_window,
     load_amazon_sequences,
     load_csv,
-    load_dataset,
     load_movielens_1m,
     load_movielens_100k,
     load_parquet,
 )
+from training.datasets import load_dataset
 from training.errors import DataError, DataFormatError, DataSpecError, TrainingError
 
 GOOD_RATINGS = "1::10::5::100\n1::20::3::200\n2::10::4::150\n"
