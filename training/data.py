@@ -22,7 +22,7 @@ import gzip
 import io
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -206,16 +206,12 @@ def load_movielens_1m(path: str | Path, skip_malformed: bool = False) -> Interac
     ratings_path = _pick_file(Path(path), ["ratings.dat", "ratings.dat.gz"], "ratings")
     rows = _Rows(ratings_path, skip_malformed, with_ratings=True)
     _read_separated(ratings_path, "::", rows)
-    metadata = None
-    movies = ratings_path.parent / "movies.dat"
-    if movies.is_file():
-        metadata = ItemMetadata()
-        for number, line in _numbered_lines(movies, encoding="latin-1"):
-            parts = line.split("::")
-            if len(parts) != 3:
-                raise DataFormatError(movies, number, f"expected 3 fields, got {len(parts)}")
-            metadata.titles[parts[0]] = parts[1]
-            metadata.genres[parts[0]] = [g for g in parts[2].split("|") if g]
+    metadata = _read_item_metadata(
+        ratings_path.parent / "movies.dat",
+        "::",
+        n_fields=3,
+        genres=lambda parts: [g for g in parts[2].split("|") if g],
+    )
     return rows.build(f"ml-1m:{ratings_path}", metadata)
 
 
@@ -234,20 +230,34 @@ def load_movielens_100k(path: str | Path, skip_malformed: bool = False) -> Inter
     data_path = _pick_file(Path(path), ["u.data"], "u.data")
     rows = _Rows(data_path, skip_malformed, with_ratings=True)
     _read_separated(data_path, "\t", rows)
-    metadata = None
-    item_file = data_path.parent / "u.item"
-    if item_file.is_file():
-        metadata = ItemMetadata()
-        for number, line in _numbered_lines(item_file, encoding="latin-1"):
-            parts = line.split("|")
-            if len(parts) != 5 + len(ML100K_GENRES):
-                raise DataFormatError(item_file, number, f"expected 24 fields, got {len(parts)}")
-            metadata.titles[parts[0]] = parts[1]
-            flags = parts[5:]
-            metadata.genres[parts[0]] = [
-                g for g, f in zip(ML100K_GENRES, flags, strict=True) if f == "1"
-            ]
+    metadata = _read_item_metadata(
+        data_path.parent / "u.item",
+        "|",
+        n_fields=5 + len(ML100K_GENRES),
+        genres=lambda parts: [
+            g for g, flag in zip(ML100K_GENRES, parts[5:], strict=True) if flag == "1"
+        ],
+    )
     return rows.build(f"ml-100k:{data_path}", metadata)
+
+
+def _read_item_metadata(
+    path: Path, sep: str, *, n_fields: int, genres: Callable[[list[str]], list[str]]
+) -> ItemMetadata | None:
+    """Titles and genres from a MovieLens item file (latin-1; id, title, ...), None if absent.
+
+    ``genres`` picks an item's genres from its ``n_fields`` fields.
+    """
+    if not path.is_file():
+        return None
+    metadata = ItemMetadata()
+    for number, line in _numbered_lines(path, encoding="latin-1"):
+        parts = line.split(sep)
+        if len(parts) != n_fields:
+            raise DataFormatError(path, number, f"expected {n_fields} fields, got {len(parts)}")
+        metadata.titles[parts[0]] = parts[1]
+        metadata.genres[parts[0]] = genres(parts)
+    return metadata
 
 
 def load_amazon_sequences(
