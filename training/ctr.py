@@ -51,6 +51,7 @@ from service.histories import left_padded_window
 from service.ranking import INPUT_NAMES, OUTPUT_NAME, CtrHead, head_inputs
 from training.data import SequenceData
 from training.errors import CtrError
+from training.evaluate import log_loss, metrics_from_ranks, roc_auc
 from training.export import export_onnx
 
 LOG = logging.getLogger(__name__)
@@ -464,36 +465,6 @@ class AdaTaskAdam(torch.optim.Optimizer):
                     p.add_(update, alpha=-group["lr"])
 
 
-# --------------------------------------------------------------------------- metrics
-
-
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve by rank statistics (Mann-Whitney U; ties get mean ranks).
-
-    NaN when only one class is present.
-    """
-    labels = np.asarray(labels).astype(bool).ravel()
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    positives = int(labels.sum())
-    negatives = len(labels) - positives
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    first = np.cumsum(counts) - counts + 1  # 1-based rank of each distinct value's first
-    ranks = (first + (counts - 1) / 2.0)[inverse.ravel()]
-    u = ranks[labels].sum() - positives * (positives + 1) / 2.0
-    return float(u / (positives * negatives))
-
-
-def log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
-    """Mean binary cross-entropy of sigmoid(logits), computed stably from logits."""
-    labels = np.asarray(labels, dtype=np.float64).ravel()
-    logits = np.asarray(logits, dtype=np.float64).ravel()
-    if len(labels) == 0:
-        return float("nan")
-    return float(np.mean(np.logaddexp(0.0, logits) - labels * logits))
-
-
 # (user (b, d), candidates (b, c, d), features (b, c, f)) -> logits (b, c, t) or (b, c)
 Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
@@ -563,14 +534,6 @@ def classification_report(scorer: Scorer, candidates: CandidateSet, vectors: np.
     return result
 
 
-def ranking_metrics(ranks: np.ndarray, cutoff: int = CUTOFF) -> dict[str, float]:
-    """NDCG@k and Recall@k from 0-based ranks (a miss has rank >= k)."""
-    ranks = np.asarray(ranks, dtype=np.float64)
-    hit = ranks < cutoff
-    ndcg = np.where(hit, 1.0 / np.log2(np.where(hit, ranks, 0.0) + 2.0), 0.0)
-    return {f"ndcg@{cutoff}": float(ndcg.mean()), f"recall@{cutoff}": float(hit.mean())}
-
-
 def rerank_ranks(logits: np.ndarray, ids: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """0-based rank of each target after ordering by logits (ties: retrieval order)."""
     logits = np.where(ids > 0, logits, -np.inf)
@@ -606,8 +569,8 @@ def rerank_quality(
         retrieval = first_match(ids, test.targets)
         reranked = rerank_ranks(logits[:, :depth], ids, test.targets)
         result[str(depth)] = {
-            "retrieval": ranking_metrics(retrieval, cutoff),
-            "reranked": ranking_metrics(reranked, cutoff),
+            "retrieval": metrics_from_ranks(retrieval, (cutoff,), mrr=False),
+            "reranked": metrics_from_ranks(reranked, (cutoff,), mrr=False),
             "recall@depth": float((retrieval < depth).mean()) if len(ids) else float("nan"),
         }
     return result

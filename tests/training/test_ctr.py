@@ -16,32 +16,13 @@ from training.ctr import (
     check_head_parity,
     export_ctr_head,
     head_parity_shapes,
-    log_loss,
     prepare_ctr_data,
     rerank_quality,
-    roc_auc,
     torch_scorer,
     train_ctr_head,
 )
 
 TINY_HEAD = dict(candidates=30, epochs=3, batch_size=16, deep=(32,), tower=8, cross_layers=1)
-
-
-def test_auc_matches_a_hand_computed_value():
-    # Positives 0.9 and 0.3 against negatives 0.8, 0.3, 0.1:
-    # 0.9 beats all three (3); 0.3 loses to 0.8, ties 0.3 (0.5), beats 0.1 (1) -> 4.5 / 6.
-    labels = np.array([1, 0, 1, 0, 0])
-    scores = np.array([0.9, 0.8, 0.3, 0.3, 0.1])
-    assert roc_auc(labels, scores) == pytest.approx(0.75)
-    assert roc_auc(labels, -scores) == pytest.approx(0.25)
-    assert np.isnan(roc_auc(np.ones(3), np.arange(3.0)))
-
-
-def test_log_loss_is_binary_cross_entropy_of_the_logits():
-    assert log_loss(np.array([1, 0]), np.array([0.0, 0.0])) == pytest.approx(np.log(2))
-    # p = sigmoid(2) for a positive, 1 - sigmoid(-1) for a negative
-    expected = -(np.log(1 / (1 + np.exp(-2))) + np.log(1 - 1 / (1 + np.exp(1)))) / 2
-    assert log_loss(np.array([1, 0]), np.array([2.0, -1.0])) == pytest.approx(expected)
 
 
 def _toy(kind: str, steps: int, lr: float = 0.01):
