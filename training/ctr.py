@@ -28,7 +28,7 @@ factorised projection of user, item and their product: small, explicit feature c
 multiply-adds per candidate, so that reranking 200 candidates stays a small share of a
 request. With a second label (MovieLens: rating >= 4, "liked",
 beside "watched next") it has one output tower per task; the served logit is "watched".
-``AdaTaskAdam`` keeps Adam's moments per task on every parameter.
+``AdaTaskAdam`` (``training.optimizers``) keeps Adam's moments per task on every parameter.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from training.data import SequenceData
 from training.errors import CtrError
 from training.evaluate import log_loss, metrics_from_ranks, roc_auc
 from training.export import export_onnx
+from training.optimizers import build_optimizer, optimizer_step
 
 LOG = logging.getLogger(__name__)
 
@@ -399,72 +400,6 @@ class InferenceHead(nn.Module):
         return self.head.towers[0](joined).reshape(candidate_features.shape[:2])
 
 
-# --------------------------------------------------------------------------- optimisers
-
-
-class AdaTaskAdam(torch.optim.Optimizer):
-    """Adam with task-wise adaptive learning rates (AdaTask, Yang et al., AAAI 2023).
-
-    Each task's gradient is computed on its own (``autograd.grad`` of that task's loss), fed
-    to its own first- and second-moment accumulators on every parameter, normalised by its
-    own running second moment, and only then summed. A task with 100x larger gradients thus
-    cannot drown the other on shared parameters, as it does in Adam on the summed loss
-    (one accumulator). A parameter one task does not reach gets zero from it.
-
-    Use ``optimizer.step(losses)`` with one scalar loss per task (no ``backward``).
-    """
-
-    def __init__(
-        self,
-        params,
-        n_tasks: int,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-    ):
-        if n_tasks < 1:
-            raise ValueError("AdaTaskAdam needs at least one task")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.n_tasks = n_tasks
-
-    def step(self, losses: Sequence[torch.Tensor]) -> None:  # type: ignore[override]
-        if len(losses) != self.n_tasks:
-            raise ValueError(f"expected {self.n_tasks} task losses, got {len(losses)}")
-        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        task_grads = [
-            torch.autograd.grad(loss, params, retain_graph=k < len(losses) - 1, allow_unused=True)
-            for k, loss in enumerate(losses)
-        ]
-        index = 0
-        with torch.no_grad():
-            for group in self.param_groups:
-                beta1, beta2 = group["betas"]
-                for p in group["params"]:
-                    if not p.requires_grad:
-                        continue
-                    grads = [task_grads[k][index] for k in range(self.n_tasks)]
-                    index += 1
-                    state = self.state[p]
-                    if not state:
-                        state["step"] = 0
-                        state["exp_avg"] = torch.zeros((self.n_tasks, *p.shape), dtype=p.dtype)
-                        state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-                    state["step"] += 1
-                    correction1 = 1 - beta1 ** state["step"]
-                    correction2 = 1 - beta2 ** state["step"]
-                    update = torch.zeros_like(p)
-                    for k, grad in enumerate(grads):
-                        grad = torch.zeros_like(p) if grad is None else grad
-                        m, v = state["exp_avg"][k], state["exp_avg_sq"][k]
-                        m.mul_(beta1).add_(grad, alpha=1 - beta1)
-                        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                        update += (m / correction1) / ((v / correction2).sqrt() + group["eps"])
-                    if group["weight_decay"]:
-                        p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(update, alpha=-group["lr"])
-
-
 # (user (b, d), candidates (b, c, d), features (b, c, f)) -> logits (b, c, t) or (b, c)
 Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
@@ -694,20 +629,6 @@ def task_losses(
     ]
 
 
-def build_optimizer(name: str, head: CtrHeadModel, config: CtrConfig) -> torch.optim.Optimizer:
-    if name == "adam":
-        # AdamW: decoupled weight decay like AdaTaskAdam's (the same as Adam at decay 0).
-        return torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    if name == "adatask":
-        return AdaTaskAdam(
-            head.parameters(),
-            n_tasks=len(head.config.tasks),
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-        )
-    raise CtrError(f"optimizer must be 'adam' or 'adatask', not {name!r}")
-
-
 def fit_head(
     train: CandidateSet, stop: CandidateSet | None, vectors: np.ndarray, config: CtrConfig
 ) -> tuple[CtrHeadModel, list[dict], int]:
@@ -734,7 +655,13 @@ def fit_head(
     )
     head.set_feature_stats(rows.mean(axis=0), rows.std(axis=0))
     head.set_base_rates(train.labels[real].mean(axis=0))
-    optimizer = build_optimizer(config.optimizer, head, config)
+    optimizer = build_optimizer(
+        config.optimizer,
+        head.parameters(),
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        n_tasks=len(head.config.tasks),
+    )
     stop = stop.take(np.flatnonzero(stop.hit)) if stop is not None else None
     history: list[dict] = []
     best = (math.inf, 0, None)
@@ -748,12 +675,7 @@ def fit_head(
                 train, order[lo : lo + config.batch_size], vectors, config.negatives, rng
             )
             losses = task_losses(head, *batch)
-            if isinstance(optimizer, AdaTaskAdam):
-                optimizer.step(losses)
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                torch.stack(losses).sum().backward()
-                optimizer.step()
+            optimizer_step(optimizer, losses)
             totals += [loss.item() for loss in losses]
             steps += 1
         record = {

@@ -29,6 +29,7 @@ from training.evaluate import evaluate, model_scorer, popularity_scorer
 from training.losses import Objective, build_objective
 from training.models import build_encoder, encoder_config
 from training.models.base import UserEncoder
+from training.optimizers import build_optimizer
 
 LOG = logging.getLogger(__name__)
 
@@ -117,8 +118,8 @@ def train(data: SequenceData, config: TrainConfig, out_dir: str | Path) -> Train
     objective = objective.to(device)
     model = build_encoder(config.model, data.n_items, **config.model_options).to(device)
     model.normalize_items = objective.cosine
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    optimizer = build_optimizer(
+        "adam", model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
     starts, ends = training_windows(data)
     if len(starts) == 0:
