@@ -22,13 +22,10 @@ Subsampling: ``max_users`` draws a seeded subset of users (0: all), and ``negati
 keeps, per training group and batch, the positive plus that many uniformly drawn
 negatives (0: all). Evaluation always scores the full candidate lists.
 
-The head (``CtrHeadModel``) is a DCN-v2 with a parallel deep tower over a narrow,
-factorised projection of user, item and their product: small, explicit feature crosses
-(user x item interaction against popularity, recency, retrieval score) at about 11k
-multiply-adds per candidate, so that reranking 200 candidates stays a small share of a
-request. With a second label (MovieLens: rating >= 4, "liked",
-beside "watched next") it has one output tower per task; the served logit is "watched".
-``AdaTaskAdam`` (``training.optimizers``) keeps Adam's moments per task on every parameter.
+The head itself (``CtrHeadModel``, a DCN-v2) is in ``training.models.ctr_head``. With a
+second label (MovieLens: rating >= 4, "liked", beside "watched next") it has one output
+tower per task, and ``CtrConfig(optimizer="adatask")`` trains it with ``AdaTaskAdam``
+(``training.optimizers``), which keeps Adam's moments per task on every parameter.
 """
 
 from __future__ import annotations
@@ -38,13 +35,12 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from service.features import HISTORY_WINDOW, ItemFeatures, left_padded_events
 from service.histories import left_padded_window
@@ -53,6 +49,7 @@ from training.data import SequenceData
 from training.errors import CtrError
 from training.evaluate import log_loss, metrics_from_ranks, roc_auc
 from training.export import export_onnx
+from training.models.ctr_head import CtrHeadConfig, CtrHeadModel, InferenceHead
 from training.optimizers import build_optimizer, optimizer_step
 
 LOG = logging.getLogger(__name__)
@@ -262,142 +259,6 @@ def retrieve_candidates(
         tasks=tasks,
         **joined,
     )
-
-
-# --------------------------------------------------------------------------- model
-
-
-@dataclass
-class CtrHeadConfig:
-    """Everything needed to rebuild a head (stored in the bundle manifest)."""
-
-    dim: int
-    feature_names: list[str]
-    tasks: list[str] = field(default_factory=lambda: ["watched"])
-    interaction: int = 32  # width of the user x candidate projection the head starts from
-    cross_layers: int = 2
-    deep: tuple[int, ...] = (64, 32)
-    tower: int = 16
-    dropout: float = 0.1
-
-    @property
-    def n_features(self) -> int:
-        return len(self.feature_names)
-
-
-class CtrHeadModel(nn.Module):
-    """DCN-v2 (full-rank cross layers) beside a deep MLP, one small tower per task, over a
-    narrow projection of the user x candidate interaction.
-
-    e = P [u, v, u * v] + p, evaluated as (P_v + P_uv diag(u)) v + (P_u u + p): the matrix in
-    brackets is built once per request, so a candidate costs one (d x h) product instead of
-    a (3d x h) one, and the crosses then work on h + f columns instead of 3d + f (about a
-    tenth of the multiply-adds of crossing the raw embeddings; the serving rerank is
-    dominated by them). x0 = [LayerNorm(e), standardised features]; cross: x_{l+1} = x0 *
-    (W x_l + b) + x_l; deep: MLP(x0); each task: linear + MLP of [x_L, deep] -> one logit.
-    """
-
-    def __init__(self, config: CtrHeadConfig):
-        super().__init__()
-        self.config = config
-        d, f, h = config.dim, config.n_features, config.interaction
-        width = h + f
-        self.register_buffer("feature_mean", torch.zeros(f))
-        self.register_buffer("feature_std", torch.ones(f))
-        self.interaction = nn.Linear(3 * d, h)
-        self.interaction_norm = nn.LayerNorm(h)
-        self.cross = nn.ModuleList(nn.Linear(width, width) for _ in range(config.cross_layers))
-        layers: list[nn.Module] = []
-        previous = width
-        for size in config.deep:
-            layers += [nn.Linear(previous, size), nn.ReLU(), nn.Dropout(config.dropout)]
-            previous = size
-        self.deep = nn.Sequential(*layers)
-        self.towers = nn.ModuleList(TaskTower(width + previous, config.tower) for _ in config.tasks)
-
-    def set_feature_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
-        with torch.no_grad():
-            self.feature_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
-            self.feature_std.copy_(torch.as_tensor(np.maximum(std, 1e-6), dtype=torch.float32))
-
-    def set_base_rates(self, rates: Sequence[float]) -> None:
-        """Start each task at its positive rate, so that training spends its first steps on
-        ranking rather than on the bias (one positive in hundreds of candidates)."""
-        with torch.no_grad():
-            for tower, rate in zip(self.towers, rates, strict=True):
-                rate = min(max(float(rate), 1e-6), 1 - 1e-6)
-                tower.linear.bias.fill_(math.log(rate / (1 - rate)))
-
-    def interact(
-        self, user_embedding: torch.Tensor, candidate_embeddings: torch.Tensor
-    ) -> torch.Tensor:
-        """e = P [u, v, u * v] + p for every candidate (b, c, h), factorised per user."""
-        on_user, on_item, on_product = self.interaction.weight.split(self.config.dim, dim=1)
-        per_user = on_item + on_product * user_embedding[:, None, :]  # (b, h, d)
-        offset = user_embedding @ on_user.T + self.interaction.bias  # (b, h)
-        return candidate_embeddings @ per_user.transpose(1, 2) + offset[:, None, :]
-
-    def represent(
-        self,
-        user_embedding: torch.Tensor,
-        candidate_embeddings: torch.Tensor,
-        candidate_features: torch.Tensor,
-    ) -> torch.Tensor:
-        """What the task towers read, one row per candidate: (b * c, w + h).
-
-        Rows are flattened before the layers so that each one exports as a single Gemm with
-        its bias (onnxruntime left every 3-d Linear as a MatMul plus a broadcast Add, which
-        took longer than the MatMul).
-        """
-        pairs = self.interaction_norm(self.interact(user_embedding, candidate_embeddings))
-        scalars = (candidate_features - self.feature_mean) / self.feature_std  # (b, c, f)
-        x0 = torch.cat([pairs, scalars], dim=-1).flatten(0, 1)  # (b * c, w)
-        x = x0
-        for layer in self.cross:
-            x = x0 * layer(x) + x  # (b * c, w)
-        return torch.cat([x, self.deep(x0)], dim=-1)  # (b * c, w + h)
-
-    def forward(
-        self,
-        user_embedding: torch.Tensor,
-        candidate_embeddings: torch.Tensor,
-        candidate_features: torch.Tensor,
-    ) -> torch.Tensor:
-        """Logits (b, c, tasks)."""
-        joined = self.represent(user_embedding, candidate_embeddings, candidate_features)
-        logits = torch.cat([tower(joined) for tower in self.towers], dim=-1)  # (b * c, t)
-        return logits.unflatten(0, candidate_features.shape[:2])
-
-
-class TaskTower(nn.Module):
-    """One task's output: a linear term (a wide skip) plus a one-hidden-layer MLP."""
-
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.linear = nn.Linear(width, 1)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x) + self.mlp(x)  # (..., 1)
-
-
-class InferenceHead(nn.Module):
-    """The serving graph: the first task's logits (b, c), without the other task towers;
-    eval mode, nothing else."""
-
-    def __init__(self, head: CtrHeadModel):
-        super().__init__()
-        self.head = head
-        self.eval()
-
-    def forward(
-        self,
-        user_embedding: torch.Tensor,
-        candidate_embeddings: torch.Tensor,
-        candidate_features: torch.Tensor,
-    ) -> torch.Tensor:
-        joined = self.head.represent(user_embedding, candidate_embeddings, candidate_features)
-        return self.head.towers[0](joined).reshape(candidate_features.shape[:2])
 
 
 # (user (b, d), candidates (b, c, d), features (b, c, f)) -> logits (b, c, t) or (b, c)
