@@ -197,17 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from service.ranking import CtrHead
-    from training.ctr import (
-        CtrConfig,
-        check_head_parity,
-        export_ctr_head,
-        prepare_ctr_data,
-        rerank_quality,
-        train_ctr_head,
-    )
+    from training.ctr import CtrConfig, prepare_ctr_data, rerank_quality, train_ctr_head
     from training.data import build_sequences
     from training.datasets import load_dataset
     from training.export import export_bundle
+    from training.onnx_export import check_head_parity, export_ctr_head
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,8 +1,12 @@
-"""A CTR head that reranks the retriever's candidates: examples, model, optimisers, export.
+"""A CTR head that reranks the retriever's candidates: its examples and its training.
 
-    from training.ctr import CtrConfig, train_ctr_head, export_ctr_head, check_head_parity
+    from training.ctr import CtrConfig, train_ctr_head
+    from training.onnx_export import check_head_parity, export_ctr_head
     head, report = train_ctr_head(data, "models/bundle-x", CtrConfig(optimizer="adatask"))
     export_ctr_head(head, "ctr_head.onnx"); check_head_parity(head, "ctr_head.onnx")
+
+``python -m training export --ctr-head adam|adatask`` adds a head to each retriever of a
+bundle (``training.export.add_ctr_head``).
 
 The benchmark ``bench/rerank_quality.py`` runs the whole comparison on a dataset.
 
@@ -44,12 +48,11 @@ import torch.nn.functional as F
 
 from service.features import HISTORY_WINDOW, ItemFeatures, left_padded_events
 from service.histories import left_padded_window
-from service.ranking import INPUT_NAMES, OUTPUT_NAME, CtrHead, head_inputs
+from service.ranking import head_inputs
 from training.data import SequenceData
 from training.errors import CtrError
 from training.evaluate import log_loss, metrics_from_ranks, roc_auc
-from training.export import export_onnx
-from training.models.ctr_head import CtrHeadConfig, CtrHeadModel, InferenceHead
+from training.models.ctr_head import CtrHeadConfig, CtrHeadModel
 from training.optimizers import build_optimizer, optimizer_step
 
 LOG = logging.getLogger(__name__)
@@ -614,72 +617,3 @@ def train_ctr_head(
         ),
     }
     return head, report
-
-
-# --------------------------------------------------------------------------- export
-
-
-def export_ctr_head(head: CtrHeadModel, path: str | Path) -> None:
-    """Write ``ctr_head.onnx``: dynamic batch and candidate count, the served task's logits."""
-    wrapper = InferenceHead(head)
-    d, f = head.config.dim, head.config.n_features
-    generator = torch.Generator().manual_seed(0)
-    example = (
-        F.normalize(torch.randn(2, d, generator=generator), dim=-1),
-        torch.randn(2, 9, d, generator=generator),
-        torch.randn(2, 9, f, generator=generator),
-    )
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    count = torch.export.Dim("candidates", min=1, max=100_000)
-    # user_embedding, candidate_embeddings, candidate_features, in the graph's input order
-    axes = ({0: batch}, {0: batch, 1: count}, {0: batch, 1: count})
-    export_onnx(
-        wrapper, example, Path(path), dict(zip(INPUT_NAMES, axes, strict=True)), [OUTPUT_NAME]
-    )
-
-
-def head_parity_shapes() -> list[tuple[int, int]]:
-    """(batch, candidates) pairs, none of them the export example's (2, 9)."""
-    return [(1, 1), (1, 200), (3, 7), (5, 50)]
-
-
-def check_head_parity(head: CtrHeadModel, path: str | Path, seed: int = 0) -> float:
-    """Max |onnxruntime - torch| over random inputs; raises past ``PARITY_TOLERANCE``."""
-    session = CtrHead(path, device="cpu", feature_names=head.config.feature_names)
-    wrapper = InferenceHead(head)
-    generator = torch.Generator().manual_seed(seed)
-    d, f = head.config.dim, head.config.n_features
-    worst = 0.0
-    for batch, count in head_parity_shapes():
-        user = F.normalize(torch.randn(batch, d, generator=generator), dim=-1)
-        candidates = torch.randn(batch, count, d, generator=generator)
-        features = head.feature_mean + head.feature_std * torch.randn(
-            batch, count, f, generator=generator
-        )
-        with torch.no_grad():
-            expected = wrapper(user, candidates, features).numpy()
-        got = session.score(user.numpy(), candidates.numpy(), features.numpy())
-        if got.shape != expected.shape:
-            raise CtrError(f"{path}: output shape {got.shape}, PyTorch gives {expected.shape}")
-        diff = float(np.abs(got - expected).max())
-        worst = max(worst, diff)
-        if diff > PARITY_TOLERANCE:
-            raise CtrError(
-                f"{path}: onnxruntime differs from PyTorch by {diff:.2e} at batch {batch}, "
-                f"{count} candidates (tolerance {PARITY_TOLERANCE:.0e})"
-            )
-    return worst
-
-
-def head_manifest_entry(head: CtrHeadModel, report: dict, parity: float, relative: str) -> dict:
-    """The ``ctr_head`` entry of a retriever in the bundle manifest."""
-    return {
-        "file": relative,
-        "feature_names": list(head.config.feature_names),
-        "tasks": list(head.config.tasks),
-        "served_task": head.config.tasks[0],
-        "head_config": {**asdict(head.config), "deep": list(head.config.deep)},
-        "onnx_parity_max_abs_diff": parity,
-        "metrics": {k: report[k] for k in ("holdout_valid", "test") if k in report},
-        "optimizer": report.get("config", {}).get("optimizer"),
-    }

@@ -6,15 +6,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from training.ctr import (
-    CtrConfig,
-    check_head_parity,
-    export_ctr_head,
-    prepare_ctr_data,
-    rerank_quality,
-    torch_scorer,
-    train_ctr_head,
-)
+from training.ctr import CtrConfig, prepare_ctr_data, rerank_quality, torch_scorer, train_ctr_head
+from training.onnx_export import check_head_parity, export_ctr_head
 
 TINY_HEAD = dict(candidates=30, epochs=3, batch_size=16, deep=(32,), tower=8, cross_layers=1)
 

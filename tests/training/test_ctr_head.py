@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from training.ctr import check_head_parity, export_ctr_head, head_parity_shapes, torch_scorer
-from training.errors import CtrError
+from training.ctr import torch_scorer
+from training.errors import ExportError
 from training.models.ctr_head import CtrHeadConfig, CtrHeadModel
+from training.onnx_export import check_head_parity, export_ctr_head, head_parity_shapes
 
 
 def _random_head(tasks=("watched", "liked")) -> CtrHeadModel:
@@ -31,7 +32,7 @@ def test_head_onnx_matches_pytorch_at_shapes_not_used_at_export(tmp_path):
     changed = _random_head()
     with torch.no_grad():
         changed.towers[0].linear.bias.add_(0.5)
-    with pytest.raises(CtrError, match="differs from PyTorch"):
+    with pytest.raises(ExportError, match="differs from PyTorch"):
         check_head_parity(changed, path)
 
 

@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from training.errors import ConfigError
-from training.export import check_parity, export_user_encoder
 from training.losses import build_objective
 from training.models import build_encoder
 from training.models.base import time_buckets
+from training.onnx_export import check_encoder_parity, export_user_encoder
 from training.trainer import batches, sequence_loss, training_windows
 
 ENCODER_KINDS = ["sasrec", "nextitnet", "two_tower"]
@@ -76,10 +76,10 @@ def test_unknown_model_options_are_refused():
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ENCODER_KINDS)
 def test_encoder_exports_to_onnx_with_dynamic_batch_and_length(kind, tmp_path):
-    # check_parity runs onnxruntime against PyTorch at lengths 1, 7 and max_len (none of
+    # check_encoder_parity runs onnxruntime against PyTorch at lengths 1, 7 and max_len (none of
     # them the export example's) with ragged left padding, and raises past 1e-4.
     torch.manual_seed(0)
     model = build_encoder(kind, 40, max_len=12, dim=16).eval()
     path = tmp_path / f"{kind}.onnx"
     export_user_encoder(model, path)
-    assert check_parity(model, path) <= 1e-4
+    assert check_encoder_parity(model, path) <= 1e-4
