@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from training.__main__ import main
+from service.settings import Settings
+from training.__main__ import _parser, main
 
 TINY = "synthetic:users=150,items=60,mean_length=15,seed=4"
 
@@ -70,6 +71,16 @@ def test_cli_reports_a_malformed_file_with_its_line(tmp_path, capsys):
     assert code == 2
     error = capsys.readouterr().err
     assert f"{bad}:3" in error and "timestamp" in error
+
+
+def test_batch_recommend_defaults_are_the_services_settings():
+    args = _parser().parse_args(["batch-recommend", "--data", "synthetic", "--out", "r.parquet"])
+    settings = Settings.model_fields
+    assert args.redis_url == settings["redis_url"].default
+    assert args.key_prefix == settings["key_prefix"].default
+    assert args.history_cap == settings["history_cap"].default
+    assert args.candidates == settings["candidates"].default
+    assert args.cache_ttl == settings["cache_ttl_seconds"].default
 
 
 def test_checkpoint_for_other_items_is_refused(tmp_path, capsys):
