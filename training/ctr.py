@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -185,6 +186,7 @@ def retrieve_candidates(
     items: ItemFeatures,
     split: str,
     n_candidates: int,
+    *,
     users: np.ndarray | None = None,
     batch_size: int = 256,
 ) -> CandidateSet:
@@ -408,18 +410,12 @@ def prepare_ctr_data(
         raise CtrError("fewer than three evaluation users: nothing to train a head on")
     items = training_item_features(data)
     started = time.perf_counter()
+    batch = config.encode_batch
     valid = retrieve_candidates(
-        data, retriever, items, "valid", config.candidates, users, config.encode_batch
+        data, retriever, items, "valid", config.candidates, users=users, batch_size=batch
     )
-    test = retrieve_candidates(
-        data,
-        retriever,
-        items,
-        "test",
-        max(config.candidates, test_depth),
-        users,
-        config.encode_batch,
-    )
+    depth = max(config.candidates, test_depth)
+    test = retrieve_candidates(data, retriever, items, "test", depth, users=users, batch_size=batch)
     LOG.info(
         "retrieved candidates for %d users in %.1fs", len(users), time.perf_counter() - started
     )
@@ -444,13 +440,23 @@ def _rows_of(candidates: CandidateSet, users: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.isin(candidates.users, users))
 
 
+class HeadBatch(NamedTuple):
+    """One training step's candidate groups as tensors."""
+
+    user: torch.Tensor  # (b, d)
+    candidates: torch.Tensor  # (b, c, d) item vectors, zero in empty slots
+    features: torch.Tensor  # (b, c, f)
+    labels: torch.Tensor  # (b, c, t)
+    real: torch.Tensor  # (b, c) 1.0 where a slot holds a candidate
+
+
 def _batch_tensors(
     candidates: CandidateSet,
     rows: np.ndarray,
     vectors: np.ndarray,
     negatives: int,
     rng: np.random.Generator,
-) -> tuple[torch.Tensor, ...]:
+) -> HeadBatch:
     ids = candidates.ids[rows]
     features = candidates.features[rows]
     labels = candidates.labels[rows]
@@ -463,30 +469,25 @@ def _batch_tensors(
         ids = np.take_along_axis(ids, columns, axis=1)
         features = np.take_along_axis(features, columns[..., None], axis=1)
         labels = np.take_along_axis(labels, columns[..., None], axis=1)
-    return (
-        torch.from_numpy(candidates.user[rows]),
-        torch.from_numpy(candidate_vectors(vectors, ids)),
-        torch.from_numpy(np.ascontiguousarray(features)),
-        torch.from_numpy(np.ascontiguousarray(labels)),
-        torch.from_numpy(ids > 0).float(),
+    return HeadBatch(
+        user=torch.from_numpy(candidates.user[rows]),
+        candidates=torch.from_numpy(candidate_vectors(vectors, ids)),
+        features=torch.from_numpy(np.ascontiguousarray(features)),
+        labels=torch.from_numpy(np.ascontiguousarray(labels)),
+        real=torch.from_numpy(ids > 0).float(),
     )
 
 
-def task_losses(
-    head: CtrHeadModel,
-    user: torch.Tensor,
-    candidates: torch.Tensor,
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    real: torch.Tensor,
-) -> list[torch.Tensor]:
+def task_losses(head: CtrHeadModel, batch: HeadBatch) -> list[torch.Tensor]:
     """Binary cross-entropy per task over the real candidate slots."""
-    logits = head(user, candidates, features)  # (b, c, t)
-    count = real.sum().clamp(min=1.0)
+    logits = head(batch.user, batch.candidates, batch.features)  # (b, c, t)
+    count = batch.real.sum().clamp(min=1.0)
     return [
         (
-            F.binary_cross_entropy_with_logits(logits[..., k], labels[..., k], reduction="none")
-            * real
+            F.binary_cross_entropy_with_logits(
+                logits[..., k], batch.labels[..., k], reduction="none"
+            )
+            * batch.real
         ).sum()
         / count
         for k in range(logits.shape[-1])
@@ -538,7 +539,7 @@ def fit_head(
             batch = _batch_tensors(
                 train, order[lo : lo + config.batch_size], vectors, config.negatives, rng
             )
-            losses = task_losses(head, *batch)
+            losses = task_losses(head, batch)
             optimizer_step(optimizer, losses)
             totals += [loss.item() for loss in losses]
             steps += 1

@@ -137,7 +137,7 @@ class _Rows:
             raise DataFormatError(self.path, line, problem)
         self.skipped += 1
 
-    def add(self, line: int, user: str, item: str, ts: str, rating: str | None = None) -> None:
+    def add(self, line: int, user: str, item: str, ts: str, *, rating: str | None = None) -> None:
         user, item = user.strip(), item.strip()
         if not user:
             return self.bad(line, "empty user id")
@@ -180,7 +180,7 @@ def _read_separated(path: Path, sep: str, rows: _Rows, encoding: str = "utf-8") 
             rows.bad(number, f"expected 4 fields separated by {sep!r}, got {len(parts)}")
             continue
         user, item, rating, ts = parts
-        rows.add(number, user, item, ts, rating)
+        rows.add(number, user, item, ts, rating=rating)
 
 
 # --------------------------------------------------------------------------- loaders
@@ -353,7 +353,7 @@ def load_csv(path: str | Path, skip_malformed: bool = False) -> Interactions:
                     record[columns["user"]],
                     record[columns["item"]],
                     record[columns["timestamp"]],
-                    rating,
+                    rating=rating,
                 )
         except UnicodeDecodeError as exc:
             raise DataFormatError(

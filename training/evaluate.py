@@ -104,6 +104,7 @@ def ranked_scores(
     users: np.ndarray,
     history_end: np.ndarray,
     max_len: int,
+    *,
     device: str = "cpu",
 ) -> torch.Tensor:
     """Masked scores (b, N + 1) for the histories ``items[offsets[u]:history_end]``."""
@@ -123,6 +124,7 @@ def evaluate(
     data: SequenceData,
     split: str = "test",
     max_len: int = 50,
+    *,
     batch_size: int = 512,
     device: str = "cpu",
     cutoffs: tuple[int, ...] = CUTOFFS,
@@ -131,9 +133,9 @@ def evaluate(
     users, history_end, targets = data.eval_examples(split)
     ranks = []
     for lo in range(0, len(users), batch_size):
-        hi = lo + batch_size
-        scores = ranked_scores(scorer, data, users[lo:hi], history_end[lo:hi], max_len, device)
-        ranks.append(target_ranks(scores, torch.from_numpy(targets[lo:hi])).numpy())
+        rows = slice(lo, lo + batch_size)
+        scores = ranked_scores(scorer, data, users[rows], history_end[rows], max_len, device=device)
+        ranks.append(target_ranks(scores, torch.from_numpy(targets[rows])).numpy())
     result = metrics_from_ranks(np.concatenate(ranks) if ranks else np.zeros(0), cutoffs)
     result["users"] = int(len(users))
     return result

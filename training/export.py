@@ -81,6 +81,7 @@ def export_retriever(
     writer: BundleWriter,
     checkpoint: Path,
     data: SequenceData,
+    *,
     index: str = "auto",
     index_options: dict | None = None,
     index_device: str = "auto",
@@ -193,6 +194,7 @@ def export_bundle(
     checkpoints: list[Path],
     data: SequenceData,
     models_dir: str | Path,
+    *,
     name: str | None = None,
     index: str = "auto",
     index_options: dict | None = None,
@@ -214,7 +216,12 @@ def export_bundle(
         retrievers = {}
         for checkpoint in checkpoints:
             encoder, entry = export_retriever(
-                writer, Path(checkpoint), data, index, index_options, index_device
+                writer,
+                Path(checkpoint),
+                data,
+                index=index,
+                index_options=index_options,
+                index_device=index_device,
             )
             if encoder in retrievers:
                 raise ExportError(f"two checkpoints of the same encoder kind {encoder!r}")

@@ -132,6 +132,7 @@ class SampledSoftmax(Objective):
     def __init__(
         self,
         item_counts: np.ndarray,
+        *,
         temperature: float = 1.0,
         logq: bool = True,
         max_negatives: int = 1024,
@@ -198,6 +199,7 @@ class CosineContrastiveLoss(Objective):
     def __init__(
         self,
         n_items: int,
+        *,
         margin: float = 0.9,
         negative_weight: float = 150.0,
         n_negatives: int = 1000,

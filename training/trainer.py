@@ -74,6 +74,7 @@ def batches(
     starts: np.ndarray,
     ends: np.ndarray,
     max_len: int,
+    *,
     batch_size: int,
     rng: np.random.Generator,
 ):
@@ -137,7 +138,7 @@ def train(data: SequenceData, config: TrainConfig, out_dir: str | Path) -> Train
         model.train()
         losses = []
         progress = tqdm(
-            batches(data, starts, ends, model.max_len, config.batch_size, rng),
+            batches(data, starts, ends, model.max_len, batch_size=config.batch_size, rng=rng),
             total=n_batches,
             desc=f"epoch {epoch}/{config.epochs}",
             leave=False,

@@ -184,7 +184,7 @@ def test_each_loss_trains_each_encoder_on_tiny_data(loss_name, kind, tiny_data):
     model.normalize_items = objective.cosine
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
     starts, ends = training_windows(tiny_data)
-    batch = next(batches(tiny_data, starts, ends, 12, 32, np.random.default_rng(0)))
+    batch = next(batches(tiny_data, starts, ends, 12, batch_size=32, rng=np.random.default_rng(0)))
     losses = []
     for _ in range(20):
         loss = sequence_loss(model, objective, *batch)

@@ -18,7 +18,7 @@ def test_encoder_loss_falls_on_tiny_data(kind, tiny_data):
     model = build_encoder(kind, tiny_data.n_items, max_len=20, dim=32, dropout=0.0)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     starts, ends = training_windows(tiny_data)
-    batch = next(batches(tiny_data, starts, ends, 20, 64, np.random.default_rng(0)))
+    batch = next(batches(tiny_data, starts, ends, 20, batch_size=64, rng=np.random.default_rng(0)))
     objective = build_objective("full_softmax", tiny_data.train_item_counts())
     losses = []
     for _ in range(30):
