@@ -443,10 +443,6 @@ class IdMap:
         """Number of real ids, padding excluded."""
         return len(self.raw) - 1
 
-    def lookup(self) -> dict[str, int]:
-        """A dict from raw id to internal id, built on demand (it is large)."""
-        return {r: i for i, r in enumerate(self.raw.tolist()) if i != PAD}
-
 
 @dataclass
 class SequenceData:

@@ -13,6 +13,8 @@ from training.evaluate import (
     target_ranks,
 )
 
+from .helpers import internal_ids
+
 
 def test_metrics_match_hand_computed_values():
     ranks = np.array([0, 1, 9, 10, 25])  # 0-based
@@ -70,7 +72,7 @@ def test_seen_items_and_padding_are_masked():
     scores = torch.zeros(1, data.n_items + 1)
     start, end = data.offsets[:1], data.offsets[:1] + 2  # history a, b
     masked = mask_seen(scores, data, start, end)
-    a, b = data.item_map.lookup()["a"], data.item_map.lookup()["b"]
+    a, b = internal_ids(data.item_map)["a"], internal_ids(data.item_map)["b"]
     assert torch.isinf(masked[0, [0, a, b]]).all()
     assert torch.isfinite(masked[0]).sum() == data.n_items - 2
 
@@ -81,7 +83,7 @@ def test_full_ranking_of_a_known_scorer():
         ("u2", x, t) for t, x in enumerate("eab")
     ]
     data = _log(events)
-    ids = data.item_map.lookup()
+    ids = internal_ids(data.item_map)
     preference = torch.zeros(data.n_items + 1)
     for rank, name in enumerate("edcba"):
         preference[ids[name]] = 10 - rank
@@ -105,6 +107,6 @@ def test_popularity_counts_only_training_events():
     ]
     data = _log(events)
     counts = popularity_scorer(data)(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1))[0]
-    ids = data.item_map.lookup()
+    ids = internal_ids(data.item_map)
     assert counts[ids["a"]] == 3 and counts[ids["b"]] == 2
     assert counts[ids["x"]] == counts[ids["y"]] == counts[ids["z"]] == counts[ids["w"]] == 0

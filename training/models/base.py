@@ -53,11 +53,6 @@ class UserEncoder(nn.Module):
         """L2-normalised user embeddings (b, d) from the most recent position."""
         return F.normalize(self.hidden_states(item_ids, time_deltas)[:, -1], dim=-1)
 
-    def encode_items(self, ids: torch.Tensor) -> torch.Tensor:
-        """Item vectors (n, d) in the space ``encode_user`` is scored against."""
-        vectors = self.item_embedding(ids)
-        return F.normalize(vectors, dim=-1) if self.normalize_items else vectors
-
     def all_item_embeddings(self) -> torch.Tensor:
         """Item vectors of every id including padding row 0, (N + 1, d), as retrieval uses them."""
         weight = self.item_embedding.weight
