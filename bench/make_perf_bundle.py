@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.make_perf_bundle --models-dir models --name perf-1m
 
-(from the repository root; about 10-15 minutes on two CPU cores). It
+(from the repository root; its run times are in docs/BENCHMARKS.md, "The perf bundle"). It
 
 1. generates a synthetic log (``training.synthetic``) of 250,000 users with short histories
    over 1,000,000 items; the catalogue is all generated items, so the few never drawn

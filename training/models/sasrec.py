@@ -47,8 +47,9 @@ class CausalSelfAttention(nn.Module):
         b, length, dim = x.shape
         q, k, v = self.qkv(x).split(dim, dim=-1)  # (b, L, d) each
         heads = lambda t: t.view(b, length, self.n_heads, dim // self.n_heads).transpose(1, 2)  # noqa: E731
-        # No dropout on the attention weights: on CPU it costs 5x the attention itself
-        # (a Bernoulli draw per (b, h, L, L) entry); embedding and residual dropout remain.
+        # No dropout on the attention weights: on CPU it costs more than the attention itself
+        # (a Bernoulli draw per (b, h, L, L) entry; measurements belong in
+        # docs/BENCHMARKS.md); embedding and residual dropout remain.
         y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(b, length, dim))
 

@@ -56,10 +56,10 @@ class TwoTower(UserEncoder):
         self.item_embedding = nn.Embedding(config.n_items + 1, config.dim, padding_idx=0)
         # SimpleX pools the same vectors it scores. For next-item prediction that makes the
         # last item's own vector the best match, a pull towards repeats that a linear map
-        # cannot undo; a separate history table lets "after i" differ from "is i". On the
-        # tiny synthetic data, 30 full-softmax steps cut the loss to 0.64 of its start with
-        # it (SASRec: 0.63) and to 0.75 without. It doubles the item parameters, hence the
-        # option to share them for huge catalogues.
+        # cannot undo; a separate history table lets "after i" differ from "is i", and
+        # training loss falls faster with it (measurements belong in docs/BENCHMARKS.md).
+        # It doubles the item parameters, hence the option to share them for huge
+        # catalogues.
         self.history_embedding = (
             nn.Embedding(config.n_items + 1, config.dim, padding_idx=0)
             if config.separate_history
