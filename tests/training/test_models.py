@@ -73,6 +73,14 @@ def test_unknown_model_options_are_refused():
         build_encoder("gru4rec", 10)
 
 
+def test_a_model_option_that_is_not_a_number_where_one_is_due_is_refused():
+    with pytest.raises(ConfigError, match=r"sasrec option dim must be a number \(int\)"):
+        build_encoder("sasrec", 10, dim="64")
+    with pytest.raises(ConfigError, match=r"two_tower option dropout must be a number"):
+        build_encoder("two_tower", 10, dropout="none")
+    assert build_encoder("nextitnet", 10, dropout=0).config.dropout == 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ENCODER_KINDS)
 def test_encoder_exports_to_onnx_with_dynamic_batch_and_length(kind, tmp_path):

@@ -25,15 +25,27 @@ def encoder_options(kind: str) -> set[str]:
 
 
 def build_encoder(kind: str, n_items: int, **options) -> UserEncoder:
-    """Build an encoder of ``kind`` for ``n_items``; options not in its config are an error."""
+    """Build an encoder of ``kind`` for ``n_items``; options not in its config, or not a
+    number where the config has one, are an error."""
     unknown = set(options) - encoder_options(kind)
     if unknown:
         raise ConfigError(f"{kind} has no option(s) {', '.join(sorted(unknown))}")
     model_cls, config_cls = ENCODERS[kind]
-    try:
-        return model_cls(config_cls(n_items=n_items, **options))
-    except TypeError as exc:  # an option of the wrong type, e.g. a string for dim
-        raise ConfigError(f"bad option for model {kind!r}: {exc}") from exc
+    numeric = {f.name: f.type for f in fields(config_cls) if f.type in NUMBERS}
+    for key, value in options.items():
+        if key in numeric and not _is_number(value, NUMBERS[numeric[key]]):
+            raise ConfigError(
+                f"{kind} option {key} must be a number ({numeric[key]}), not {value!r}"
+            )
+    return model_cls(config_cls(n_items=n_items, **options))
+
+
+# The config fields' annotations (strings: the configs use postponed annotations).
+NUMBERS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float)}
+
+
+def _is_number(value, types: tuple[type, ...]) -> bool:
+    return isinstance(value, types) and not isinstance(value, bool)
 
 
 def encoder_config(model: UserEncoder) -> dict:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.errors import ConfigError
-from training.models.base import UserEncoder, init_weights, time_buckets
+from training.models.base import UserEncoder, init_weights, time_embedding
 
 
 @dataclass
@@ -77,16 +77,9 @@ class SASRec(UserEncoder):
     """Causal self-attention over the history; item embeddings are shared with the output."""
 
     def __init__(self, config: SASRecConfig):
-        super().__init__()
-        self.config = config
-        self.max_len = config.max_len
-        self.item_embedding = nn.Embedding(config.n_items + 1, config.dim, padding_idx=0)
+        super().__init__(config)
         self.position_embedding = nn.Embedding(config.max_len, config.dim)
-        self.time_embedding = (
-            nn.Embedding(config.n_time_buckets, config.dim, padding_idx=0)
-            if config.use_time
-            else None
-        )
+        self.time_embedding = time_embedding(config)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.dim)
@@ -98,9 +91,7 @@ class SASRec(UserEncoder):
         positions = torch.flip(torch.arange(length, device=item_ids.device), dims=[0])
         positions = torch.clamp(positions, max=self.max_len - 1)
         x = self.item_embedding(item_ids) + self.position_embedding(positions)[None]
-        if self.time_embedding is not None:
-            buckets = time_buckets(time_deltas, item_ids, self.config.n_time_buckets)
-            x = x + self.time_embedding(buckets)
+        x = self.add_time_embedding(x, item_ids, time_deltas)  # (b, L, d)
         x = self.drop(x) * valid[..., None]  # (b, L, d)
         causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=x.device))
         eye = torch.eye(length, dtype=torch.bool, device=x.device)
