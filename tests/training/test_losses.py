@@ -7,8 +7,9 @@ import torch
 from training.errors import ConfigError
 from training.losses import OBJECTIVES, CrossBatchNegatives, build_objective
 from training.models import build_encoder
-from training.trainer import batches, sequence_loss, training_windows
+from training.trainer import batches, training_windows
 
+from .helpers import losses_of_steps
 from .test_models import ENCODER_KINDS
 
 # Loss -> options that make it show its behaviour within a few steps on tiny data: the
@@ -185,12 +186,6 @@ def test_each_loss_trains_each_encoder_on_tiny_data(loss_name, kind, tiny_data):
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
     starts, ends = training_windows(tiny_data)
     batch = next(batches(tiny_data, starts, ends, 12, batch_size=32, rng=np.random.default_rng(0)))
-    losses = []
-    for _ in range(20):
-        loss = sequence_loss(model, objective, *batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = losses_of_steps(model, objective, batch, optimizer, steps=20)
     # From the second step: the first one has no cross-batch negatives yet.
     assert losses[-1] < 0.8 * losses[1]

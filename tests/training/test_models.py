@@ -7,7 +7,9 @@ from training.losses import build_objective
 from training.models import build_encoder
 from training.models.base import time_buckets
 from training.onnx_export import check_encoder_parity, export_user_encoder
-from training.trainer import batches, sequence_loss, training_windows
+from training.trainer import batches, training_windows
+
+from .helpers import losses_of_steps
 
 ENCODER_KINDS = ["sasrec", "nextitnet", "two_tower"]
 
@@ -20,13 +22,7 @@ def test_encoder_loss_falls_on_tiny_data(kind, tiny_data):
     starts, ends = training_windows(tiny_data)
     batch = next(batches(tiny_data, starts, ends, 20, batch_size=64, rng=np.random.default_rng(0)))
     objective = build_objective("full_softmax", tiny_data.train_item_counts())
-    losses = []
-    for _ in range(30):
-        loss = sequence_loss(model, objective, *batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = losses_of_steps(model, objective, batch, optimizer, steps=30)
     assert losses[-1] < 0.7 * losses[0]
 
 
