@@ -12,6 +12,7 @@ A problem with the data, a checkpoint, a setting or a bundle is reported as one 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import sys
@@ -236,8 +237,6 @@ def _batch_recommend(args) -> int:
         f"{stats['bundle']} -> {args.out}"
     )
     if args.warm_cache:
-        import asyncio
-
         from service.cache import RedisBehaviourCache
         from training.batch_recommend import warm_cache
 

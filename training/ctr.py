@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from service.bundle import load_bundle
 from service.features import HISTORY_WINDOW, ItemFeatures, left_padded_events
 from service.histories import left_padded_window
 from service.ranking import head_inputs
@@ -58,7 +59,6 @@ from training.optimizers import build_optimizer, optimizer_step
 
 LOG = logging.getLogger(__name__)
 
-PARITY_TOLERANCE = 1e-4
 LIKED_THRESHOLD = 4.0
 CUTOFF = 10
 
@@ -102,8 +102,6 @@ class RetrieverParts:
 def resolve_retriever(source, encoder: str | None = None):
     """A bundle folder (str/Path) -> its retriever; anything with encoder/index/max_len as is."""
     if isinstance(source, (str, Path)):
-        from service.bundle import load_bundle
-
         path = Path(source)
         bundle = load_bundle(path.parent, path.name, device="cpu")
         name = encoder or bundle.default_encoder
@@ -265,6 +263,8 @@ def retrieve_candidates(
         **joined,
     )
 
+
+# --------------------------------------------------------------------------- evaluation
 
 # (user (b, d), candidates (b, c, d), features (b, c, f)) -> logits (b, c, t) or (b, c)
 Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
