@@ -56,4 +56,4 @@ class ExportError(TrainingError):
 
 
 class CtrError(TrainingError):
-    """The CTR head cannot be trained or exported as asked."""
+    """The CTR head cannot be trained as asked (too few users, no usable group, other items)."""
