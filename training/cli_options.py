@@ -104,7 +104,9 @@ def add_model_flags(
     parser: argparse.ArgumentParser, *flags: str, models: tuple[str, ...] | None = None
 ) -> None:
     """The encoder and its size; ``models`` limits ``--model`` to those kinds."""
-    options = {"--model": {"choices": list(models)}} if models else {}
+    options = {}
+    if models:
+        options["--model"] = {"choices": list(models), "help": f"encoder: {', '.join(models)}"}
     _add_group(parser, "model", MODEL_FLAGS, flags, options)
 
 
