@@ -695,7 +695,8 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="recserve-faults-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    from training.data import build_sequences, load_dataset
+    from training.data import build_sequences
+    from training.datasets import load_dataset
 
     data = build_sequences(load_dataset(args.data))
     if args.models_dir:

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.make_perf_bundle --models-dir models --name perf-1m
 
-(from the repository root; about 10-15 minutes on two CPU cores). It
+(from the repository root; its run times are in docs/BENCHMARKS.md, "The perf bundle"). It
 
 1. generates a synthetic log (``training.synthetic``) of 250,000 users with short histories
    over 1,000,000 items; the catalogue is all generated items, so the few never drawn
@@ -39,8 +39,20 @@ from pathlib import Path
 import numpy as np
 
 from service.bundle import CURRENT, MANIFEST, bundle_dir, read_manifest
-from service.errors import BundleError
+from service.encoder import OnnxUserEncoder
+from service.errors import BundleError, RecserveError
+from training.cli_options import (
+    add_bundle_flags,
+    add_model_flags,
+    add_training_flags,
+    index_options,
+)
+from training.ctr import CtrConfig
 from training.data import IdMap, SequenceData, build_sequences
+from training.errors import TrainingError
+from training.export import export_bundle, heldout_user_embeddings
+from training.synthetic import SyntheticConfig, generate
+from training.trainer import TrainConfig, train, training_windows
 
 LOG = logging.getLogger("bench.make_perf_bundle")
 
@@ -122,8 +134,6 @@ def with_full_catalogue(data: SequenceData, n_items: int) -> SequenceData:
 
 def build_data(config: PerfBundleConfig) -> SampledEvaluationData:
     """Generate the synthetic log and turn it into sequences over the full catalogue."""
-    from training.synthetic import SyntheticConfig, generate
-
     log = generate(
         SyntheticConfig(
             users=config.users,
@@ -150,8 +160,6 @@ def train_encoder(data: SequenceData, config: PerfBundleConfig, run_dir: Path):
     item table (AdamW touches every row, rows without gradient included), not by the batch,
     so large batches buy many more examples per second.
     """
-    from training.trainer import TrainConfig, train
-
     train_config = TrainConfig(
         model=config.model,
         loss="sampled_softmax",
@@ -168,8 +176,6 @@ def train_encoder(data: SequenceData, config: PerfBundleConfig, run_dir: Path):
 
 
 def steps_per_epoch(data: SequenceData, batch_size: int) -> int:
-    from training.trainer import training_windows
-
     starts, _ = training_windows(data)
     return -(-len(starts) // batch_size)
 
@@ -189,9 +195,6 @@ def remove_perf_bundle(models_dir: Path, name: str) -> None:
 
 def save_heldout_queries(bundle: Path, data: SequenceData, out: Path) -> np.ndarray:
     """The held-out user embeddings the export measured recall on, for bench/index.py."""
-    from service.encoder import OnnxUserEncoder
-    from training.export import heldout_user_embeddings
-
     manifest = json.loads((bundle / MANIFEST).read_text())
     entry = manifest["retrievers"][manifest["default_encoder"]]
     encoder = OnnxUserEncoder(bundle / entry["files"]["user_encoder"], "cpu")
@@ -204,13 +207,12 @@ def make_perf_bundle(
     config: PerfBundleConfig,
     models_dir: str | Path,
     name: str = "perf-1m",
+    *,
     run_dir: str | Path | None = None,
     make_current: bool = False,
     replace: bool = False,
 ) -> dict:
     """Generate, train, export; returns a summary (also written to ``run_dir``)."""
-    from training.export import export_bundle
-
     models_dir = Path(models_dir)
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -240,8 +242,6 @@ def make_perf_bundle(
     started = time.perf_counter()
     ctr = None
     if config.ctr_users:
-        from training.ctr import CtrConfig
-
         # A sample of users is enough: the head exists so that the serving path includes
         # the rerank stage the service runs, not to be a good ranker of synthetic data.
         ctr = CtrConfig(max_users=config.ctr_users, epochs=config.ctr_epochs, seed=config.seed)
@@ -312,49 +312,41 @@ def format_summary(summary: dict) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    defaults = PerfBundleConfig()
     parser = argparse.ArgumentParser(
         prog="python -m bench.make_perf_bundle",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    add_bundle_flags(parser)
     parser.add_argument("--name", default="perf-1m", help="bundle name (default perf-1m)")
     parser.add_argument("--run-dir", type=Path, help="training run folder (default runs/NAME)")
     parser.add_argument("--make-current", action="store_true", help="point CURRENT at it")
     parser.add_argument("--replace", action="store_true", help="rebuild an existing perf bundle")
-    parser.add_argument("--items", type=int, default=defaults.items)
-    parser.add_argument("--users", type=int, default=defaults.users)
-    parser.add_argument("--mean-length", type=float, default=defaults.mean_length)
-    parser.add_argument("--model", default=defaults.model, choices=["two_tower", "sasrec"])
-    parser.add_argument("--dim", type=int, default=defaults.dim)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--eval-users", type=int, default=defaults.eval_users)
-    parser.add_argument("--index", default=defaults.index, help="auto or a faiss factory string")
-    parser.add_argument(
-        "--index-device",
-        default=defaults.index_device,
-        choices=["auto", "cpu", "gpu"],
-        help="where the index will be searched; auto: a GPU if faiss sees one here",
-    )
-    parser.add_argument(
-        "--train-device", default=defaults.train_device, help="torch device for training"
-    )
-    parser.add_argument("--nprobe", type=int, help="override the index's nprobe")
-    parser.add_argument("--rescore", type=int, help="override the re-scored shortlist size")
+    parser.add_argument("--items", type=int)
+    parser.add_argument("--users", type=int)
+    parser.add_argument("--mean-length", type=float)
+    add_model_flags(parser, "--model", "--max-len", "--dim", models=("two_tower", "sasrec"))
+    add_training_flags(parser, "--batch-size", "--lr", "--epochs", "--seed", "--threads")
+    parser.add_argument("--eval-users", type=int)
+    parser.add_argument("--train-device", help="torch device for training")
     parser.add_argument(
         "--ctr-users",
         type=int,
-        default=defaults.ctr_users,
         help="users whose candidates train the CTR head (0: a bundle without a head)",
     )
-    parser.add_argument("--ctr-epochs", type=int, default=defaults.ctr_epochs)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--ctr-epochs", type=int)
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+    # Flags are named after PerfBundleConfig's fields and default to its values.
+    defaults = asdict(PerfBundleConfig())
+    parser.set_defaults(**{k: v for k, v in defaults.items() if k != "index_options"})
     return parser
+
+
+def config_from_args(args: argparse.Namespace) -> PerfBundleConfig:
+    """The config of the parsed flags; ``--nprobe`` and ``--rescore`` become index options."""
+    settings = [f.name for f in fields(PerfBundleConfig) if f.name != "index_options"]
+    values = {name: getattr(args, name) for name in settings}
+    return PerfBundleConfig(**{**values, "index_options": index_options(args)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,36 +355,17 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    options = {
-        key: value
-        for key, value in (("nprobe", args.nprobe), ("rescore", args.rescore))
-        if value is not None
-    }
-    config = PerfBundleConfig(
-        items=args.items,
-        users=args.users,
-        mean_length=args.mean_length,
-        model=args.model,
-        dim=args.dim,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        epochs=args.epochs,
-        eval_users=args.eval_users,
-        index=args.index,
-        index_options=options,
-        index_device=args.index_device,
-        train_device=args.train_device,
-        seed=args.seed,
-        threads=args.threads,
-        ctr_users=args.ctr_users,
-        ctr_epochs=args.ctr_epochs,
-    )
     started = time.perf_counter()
     try:
         summary = make_perf_bundle(
-            config, args.models_dir, args.name, args.run_dir, args.make_current, args.replace
+            config_from_args(args),
+            args.models_dir,
+            args.name,
+            run_dir=args.run_dir,
+            make_current=args.make_current,
+            replace=args.replace,
         )
-    except BundleError as exc:
+    except (TrainingError, RecserveError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(summary))

@@ -28,38 +28,40 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-OPTIMIZERS = ("adam", "adatask")
+from service.errors import RecserveError  # noqa: E402
+from service.ranking import CtrHead, RerankJob, rerank  # noqa: E402
+from training import cli_options  # noqa: E402
+from training.ctr import (  # noqa: E402
+    CtrConfig,
+    candidate_vectors,
+    prepare_ctr_data,
+    rerank_quality,
+    train_ctr_head,
+)
+from training.data import build_sequences  # noqa: E402
+from training.datasets import load_dataset  # noqa: E402
+from training.errors import TrainingError  # noqa: E402
+from training.export import export_bundle  # noqa: E402
+from training.onnx_export import check_head_parity, export_ctr_head  # noqa: E402
+from training.optimizers import OPTIMIZERS  # noqa: E402
+from training.trainer import train  # noqa: E402
 
 
 def retriever_checkpoint(data, args) -> Path:
     """The given checkpoint, or one trained now with the benchmark's settings."""
     if args.checkpoint:
         return Path(args.checkpoint)
-    from training.trainer import TrainConfig, train
-
-    config = TrainConfig(
-        model=args.model,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        patience=args.patience,
-        eval_every=args.eval_every,
-        device=args.device,
-        model_options={"max_len": args.max_len, "dim": args.dim},
-    )
-    return train(data, config, Path(args.run_dir) / "retriever").checkpoint
+    return train(data, cli_options.train_config(args), Path(args.run_dir) / "retriever").checkpoint
 
 
 def measure_latency(head, prepared, data, depth: int, runs: int) -> dict[str, float]:
     """Median and p99 ms of one request of ``depth`` candidates: the head alone, and the
     features plus the head (``service.ranking.rerank``, serving-side item features)."""
-    from service.ranking import RerankJob, rerank
-    from training.ctr import candidate_vectors
-
     test = prepared.test.first(depth)
     vectors = prepared.retriever.index.vectors
     row = int(np.argmax((test.ids > 0).sum(axis=1)))  # a full candidate list
@@ -109,9 +111,6 @@ def measure_latency(head, prepared, data, depth: int, runs: int) -> dict[str, fl
 
 def remeasure_latency(data, args) -> int:
     """Latency of the heads recorded in ``args.results``, measured again; the file is updated."""
-    from service.ranking import CtrHead
-    from training.ctr import CtrConfig, prepare_ctr_data
-
     result = json.loads(args.results.read_text())
     config = CtrConfig(**{**result["config"], "deep": tuple(result["config"]["deep"])})
     prepared = prepare_ctr_data(data, Path(result["bundle"]), config, max(result["depths"]))
@@ -159,24 +158,21 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", default="ml-1m:../shared/data/ml-1m")
+    cli_options.add_data_flags(parser, default="ml-1m:../shared/data/ml-1m")
     parser.add_argument("--checkpoint", help="a trained retriever (default: train one)")
     parser.add_argument("--bundle", help="an exported bundle folder to use instead of exporting")
-    parser.add_argument("--model", default="sasrec")
-    parser.add_argument("--epochs", type=int, default=200)
-    parser.add_argument("--patience", type=int, default=5)
-    parser.add_argument("--eval-every", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--max-len", type=int, default=200)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--device", default="cpu")
+    # The retriever trained when no --checkpoint is given:
+    cli_options.add_model_flags(parser, "--model", "--max-len", "--dim")
+    cli_options.add_training_flags(
+        parser, "--epochs", "--patience", "--eval-every", "--batch-size", "--lr", "--device"
+    )
+    cli_options.add_bundle_flags(parser, "--models-dir")  # default: RUN_DIR/models
+    parser.set_defaults(epochs=200, eval_every=2, max_len=200, models_dir=None)
     parser.add_argument("--run-dir", default=str(REPO / "runs" / "rerank"))
-    parser.add_argument("--models-dir", default=None, help="default: RUN_DIR/models")
     parser.add_argument("--candidates", type=int, default=200, help="training depth N")
     parser.add_argument("--depths", type=int, nargs="+", default=[100, 200])
     parser.add_argument("--head-epochs", type=int, default=20)
@@ -184,9 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-batch-size", type=int, default=32)
     parser.add_argument("--max-users", type=int, default=0, help="subsample users (0: all)")
     parser.add_argument("--negatives", type=int, default=0, help="per group (0: all)")
-    parser.add_argument("--seed", type=int, default=0)
+    # The heads' seed and every torch computation's threads (the retriever's seed stays 0).
+    parser.add_argument("--seed", dest="head_seed", type=int, default=0)
     parser.add_argument("--latency-runs", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--threads", dest="torch_threads", type=int, default=0, help="torch threads (0: default)"
+    )
     parser.add_argument("--results", type=Path, default=REPO / "docs" / "rerank_quality.json")
     parser.add_argument(
         "--remeasure-latency",
@@ -194,26 +193,24 @@ def main(argv: list[str] | None = None) -> int:
         help="train nothing: measure the heads of an earlier run (its --results file) again, "
         "e.g. on a quieter machine, and update their latency in that file",
     )
-    args = parser.parse_args(argv)
+    return parser
 
-    import torch
 
-    from service.ranking import CtrHead
-    from training.ctr import (
-        CtrConfig,
-        check_head_parity,
-        export_ctr_head,
-        prepare_ctr_data,
-        rerank_quality,
-        train_ctr_head,
-    )
-    from training.data import build_sequences, load_dataset
-    from training.export import export_bundle
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except (TrainingError, RecserveError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+
+def run(args) -> int:
+    """Retriever bundle, candidates, both heads, their quality and latency; the JSON file."""
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     run_dir = Path(args.run_dir)
-    data = build_sequences(load_dataset(args.data))
+    data = build_sequences(load_dataset(args.data, args.skip_malformed))
     if args.remeasure_latency:
         return remeasure_latency(data, args)
     started = time.perf_counter()
@@ -234,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.head_batch_size,
         max_users=args.max_users,
         negatives=args.negatives,
-        seed=args.seed,
+        seed=args.head_seed,
     )
     prepared = prepare_ctr_data(data, bundle, config, test_depth=max(args.depths))
     vectors = prepared.retriever.index.vectors

@@ -32,6 +32,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from training import cli_options  # noqa: E402
+from training.data import build_sequences  # noqa: E402
+from training.datasets import load_dataset  # noqa: E402
+from training.errors import TrainingError  # noqa: E402
+from training.trainer import train  # noqa: E402
+
+# The suites pick encoder, loss and seed; each encoder's shape beyond the flags is fixed here.
 ENCODER_OPTIONS = {
     "sasrec": {"n_layers": 2, "n_heads": 2},
     "nextitnet": {},
@@ -51,26 +58,8 @@ SUITES = {
 
 def run_one(data, encoder: str, loss: str, seed: int, args) -> dict:
     """Train and evaluate one configuration; returns a flat result row."""
-    from training.trainer import TrainConfig, train
-
-    config = TrainConfig(
-        model=encoder,
-        loss=loss,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        patience=args.patience,
-        eval_every=args.eval_every,
-        seed=seed,
-        device=args.device,
-        loss_options=loss_options(args.loss_option),
-        model_options={
-            "max_len": args.max_len,
-            "dim": args.dim,
-            "dropout": args.dropout,
-            **ENCODER_OPTIONS[encoder],
-        },
-    )
+    config = cli_options.train_config(args, model=encoder, loss=loss, seed=seed)
+    config.model_options.update(ENCODER_OPTIONS[encoder])
     out = args.run_dir / f"{args.tag}-{encoder}-{loss}-s{seed}"
     started = time.perf_counter()
     report = train(data, config, out).report
@@ -100,33 +89,15 @@ def run_settings(args) -> dict:
         "patience": args.patience,
         "eval_every": args.eval_every,
         "dropout": args.dropout,
-        "loss_options": loss_options(args.loss_option),
+        "loss_options": cli_options.loss_options(args),
     }
 
 
-def loss_options(pairs: list[str]) -> dict:
-    """``--loss-option KEY=VALUE`` pairs, numbers as numbers."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--loss-option wants KEY=VALUE, got {pair!r}")
-        try:
-            options[key] = int(value)
-        except ValueError:
-            try:
-                options[key] = float(value)
-            except ValueError:
-                options[key] = value
-    return options
-
-
-def already_run(rows: list[dict], source: str, encoder: str, loss: str, seed: int, args) -> bool:
-    """Whether ``rows`` hold this cell with these settings."""
+def already_run(rows: list[dict], cell: tuple[str, str, str, int], args) -> bool:
+    """Whether ``rows`` hold ``cell`` (data source, encoder, loss, seed) with these settings."""
     settings = run_settings(args)
     return any(
-        (r["data"], r["encoder"], r["loss"], r["seed"]) == (source, encoder, loss, seed)
-        and r["config"] == settings
+        (r["data"], r["encoder"], r["loss"], r["seed"]) == cell and r["config"] == settings
         for r in rows
     )
 
@@ -206,44 +177,52 @@ def plot(summary: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", required=True)
+    cli_options.add_data_flags(parser)
     parser.add_argument("--suite", choices=[*SUITES, "single"], default="grid")
     parser.add_argument("--run", action="append", default=[], help="encoder:loss[:seed]")
-    parser.add_argument("--epochs", type=int, default=200)
-    parser.add_argument("--patience", type=int, default=5)
-    parser.add_argument("--eval-every", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--max-len", type=int, default=200)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--dropout", type=float, default=0.2)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument(
+    # Encoder, loss and seed come from the suite; every other setting is in run_settings.
+    cli_options.add_model_flags(parser, "--max-len", "--dim", "--dropout")
+    cli_options.add_training_flags(
+        parser,
         "--loss-option",
-        action="append",
-        default=[],
-        help="an option of the loss, e.g. --loss-option margin=0.5 (repeatable)",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--patience",
+        "--eval-every",
+        "--device",
     )
+    parser.set_defaults(epochs=200, eval_every=2, max_len=200)
     parser.add_argument("--tag", default="q")
     parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "quality")
     parser.add_argument("--results", type=Path, default=REPO / "docs" / "train_quality.json")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "train_quality.png")
-    args = parser.parse_args(argv)
+    return parser
 
-    from training.data import build_sequences, load_dataset
 
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return run_suite(args)
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run_suite(args) -> int:
+    """Train the suite's cells not yet in the results file; write the table and the chart."""
     runs = list(SUITES.get(args.suite, []))
     for spec in args.run:
         encoder, loss, *seed = spec.split(":")
         runs.append((encoder, loss, int(seed[0]) if seed else 0))
-    data = build_sequences(load_dataset(args.data))
+    data = build_sequences(load_dataset(args.data, args.skip_malformed))
     rows = json.loads(args.results.read_text()) if args.results.exists() else []
     for encoder, loss, seed in runs:
-        if already_run(rows, data.source, encoder, loss, seed, args):
+        if already_run(rows, (data.source, encoder, loss, seed), args):
             print(f"== {encoder} / {loss} / seed {seed}: already in {args.results}", flush=True)
             continue
         print(f"== {encoder} / {loss} / seed {seed} on {data.source}", flush=True)

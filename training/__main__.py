@@ -4,32 +4,46 @@ python -m training generate --out data/synthetic.parquet [--users 5000 --items 2
 python -m training train --data synthetic --model sasrec --out runs/default
 python -m training train --data ml-1m:../shared/data/ml-1m --max-len 200 --out runs/ml1m
 python -m training evaluate --checkpoint runs/default/checkpoint.pt --data synthetic
+
+A problem with the data, a checkpoint, a setting or a bundle is reported as one line,
+``error: ...``, with exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import sys
 from pathlib import Path
 
-from service.errors import BundleError
-from training.data import DataError, build_sequences, load_dataset
-from training.export import ExportError
+from service.bundle import load_bundle
+from service.errors import RecserveError
+from service.settings import Settings
+from training.cli_options import (
+    add_bundle_flags,
+    add_data_flags,
+    add_model_flags,
+    add_training_flags,
+    index_options,
+    train_config,
+)
+from training.ctr import CtrConfig
+from training.data import SequenceData, build_sequences
+from training.datasets import load_dataset
+from training.errors import ConfigError, TrainingError
+from training.evaluate import evaluate, model_scorer, popularity_scorer
+from training.export import export_bundle
+from training.optimizers import OPTIMIZERS
+from training.synthetic import SyntheticConfig, generate
+from training.trainer import check_same_items, load_checkpoint, train
 
 
-def _add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data",
-        required=True,
-        help="KIND:PATH with KIND in ml-1m, ml-100k, amazon, csv, parquet; or synthetic[:k=v,...]",
-    )
-    parser.add_argument(
-        "--skip-malformed",
-        action="store_true",
-        help="skip malformed lines (their count is reported) instead of failing",
-    )
+def _service_default(setting: str):
+    """The service's default of a setting (``service.settings.Settings``), so that what
+    ``batch-recommend --warm-cache`` writes is where the service looks by default."""
+    return Settings.model_fields[setting].default
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,43 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
 
     train = commands.add_parser("train", help="train and evaluate an encoder")
-    _add_data_args(train)
+    add_data_flags(train)
     train.add_argument("--out", required=True, type=Path, help="run folder")
-    train.add_argument("--model", default="sasrec")
-    train.add_argument("--loss", default="full_softmax")
-    train.add_argument("--epochs", type=int, default=20)
-    train.add_argument("--batch-size", type=int, default=128)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--weight-decay", type=float, default=0.0)
-    train.add_argument("--patience", type=int, default=5)
-    train.add_argument("--eval-every", type=int, default=1)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="cpu")
-    train.add_argument("--threads", type=int, default=0)
-    train.add_argument("--max-len", type=int, default=50)
-    train.add_argument("--dim", type=int, default=64)
-    # None: the model's own default; only SASRec has layers and heads.
-    train.add_argument("--layers", type=int, default=None, help="sasrec: blocks (default 2)")
-    train.add_argument("--heads", type=int, default=None, help="sasrec: heads (default 2)")
-    train.add_argument("--dropout", type=float, default=0.2)
-    train.add_argument("--no-time", action="store_true", help="ignore time intervals")
-    train.add_argument(
-        "--model-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an option of the model's config, e.g. --model-option n_stacks=3 (repeatable)",
-    )
-    train.add_argument(
-        "--loss-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an option of the loss, e.g. --loss-option temperature=0.1 (repeatable)",
-    )
+    add_model_flags(train)
+    add_training_flags(train)
 
     export = commands.add_parser("export", help="export checkpoints into a model bundle")
-    _add_data_args(export)
+    add_data_flags(export)
     export.add_argument(
         "--checkpoint",
         required=True,
@@ -92,33 +76,20 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="a trained checkpoint (repeat for several encoders)",
     )
-    export.add_argument("--models-dir", type=Path, default=Path("models"))
     export.add_argument("--name", help="bundle name (default: bundle-<UTC time>)")
-    export.add_argument(
-        "--index",
-        default="auto",
-        help="auto, or a faiss factory string such as Flat, OPQ16,IVF1024,PQ16x8, HNSW32",
-    )
-    export.add_argument(
-        "--index-device",
-        default="auto",
-        choices=["auto", "cpu", "gpu"],
-        help="where the service will search the index; auto: a GPU if faiss sees one here",
-    )
-    export.add_argument("--nprobe", type=int, default=None, help="IVF lists visited per query")
-    export.add_argument("--rescore", type=int, default=None, help="shortlist re-scored exactly")
+    add_bundle_flags(export)
     export.add_argument("--no-current", action="store_true", help="do not update CURRENT")
     export.add_argument(
         "--ctr-head",
-        choices=["adam", "adatask"],
+        choices=list(OPTIMIZERS),
         help="also train a CTR head per retriever, with this optimiser",
     )
 
     recommend = commands.add_parser(
         "batch-recommend", help="top-K for every user through a bundle, to Parquet"
     )
-    _add_data_args(recommend)
-    recommend.add_argument("--models-dir", type=Path, default=Path("models"))
+    add_data_flags(recommend)
+    add_bundle_flags(recommend, "--models-dir")
     recommend.add_argument("--bundle", help="bundle name (default: the one in CURRENT)")
     recommend.add_argument("--encoder", help="retriever to use (default: the bundle's)")
     recommend.add_argument("--out", required=True, type=Path, help=".parquet")
@@ -135,14 +106,22 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also load histories and retrievals into the service's Redis cache",
     )
-    recommend.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    recommend.add_argument("--key-prefix", default="recserve", help="as RECSERVE_KEY_PREFIX")
-    recommend.add_argument("--history-cap", type=int, default=200, help="as the service's")
-    recommend.add_argument("--candidates", type=int, default=200, help="as the service's")
-    recommend.add_argument("--cache-ttl", type=int, default=3600, help="seconds")
+    recommend.add_argument(
+        "--redis-url", default=_service_default("redis_url"), help="as RECSERVE_REDIS_URL"
+    )
+    recommend.add_argument(
+        "--key-prefix", default=_service_default("key_prefix"), help="as RECSERVE_KEY_PREFIX"
+    )
+    for flag, setting in (("--history-cap", "history_cap"), ("--candidates", "candidates")):
+        recommend.add_argument(
+            flag, type=int, default=_service_default(setting), help="as the service's"
+        )
+    recommend.add_argument(
+        "--cache-ttl", type=int, default=_service_default("cache_ttl_seconds"), help="seconds"
+    )
 
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on a dataset")
-    _add_data_args(evaluate)
+    add_data_flags(evaluate)
     evaluate.add_argument("--checkpoint", required=True, type=Path)
     evaluate.add_argument("--split", default="test", choices=["valid", "test"])
     return parser
@@ -173,17 +152,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "batch-recommend":
             return _batch_recommend(args)
         return _evaluate(args)
-    except (DataError, ExportError, BundleError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (TrainingError, RecserveError) as exc:
+        # One line naming the problem, never a traceback (some messages quote a library's
+        # paragraph: its lines are joined).
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr)
         return 2
+
+
+def _sequences(args) -> SequenceData:
+    return build_sequences(load_dataset(args.data, args.skip_malformed))
 
 
 def _generate(args) -> int:
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
-
-    from training.synthetic import SyntheticConfig, generate
 
     log = generate(SyntheticConfig(users=args.users, items=args.items, seed=args.seed))
     table = pa.table(
@@ -198,72 +182,12 @@ def _generate(args) -> int:
     return 0
 
 
-def _key_values(pairs: list[str], flag: str) -> dict:
-    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}`` with numbers and booleans parsed."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"error: {flag} expects KEY=VALUE, got {pair!r}")
-        options[key.strip()] = json.loads(value) if _is_json_scalar(value) else value
-    return options
-
-
-def _is_json_scalar(text: str) -> bool:
-    try:
-        return isinstance(json.loads(text), (int, float, bool))
-    except ValueError:
-        return False
-
-
-def _model_options(args) -> dict:
-    """The model options from the flags; one the chosen model does not have is an error."""
-    from training.models import encoder_options
-
-    options = {
-        "max_len": args.max_len,
-        "dim": args.dim,
-        "dropout": args.dropout,
-        "use_time": not args.no_time,
-    }
-    for key, value in (("n_layers", args.layers), ("n_heads", args.heads)):
-        if value is not None:
-            options[key] = value
-    options.update(_key_values(args.model_option, "--model-option"))
-    try:
-        unknown = set(options) - encoder_options(args.model)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from exc
-    if unknown:
-        raise SystemExit(
-            f"error: --model {args.model} has no option(s) {', '.join(sorted(unknown))}"
-        )
-    return options
-
-
 def _train(args) -> int:
-    from training.trainer import TrainConfig, train
-
-    model_options = _model_options(args)  # before the data: a typo should fail fast
+    config = train_config(args)  # before the data: a typo in an option should fail fast
     interactions = load_dataset(args.data, args.skip_malformed)
     if interactions.skipped:
         print(f"skipped {interactions.skipped} malformed lines in {interactions.source}")
     data = build_sequences(interactions)
-    config = TrainConfig(
-        model=args.model,
-        loss=args.loss,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        patience=args.patience,
-        eval_every=args.eval_every,
-        seed=args.seed,
-        device=args.device,
-        threads=args.threads,
-        model_options=model_options,
-        loss_options=_key_values(args.loss_option, "--loss-option"),
-    )
     result = train(data, config, args.out)
     report = result.report
     print(f"data: {json.dumps(report['data'])}")
@@ -280,22 +204,13 @@ def _train(args) -> int:
 
 
 def _export(args) -> int:
-    from training.ctr import CtrConfig
-    from training.export import export_bundle
-
-    data = build_sequences(load_dataset(args.data, args.skip_malformed))
-    overrides = {
-        key: value
-        for key, value in (("nprobe", args.nprobe), ("rescore", args.rescore))
-        if value is not None
-    }
     path = export_bundle(
         args.checkpoint,
-        data,
+        _sequences(args),
         args.models_dir,
         name=args.name,
         index=args.index,
-        index_options=overrides,
+        index_options=index_options(args),
         index_device=args.index_device,
         make_current=not args.no_current,
         ctr=CtrConfig(optimizer=args.ctr_head) if args.ctr_head else None,
@@ -305,18 +220,16 @@ def _export(args) -> int:
 
 
 def _batch_recommend(args) -> int:
-    from service.bundle import load_bundle
+    # Only this command needs the serving side's recommender and Redis client.
     from training.batch_recommend import batch_recommend
 
     bundle = load_bundle(args.models_dir, args.bundle, device=args.device)
     if args.encoder and args.encoder not in bundle.retrievers:
-        print(
-            f"error: bundle {bundle.name} has no encoder {args.encoder!r} "
-            f"(it has {', '.join(bundle.retrievers)})",
-            file=sys.stderr,
+        raise ConfigError(
+            f"bundle {bundle.name} has no encoder {args.encoder!r} "
+            f"(it has {', '.join(bundle.retrievers)})"
         )
-        return 2
-    data = build_sequences(load_dataset(args.data, args.skip_malformed))
+    data = _sequences(args)
     stats = batch_recommend(
         bundle, data, args.out, encoder=args.encoder, k=args.k, history=args.history
     )
@@ -326,8 +239,6 @@ def _batch_recommend(args) -> int:
         f"{stats['bundle']} -> {args.out}"
     )
     if args.warm_cache:
-        import asyncio
-
         from service.cache import RedisBehaviourCache
         from training.batch_recommend import warm_cache
 
@@ -348,20 +259,9 @@ def _batch_recommend(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from training.evaluate import evaluate, model_scorer, popularity_scorer
-    from training.trainer import load_checkpoint
-
     model, payload = load_checkpoint(args.checkpoint)
-    data = build_sequences(load_dataset(args.data, args.skip_malformed))
-    if (
-        data.n_items != payload["model_config"]["n_items"]
-        or data.item_map.raw.tolist() != payload["item_ids"]
-    ):
-        print(
-            f"error: {args.data} has other items than {args.checkpoint} was trained on",
-            file=sys.stderr,
-        )
-        return 2
+    data = _sequences(args)
+    check_same_items(args.checkpoint, payload, data)
     metrics = {
         "model": {args.split: evaluate(model_scorer(model), data, args.split, model.max_len)},
         "popularity": {

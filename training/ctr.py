@@ -1,8 +1,12 @@
-"""A CTR head that reranks the retriever's candidates: examples, model, optimisers, export.
+"""A CTR head that reranks the retriever's candidates: its examples and its training.
 
-    from training.ctr import CtrConfig, train_ctr_head, export_ctr_head, check_head_parity
+    from training.ctr import CtrConfig, train_ctr_head
+    from training.onnx_export import check_head_parity, export_ctr_head
     head, report = train_ctr_head(data, "models/bundle-x", CtrConfig(optimizer="adatask"))
     export_ctr_head(head, "ctr_head.onnx"); check_head_parity(head, "ctr_head.onnx")
+
+``python -m training export --ctr-head adam|adatask`` adds a head to each retriever of a
+bundle (``training.export.add_ctr_head``).
 
 The benchmark ``bench/rerank_quality.py`` runs the whole comparison on a dataset.
 
@@ -22,13 +26,10 @@ Subsampling: ``max_users`` draws a seeded subset of users (0: all), and ``negati
 keeps, per training group and batch, the positive plus that many uniformly drawn
 negatives (0: all). Evaluation always scores the full candidate lists.
 
-The head (``CtrHeadModel``) is a DCN-v2 with a parallel deep tower over a narrow,
-factorised projection of user, item and their product: small, explicit feature crosses
-(user x item interaction against popularity, recency, retrieval score) at about 11k
-multiply-adds per candidate, so that reranking 200 candidates stays a small share of a
-request. With a second label (MovieLens: rating >= 4, "liked",
-beside "watched next") it has one output tower per task; the served logit is "watched".
-``AdaTaskAdam`` keeps Adam's moments per task on every parameter.
+The head itself (``CtrHeadModel``, a DCN-v2) is in ``training.models.ctr_head``. With a
+second label (MovieLens: rating >= 4, "liked", beside "watched next") it has one output
+tower per task, and ``CtrConfig(optimizer="adatask")`` trains it with ``AdaTaskAdam``
+(``training.optimizers``), which keeps Adam's moments per task on every parameter.
 """
 
 from __future__ import annotations
@@ -38,29 +39,29 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from service.bundle import load_bundle
 from service.features import HISTORY_WINDOW, ItemFeatures
+from service.filters import drop_seen
 from service.histories import left_padded_events, left_padded_window
-from service.ranking import INPUT_NAMES, OUTPUT_NAME, CtrHead, head_inputs
+from service.ranking import head_inputs
 from training.data import SequenceData
-from training.export import export_onnx
+from training.errors import CtrError
+from training.evaluate import log_loss, metrics_from_ranks, roc_auc
+from training.models.ctr_head import CtrHeadConfig, CtrHeadModel
+from training.optimizers import build_optimizer, optimizer_step
 
 LOG = logging.getLogger(__name__)
 
-PARITY_TOLERANCE = 1e-4
 LIKED_THRESHOLD = 4.0
 CUTOFF = 10
-
-
-class CtrError(Exception):
-    """The CTR head cannot be trained or exported as asked."""
 
 
 # --------------------------------------------------------------------------- config
@@ -102,8 +103,6 @@ class RetrieverParts:
 def resolve_retriever(source, encoder: str | None = None):
     """A bundle folder (str/Path) -> its retriever; anything with encoder/index/max_len as is."""
     if isinstance(source, (str, Path)):
-        from service.bundle import load_bundle
-
         path = Path(source)
         bundle = load_bundle(path.parent, path.name, device="cpu")
         name = encoder or bundle.default_encoder
@@ -119,16 +118,6 @@ def resolve_retriever(source, encoder: str | None = None):
 # --------------------------------------------------------------------------- examples
 
 
-def training_events(data: SequenceData) -> tuple[np.ndarray, np.ndarray]:
-    """Item ids and timestamps of the training events (all but each user's last two)."""
-    starts, ends = data.offsets[:-1], data.train_end()
-    marks = np.zeros(len(data.items) + 1, dtype=np.int64)
-    np.add.at(marks, starts, 1)
-    np.add.at(marks, ends, -1)
-    mask = np.cumsum(marks[:-1]) > 0
-    return data.items[mask], data.timestamps[mask]
-
-
 def item_genres(data: SequenceData) -> list[list[str]] | None:
     """Genres per internal id (row 0 empty), or None when the data has no genres."""
     if data.metadata is None or not data.metadata.genres:
@@ -139,7 +128,7 @@ def item_genres(data: SequenceData) -> list[list[str]] | None:
 
 def training_item_features(data: SequenceData) -> ItemFeatures:
     """Item facts from the training events only, with the point-in-time age index."""
-    items, timestamps = training_events(data)
+    items, timestamps = data.training_events()
     return ItemFeatures.from_events(data.n_items, items, timestamps, item_genres(data))
 
 
@@ -196,6 +185,7 @@ def retrieve_candidates(
     items: ItemFeatures,
     split: str,
     n_candidates: int,
+    *,
     users: np.ndarray | None = None,
     batch_size: int = 256,
 ) -> CandidateSet:
@@ -229,11 +219,10 @@ def retrieve_candidates(
         found_scores, found = retriever.index.search(embedding, depth)
         ids = np.zeros((len(chosen), n_candidates), dtype=np.int64)
         scores = np.full((len(chosen), n_candidates), -np.inf, dtype=np.float32)
-        for row, seen_items in enumerate(seen):
-            keep = (found[row] > 0) & ~np.isin(found[row], seen_items)
-            kept = found[row][keep][:n_candidates]
-            ids[row, : len(kept)] = kept
-            scores[row, : len(kept)] = found_scores[row][keep][: len(kept)]
+        kept = drop_seen(list(found), list(found_scores), seen, [n_candidates] * len(seen))
+        for row, (kept_ids, kept_scores) in enumerate(kept):
+            ids[row, : len(kept_ids)] = kept_ids
+            scores[row, : len(kept_ids)] = kept_scores
         history_ids, history_ts = left_padded_events(
             data.items, data.timestamps, starts, ends, HISTORY_WINDOW
         )
@@ -275,237 +264,7 @@ def retrieve_candidates(
     )
 
 
-# --------------------------------------------------------------------------- model
-
-
-@dataclass
-class CtrHeadConfig:
-    """Everything needed to rebuild a head (stored in the bundle manifest)."""
-
-    dim: int
-    feature_names: list[str]
-    tasks: list[str] = field(default_factory=lambda: ["watched"])
-    interaction: int = 32  # width of the user x candidate projection the head starts from
-    cross_layers: int = 2
-    deep: tuple[int, ...] = (64, 32)
-    tower: int = 16
-    dropout: float = 0.1
-
-    @property
-    def n_features(self) -> int:
-        return len(self.feature_names)
-
-
-class CtrHeadModel(nn.Module):
-    """DCN-v2 (full-rank cross layers) beside a deep MLP, one small tower per task, over a
-    narrow projection of the user x candidate interaction.
-
-    e = P [u, v, u * v] + p, evaluated as (P_v + P_uv diag(u)) v + (P_u u + p): the matrix in
-    brackets is built once per request, so a candidate costs one (d x h) product instead of
-    a (3d x h) one, and the crosses then work on h + f columns instead of 3d + f (about a
-    tenth of the multiply-adds of crossing the raw embeddings; the serving rerank is
-    dominated by them). x0 = [LayerNorm(e), standardised features]; cross: x_{l+1} = x0 *
-    (W x_l + b) + x_l; deep: MLP(x0); each task: linear + MLP of [x_L, deep] -> one logit.
-    """
-
-    def __init__(self, config: CtrHeadConfig):
-        super().__init__()
-        self.config = config
-        d, f, h = config.dim, config.n_features, config.interaction
-        width = h + f
-        self.register_buffer("feature_mean", torch.zeros(f))
-        self.register_buffer("feature_std", torch.ones(f))
-        self.interaction = nn.Linear(3 * d, h)
-        self.interaction_norm = nn.LayerNorm(h)
-        self.cross = nn.ModuleList(nn.Linear(width, width) for _ in range(config.cross_layers))
-        layers: list[nn.Module] = []
-        previous = width
-        for size in config.deep:
-            layers += [nn.Linear(previous, size), nn.ReLU(), nn.Dropout(config.dropout)]
-            previous = size
-        self.deep = nn.Sequential(*layers)
-        self.towers = nn.ModuleList(TaskTower(width + previous, config.tower) for _ in config.tasks)
-
-    def set_feature_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
-        with torch.no_grad():
-            self.feature_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
-            self.feature_std.copy_(torch.as_tensor(np.maximum(std, 1e-6), dtype=torch.float32))
-
-    def set_base_rates(self, rates: Sequence[float]) -> None:
-        """Start each task at its positive rate, so that training spends its first steps on
-        ranking rather than on the bias (one positive in hundreds of candidates)."""
-        with torch.no_grad():
-            for tower, rate in zip(self.towers, rates, strict=True):
-                rate = min(max(float(rate), 1e-6), 1 - 1e-6)
-                tower.linear.bias.fill_(math.log(rate / (1 - rate)))
-
-    def interact(
-        self, user_embedding: torch.Tensor, candidate_embeddings: torch.Tensor
-    ) -> torch.Tensor:
-        """e = P [u, v, u * v] + p for every candidate (b, c, h), factorised per user."""
-        on_user, on_item, on_product = self.interaction.weight.split(self.config.dim, dim=1)
-        per_user = on_item + on_product * user_embedding[:, None, :]  # (b, h, d)
-        offset = user_embedding @ on_user.T + self.interaction.bias  # (b, h)
-        return candidate_embeddings @ per_user.transpose(1, 2) + offset[:, None, :]
-
-    def represent(
-        self,
-        user_embedding: torch.Tensor,
-        candidate_embeddings: torch.Tensor,
-        candidate_features: torch.Tensor,
-    ) -> torch.Tensor:
-        """What the task towers read, one row per candidate: (b * c, w + h).
-
-        Rows are flattened before the layers so that each one exports as a single Gemm with
-        its bias (onnxruntime left every 3-d Linear as a MatMul plus a broadcast Add, which
-        took longer than the MatMul).
-        """
-        pairs = self.interaction_norm(self.interact(user_embedding, candidate_embeddings))
-        scalars = (candidate_features - self.feature_mean) / self.feature_std  # (b, c, f)
-        x0 = torch.cat([pairs, scalars], dim=-1).flatten(0, 1)  # (b * c, w)
-        x = x0
-        for layer in self.cross:
-            x = x0 * layer(x) + x  # (b * c, w)
-        return torch.cat([x, self.deep(x0)], dim=-1)  # (b * c, w + h)
-
-    def forward(
-        self,
-        user_embedding: torch.Tensor,
-        candidate_embeddings: torch.Tensor,
-        candidate_features: torch.Tensor,
-    ) -> torch.Tensor:
-        """Logits (b, c, tasks)."""
-        joined = self.represent(user_embedding, candidate_embeddings, candidate_features)
-        logits = torch.cat([tower(joined) for tower in self.towers], dim=-1)  # (b * c, t)
-        return logits.unflatten(0, candidate_features.shape[:2])
-
-
-class TaskTower(nn.Module):
-    """One task's output: a linear term (a wide skip) plus a one-hidden-layer MLP."""
-
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.linear = nn.Linear(width, 1)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x) + self.mlp(x)  # (..., 1)
-
-
-class InferenceHead(nn.Module):
-    """The serving graph: the first task's logits (b, c), without the other task towers;
-    eval mode, nothing else."""
-
-    def __init__(self, head: CtrHeadModel):
-        super().__init__()
-        self.head = head
-        self.eval()
-
-    def forward(
-        self,
-        user_embedding: torch.Tensor,
-        candidate_embeddings: torch.Tensor,
-        candidate_features: torch.Tensor,
-    ) -> torch.Tensor:
-        joined = self.head.represent(user_embedding, candidate_embeddings, candidate_features)
-        return self.head.towers[0](joined).reshape(candidate_features.shape[:2])
-
-
-# --------------------------------------------------------------------------- optimisers
-
-
-class AdaTaskAdam(torch.optim.Optimizer):
-    """Adam with task-wise adaptive learning rates (AdaTask, Yang et al., AAAI 2023).
-
-    Each task's gradient is computed on its own (``autograd.grad`` of that task's loss), fed
-    to its own first- and second-moment accumulators on every parameter, normalised by its
-    own running second moment, and only then summed. A task with 100x larger gradients thus
-    cannot drown the other on shared parameters, as it does in Adam on the summed loss
-    (one accumulator). A parameter one task does not reach gets zero from it.
-
-    Use ``optimizer.step(losses)`` with one scalar loss per task (no ``backward``).
-    """
-
-    def __init__(
-        self,
-        params,
-        n_tasks: int,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-    ):
-        if n_tasks < 1:
-            raise ValueError("AdaTaskAdam needs at least one task")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.n_tasks = n_tasks
-
-    def step(self, losses: Sequence[torch.Tensor]) -> None:  # type: ignore[override]
-        if len(losses) != self.n_tasks:
-            raise ValueError(f"expected {self.n_tasks} task losses, got {len(losses)}")
-        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        task_grads = [
-            torch.autograd.grad(loss, params, retain_graph=k < len(losses) - 1, allow_unused=True)
-            for k, loss in enumerate(losses)
-        ]
-        index = 0
-        with torch.no_grad():
-            for group in self.param_groups:
-                beta1, beta2 = group["betas"]
-                for p in group["params"]:
-                    if not p.requires_grad:
-                        continue
-                    grads = [task_grads[k][index] for k in range(self.n_tasks)]
-                    index += 1
-                    state = self.state[p]
-                    if not state:
-                        state["step"] = 0
-                        state["exp_avg"] = torch.zeros((self.n_tasks, *p.shape), dtype=p.dtype)
-                        state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-                    state["step"] += 1
-                    correction1 = 1 - beta1 ** state["step"]
-                    correction2 = 1 - beta2 ** state["step"]
-                    update = torch.zeros_like(p)
-                    for k, grad in enumerate(grads):
-                        grad = torch.zeros_like(p) if grad is None else grad
-                        m, v = state["exp_avg"][k], state["exp_avg_sq"][k]
-                        m.mul_(beta1).add_(grad, alpha=1 - beta1)
-                        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                        update += (m / correction1) / ((v / correction2).sqrt() + group["eps"])
-                    if group["weight_decay"]:
-                        p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(update, alpha=-group["lr"])
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve by rank statistics (Mann-Whitney U; ties get mean ranks).
-
-    NaN when only one class is present.
-    """
-    labels = np.asarray(labels).astype(bool).ravel()
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    positives = int(labels.sum())
-    negatives = len(labels) - positives
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    first = np.cumsum(counts) - counts + 1  # 1-based rank of each distinct value's first
-    ranks = (first + (counts - 1) / 2.0)[inverse.ravel()]
-    u = ranks[labels].sum() - positives * (positives + 1) / 2.0
-    return float(u / (positives * negatives))
-
-
-def log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
-    """Mean binary cross-entropy of sigmoid(logits), computed stably from logits."""
-    labels = np.asarray(labels, dtype=np.float64).ravel()
-    logits = np.asarray(logits, dtype=np.float64).ravel()
-    if len(labels) == 0:
-        return float("nan")
-    return float(np.mean(np.logaddexp(0.0, logits) - labels * logits))
-
+# --------------------------------------------------------------------------- evaluation
 
 # (user (b, d), candidates (b, c, d), features (b, c, f)) -> logits (b, c, t) or (b, c)
 Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -576,14 +335,6 @@ def classification_report(scorer: Scorer, candidates: CandidateSet, vectors: np.
     return result
 
 
-def ranking_metrics(ranks: np.ndarray, cutoff: int = CUTOFF) -> dict[str, float]:
-    """NDCG@k and Recall@k from 0-based ranks (a miss has rank >= k)."""
-    ranks = np.asarray(ranks, dtype=np.float64)
-    hit = ranks < cutoff
-    ndcg = np.where(hit, 1.0 / np.log2(np.where(hit, ranks, 0.0) + 2.0), 0.0)
-    return {f"ndcg@{cutoff}": float(ndcg.mean()), f"recall@{cutoff}": float(hit.mean())}
-
-
 def rerank_ranks(logits: np.ndarray, ids: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """0-based rank of each target after ordering by logits (ties: retrieval order)."""
     logits = np.where(ids > 0, logits, -np.inf)
@@ -619,8 +370,8 @@ def rerank_quality(
         retrieval = first_match(ids, test.targets)
         reranked = rerank_ranks(logits[:, :depth], ids, test.targets)
         result[str(depth)] = {
-            "retrieval": ranking_metrics(retrieval, cutoff),
-            "reranked": ranking_metrics(reranked, cutoff),
+            "retrieval": metrics_from_ranks(retrieval, (cutoff,), mrr=False),
+            "reranked": metrics_from_ranks(reranked, (cutoff,), mrr=False),
             "recall@depth": float((retrieval < depth).mean()) if len(ids) else float("nan"),
         }
     return result
@@ -659,18 +410,12 @@ def prepare_ctr_data(
         raise CtrError("fewer than three evaluation users: nothing to train a head on")
     items = training_item_features(data)
     started = time.perf_counter()
+    batch = config.encode_batch
     valid = retrieve_candidates(
-        data, retriever, items, "valid", config.candidates, users, config.encode_batch
+        data, retriever, items, "valid", config.candidates, users=users, batch_size=batch
     )
-    test = retrieve_candidates(
-        data,
-        retriever,
-        items,
-        "test",
-        max(config.candidates, test_depth),
-        users,
-        config.encode_batch,
-    )
+    depth = max(config.candidates, test_depth)
+    test = retrieve_candidates(data, retriever, items, "test", depth, users=users, batch_size=batch)
     LOG.info(
         "retrieved candidates for %d users in %.1fs", len(users), time.perf_counter() - started
     )
@@ -695,13 +440,23 @@ def _rows_of(candidates: CandidateSet, users: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.isin(candidates.users, users))
 
 
+class HeadBatch(NamedTuple):
+    """One training step's candidate groups as tensors."""
+
+    user: torch.Tensor  # (b, d)
+    candidates: torch.Tensor  # (b, c, d) item vectors, zero in empty slots
+    features: torch.Tensor  # (b, c, f)
+    labels: torch.Tensor  # (b, c, t)
+    real: torch.Tensor  # (b, c) 1.0 where a slot holds a candidate
+
+
 def _batch_tensors(
     candidates: CandidateSet,
     rows: np.ndarray,
     vectors: np.ndarray,
     negatives: int,
     rng: np.random.Generator,
-) -> tuple[torch.Tensor, ...]:
+) -> HeadBatch:
     ids = candidates.ids[rows]
     features = candidates.features[rows]
     labels = candidates.labels[rows]
@@ -714,48 +469,29 @@ def _batch_tensors(
         ids = np.take_along_axis(ids, columns, axis=1)
         features = np.take_along_axis(features, columns[..., None], axis=1)
         labels = np.take_along_axis(labels, columns[..., None], axis=1)
-    return (
-        torch.from_numpy(candidates.user[rows]),
-        torch.from_numpy(candidate_vectors(vectors, ids)),
-        torch.from_numpy(np.ascontiguousarray(features)),
-        torch.from_numpy(np.ascontiguousarray(labels)),
-        torch.from_numpy(ids > 0).float(),
+    return HeadBatch(
+        user=torch.from_numpy(candidates.user[rows]),
+        candidates=torch.from_numpy(candidate_vectors(vectors, ids)),
+        features=torch.from_numpy(np.ascontiguousarray(features)),
+        labels=torch.from_numpy(np.ascontiguousarray(labels)),
+        real=torch.from_numpy(ids > 0).float(),
     )
 
 
-def task_losses(
-    head: CtrHeadModel,
-    user: torch.Tensor,
-    candidates: torch.Tensor,
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    real: torch.Tensor,
-) -> list[torch.Tensor]:
+def task_losses(head: CtrHeadModel, batch: HeadBatch) -> list[torch.Tensor]:
     """Binary cross-entropy per task over the real candidate slots."""
-    logits = head(user, candidates, features)  # (b, c, t)
-    count = real.sum().clamp(min=1.0)
+    logits = head(batch.user, batch.candidates, batch.features)  # (b, c, t)
+    count = batch.real.sum().clamp(min=1.0)
     return [
         (
-            F.binary_cross_entropy_with_logits(logits[..., k], labels[..., k], reduction="none")
-            * real
+            F.binary_cross_entropy_with_logits(
+                logits[..., k], batch.labels[..., k], reduction="none"
+            )
+            * batch.real
         ).sum()
         / count
         for k in range(logits.shape[-1])
     ]
-
-
-def build_optimizer(name: str, head: CtrHeadModel, config: CtrConfig) -> torch.optim.Optimizer:
-    if name == "adam":
-        # AdamW: decoupled weight decay like AdaTaskAdam's (the same as Adam at decay 0).
-        return torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    if name == "adatask":
-        return AdaTaskAdam(
-            head.parameters(),
-            n_tasks=len(head.config.tasks),
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-        )
-    raise CtrError(f"optimizer must be 'adam' or 'adatask', not {name!r}")
 
 
 def fit_head(
@@ -784,7 +520,13 @@ def fit_head(
     )
     head.set_feature_stats(rows.mean(axis=0), rows.std(axis=0))
     head.set_base_rates(train.labels[real].mean(axis=0))
-    optimizer = build_optimizer(config.optimizer, head, config)
+    optimizer = build_optimizer(
+        config.optimizer,
+        head.parameters(),
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        n_tasks=len(head.config.tasks),
+    )
     stop = stop.take(np.flatnonzero(stop.hit)) if stop is not None else None
     history: list[dict] = []
     best = (math.inf, 0, None)
@@ -797,13 +539,8 @@ def fit_head(
             batch = _batch_tensors(
                 train, order[lo : lo + config.batch_size], vectors, config.negatives, rng
             )
-            losses = task_losses(head, *batch)
-            if isinstance(optimizer, AdaTaskAdam):
-                optimizer.step(losses)
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                torch.stack(losses).sum().backward()
-                optimizer.step()
+            losses = task_losses(head, batch)
+            optimizer_step(optimizer, losses)
             totals += [loss.item() for loss in losses]
             steps += 1
         record = {
@@ -881,72 +618,3 @@ def train_ctr_head(
         ),
     }
     return head, report
-
-
-# --------------------------------------------------------------------------- export
-
-
-def export_ctr_head(head: CtrHeadModel, path: str | Path) -> None:
-    """Write ``ctr_head.onnx``: dynamic batch and candidate count, the served task's logits."""
-    wrapper = InferenceHead(head)
-    d, f = head.config.dim, head.config.n_features
-    generator = torch.Generator().manual_seed(0)
-    example = (
-        F.normalize(torch.randn(2, d, generator=generator), dim=-1),
-        torch.randn(2, 9, d, generator=generator),
-        torch.randn(2, 9, f, generator=generator),
-    )
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    count = torch.export.Dim("candidates", min=1, max=100_000)
-    # user_embedding, candidate_embeddings, candidate_features, in the graph's input order
-    axes = ({0: batch}, {0: batch, 1: count}, {0: batch, 1: count})
-    export_onnx(
-        wrapper, example, Path(path), dict(zip(INPUT_NAMES, axes, strict=True)), [OUTPUT_NAME]
-    )
-
-
-def head_parity_shapes() -> list[tuple[int, int]]:
-    """(batch, candidates) pairs, none of them the export example's (2, 9)."""
-    return [(1, 1), (1, 200), (3, 7), (5, 50)]
-
-
-def check_head_parity(head: CtrHeadModel, path: str | Path, seed: int = 0) -> float:
-    """Max |onnxruntime - torch| over random inputs; raises past ``PARITY_TOLERANCE``."""
-    session = CtrHead(path, device="cpu", feature_names=head.config.feature_names)
-    wrapper = InferenceHead(head)
-    generator = torch.Generator().manual_seed(seed)
-    d, f = head.config.dim, head.config.n_features
-    worst = 0.0
-    for batch, count in head_parity_shapes():
-        user = F.normalize(torch.randn(batch, d, generator=generator), dim=-1)
-        candidates = torch.randn(batch, count, d, generator=generator)
-        features = head.feature_mean + head.feature_std * torch.randn(
-            batch, count, f, generator=generator
-        )
-        with torch.no_grad():
-            expected = wrapper(user, candidates, features).numpy()
-        got = session.score(user.numpy(), candidates.numpy(), features.numpy())
-        if got.shape != expected.shape:
-            raise CtrError(f"{path}: output shape {got.shape}, PyTorch gives {expected.shape}")
-        diff = float(np.abs(got - expected).max())
-        worst = max(worst, diff)
-        if diff > PARITY_TOLERANCE:
-            raise CtrError(
-                f"{path}: onnxruntime differs from PyTorch by {diff:.2e} at batch {batch}, "
-                f"{count} candidates (tolerance {PARITY_TOLERANCE:.0e})"
-            )
-    return worst
-
-
-def head_manifest_entry(head: CtrHeadModel, report: dict, parity: float, relative: str) -> dict:
-    """The ``ctr_head`` entry of a retriever in the bundle manifest."""
-    return {
-        "file": relative,
-        "feature_names": list(head.config.feature_names),
-        "tasks": list(head.config.tasks),
-        "served_task": head.config.tasks[0],
-        "head_config": {**asdict(head.config), "deep": list(head.config.deep)},
-        "onnx_parity_max_abs_diff": parity,
-        "metrics": {k: report[k] for k in ("holdout_valid", "test") if k in report},
-        "optimizer": report.get("config", {}).get("optimizer"),
-    }

@@ -11,14 +11,8 @@ A malformed file raises :class:`DataFormatError` naming the file, the line and t
 problem. With ``skip_malformed=True`` bad lines are skipped and counted in
 ``Interactions.skipped`` instead; nothing is ever dropped silently.
 
-Data specs (the CLI's ``--data``) are parsed by :func:`load_dataset`::
-
-    ml-1m:PATH        directory or ratings.dat[.gz]   (movies.dat beside it adds metadata)
-    ml-100k:PATH      directory or u.data             (u.item beside it adds metadata)
-    amazon:PATH       directory with *_item.txt[.gz] and *_time.txt[.gz], or "ITEMS,TIMES"
-    csv:PATH          header with user,item,timestamp[,rating]
-    parquet:PATH      the same columns
-    synthetic[:k=v,...]   the embedded generator (see training.synthetic)
+A ``--data`` spec names one of these loaders or the synthetic generator; it is resolved
+by ``training.datasets.load_dataset``.
 """
 
 from __future__ import annotations
@@ -28,7 +22,7 @@ import gzip
 import io
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,27 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from service.histories import PAD, left_padded_window  # noqa: F401  (re-exported)
+from training.errors import DataError, DataFormatError, DataSpecError
 
 LOG = logging.getLogger(__name__)
-
-
-class DataError(Exception):
-    """Base class of the errors raised while reading interaction data."""
-
-
-class DataFormatError(DataError):
-    """A file is malformed; the message names the file, the line and the problem."""
-
-    def __init__(self, path: str | Path, line: int | None, problem: str):
-        self.path = str(path)
-        self.line = line
-        self.problem = problem
-        where = f"{self.path}:{line}" if line is not None else self.path
-        super().__init__(f"{where}: {problem}")
-
-
-class DataSpecError(DataError):
-    """A ``--data`` spec cannot be understood or points at nothing."""
 
 
 @dataclass
@@ -161,7 +137,7 @@ class _Rows:
             raise DataFormatError(self.path, line, problem)
         self.skipped += 1
 
-    def add(self, line: int, user: str, item: str, ts: str, rating: str | None = None) -> None:
+    def add(self, line: int, user: str, item: str, ts: str, *, rating: str | None = None) -> None:
         user, item = user.strip(), item.strip()
         if not user:
             return self.bad(line, "empty user id")
@@ -204,7 +180,7 @@ def _read_separated(path: Path, sep: str, rows: _Rows, encoding: str = "utf-8") 
             rows.bad(number, f"expected 4 fields separated by {sep!r}, got {len(parts)}")
             continue
         user, item, rating, ts = parts
-        rows.add(number, user, item, ts, rating)
+        rows.add(number, user, item, ts, rating=rating)
 
 
 # --------------------------------------------------------------------------- loaders
@@ -230,16 +206,12 @@ def load_movielens_1m(path: str | Path, skip_malformed: bool = False) -> Interac
     ratings_path = _pick_file(Path(path), ["ratings.dat", "ratings.dat.gz"], "ratings")
     rows = _Rows(ratings_path, skip_malformed, with_ratings=True)
     _read_separated(ratings_path, "::", rows)
-    metadata = None
-    movies = ratings_path.parent / "movies.dat"
-    if movies.is_file():
-        metadata = ItemMetadata()
-        for number, line in _numbered_lines(movies, encoding="latin-1"):
-            parts = line.split("::")
-            if len(parts) != 3:
-                raise DataFormatError(movies, number, f"expected 3 fields, got {len(parts)}")
-            metadata.titles[parts[0]] = parts[1]
-            metadata.genres[parts[0]] = [g for g in parts[2].split("|") if g]
+    metadata = _read_item_metadata(
+        ratings_path.parent / "movies.dat",
+        "::",
+        n_fields=3,
+        genres=lambda parts: [g for g in parts[2].split("|") if g],
+    )
     return rows.build(f"ml-1m:{ratings_path}", metadata)
 
 
@@ -258,20 +230,34 @@ def load_movielens_100k(path: str | Path, skip_malformed: bool = False) -> Inter
     data_path = _pick_file(Path(path), ["u.data"], "u.data")
     rows = _Rows(data_path, skip_malformed, with_ratings=True)
     _read_separated(data_path, "\t", rows)
-    metadata = None
-    item_file = data_path.parent / "u.item"
-    if item_file.is_file():
-        metadata = ItemMetadata()
-        for number, line in _numbered_lines(item_file, encoding="latin-1"):
-            parts = line.split("|")
-            if len(parts) != 5 + len(ML100K_GENRES):
-                raise DataFormatError(item_file, number, f"expected 24 fields, got {len(parts)}")
-            metadata.titles[parts[0]] = parts[1]
-            flags = parts[5:]
-            metadata.genres[parts[0]] = [
-                g for g, f in zip(ML100K_GENRES, flags, strict=True) if f == "1"
-            ]
+    metadata = _read_item_metadata(
+        data_path.parent / "u.item",
+        "|",
+        n_fields=5 + len(ML100K_GENRES),
+        genres=lambda parts: [
+            g for g, flag in zip(ML100K_GENRES, parts[5:], strict=True) if flag == "1"
+        ],
+    )
     return rows.build(f"ml-100k:{data_path}", metadata)
+
+
+def _read_item_metadata(
+    path: Path, sep: str, *, n_fields: int, genres: Callable[[list[str]], list[str]]
+) -> ItemMetadata | None:
+    """Titles and genres from a MovieLens item file (latin-1; id, title, ...), None if absent.
+
+    ``genres`` picks an item's genres from its ``n_fields`` fields.
+    """
+    if not path.is_file():
+        return None
+    metadata = ItemMetadata()
+    for number, line in _numbered_lines(path, encoding="latin-1"):
+        parts = line.split(sep)
+        if len(parts) != n_fields:
+            raise DataFormatError(path, number, f"expected {n_fields} fields, got {len(parts)}")
+        metadata.titles[parts[0]] = parts[1]
+        metadata.genres[parts[0]] = genres(parts)
+    return metadata
 
 
 def load_amazon_sequences(
@@ -367,7 +353,7 @@ def load_csv(path: str | Path, skip_malformed: bool = False) -> Interactions:
                     record[columns["user"]],
                     record[columns["item"]],
                     record[columns["timestamp"]],
-                    rating,
+                    rating=rating,
                 )
         except UnicodeDecodeError as exc:
             raise DataFormatError(
@@ -437,49 +423,6 @@ def load_parquet(path: str | Path, skip_malformed: bool = False) -> Interactions
     return Interactions(users, items, timestamps, ratings, f"parquet:{path}", skipped=skipped)
 
 
-def _amazon_files(path: Path) -> tuple[Path, Path]:
-    if "," in str(path):
-        first, second = str(path).split(",", 1)
-        for part in (first, second):
-            if not Path(part).is_file():
-                raise DataSpecError(f"{part}: no such file")
-        return Path(first), Path(second)
-    if not path.is_dir():
-        raise DataSpecError(f"{path}: expected a directory or 'ITEMS,TIMES'")
-    items = sorted(path.glob("*_item.txt*"))
-    times = sorted(path.glob("*_time.txt*"))
-    if len(items) != 1 or len(times) != 1:
-        raise DataSpecError(f"{path}: expected one *_item.txt[.gz] and one *_time.txt[.gz]")
-    return items[0], times[0]
-
-
-def load_dataset(spec: str, skip_malformed: bool = False) -> Interactions:
-    """Load interactions from a data spec such as ``ml-1m:/data/ml-1m`` or ``synthetic``."""
-    kind, _, rest = spec.partition(":")
-    kind = kind.strip().lower()
-    if kind == "synthetic":
-        from training.synthetic import SyntheticConfig, generate
-
-        return generate(SyntheticConfig.from_spec(rest))
-    if not rest:
-        raise DataSpecError(f"data spec {spec!r} needs a path: KIND:PATH")
-    path = Path(rest).expanduser()
-    if kind in ("ml-1m", "ml-10m", "movielens"):
-        return load_movielens_1m(path, skip_malformed)
-    if kind == "ml-100k":
-        return load_movielens_100k(path, skip_malformed)
-    if kind == "amazon":
-        return load_amazon_sequences(*_amazon_files(path), skip_malformed=skip_malformed)
-    if kind == "csv":
-        return load_csv(path, skip_malformed)
-    if kind == "parquet":
-        return load_parquet(path, skip_malformed)
-    raise DataSpecError(
-        f"unknown data kind {kind!r} in {spec!r}; "
-        "use ml-1m, ml-100k, amazon, csv, parquet or synthetic"
-    )
-
-
 # --------------------------------------------------------------------------- sequences
 
 
@@ -499,10 +442,6 @@ class IdMap:
     def __len__(self) -> int:
         """Number of real ids, padding excluded."""
         return len(self.raw) - 1
-
-    def lookup(self) -> dict[str, int]:
-        """A dict from raw id to internal id, built on demand (it is large)."""
-        return {r: i for i, r in enumerate(self.raw.tolist()) if i != PAD}
 
 
 @dataclass
@@ -561,15 +500,23 @@ class SequenceData:
             raise ValueError(f"split must be 'valid' or 'test', not {split!r}")
         return users, history_end, self.items[history_end]
 
-    def train_item_counts(self) -> np.ndarray:
-        """Interaction count per internal item id over training events only ([N + 1])."""
+    def train_mask(self) -> np.ndarray:
+        """Whether each event is a training event ([E] bool): all but evaluated users' last two."""
         starts, ends = self.offsets[:-1], self.train_end()
         # A difference array marks each user's training range without a Python loop.
         marks = np.zeros(len(self.items) + 1, dtype=np.int64)
         np.add.at(marks, starts, 1)
         np.add.at(marks, ends, -1)
-        mask = np.cumsum(marks[:-1]) > 0
-        return np.bincount(self.items[mask], minlength=self.n_items + 1)
+        return np.cumsum(marks[:-1]) > 0
+
+    def training_events(self) -> tuple[np.ndarray, np.ndarray]:
+        """Item ids and timestamps of the training events, in event order."""
+        mask = self.train_mask()
+        return self.items[mask], self.timestamps[mask]
+
+    def train_item_counts(self) -> np.ndarray:
+        """Interaction count per internal item id over training events only ([N + 1])."""
+        return np.bincount(self.items[self.train_mask()], minlength=self.n_items + 1)
 
     def summary(self) -> dict:
         """Counts and ranges for reports and the bundle manifest."""

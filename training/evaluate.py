@@ -5,7 +5,9 @@ test: last) and the history is everything before it. The rank of the target coun
 items scored at least as high (ties count against the model), so Recall@K is the hit rate
 and NDCG@K is ``1 / log2(rank + 2)`` inside the cut-off. MRR is over the full ranking.
 
-The popularity baseline (training-event counts) goes through the same code.
+The popularity baseline (training-event counts) goes through the same code. The CTR head's
+metrics live here too: AUC and log loss of its logits, and the same ranking metrics for
+its reranked candidate lists (``training.ctr.rerank_quality``).
 Run from the CLI: ``python -m training evaluate --checkpoint runs/x/checkpoint.pt --data ...``.
 """
 
@@ -33,16 +35,54 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (scores >= target_scores).sum(dim=1) - 1
 
 
-def metrics_from_ranks(ranks: np.ndarray, cutoffs: tuple[int, ...] = CUTOFFS) -> dict[str, float]:
-    """Recall@K, NDCG@K for each cut-off and MRR from 0-based target ranks."""
+def metrics_from_ranks(
+    ranks: np.ndarray, cutoffs: tuple[int, ...] = CUTOFFS, *, mrr: bool = True
+) -> dict[str, float]:
+    """Recall@K and NDCG@K for each cut-off, and MRR, from 0-based target ranks.
+
+    The one ranking metric of the project: the encoders' full ranking and the CTR head's
+    reranking of a candidate list both report through it. A target missing from a
+    truncated list may be given any rank past the cut-offs (the list's length, say);
+    ``mrr=False`` leaves MRR out where such ranks would make it meaningless.
+    """
     ranks = np.asarray(ranks, dtype=np.float64)
     result: dict[str, float] = {}
     for k in cutoffs:
         hit = ranks < k
         result[f"recall@{k}"] = float(hit.mean())
-        result[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).mean())
-    result["mrr"] = float((1.0 / (ranks + 1.0)).mean())
+        # log2 only of the ranks inside the cut-off; the others count zero.
+        gain = 1.0 / np.log2(np.where(hit, ranks, 0.0) + 2.0)
+        result[f"ndcg@{k}"] = float(np.where(hit, gain, 0.0).mean())
+    if mrr:
+        result["mrr"] = float((1.0 / (ranks + 1.0)).mean())
     return result
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve by rank statistics (Mann-Whitney U; ties get mean ranks).
+
+    NaN when only one class is present.
+    """
+    labels = np.asarray(labels).astype(bool).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    positives = int(labels.sum())
+    negatives = len(labels) - positives
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts + 1  # 1-based rank of each distinct value's first
+    ranks = (first + (counts - 1) / 2.0)[inverse.ravel()]
+    u = ranks[labels].sum() - positives * (positives + 1) / 2.0
+    return float(u / (positives * negatives))
+
+
+def log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
+    """Mean binary cross-entropy of sigmoid(logits), computed stably from logits."""
+    labels = np.asarray(labels, dtype=np.float64).ravel()
+    logits = np.asarray(logits, dtype=np.float64).ravel()
+    if len(labels) == 0:
+        return float("nan")
+    return float(np.mean(np.logaddexp(0.0, logits) - labels * logits))
 
 
 def mask_seen(
@@ -64,6 +104,7 @@ def ranked_scores(
     users: np.ndarray,
     history_end: np.ndarray,
     max_len: int,
+    *,
     device: str = "cpu",
 ) -> torch.Tensor:
     """Masked scores (b, N + 1) for the histories ``items[offsets[u]:history_end]``."""
@@ -83,6 +124,7 @@ def evaluate(
     data: SequenceData,
     split: str = "test",
     max_len: int = 50,
+    *,
     batch_size: int = 512,
     device: str = "cpu",
     cutoffs: tuple[int, ...] = CUTOFFS,
@@ -91,9 +133,9 @@ def evaluate(
     users, history_end, targets = data.eval_examples(split)
     ranks = []
     for lo in range(0, len(users), batch_size):
-        hi = lo + batch_size
-        scores = ranked_scores(scorer, data, users[lo:hi], history_end[lo:hi], max_len, device)
-        ranks.append(target_ranks(scores, torch.from_numpy(targets[lo:hi])).numpy())
+        rows = slice(lo, lo + batch_size)
+        scores = ranked_scores(scorer, data, users[rows], history_end[rows], max_len, device=device)
+        ranks.append(target_ranks(scores, torch.from_numpy(targets[rows])).numpy())
     result = metrics_from_ranks(np.concatenate(ranks) if ranks else np.zeros(0), cutoffs)
     result["users"] = int(len(users))
     return result

@@ -7,10 +7,12 @@ For each checkpoint (one retriever per encoder kind) it writes:
 - ``user_encoder.onnx``: an inference wrapper (eval mode, normalisation included) with
   dynamic batch size and sequence length; onnxruntime is checked against PyTorch at
   several (batch, length) pairs, lengths not used when exporting included, and the export
-  fails when they differ by more than ``PARITY_TOLERANCE``;
+  fails when they differ by more than ``training.onnx_export.PARITY_TOLERANCE``;
 - ``item_embeddings.npy`` and ``items.faiss``: the item vectors and the index chosen for
   the catalogue size (``IndexSpec.auto``), with recall@10/@100 against exact search on
   held-out users, bytes per vector and query latency in the manifest.
+- with a ``CtrConfig``, ``ctr_head.onnx``: a CTR head trained on what the exported encoder
+  and index retrieve (``training.ctr``), checked against PyTorch the same way.
 The bundle then gets ``items.parquet`` and a manifest with checksums, and becomes CURRENT.
 """
 
@@ -20,113 +22,34 @@ import json
 import logging
 import subprocess
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from service.bundle import ITEMS, BundleWriter, retriever_dir, write_items_table
 from service.devices import faiss_gpus
 from service.encoder import OnnxUserEncoder
+from service.features import last_seen_from_events
 from service.histories import left_padded_window
 from service.retrieval import IndexSpec, ItemIndex, measure_recall
+from training.ctr import CtrConfig, RetrieverParts, train_ctr_head
 from training.data import SequenceData
-from training.models.base import UserEncoder
-from training.trainer import load_checkpoint
+from training.errors import ExportError
+from training.models.ctr_head import CtrHeadModel
+from training.onnx_export import (
+    check_encoder_parity,
+    check_head_parity,
+    export_ctr_head,
+    export_user_encoder,
+)
+from training.trainer import check_same_items, load_checkpoint
 
 LOG = logging.getLogger(__name__)
 
-PARITY_TOLERANCE = 1e-4
 RECALL_QUERIES = 1000
-
-
-class ExportError(Exception):
-    """The exported artifact does not behave like the trained model."""
-
-
-class InferenceEncoder(nn.Module):
-    """The serving graph: histories in, normalised user embeddings out; nothing else."""
-
-    def __init__(self, model: UserEncoder):
-        super().__init__()
-        self.model = model
-        self.eval()
-
-    def forward(self, item_ids: torch.Tensor, time_deltas: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_user(item_ids, time_deltas)  # (b, d)
-
-
-def export_user_encoder(model: UserEncoder, path: Path) -> None:
-    """Write the ONNX graph with dynamic batch and length (up to the model's max_len)."""
-    wrapper = InferenceEncoder(model)
-    length = min(model.max_len, 8)
-    example = (
-        torch.randint(1, model.item_embedding.num_embeddings, (2, length)),
-        torch.rand(2, length) * 1e5,
-    )
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    seq = torch.export.Dim("length", min=1, max=model.max_len)
-    export_onnx(
-        wrapper,
-        example,
-        path,
-        {"item_ids": {0: batch, 1: seq}, "time_deltas": {0: batch, 1: seq}},
-        ["user_embedding"],
-    )
-
-
-def export_onnx(
-    module: nn.Module, example: tuple, path: Path, dynamic_shapes: dict, outputs: list[str]
-) -> None:
-    """The project's one way to write a graph: dynamo exporter, named dynamic axes, one file.
-
-    The legacy exporter silently fixed the sequence length of attention; dynamo keeps the
-    axes in ``dynamic_shapes`` (input name -> {axis: Dim}) symbolic.
-    """
-    with torch.no_grad():
-        torch.onnx.export(
-            module,
-            example,
-            str(path),
-            dynamo=True,
-            input_names=list(dynamic_shapes),
-            output_names=outputs,
-            dynamic_shapes=dynamic_shapes,
-            external_data=False,  # one self-contained file per graph
-            verbose=False,
-        )
-
-
-def parity_shapes(max_len: int) -> list[tuple[int, int]]:
-    """(batch, length) pairs that include lengths unlike the export example's."""
-    return [(1, 1), (2, min(7, max_len)), (3, min(50, max_len)), (4, max_len)]
-
-
-def check_parity(model: UserEncoder, path: Path, seed: int = 0) -> float:
-    """Max |onnxruntime - torch| over random left-padded inputs; raises past the tolerance."""
-    session = OnnxUserEncoder(path, device="cpu")
-    generator = torch.Generator().manual_seed(seed)
-    n_items = model.item_embedding.num_embeddings - 1
-    worst = 0.0
-    for batch, length in parity_shapes(model.max_len):
-        ids = torch.randint(1, n_items + 1, (batch, length), generator=generator)
-        pad = torch.randint(0, length, (batch,), generator=generator)
-        ids[torch.arange(length)[None, :] < pad[:, None]] = 0  # ragged left padding
-        deltas = torch.rand(batch, length, generator=generator) * 1e6 * (ids > 0)
-        with torch.no_grad():
-            expected = model.encode_user(ids, deltas).numpy()
-        got = session.encode(ids.numpy(), deltas.numpy())
-        diff = float(np.abs(got - expected).max())
-        worst = max(worst, diff)
-        if diff > PARITY_TOLERANCE:
-            raise ExportError(
-                f"{path}: onnxruntime differs from PyTorch by {diff:.2e} at batch {batch}, "
-                f"length {length} (tolerance {PARITY_TOLERANCE:.0e})"
-            )
-    return worst
 
 
 def heldout_user_embeddings(
@@ -158,6 +81,7 @@ def export_retriever(
     writer: BundleWriter,
     checkpoint: Path,
     data: SequenceData,
+    *,
     index: str = "auto",
     index_options: dict | None = None,
     index_device: str = "auto",
@@ -167,14 +91,13 @@ def export_retriever(
     ``index_device`` says where the index will be searched (``auto``: on a GPU when faiss
     sees one here), which decides the kind of index ``auto`` builds."""
     model, payload = load_checkpoint(checkpoint)
-    if payload["item_ids"] != data.item_map.raw.tolist():
-        raise ExportError(f"{checkpoint}: trained on other items than the data given")
+    check_same_items(checkpoint, payload, data)
     name = payload["model"]
     folder = retriever_dir(name)
     onnx_path = writer.path(f"{folder}/user_encoder.onnx")
     started = time.perf_counter()
     export_user_encoder(model, onnx_path)
-    parity = check_parity(model, onnx_path)
+    parity = check_encoder_parity(model, onnx_path)
     LOG.info("%s: ONNX export %.1fs, parity %.1e", name, time.perf_counter() - started, parity)
 
     with torch.no_grad():
@@ -220,16 +143,8 @@ def export_retriever(
     return name, entry
 
 
-def add_ctr_head(writer: BundleWriter, entry: dict, data: SequenceData, config) -> None:
+def add_ctr_head(writer: BundleWriter, entry: dict, data: SequenceData, config: CtrConfig) -> None:
     """Train a CTR head on what this retriever's exported files retrieve; add it to the bundle."""
-    from training.ctr import (
-        RetrieverParts,
-        check_head_parity,
-        export_ctr_head,
-        head_manifest_entry,
-        train_ctr_head,
-    )
-
     files = entry["files"]
     vectors = np.load(writer.root / files["item_embeddings"], mmap_mode="r")
     parts = RetrieverParts(
@@ -245,6 +160,20 @@ def add_ctr_head(writer: BundleWriter, entry: dict, data: SequenceData, config) 
     export_ctr_head(head, path)
     entry["ctr_head"] = head_manifest_entry(head, report, check_head_parity(head, path), relative)
     files["ctr_head"] = relative
+
+
+def head_manifest_entry(head: CtrHeadModel, report: dict, parity: float, relative: str) -> dict:
+    """The ``ctr_head`` entry of a retriever in the bundle manifest."""
+    return {
+        "file": relative,
+        "feature_names": list(head.config.feature_names),
+        "tasks": list(head.config.tasks),
+        "served_task": head.config.tasks[0],
+        "head_config": {**asdict(head.config), "deep": list(head.config.deep)},
+        "onnx_parity_max_abs_diff": parity,
+        "metrics": {k: report[k] for k in ("holdout_valid", "test") if k in report},
+        "optimizer": report.get("config", {}).get("optimizer"),
+    }
 
 
 def git_commit() -> str | None:
@@ -265,12 +194,13 @@ def export_bundle(
     checkpoints: list[Path],
     data: SequenceData,
     models_dir: str | Path,
+    *,
     name: str | None = None,
     index: str = "auto",
     index_options: dict | None = None,
     make_current: bool = True,
     perf_only: bool = False,
-    ctr=None,
+    ctr: CtrConfig | None = None,
     index_device: str = "auto",
 ) -> Path:
     """Export every checkpoint into one new bundle and (by default) make it CURRENT.
@@ -278,9 +208,6 @@ def export_bundle(
     With ``ctr`` (a ``training.ctr.CtrConfig``) each retriever also gets a CTR head trained
     on the candidates its exported encoder and index retrieve.
     """
-    from service.features import last_seen_from_events
-    from training.ctr import training_events
-
     if not checkpoints:
         raise ExportError("no checkpoint to export")
     created = datetime.now(timezone.utc)
@@ -289,7 +216,12 @@ def export_bundle(
         retrievers = {}
         for checkpoint in checkpoints:
             encoder, entry = export_retriever(
-                writer, Path(checkpoint), data, index, index_options, index_device
+                writer,
+                Path(checkpoint),
+                data,
+                index=index,
+                index_options=index_options,
+                index_device=index_device,
             )
             if encoder in retrievers:
                 raise ExportError(f"two checkpoints of the same encoder kind {encoder!r}")
@@ -302,7 +234,7 @@ def export_bundle(
             counts,
             titles=metadata.titles if metadata else None,
             genres=metadata.genres if metadata else None,
-            last_seen=last_seen_from_events(data.n_items, *training_events(data)),
+            last_seen=last_seen_from_events(data.n_items, *data.training_events()),
         )
         if ctr is not None:
             for entry in retrievers.values():

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.errors import ConfigError
+
 
 class Objective(nn.Module):
     """Base class; subclasses implement ``forward(states, targets, item_table)``."""
@@ -73,7 +75,7 @@ class CrossBatchNegatives:
 
     def __init__(self, memory_size: int, warmup_steps: int):
         if memory_size < 1:
-            raise ValueError(f"memory_size must be positive, not {memory_size}")
+            raise ConfigError(f"memory_size must be positive, not {memory_size}")
         self.memory_size = memory_size
         self.warmup_steps = warmup_steps
         self.reset()
@@ -130,6 +132,7 @@ class SampledSoftmax(Objective):
     def __init__(
         self,
         item_counts: np.ndarray,
+        *,
         temperature: float = 1.0,
         logq: bool = True,
         max_negatives: int = 1024,
@@ -137,7 +140,7 @@ class SampledSoftmax(Objective):
     ):
         super().__init__()
         if temperature <= 0:
-            raise ValueError(f"temperature must be positive, not {temperature}")
+            raise ConfigError(f"temperature must be positive, not {temperature}")
         self.temperature = temperature
         self.logq = logq
         self.max_negatives = max_negatives
@@ -196,6 +199,7 @@ class CosineContrastiveLoss(Objective):
     def __init__(
         self,
         n_items: int,
+        *,
         margin: float = 0.9,
         negative_weight: float = 150.0,
         n_negatives: int = 1000,
@@ -203,7 +207,7 @@ class CosineContrastiveLoss(Objective):
     ):
         super().__init__()
         if not -1.0 < margin < 1.0:
-            raise ValueError(f"margin must lie in (-1, 1), not {margin}")
+            raise ConfigError(f"margin must lie in (-1, 1), not {margin}")
         self.n_items = n_items
         self.margin = margin
         self.negative_weight = negative_weight
@@ -260,8 +264,8 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {
 def build_objective(name: str, item_counts: np.ndarray, **options) -> Objective:
     """The objective ``name``; ``item_counts`` are training counts per item id ([N + 1])."""
     if name not in OBJECTIVES:
-        raise ValueError(f"unknown loss {name!r}; choose from {', '.join(OBJECTIVES)}")
+        raise ConfigError(f"unknown loss {name!r}; choose from {', '.join(OBJECTIVES)}")
     try:
         return OBJECTIVES[name](item_counts, **options)
     except TypeError as exc:
-        raise ValueError(f"bad option for loss {name!r}: {exc}") from exc
+        raise ConfigError(f"bad option for loss {name!r}: {exc}") from exc

@@ -1,7 +1,8 @@
 """The embedded default data: a seeded generator of interaction logs with learnable structure.
 
 Run ``python -m training generate --out data/synthetic.parquet`` to write one to disk; the
-``synthetic[:users=..,items=..,seed=..]`` data spec generates it in memory.
+``synthetic[:users=..,items=..,seed=..]`` data spec (``training.datasets``) generates it in
+memory.
 
 What makes it realistic enough to be a meaningful default (and not noise):
 
@@ -19,11 +20,11 @@ Generation is vectorised over users and clusters, so the same code builds 1,000,
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
-from training.data import DataSpecError, Interactions, ItemMetadata
+from training.data import Interactions, ItemMetadata
 
 LOG = logging.getLogger(__name__)
 
@@ -46,29 +47,6 @@ class SyntheticConfig:
     chain_window: int = 4
     seed: int = 0
     start_time: int = 1_600_000_000
-
-    @classmethod
-    def from_spec(cls, spec: str) -> SyntheticConfig:
-        """Parse ``users=100,items=50,seed=3`` (empty: defaults)."""
-        known = {f.name: f.type for f in fields(cls)}
-        values = {}
-        for part in filter(None, (p.strip() for p in spec.split(","))):
-            key, sep, value = part.partition("=")
-            key = key.strip().replace("-", "_")
-            if not sep or key not in known:
-                raise DataSpecError(
-                    f"synthetic option {part!r} not understood; known: {', '.join(known)}"
-                )
-            try:
-                values[key] = float(value) if known[key] == "float" else int(value)
-            except ValueError:
-                raise DataSpecError(
-                    f"synthetic option {key} needs a number, got {value!r}"
-                ) from None
-        config = cls(**values)
-        if config.users < 1 or config.items < 10:
-            raise DataSpecError("synthetic data needs at least 1 user and 10 items")
-        return config
 
     @property
     def n_clusters(self) -> int:

@@ -24,10 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 from training.data import SequenceData, left_padded_window
+from training.errors import CheckpointError, ConfigError
 from training.evaluate import evaluate, model_scorer, popularity_scorer
 from training.losses import Objective, build_objective
 from training.models import build_encoder, encoder_config
 from training.models.base import UserEncoder
+from training.optimizers import build_optimizer
 
 LOG = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ def batches(
     starts: np.ndarray,
     ends: np.ndarray,
     max_len: int,
+    *,
     batch_size: int,
     rng: np.random.Generator,
 ):
@@ -116,12 +119,12 @@ def train(data: SequenceData, config: TrainConfig, out_dir: str | Path) -> Train
     objective = objective.to(device)
     model = build_encoder(config.model, data.n_items, **config.model_options).to(device)
     model.normalize_items = objective.cosine
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    optimizer = build_optimizer(
+        "adam", model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
     starts, ends = training_windows(data)
     if len(starts) == 0:
-        raise ValueError("no user has two training events: nothing to learn from")
+        raise ConfigError("no user has two training events: nothing to learn from")
     n_batches = math.ceil(len(starts) / config.batch_size)
     LOG.info(
         "training %s on %d sequences, %d batches per epoch", config.model, len(starts), n_batches
@@ -135,7 +138,7 @@ def train(data: SequenceData, config: TrainConfig, out_dir: str | Path) -> Train
         model.train()
         losses = []
         progress = tqdm(
-            batches(data, starts, ends, model.max_len, config.batch_size, rng),
+            batches(data, starts, ends, model.max_len, batch_size=config.batch_size, rng=rng),
             total=n_batches,
             desc=f"epoch {epoch}/{config.epochs}",
             leave=False,
@@ -240,19 +243,54 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | Path) -> tuple[UserEncoder, dict]:
-    """Rebuild the encoder from a checkpoint (``weights_only``: no pickle is executed)."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{path}: checkpoint format {payload.get('format')} is not {CHECKPOINT_FORMAT}"
-        )
-    options = dict(payload["model_config"])
-    n_items = options.pop("n_items")
-    model = build_encoder(payload["model"], n_items, **options)
-    model.load_state_dict(payload["state_dict"])
-    model.normalize_items = bool(payload["normalize_items"])
+    """Rebuild the encoder from a checkpoint (``weights_only``: no pickle is executed).
+
+    A missing or unreadable file, another format, or fields that do not rebuild a model
+    raise ``CheckpointError`` naming the file.
+    """
+    payload = read_checkpoint(path)
+    try:
+        options = dict(payload["model_config"])
+        n_items = options.pop("n_items")
+        model = build_encoder(payload["model"], n_items, **options)
+        model.load_state_dict(payload["state_dict"])
+        model.normalize_items = bool(payload["normalize_items"])
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: checkpoint has no field {exc.args[0]!r}") from exc
+    except (ConfigError, RuntimeError) as exc:  # RuntimeError: weights of other shapes
+        raise CheckpointError(f"{path}: {first_line(exc)}") from exc
     model.eval()
     return model, payload
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's payload, checked to be a dict of this ``CHECKPOINT_FORMAT``."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: no such file") from exc
+    except Exception as exc:  # torch raises several unrelated types for a file of another kind
+        problem = f"{type(exc).__name__}: {first_line(exc)}"
+        raise CheckpointError(f"{path}: not a readable checkpoint ({problem})") from exc
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (it holds a {type(payload).__name__})")
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path}: checkpoint format {payload.get('format')} is not {CHECKPOINT_FORMAT}"
+        )
+    return payload
+
+
+def check_same_items(path: str | Path, payload: dict, data: SequenceData) -> None:
+    """Refuse a checkpoint trained on other items than ``data`` has (ids or order)."""
+    if payload["item_ids"] != data.item_map.raw.tolist():
+        raise CheckpointError(f"{path}: trained on other items than {data.source or 'the data'}")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (some libraries write paragraphs)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def plot_training_curve(history: list[dict], path: Path, title: str) -> None:

@@ -7,7 +7,7 @@
 (from the repository root). It talks only to the ``--url`` it is given.
 
 Traffic. Histories are drawn from a dataset (``--data``: any spec that
-``training.data.load_dataset`` understands; use the data the served bundle was trained
+``training.datasets.load_dataset`` understands; use the data the served bundle was trained
 on, or most items are unknown to it). Each request is one of
 
 - ``events`` (share ``--events-share``): POST /events with the next ``--events-batch``

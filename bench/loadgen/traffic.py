@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.data import SequenceData, build_sequences, load_dataset
+from training.data import SequenceData, build_sequences
+from training.datasets import load_dataset
 
 RECOMMEND = "/recommend"
 EVENTS = "/events"

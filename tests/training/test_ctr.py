@@ -1,140 +1,15 @@
-"""The CTR head: metrics, the AdaTask optimiser, ONNX export, and the pipeline end to end."""
+"""The CTR head's pipeline end to end: candidates, training, evaluation, the benchmark."""
 
 import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
-from training.ctr import (
-    AdaTaskAdam,
-    CtrConfig,
-    CtrError,
-    CtrHeadConfig,
-    CtrHeadModel,
-    check_head_parity,
-    export_ctr_head,
-    head_parity_shapes,
-    log_loss,
-    prepare_ctr_data,
-    rerank_quality,
-    roc_auc,
-    torch_scorer,
-    train_ctr_head,
-)
+from training.ctr import CtrConfig, prepare_ctr_data, rerank_quality, torch_scorer, train_ctr_head
+from training.onnx_export import check_head_parity, export_ctr_head
 
 TINY_HEAD = dict(candidates=30, epochs=3, batch_size=16, deep=(32,), tower=8, cross_layers=1)
-
-
-def test_auc_matches_a_hand_computed_value():
-    # Positives 0.9 and 0.3 against negatives 0.8, 0.3, 0.1:
-    # 0.9 beats all three (3); 0.3 loses to 0.8, ties 0.3 (0.5), beats 0.1 (1) -> 4.5 / 6.
-    labels = np.array([1, 0, 1, 0, 0])
-    scores = np.array([0.9, 0.8, 0.3, 0.3, 0.1])
-    assert roc_auc(labels, scores) == pytest.approx(0.75)
-    assert roc_auc(labels, -scores) == pytest.approx(0.25)
-    assert np.isnan(roc_auc(np.ones(3), np.arange(3.0)))
-
-
-def test_log_loss_is_binary_cross_entropy_of_the_logits():
-    assert log_loss(np.array([1, 0]), np.array([0.0, 0.0])) == pytest.approx(np.log(2))
-    # p = sigmoid(2) for a positive, 1 - sigmoid(-1) for a negative
-    expected = -(np.log(1 / (1 + np.exp(-2))) + np.log(1 - 1 / (1 + np.exp(1)))) / 2
-    assert log_loss(np.array([1, 0]), np.array([2.0, -1.0])) == pytest.approx(expected)
-
-
-def _toy(kind: str, steps: int, lr: float = 0.01):
-    """Shared weight w; task A = 100 (w - 1)^2 has 100x the gradient of task B = (w + 1)^2."""
-    w = torch.zeros(1, requires_grad=True)
-    if kind == "adatask":
-        optimizer = AdaTaskAdam([w], n_tasks=2, lr=lr)
-    else:
-        optimizer = torch.optim.Adam([w], lr=lr)
-    for _ in range(steps):
-        task_a = 100 * (w - 1).pow(2).sum()
-        task_b = (w + 1).pow(2).sum()
-        if kind == "adatask":
-            optimizer.step([task_a, task_b])
-        else:
-            optimizer.zero_grad()
-            (task_a + task_b).backward()
-            optimizer.step()
-    return w, optimizer
-
-
-def test_adatask_keeps_separate_moment_accumulators_per_task():
-    w, optimizer = _toy("adatask", steps=1)
-    state = optimizer.state[w]
-    assert state["exp_avg_sq"].shape == (2, 1) and state["exp_avg"].shape == (2, 1)
-    # At w = 0 the task gradients are -200 and +2: (1 - beta2) g^2 per task, not summed.
-    torch.testing.assert_close(state["exp_avg_sq"][:, 0], torch.tensor([40.0, 0.004]))
-    torch.testing.assert_close(state["exp_avg"][:, 0], torch.tensor([-20.0, 0.2]))
-    # Each task's step is normalised by its own moment: +lr and -lr cancel.
-    assert w.item() == pytest.approx(0.0, abs=1e-6)
-
-
-def test_adatask_differs_from_adam_when_one_task_has_100x_larger_gradients():
-    adam, _ = _toy("adam", steps=300)
-    adatask, _ = _toy("adatask", steps=300)
-    # Adam on the summed loss goes where the large task wants (the sum's minimum, 99/101);
-    # AdaTask gives the small task an equal say and stays between the two optima.
-    assert adam.item() == pytest.approx(99 / 101, abs=0.02)
-    assert abs(adatask.item()) < 0.1
-
-
-def test_adatask_needs_one_loss_per_task():
-    w = torch.zeros(1, requires_grad=True)
-    with pytest.raises(ValueError, match="2 task losses"):
-        AdaTaskAdam([w], n_tasks=2).step([w.sum()])
-
-
-def _random_head(tasks=("watched", "liked")) -> CtrHeadModel:
-    torch.manual_seed(0)
-    names = [f"f{i}" for i in range(5)]
-    head = CtrHeadModel(
-        CtrHeadConfig(dim=8, feature_names=names, tasks=list(tasks), deep=(16,), tower=8)
-    )
-    head.set_feature_stats(np.linspace(-1, 3, 5), np.linspace(0.5, 4, 5))
-    return head.eval()
-
-
-def test_head_onnx_matches_pytorch_at_shapes_not_used_at_export(tmp_path):
-    shapes = head_parity_shapes()
-    assert (2, 9) not in shapes  # the export example
-    assert {1, 200} <= {count for _, count in shapes} and {1, 3, 5} <= {b for b, _ in shapes}
-    head = _random_head()
-    path = tmp_path / "ctr_head.onnx"
-    export_ctr_head(head, path)
-    assert check_head_parity(head, path) <= 1e-4
-
-    changed = _random_head()
-    with torch.no_grad():
-        changed.towers[0].linear.bias.add_(0.5)
-    with pytest.raises(CtrError, match="differs from PyTorch"):
-        check_head_parity(changed, path)
-
-
-def test_head_gives_one_logit_per_task_and_serves_the_first():
-    head = _random_head()
-    user, cand, feats = torch.randn(2, 8), torch.randn(2, 4, 8), torch.randn(2, 4, 5)
-    with torch.no_grad():
-        logits = head(user, cand, feats)
-    assert logits.shape == (2, 4, 2)
-    np.testing.assert_allclose(
-        torch_scorer(head)(user.numpy(), cand.numpy(), feats.numpy())[..., 0], logits[..., 0]
-    )
-
-
-def test_factorised_interaction_is_the_projection_of_user_item_and_their_product():
-    head = _random_head()
-    user, cand = torch.randn(3, 8), torch.randn(3, 5, 8)
-    plain = torch.cat([user[:, None].expand_as(cand), cand, user[:, None] * cand], dim=-1)
-    with torch.no_grad():
-        expected = head.interaction(plain)
-        got = head.interact(user, cand)
-    assert got.shape == (3, 5, head.config.interaction)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_train_ctr_head_runs_end_to_end_and_beats_chance(tiny_data, exported_bundle, tmp_path):

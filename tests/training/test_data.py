@@ -15,19 +15,19 @@ import pytest
 
 from training.data import (
     PAD,
-    DataError,
-    DataFormatError,
-    DataSpecError,
     Interactions,
     build_sequences,
     left_padded_window,
     load_amazon_sequences,
     load_csv,
-    load_dataset,
     load_movielens_1m,
     load_movielens_100k,
     load_parquet,
 )
+from training.datasets import load_dataset
+from training.errors import DataError, DataFormatError, DataSpecError, TrainingError
+
+from .helpers import internal_ids
 
 GOOD_RATINGS = "1::10::5::100\n1::20::3::200\n2::10::4::150\n"
 
@@ -557,6 +557,7 @@ def test_bad_synthetic_option_is_a_spec_error(spec):
 def test_spec_and_format_errors_are_both_data_errors():
     assert issubclass(DataSpecError, DataError)
     assert issubclass(DataFormatError, DataError)
+    assert issubclass(DataError, TrainingError)
 
 
 # --------------------------------------------------------------------------- build_sequences
@@ -599,14 +600,14 @@ def test_item_map_reserves_internal_id_0_for_padding_and_numbers_items_from_1():
     assert data.item_map.raw[PAD] == ""
     assert data.item_map.raw[1:].tolist() == ["w", "x", "y", "z"]
     assert data.n_items == len(data.item_map) == 4
-    assert data.item_map.lookup() == {"w": 1, "x": 2, "y": 3, "z": 4}
+    assert internal_ids(data.item_map) == {"w": 1, "x": 2, "y": 3, "z": 4}
     assert data.items.min() == 1
     assert data.items.max() == data.n_items
 
 
 def test_valid_target_is_the_second_last_event_and_test_target_the_last():
     data = build_sequences(interactions(ROWS))
-    lookup = data.item_map.lookup()
+    lookup = internal_ids(data.item_map)
 
     users, history_end, targets = data.eval_examples("valid")
     assert users.tolist() == [0]  # only "a" has three or more events
@@ -632,7 +633,7 @@ def test_users_with_fewer_than_three_events_are_not_evaluated_and_train_on_every
 
 def test_train_item_counts_count_only_training_events():
     data = build_sequences(interactions(ROWS))
-    lookup = data.item_map.lookup()
+    lookup = internal_ids(data.item_map)
 
     counts = data.train_item_counts()
 
@@ -642,6 +643,16 @@ def test_train_item_counts_count_only_training_events():
         expected[lookup[item]] = count
     assert counts.tolist() == expected.tolist()
     assert counts[PAD] == 0
+
+
+def test_training_events_are_all_but_evaluated_users_last_two_in_event_order():
+    data = build_sequences(interactions(ROWS))
+
+    # Per user by time: a -> y, w, x (valid), z (test); b -> y, x; c -> z.
+    assert data.train_mask().tolist() == [True, True, False, False, True, True, True]
+    items, timestamps = data.training_events()
+    assert data.item_map.raw[items].tolist() == ["y", "w", "y", "x", "z"]
+    assert timestamps.tolist() == [10, 20, 5, 7, 1]
 
 
 def test_summary_reports_counts_and_ranges():
@@ -716,7 +727,7 @@ def test_training_batches_never_contain_valid_or_test_items(max_len):
     from training.trainer import batches, training_windows
 
     data = leakage_data()
-    lookup = data.item_map.lookup()
+    lookup = internal_ids(data.item_map)
     held_out = {i for raw, i in lookup.items() if raw.startswith(("valid", "test"))}
     _, _, valid_targets = data.eval_examples("valid")
     _, _, test_targets = data.eval_examples("test")

@@ -5,11 +5,15 @@ import torch
 from training.data import Interactions, build_sequences
 from training.evaluate import (
     evaluate,
+    log_loss,
     mask_seen,
     metrics_from_ranks,
     popularity_scorer,
+    roc_auc,
     target_ranks,
 )
+
+from .helpers import internal_ids
 
 
 def test_metrics_match_hand_computed_values():
@@ -22,6 +26,32 @@ def test_metrics_match_hand_computed_values():
     assert m["ndcg@10"] == pytest.approx(ndcg10)
     assert m["ndcg@20"] == pytest.approx(ndcg20)
     assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 10 + 1 / 11 + 1 / 26) / 5)
+
+
+def test_metrics_of_truncated_candidate_lists_count_a_miss_as_zero_and_leave_out_mrr():
+    # The CTR head's lists: a target not among 200 candidates has rank 200.
+    ranks = np.array([0, 3, 200, 200])
+    m = metrics_from_ranks(ranks, (10,), mrr=False)
+    assert set(m) == {"recall@10", "ndcg@10"}
+    assert m["recall@10"] == 0.5
+    assert m["ndcg@10"] == pytest.approx((1 / np.log2(2) + 1 / np.log2(5)) / 4)
+
+
+def test_auc_matches_a_hand_computed_value():
+    # Positives 0.9 and 0.3 against negatives 0.8, 0.3, 0.1:
+    # 0.9 beats all three (3); 0.3 loses to 0.8, ties 0.3 (0.5), beats 0.1 (1) -> 4.5 / 6.
+    labels = np.array([1, 0, 1, 0, 0])
+    scores = np.array([0.9, 0.8, 0.3, 0.3, 0.1])
+    assert roc_auc(labels, scores) == pytest.approx(0.75)
+    assert roc_auc(labels, -scores) == pytest.approx(0.25)
+    assert np.isnan(roc_auc(np.ones(3), np.arange(3.0)))
+
+
+def test_log_loss_is_binary_cross_entropy_of_the_logits():
+    assert log_loss(np.array([1, 0]), np.array([0.0, 0.0])) == pytest.approx(np.log(2))
+    # p = sigmoid(2) for a positive, 1 - sigmoid(-1) for a negative
+    expected = -(np.log(1 / (1 + np.exp(-2))) + np.log(1 - 1 / (1 + np.exp(1)))) / 2
+    assert log_loss(np.array([1, 0]), np.array([2.0, -1.0])) == pytest.approx(expected)
 
 
 def test_target_rank_counts_ties_against_the_target():
@@ -42,7 +72,7 @@ def test_seen_items_and_padding_are_masked():
     scores = torch.zeros(1, data.n_items + 1)
     start, end = data.offsets[:1], data.offsets[:1] + 2  # history a, b
     masked = mask_seen(scores, data, start, end)
-    a, b = data.item_map.lookup()["a"], data.item_map.lookup()["b"]
+    a, b = internal_ids(data.item_map)["a"], internal_ids(data.item_map)["b"]
     assert torch.isinf(masked[0, [0, a, b]]).all()
     assert torch.isfinite(masked[0]).sum() == data.n_items - 2
 
@@ -53,7 +83,7 @@ def test_full_ranking_of_a_known_scorer():
         ("u2", x, t) for t, x in enumerate("eab")
     ]
     data = _log(events)
-    ids = data.item_map.lookup()
+    ids = internal_ids(data.item_map)
     preference = torch.zeros(data.n_items + 1)
     for rank, name in enumerate("edcba"):
         preference[ids[name]] = 10 - rank
@@ -77,6 +107,6 @@ def test_popularity_counts_only_training_events():
     ]
     data = _log(events)
     counts = popularity_scorer(data)(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1))[0]
-    ids = data.item_map.lookup()
+    ids = internal_ids(data.item_map)
     assert counts[ids["a"]] == 3 and counts[ids["b"]] == 2
     assert counts[ids["x"]] == counts[ids["y"]] == counts[ids["z"]] == counts[ids["w"]] == 0

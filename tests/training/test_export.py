@@ -6,8 +6,15 @@ import torch
 
 from service.bundle import load_bundle, read_manifest
 from training.batch_recommend import batch_recommend
+from training.errors import CheckpointError, ExportError
 from training.evaluate import model_scorer, ranked_scores
-from training.export import ExportError, check_parity, export_user_encoder, parity_shapes
+from training.onnx_export import (
+    PARITY_TOLERANCE,
+    check_encoder_parity,
+    check_parity,
+    export_user_encoder,
+    parity_shapes,
+)
 
 
 def test_parity_shapes_include_lengths_not_used_at_export():
@@ -17,18 +24,42 @@ def test_parity_shapes_include_lengths_not_used_at_export():
     assert 8 not in lengths  # the export example's length
 
 
+def test_one_parity_check_names_file_difference_shape_and_tolerance(tmp_path):
+    path = tmp_path / "graph.onnx"
+    batches = [
+        ("batch 1, length 2", (np.zeros((1, 2), np.float32),)),
+        ("batch 3, length 5", (np.ones((3, 5), np.float32),)),
+    ]
+
+    def reference(x):
+        return 2 * x
+
+    def close(x):
+        return 2 * x + (x > 0) * PARITY_TOLERANCE / 2
+
+    assert check_parity(reference, close, batches, path) == pytest.approx(PARITY_TOLERANCE / 2)
+    with pytest.raises(ExportError) as caught:
+        check_parity(reference, lambda x: 2 * x + (x > 0) * 1e-3, batches, path)
+    assert str(caught.value) == (
+        f"{path}: onnxruntime differs from PyTorch by 1.00e-03 at batch 3, length 5 "
+        "(tolerance 1e-04)"
+    )
+    with pytest.raises(ExportError, match=r"output shape \(1, 1\), PyTorch gives \(1, 2\)"):
+        check_parity(reference, lambda x: x[:, :1], batches, path)
+
+
 def test_export_fails_when_onnx_does_not_match_pytorch(trained_run, tmp_path):
     model = trained_run.model
     path = tmp_path / "encoder.onnx"
     export_user_encoder(model, path)
-    assert check_parity(model, path) <= 1e-4
+    assert check_encoder_parity(model, path) <= 1e-4
     changed = type(model)(model.config)
     changed.load_state_dict(model.state_dict())
     with torch.no_grad():
         changed.ln_f.bias.add_(0.5)
     changed.eval()
     with pytest.raises(ExportError, match="differs from PyTorch"):
-        check_parity(changed, path)
+        check_encoder_parity(changed, path)
 
 
 def test_bundle_round_trip_serves_what_the_model_computes(exported_bundle, trained_run, tiny_data):
@@ -83,7 +114,7 @@ def test_failed_export_leaves_no_bundle_behind(tiny_data, trained_run, tmp_path,
     def broken(*args, **kwargs):
         raise ExportError("simulated")
 
-    monkeypatch.setattr(export, "check_parity", broken)
+    monkeypatch.setattr(export, "check_encoder_parity", broken)
     with pytest.raises(ExportError):
         export.export_bundle([trained_run.checkpoint], tiny_data, tmp_path, name="broken")
     assert list(tmp_path.iterdir()) == []
@@ -95,7 +126,7 @@ def test_checkpoint_for_other_items_is_not_exported(trained_run, tmp_path):
     from training.synthetic import SyntheticConfig, generate
 
     other = build_sequences(generate(SyntheticConfig(users=50, items=40, seed=9)))
-    with pytest.raises(ExportError, match="other items"):
+    with pytest.raises(CheckpointError, match="other items"):
         export_bundle([trained_run.checkpoint], other, tmp_path, name="x")
 
 

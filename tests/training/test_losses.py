@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from training.errors import ConfigError
 from training.losses import OBJECTIVES, CrossBatchNegatives, build_objective
 from training.models import build_encoder
-from training.trainer import batches, sequence_loss, training_windows
+from training.trainer import batches, training_windows
 
+from .helpers import losses_of_steps
 from .test_models import ENCODER_KINDS
 
 # Loss -> options that make it show its behaviour within a few steps on tiny data: the
@@ -34,7 +36,7 @@ def test_every_objective_is_registered():
     counts = np.ones(6, dtype=np.int64)
     assert build_objective("ccl", counts).cosine
     assert not build_objective("sampled_softmax", counts).cosine
-    with pytest.raises(ValueError, match="bad option"):
+    with pytest.raises(ConfigError, match="bad option"):
         build_objective("sampled_softmax", counts, margin=0.5)
 
 
@@ -183,13 +185,7 @@ def test_each_loss_trains_each_encoder_on_tiny_data(loss_name, kind, tiny_data):
     model.normalize_items = objective.cosine
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
     starts, ends = training_windows(tiny_data)
-    batch = next(batches(tiny_data, starts, ends, 12, 32, np.random.default_rng(0)))
-    losses = []
-    for _ in range(20):
-        loss = sequence_loss(model, objective, *batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    batch = next(batches(tiny_data, starts, ends, 12, batch_size=32, rng=np.random.default_rng(0)))
+    losses = losses_of_steps(model, objective, batch, optimizer, steps=20)
     # From the second step: the first one has no cross-batch negatives yet.
     assert losses[-1] < 0.8 * losses[1]

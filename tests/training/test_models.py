@@ -2,11 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from training.export import check_parity, export_user_encoder
+from training.errors import ConfigError
 from training.losses import build_objective
 from training.models import build_encoder
 from training.models.base import time_buckets
-from training.trainer import batches, sequence_loss, training_windows
+from training.onnx_export import check_encoder_parity, export_user_encoder
+from training.trainer import batches, training_windows
+
+from .helpers import losses_of_steps
 
 ENCODER_KINDS = ["sasrec", "nextitnet", "two_tower"]
 
@@ -17,15 +20,9 @@ def test_encoder_loss_falls_on_tiny_data(kind, tiny_data):
     model = build_encoder(kind, tiny_data.n_items, max_len=20, dim=32, dropout=0.0)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     starts, ends = training_windows(tiny_data)
-    batch = next(batches(tiny_data, starts, ends, 20, 64, np.random.default_rng(0)))
+    batch = next(batches(tiny_data, starts, ends, 20, batch_size=64, rng=np.random.default_rng(0)))
     objective = build_objective("full_softmax", tiny_data.train_item_counts())
-    losses = []
-    for _ in range(30):
-        loss = sequence_loss(model, objective, *batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = losses_of_steps(model, objective, batch, optimizer, steps=30)
     assert losses[-1] < 0.7 * losses[0]
 
 
@@ -66,19 +63,27 @@ def test_time_buckets_are_log_spaced_and_zero_for_padding():
 
 
 def test_unknown_model_options_are_refused():
-    with pytest.raises(ValueError, match="no option"):
+    with pytest.raises(ConfigError, match="no option"):
         build_encoder("sasrec", 10, heads=3)
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ConfigError, match="unknown model"):
         build_encoder("gru4rec", 10)
+
+
+def test_a_model_option_that_is_not_a_number_where_one_is_due_is_refused():
+    with pytest.raises(ConfigError, match=r"sasrec option dim must be a number \(int\)"):
+        build_encoder("sasrec", 10, dim="64")
+    with pytest.raises(ConfigError, match=r"two_tower option dropout must be a number"):
+        build_encoder("two_tower", 10, dropout="none")
+    assert build_encoder("nextitnet", 10, dropout=0).config.dropout == 0
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ENCODER_KINDS)
 def test_encoder_exports_to_onnx_with_dynamic_batch_and_length(kind, tmp_path):
-    # check_parity runs onnxruntime against PyTorch at lengths 1, 7 and max_len (none of
+    # check_encoder_parity runs onnxruntime against PyTorch at lengths 1, 7 and max_len (none of
     # them the export example's) with ragged left padding, and raises past 1e-4.
     torch.manual_seed(0)
     model = build_encoder(kind, 40, max_len=12, dim=16).eval()
     path = tmp_path / f"{kind}.onnx"
     export_user_encoder(model, path)
-    assert check_parity(model, path) <= 1e-4
+    assert check_encoder_parity(model, path) <= 1e-4

@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from training.data import DataSpecError, build_sequences
+from training.data import build_sequences
+from training.datasets import synthetic_config
+from training.errors import DataSpecError
 from training.synthetic import SyntheticConfig, generate
 
 
@@ -59,9 +61,9 @@ def test_generator_scales_to_a_million_items():
 
 
 def test_spec_options_are_parsed_and_checked():
-    assert SyntheticConfig.from_spec("users=10,items=20,seed=3").seed == 3
-    assert SyntheticConfig.from_spec("mean_length=12.5").mean_length == 12.5
+    assert synthetic_config("users=10,items=20,seed=3").seed == 3
+    assert synthetic_config("mean_length=12.5").mean_length == 12.5
     with pytest.raises(DataSpecError, match="colour"):
-        SyntheticConfig.from_spec("colour=3")
+        synthetic_config("colour=3")
     with pytest.raises(DataSpecError, match="number"):
-        SyntheticConfig.from_spec("users=many")
+        synthetic_config("users=many")

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from training.data import build_sequences
+from training.errors import CheckpointError
 from training.evaluate import evaluate, model_scorer
 from training.synthetic import SyntheticConfig, generate
 from training.trainer import TrainConfig, load_checkpoint, train
@@ -44,5 +45,5 @@ def test_checkpoint_rebuilds_the_same_model(tiny_data, tmp_path):
 
 def test_checkpoint_of_another_format_is_refused(tmp_path):
     torch.save({"format": 99}, tmp_path / "old.pt")
-    with pytest.raises(ValueError, match="format 99"):
+    with pytest.raises(CheckpointError, match="format 99"):
         load_checkpoint(tmp_path / "old.pt")

@@ -25,6 +25,14 @@ def time_buckets(time_deltas: torch.Tensor, item_ids: torch.Tensor, n_buckets: i
     return torch.where(item_ids > 0, bucket, torch.zeros_like(bucket))
 
 
+def time_embedding(config) -> nn.Embedding | None:
+    """The embedding of the time buckets (row 0 for padding), or None when ``config.use_time``
+    is off. ``config`` is an encoder's config: ``n_time_buckets``, ``dim``, ``use_time``."""
+    if not config.use_time:
+        return None
+    return nn.Embedding(config.n_time_buckets, config.dim, padding_idx=0)
+
+
 def init_weights(module: nn.Module) -> None:
     """N(0, 0.02) for linear and embedding weights, zero biases, zero padding rows."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -39,24 +47,38 @@ def init_weights(module: nn.Module) -> None:
 class UserEncoder(nn.Module):
     """Base class: subclasses implement ``hidden_states`` and own ``item_embedding``."""
 
+    config: object  # the encoder's config dataclass
     item_embedding: nn.Embedding
+    time_embedding: nn.Embedding | None  # see time_embedding()
     max_len: int
     # Set when the model was trained with a cosine objective: retrieval must then rank
     # against unit-length item vectors, as training scored.
     normalize_items: bool = False
 
+    def __init__(self, config):
+        """Keep the config and make the item table every encoder scores against: N + 1 rows,
+        row 0 the padding. Subclasses then build their own layers."""
+        super().__init__()
+        self.config = config
+        self.max_len = config.max_len
+        self.item_embedding = nn.Embedding(config.n_items + 1, config.dim, padding_idx=0)
+
     def hidden_states(self, item_ids: torch.Tensor, time_deltas: torch.Tensor) -> torch.Tensor:
         """Per-position user states (b, L, d) for left-padded (b, L) inputs."""
         raise NotImplementedError
 
+    def add_time_embedding(
+        self, x: torch.Tensor, item_ids: torch.Tensor, time_deltas: torch.Tensor
+    ) -> torch.Tensor:
+        """``x`` (b, L, d) plus each event's time-bucket embedding (``x`` without one)."""
+        if self.time_embedding is None:
+            return x
+        buckets = time_buckets(time_deltas, item_ids, self.config.n_time_buckets)
+        return x + self.time_embedding(buckets)
+
     def encode_user(self, item_ids: torch.Tensor, time_deltas: torch.Tensor) -> torch.Tensor:
         """L2-normalised user embeddings (b, d) from the most recent position."""
         return F.normalize(self.hidden_states(item_ids, time_deltas)[:, -1], dim=-1)
-
-    def encode_items(self, ids: torch.Tensor) -> torch.Tensor:
-        """Item vectors (n, d) in the space ``encode_user`` is scored against."""
-        vectors = self.item_embedding(ids)
-        return F.normalize(vectors, dim=-1) if self.normalize_items else vectors
 
     def all_item_embeddings(self) -> torch.Tensor:
         """Item vectors of every id including padding row 0, (N + 1, d), as retrieval uses them."""

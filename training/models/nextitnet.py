@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.models.base import UserEncoder, init_weights, time_buckets
+from training.errors import ConfigError
+from training.models.base import UserEncoder, init_weights, time_embedding
 
 
 @dataclass
@@ -49,7 +50,7 @@ class NextItNetConfig:
         # A config read back from JSON (a report, a manifest) carries a list.
         self.dilations = tuple(self.dilations)
         if not self.dilations or len(self.dilations) % 2:
-            raise ValueError(
+            raise ConfigError(
                 f"dilations {self.dilations} must pair up: each residual block has two"
             )
 
@@ -90,15 +91,8 @@ class NextItNet(UserEncoder):
     """Stacked dilated causal convolutions; item embeddings are shared with the output."""
 
     def __init__(self, config: NextItNetConfig):
-        super().__init__()
-        self.config = config
-        self.max_len = config.max_len
-        self.item_embedding = nn.Embedding(config.n_items + 1, config.dim, padding_idx=0)
-        self.time_embedding = (
-            nn.Embedding(config.n_time_buckets, config.dim, padding_idx=0)
-            if config.use_time
-            else None
-        )
+        super().__init__(config)
+        self.time_embedding = time_embedding(config)
         self.drop = nn.Dropout(config.dropout)
         pairs = list(zip(config.dilations[::2], config.dilations[1::2], strict=True))
         pairs = pairs * config.n_stacks
@@ -110,10 +104,7 @@ class NextItNet(UserEncoder):
 
     def hidden_states(self, item_ids: torch.Tensor, time_deltas: torch.Tensor) -> torch.Tensor:
         valid = (item_ids > 0).unsqueeze(-1).to(self.item_embedding.weight.dtype)  # (b, L, 1)
-        x = self.item_embedding(item_ids)  # (b, L, d)
-        if self.time_embedding is not None:
-            buckets = time_buckets(time_deltas, item_ids, self.config.n_time_buckets)
-            x = x + self.time_embedding(buckets)
+        x = self.add_time_embedding(self.item_embedding(item_ids), item_ids, time_deltas)
         x = self.drop(x) * valid  # (b, L, d)
         for block in self.blocks:
             x = block(x, valid)

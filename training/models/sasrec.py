@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.models.base import UserEncoder, init_weights, time_buckets
+from training.errors import ConfigError
+from training.models.base import UserEncoder, init_weights, time_embedding
 
 
 @dataclass
@@ -37,7 +38,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, n_heads: int):
         super().__init__()
         if dim % n_heads:
-            raise ValueError(f"dim {dim} is not divisible by n_heads {n_heads}")
+            raise ConfigError(f"dim {dim} is not divisible by n_heads {n_heads}")
         self.n_heads = n_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
@@ -46,8 +47,9 @@ class CausalSelfAttention(nn.Module):
         b, length, dim = x.shape
         q, k, v = self.qkv(x).split(dim, dim=-1)  # (b, L, d) each
         heads = lambda t: t.view(b, length, self.n_heads, dim // self.n_heads).transpose(1, 2)  # noqa: E731
-        # No dropout on the attention weights: on CPU it costs 5x the attention itself
-        # (a Bernoulli draw per (b, h, L, L) entry); embedding and residual dropout remain.
+        # No dropout on the attention weights: on CPU it costs more than the attention itself
+        # (a Bernoulli draw per (b, h, L, L) entry; measurements belong in
+        # docs/BENCHMARKS.md); embedding and residual dropout remain.
         y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(b, length, dim))
 
@@ -75,16 +77,9 @@ class SASRec(UserEncoder):
     """Causal self-attention over the history; item embeddings are shared with the output."""
 
     def __init__(self, config: SASRecConfig):
-        super().__init__()
-        self.config = config
-        self.max_len = config.max_len
-        self.item_embedding = nn.Embedding(config.n_items + 1, config.dim, padding_idx=0)
+        super().__init__(config)
         self.position_embedding = nn.Embedding(config.max_len, config.dim)
-        self.time_embedding = (
-            nn.Embedding(config.n_time_buckets, config.dim, padding_idx=0)
-            if config.use_time
-            else None
-        )
+        self.time_embedding = time_embedding(config)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.dim)
@@ -96,9 +91,7 @@ class SASRec(UserEncoder):
         positions = torch.flip(torch.arange(length, device=item_ids.device), dims=[0])
         positions = torch.clamp(positions, max=self.max_len - 1)
         x = self.item_embedding(item_ids) + self.position_embedding(positions)[None]
-        if self.time_embedding is not None:
-            buckets = time_buckets(time_deltas, item_ids, self.config.n_time_buckets)
-            x = x + self.time_embedding(buckets)
+        x = self.add_time_embedding(x, item_ids, time_deltas)  # (b, L, d)
         x = self.drop(x) * valid[..., None]  # (b, L, d)
         causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=x.device))
         eye = torch.eye(length, dtype=torch.bool, device=x.device)

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.models.base import UserEncoder, init_weights, time_buckets
+from training.errors import ConfigError
+from training.models.base import UserEncoder, init_weights, time_embedding
 
 
 @dataclass
@@ -47,28 +48,21 @@ class TwoTower(UserEncoder):
     """Gated long- and short-term means of the history, then a linear projection."""
 
     def __init__(self, config: TwoTowerConfig):
-        super().__init__()
         if config.recent < 1:
-            raise ValueError(f"recent must be at least 1, not {config.recent}")
-        self.config = config
-        self.max_len = config.max_len
-        self.item_embedding = nn.Embedding(config.n_items + 1, config.dim, padding_idx=0)
+            raise ConfigError(f"recent must be at least 1, not {config.recent}")
+        super().__init__(config)
         # SimpleX pools the same vectors it scores. For next-item prediction that makes the
         # last item's own vector the best match, a pull towards repeats that a linear map
-        # cannot undo; a separate history table lets "after i" differ from "is i". On the
-        # tiny synthetic data, 30 full-softmax steps cut the loss to 0.64 of its start with
-        # it (SASRec: 0.63) and to 0.75 without. It doubles the item parameters, hence the
-        # option to share them for huge catalogues.
+        # cannot undo; a separate history table lets "after i" differ from "is i", and
+        # training loss falls faster with it (measurements belong in docs/BENCHMARKS.md).
+        # It doubles the item parameters, hence the option to share them for huge
+        # catalogues.
         self.history_embedding = (
             nn.Embedding(config.n_items + 1, config.dim, padding_idx=0)
             if config.separate_history
             else self.item_embedding
         )
-        self.time_embedding = (
-            nn.Embedding(config.n_time_buckets, config.dim, padding_idx=0)
-            if config.use_time
-            else None
-        )
+        self.time_embedding = time_embedding(config)
         self.drop = nn.Dropout(config.dropout)
         self.gate = nn.Linear(2 * config.dim, config.dim)
         self.project = nn.Linear(config.dim, config.dim)
@@ -81,10 +75,7 @@ class TwoTower(UserEncoder):
 
     def hidden_states(self, item_ids: torch.Tensor, time_deltas: torch.Tensor) -> torch.Tensor:
         valid = (item_ids > 0).unsqueeze(-1).to(self.item_embedding.weight.dtype)  # (b, L, 1)
-        h = self.history_embedding(item_ids)  # (b, L, d)
-        if self.time_embedding is not None:
-            buckets = time_buckets(time_deltas, item_ids, self.config.n_time_buckets)
-            h = h + self.time_embedding(buckets)
+        h = self.add_time_embedding(self.history_embedding(item_ids), item_ids, time_deltas)
         h = self.drop(h) * valid  # (b, L, d)
         sums = torch.cumsum(h, dim=1)  # (b, L, d)
         counts = torch.cumsum(valid, dim=1)  # (b, L, 1)
