@@ -224,11 +224,11 @@ class Recommender:
             history_cap=history_cap,
             request_time=int(time.time()),
         )
-        answer = await self.batchers[retriever.name].submit(_Pending(request, cache))
-        answer.timings_ms["total"] = elapsed_ms(started)
+        recommendation = await self.batchers[retriever.name].submit(_Pending(request, cache))
+        recommendation.timings_ms["total"] = elapsed_ms(started)
         if asked is not None:
-            self.answers[asked] = answer
-        return answer
+            self.answers[asked] = recommendation
+        return recommendation
 
     async def start(self) -> None:
         """Start where batches are computed (a compute process loads its models here)."""
@@ -264,9 +264,9 @@ class Recommender:
                 await self.compute.batch(retriever.name, [pending.query for pending in served])
             )
         written: dict[BehaviourCache, list[tuple[str, CachedRetrieval]]] = {}
-        answers = []
+        recommendations = []
         for pending, history in zip(batch, histories, strict=True):
-            answer = Recommendation(
+            recommendation = Recommendation(
                 items=[],
                 bundle=self.bundle.name,
                 encoder=retriever.name,
@@ -275,20 +275,22 @@ class Recommender:
                 history_truncated=history.truncated,
             )
             if pending.query is None:  # no known item: the popularity fallback
-                answer.items = self.popular(pending.request.k, history.item_ids)
-                answer.fallback = "popularity"
-                answer.timings_ms = dict.fromkeys(STAGES, 0.0)
+                recommendation.items = self.popular(pending.request.k, history.item_ids)
+                recommendation.fallback = "popularity"
+                recommendation.timings_ms = dict.fromkeys(STAGES, 0.0)
             else:
                 ranked = next(computed)
-                answer.items = self.items(ranked.ids, ranked.scores, ranked.retrieval_scores)
-                answer.reranked = ranked.reranked
-                answer.timings_ms = dict(ranked.timings)
+                recommendation.items = self.items(
+                    ranked.ids, ranked.scores, ranked.retrieval_scores
+                )
+                recommendation.reranked = ranked.reranked
+                recommendation.timings_ms = dict(ranked.timings)
                 if pending.outcome == "miss":
                     written.setdefault(pending.cache, []).append((pending.key, ranked.retrieval))
-            answers.append(answer)
+            recommendations.append(recommendation)
         for cache, entries in written.items():
             self._write_behind(cache, entries)
-        return answers
+        return recommendations
 
     async def _look_up(self, batch: list[_Pending]) -> None:
         """Each request's cached entry and outcome; one read per cache for the batch."""
