@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import secrets
 import shutil
 import statistics
@@ -56,7 +57,7 @@ from tests.servers import RedisProcess, free_port, wait_until  # noqa: E402
 
 LOG = logging.getLogger("bench.faults")
 
-SCENARIOS = ("redis-outage", "reload", "bad-bundle", "soak")
+SCENARIOS = ("redis-outage", "reload", "bad-bundle", "compute", "soak")
 COMMAND = ".venv/bin/python -m bench.faults --scenario {scenario}"
 JSON = {"Content-Type": "application/json"}
 
@@ -562,6 +563,100 @@ def soak(
 # --------------------------------------------------------------------------- helpers
 
 
+COMPUTE_FAULTS = {
+    "killed": "SIGKILL of the compute process",
+    "paused": "SIGSTOP of the compute process (never continued)",
+}
+
+
+def compute_faults(
+    fixture: Fixture,
+    *,
+    duration: float = 16.0,
+    fault_at: float = 5.0,
+    concurrency: int = 4,
+    cases: tuple[str, ...] = tuple(COMPUTE_FAULTS),
+) -> list[FaultRow]:
+    """Kill or stop the worker's compute process during a load run of /recommend: what
+    failed, how long until the replacement answered, what memory did."""
+    import signal
+
+    rows = []
+    for case in cases:
+        with private_stack(fixture, f"compute-{case}") as (_, service, _):
+            recorder = Recorder()
+            mix = {"events_share": 0.0, "user_id_share": 0.0, "repeat_share": 0.0}
+            thread, holder = _load_in_thread(
+                service.url,
+                fixture.data,
+                mix,
+                {"duration_s": duration, "concurrency": concurrency},
+                recorder,
+            )
+            time.sleep(fault_at)
+            memory_before = service.rss_by_role()
+            (child,) = service.pids_by_role()["compute"]
+            faulted_at = time.monotonic() - recorder.t0
+            os.kill(child, signal.SIGKILL if case == "killed" else signal.SIGSTOP)
+            result = _finish(thread, holder, duration + 60)
+            memory_after = service.rss_by_role()
+            replacements = service.pids_by_role()["compute"]
+            if case == "paused":
+                os.kill(child, signal.SIGKILL)  # never left behind, whatever happened
+        failed = [r for r in recorder.rows if r["status"] != 200]
+        after = [r for r in recorder.rows if r["t"] >= faulted_at]
+        answered = next((r["t"] for r in after if r["status"] == 200), None)
+        recovery = None if answered is None else answered - faulted_at
+        # Served again: every request after the first answer since the fault succeeded.
+        steady = answered is not None and all(
+            r["status"] == 200 for r in after if r["t"] >= answered
+        )
+        passed = steady and child not in replacements and len(replacements) == 1
+        rows.append(
+            FaultRow(
+                fault=f"{COMPUTE_FAULTS[case]} under load ({concurrency} clients)",
+                behaviour=(
+                    f"{len(failed)} of {len(recorder.rows)} requests failed "
+                    f"({_statuses(failed)}); first answer after the fault "
+                    f"{_seconds(recovery)} later, all answered from then on; compute "
+                    f"process replaced ({len(replacements)} running); memory "
+                    f"{_mib(sum(memory_before.values()))} before, "
+                    f"{_mib(sum(memory_after.values()))} after"
+                ),
+                requests=len(recorder.rows),
+                errors=len(failed),
+                events_lost=0,
+                passed=passed,
+                command=COMMAND.format(scenario="compute"),
+                details={
+                    "fault_at_s": faulted_at,
+                    "recovery_s": recovery,
+                    "failed_by_status": _count_statuses(failed),
+                    "rss_before": memory_before,
+                    "rss_after": memory_after,
+                    "load": _load_summary(result),
+                },
+            )
+        )
+    return rows
+
+
+def _count_statuses(rows: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[str(row["status"])] = counts.get(str(row["status"]), 0) + 1
+    return counts
+
+
+def _statuses(rows: list[dict]) -> str:
+    counts = _count_statuses(rows)
+    return ", ".join(f"{n} x {status}" for status, n in sorted(counts.items())) or "none"
+
+
+def _seconds(value: float | None) -> str:
+    return "never" if value is None else f"{value:.2f} s"
+
+
 def _history_bodies(data, count: int, length: int = 20) -> list[bytes]:
     """/recommend bodies of the last ``length`` events of the first ``count`` users."""
     bodies = []
@@ -719,6 +814,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif scenario == "reload":
             rows.append(reload_under_load(fixture, reloads=args.reloads, workers=args.workers))
+        elif scenario == "compute":
+            rows.extend(compute_faults(fixture))
         elif scenario == "bad-bundle":
             rows.extend(bad_bundles(fixture))
         else:

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import logging
 import pickle
 import socket
 import struct
 import sys
+import threading
 from concurrent.futures import Executor
 from pathlib import Path
 
@@ -40,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.bundle import Bundle, load_bundle, placement, settle_heap, warm_up
 from service.devices import limit_native_threads
-from service.errors import BundleError, ComputeError
+from service.errors import BundleError, ComputeError, ComputeUnavailable
 from service.pipeline import Query, Ranked, compute_batch
 from service.settings import Settings
 
@@ -65,6 +67,7 @@ class ComputeConfig(BaseModel):
     native_threads: int = Field(1, ge=1)
     warm_batch: int = Field(32, ge=1)  # largest batch the warm-up runs
     warm_candidates: int = Field(200, ge=1)
+    heartbeat_seconds: float = Field(0.1, gt=0)  # how often the child says it is alive
 
     @classmethod
     def from_settings(cls, settings: Settings, bundle: str) -> ComputeConfig:
@@ -78,6 +81,7 @@ class ComputeConfig(BaseModel):
             native_threads=settings.native_threads,
             warm_batch=settings.max_batch,
             warm_candidates=settings.candidates,
+            heartbeat_seconds=min(0.1, settings.compute_stall_seconds / 5),
         )
 
 
@@ -92,18 +96,26 @@ class ThreadCompute:
         """Nothing to start: the models were loaded with the bundle."""
 
     @property
+    def available(self) -> bool:
+        """Always: the batches run in this process."""
+        return True
+
+    @property
     def placement(self) -> dict[str, dict]:
         """Where each retriever's stages run (``service.bundle.placement``)."""
         return placement(self.bundle)
 
     async def batch(self, retriever: str, queries: list[Query]) -> list[Ranked]:
-        return await asyncio.get_running_loop().run_in_executor(
-            self.executor,
-            compute_batch,
-            self.bundle.retrievers[retriever],
-            self.bundle.item_features,
-            queries,
-        )
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self.executor,
+                compute_batch,
+                self.bundle.retrievers[retriever],
+                self.bundle.item_features,
+                queries,
+            )
+        except Exception as exc:  # as a compute process reports it: this request failed
+            raise ComputeError(f"{type(exc).__name__}: {exc}") from exc
 
     async def search(self, retriever: str, queries: np.ndarray, k: int):
         index = self.bundle.retrievers[retriever].index
@@ -116,41 +128,59 @@ class ThreadCompute:
 
 
 class _Frames(asyncio.Protocol):
-    """The worker's end of the socket pair: frames in, each handed to ``on_frame``."""
+    """The worker's end of the socket pair: frames in, each handed to ``on_frame``; every
+    frame, heartbeats included, stamps ``heard`` (the loop's clock)."""
 
     def __init__(self, on_frame, on_lost):
         self.on_frame = on_frame
         self.on_lost = on_lost
         self.transport: asyncio.Transport | None = None
+        self.heard = asyncio.get_running_loop().time()
         self._buffer = bytearray()
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        self.heard = asyncio.get_running_loop().time()
         self._buffer += data
         while (value := take_frame(self._buffer)) is not NO_FRAME:
-            self.on_frame(value)
+            if value is not BEAT:
+                self.on_frame(value)
 
     def connection_lost(self, exc) -> None:
         self.on_lost(exc)
 
 
 class ProcessCompute:
-    """Batches computed by a child process that loads the bundle's models itself."""
+    """Batches computed by a child process that loads the bundle's models itself.
 
-    def __init__(self, config: ComputeConfig, call_timeout: float = 30.0):
+    The child sends a heartbeat every ``config.heartbeat_seconds``, computing or not; a
+    child not heard from for ``stall_seconds`` (stopped, wedged, swapping) is killed,
+    what it held fails with ``ComputeUnavailable``, and a new one is started at once. A
+    batch or search whose child was lost is sent once more to the new child (the
+    computation has no side effects), so a crash or stall fails a request only when the
+    replacement fails it too. ``call_timeout`` bounds one call whatever the heartbeat.
+    """
+
+    def __init__(
+        self, config: ComputeConfig, call_timeout: float = 30.0, stall_seconds: float = 1.0
+    ):
         self.config = config
         self.call_timeout = call_timeout
+        self.stall_seconds = stall_seconds
         self.bundle = config.bundle
         # Where the child runs each stage (service.bundle.placement), as it said when ready.
         self.placement: dict[str, dict] = {}
+        self.replaced = 0  # children replaced after dying or stalling
         self._process: asyncio.subprocess.Process | None = None
         self._frames: _Frames | None = None
         self._ready: asyncio.Future | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._ids = itertools.count()
         self._starting: asyncio.Task | None = None
+        self._watchdog: asyncio.Task | None = None
+        self._closed = False
 
     @property
     def running(self) -> bool:
@@ -166,9 +196,28 @@ class ProcessCompute:
             and not self._frames.transport.is_closing()
         )
 
+    @property
+    def available(self) -> bool:
+        """A child is running and has been heard from within the stall bound."""
+        return self.running and not self._stalled()
+
+    def _stalled(self) -> bool:
+        silent = asyncio.get_running_loop().time() - self._frames.heard
+        return silent > self.stall_seconds
+
+    async def _confirmed_stall(self) -> bool:
+        """Stalled even after the loop has read what already arrived: a loop that was
+        busy for a while has not yet seen the heartbeats waiting in the socket."""
+        if not self._stalled():
+            return False
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return self.running and self._stalled()
+
     async def start(self) -> None:
         """Spawn the child and wait until its bundle is loaded; BundleError with its
         reason when it cannot load it."""
+        self._closed = False
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         try:
@@ -192,11 +241,13 @@ class ProcessCompute:
                 asyncio.shield(self._ready), START_TIMEOUT_SECONDS
             )
         except (ComputeError, TimeoutError) as exc:
-            await self.close()
+            await self._stop_child()
             raise BundleError(f"compute process for {self.bundle} did not start ({exc})") from exc
         except BundleError:
-            await self.close()
+            await self._stop_child()
             raise
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.create_task(self._watch())
         LOG.info("compute process %d serves bundle %s", self._process.pid, self.bundle)
 
     def _on_frame(self, value) -> None:
@@ -217,25 +268,66 @@ class ProcessCompute:
             future.set_exception(result)
 
     def _on_lost(self, exc) -> None:
-        failure = ComputeError(f"compute process for {self.bundle} went away ({exc!r})")
+        self._fail_pending(
+            ComputeUnavailable(f"compute process for {self.bundle} went away ({exc!r})")
+        )
+
+    def _fail_pending(self, failure: ComputeError) -> None:
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(failure)
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(failure)
 
+    async def _watch(self) -> None:
+        """Replace a child that stopped talking (or died) without waiting for a call."""
+        interval = max(self.config.heartbeat_seconds, self.stall_seconds / 4)
+        while not self._closed:
+            await asyncio.sleep(interval)
+            if self._starting is not None and not self._starting.done():
+                continue
+            if self.running and not await self._confirmed_stall():
+                continue
+            try:
+                await self._ensure_running()
+            except BundleError as exc:
+                LOG.error("compute process for %s could not be restarted: %s", self.bundle, exc)
+
     async def _ensure_running(self) -> None:
-        # A child that died (killed, out of memory) is replaced on the next call; calls
-        # that were waiting on it have failed with ComputeError.
-        if self.running:
+        # A child that died (killed, out of memory) or stalled is replaced once; calls
+        # that waited on it have failed with ComputeUnavailable.
+        if self.running and not await self._confirmed_stall():
             return
         if self._starting is None or self._starting.done():
+            if self.running:  # alive but silent: stopped or wedged
+                silent = asyncio.get_running_loop().time() - self._frames.heard
+                LOG.error(
+                    "compute process %d for %s silent for %.1f s; replacing it",
+                    self._process.pid,
+                    self.bundle,
+                    silent,
+                )
+                self._process.kill()
+                self._fail_pending(
+                    ComputeUnavailable(
+                        f"compute process for {self.bundle} stalled ({silent:.1f} s silent)"
+                    )
+                )
             LOG.warning("compute process for %s is not running; starting one", self.bundle)
-            await self.close()
+            await self._stop_child()
+            self.replaced += 1
             self._starting = asyncio.create_task(self.start())
         await asyncio.shield(self._starting)
 
     async def _call(self, op: str, *args):
+        try:
+            return await self._call_once(op, *args)
+        except ComputeUnavailable as exc:
+            # The child was lost under this call, not failed by it: once more, on a new one.
+            LOG.warning("%s; retrying the %s on a new compute process", exc, op)
+            return await self._call_once(op, *args)
+
+    async def _call_once(self, op: str, *args):
         await self._ensure_running()
         call_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
@@ -244,8 +336,8 @@ class ProcessCompute:
             self._frames.transport.write(frame((call_id, op, args)))
             return await asyncio.wait_for(future, self.call_timeout)
         except TimeoutError:
-            # A child that stops answering (stuck, or stopped) would hold every request;
-            # it is killed, what waited on it fails, and the next call starts a new one.
+            # A child that answers nothing for this long holds every request: it is
+            # killed and replaced (the heartbeat catches a stopped one much sooner).
             LOG.error(
                 "compute process for %s did not answer in %.0f s; killing it",
                 self.bundle,
@@ -266,7 +358,16 @@ class ProcessCompute:
         return await self._call("search", retriever, queries, k)
 
     async def close(self) -> None:
-        """Stop the child (it exits when its socket closes) and forget what was pending."""
+        """Stop the child (it exits when its socket closes) and its watchdog."""
+        self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None
+        await self._stop_child()
+
+    async def _stop_child(self) -> None:
         if self._frames is not None and self._frames.transport is not None:
             self._frames.transport.close()
         self._frames = None
@@ -286,20 +387,54 @@ def frame(value) -> bytes:
 
 
 NO_FRAME = object()  # what take_frame returns while a frame is incomplete
+BEAT = object()  # what take_frame returns for a heartbeat (an empty frame)
+BEAT_FRAME = FRAME.pack(0)
 
 
 def take_frame(buffer: bytearray):
     """The value of the first whole frame in ``buffer``, removed from it; ``NO_FRAME``
-    while the frame has not fully arrived."""
+    while the frame has not fully arrived, ``BEAT`` for a heartbeat."""
     if len(buffer) < FRAME.size:
         return NO_FRAME
     (length,) = FRAME.unpack_from(buffer)
     end = FRAME.size + length
     if len(buffer) < end:
         return NO_FRAME
-    value = pickle.loads(memoryview(buffer)[FRAME.size : end])
+    value = pickle.loads(memoryview(buffer)[FRAME.size : end]) if length else BEAT
     del buffer[:end]
     return value
+
+
+class _Outbox:
+    """The child's writes to the worker: replies from the main thread and heartbeats from
+    a thread of their own, one whole frame group at a time.
+
+    The heartbeat goes on while a batch computes (its native kernels release the GIL), so
+    the worker can tell a slow batch from a child that is stopped or wedged.
+    """
+
+    def __init__(self, connection: socket.socket, beat_seconds: float):
+        self.connection = connection
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._beats = threading.Thread(
+            target=self._beat, args=(beat_seconds,), name="recserve-heartbeat", daemon=True
+        )
+        self._beats.start()
+
+    def send(self, payload: bytes) -> None:
+        with self._lock:
+            self.connection.sendall(payload)
+
+    def _beat(self, seconds: float) -> None:
+        while not self._stopped.wait(seconds):
+            try:
+                self.send(BEAT_FRAME)
+            except OSError:  # the worker went away: the main thread ends the process
+                return
+
+    def close(self) -> None:
+        self._stopped.set()
 
 
 class _Inbox:
@@ -313,10 +448,12 @@ class _Inbox:
     def take(self, wait: bool):
         """The next request; None when nothing more has arrived (``wait=False``).
         EOFError once the worker has closed its end."""
-        self.connection.setblocking(wait)
+        # The socket stays blocking (the heartbeat thread writes to it too); a read that
+        # must not wait says so per call.
+        flags = 0 if wait else socket.MSG_DONTWAIT
         while (value := take_frame(self._buffer)) is NO_FRAME:
             try:
-                data = self.connection.recv(1 << 20)
+                data = self.connection.recv(1 << 20, flags)
             except BlockingIOError:
                 return None
             if not data:
@@ -336,6 +473,20 @@ def serve(connection: socket.socket) -> None:
     inbox = _Inbox(connection)
     try:
         config = ComputeConfig.model_validate_json(inbox.take(wait=True))
+    except EOFError:
+        return
+    except Exception as exc:  # a configuration the child cannot read: the parent says why
+        connection.sendall(frame((False, f"compute configuration refused: {exc}")))
+        return
+    outbox = _Outbox(connection, config.heartbeat_seconds)
+    try:
+        _serve(inbox, outbox, config)
+    finally:
+        outbox.close()
+
+
+def _serve(inbox: _Inbox, outbox: _Outbox, config: ComputeConfig) -> None:
+    try:
         limit_native_threads(config.native_threads)
         # The parent verified the checksums of these very files before starting us.
         bundle = load_bundle(
@@ -347,13 +498,11 @@ def serve(connection: socket.socket) -> None:
             index_device=config.index_device,
         )
         warm_up(bundle, config.warm_batch, config.warm_candidates)
-    except EOFError:
-        return
     except Exception as exc:  # every reason goes back to the parent, which refuses the bundle
-        connection.sendall(frame((False, str(exc))))
+        outbox.send(frame((False, str(exc))))
         return
     settle_heap()
-    connection.sendall(frame((True, placement(bundle))))
+    outbox.send(frame((True, placement(bundle))))
 
     def batches(retriever: str, requests: list) -> list:
         """Each request's answers (or its exception), from one merged computation; if that
@@ -389,8 +538,7 @@ def serve(connection: socket.socket) -> None:
             parts = batches(retriever, requests)
             for (call_id, _), part in zip(requests, parts, strict=True):
                 replies.append(_reply(call_id, _unless_error, part))
-        connection.setblocking(True)
-        connection.sendall(b"".join(frame(reply) for reply in replies))
+        outbox.send(b"".join(frame(reply) for reply in replies))
 
 
 def _single(bundle, op: str, call_args):

@@ -6,14 +6,17 @@ RecserveError                 everything the service raises on purpose
 ├── DeviceError               an accelerator was asked for but is not available
 ├── StoreUnavailable          the behaviour store (Redis) is unreachable (503, Retry-After)
 ├── NotReady                  no bundle is loaded yet (503, Retry-After)
-├── ComputeError              the compute process failed or went away (500)
+├── ComputeError              a computation failed in the compute process (500)
+│   └── ComputeUnavailable    no compute process answers: died, stalled (503, Retry-After)
 └── RequestError              the request cannot be served as asked (4xx)
     ├── InvalidField          a field is well-typed but out of bounds (422)
     ├── UnknownEncoder        the encoder named in the request is not in the bundle (422)
     ├── UnknownItem           an item id is not in the catalogue (404)
     ├── NoHistory             no history in the request and none stored (404)
     ├── AdminDisabled         admin endpoints are switched off (404)
-    └── AdminTokenRequired    no valid admin token (401, WWW-Authenticate)
+    ├── AdminTokenRequired    no valid admin token (401, WWW-Authenticate)
+    ├── ApiKeyRequired        API keys are configured and none valid was sent (401)
+    └── Forbidden             the key lacks the scope, or a setting refuses the request (403)
 """
 
 from __future__ import annotations
@@ -48,7 +51,11 @@ class NotReady(RecserveError):
 
 
 class ComputeError(RecserveError):
-    """The compute process failed or went away."""
+    """A computation failed where batches are computed; only its own request fails."""
+
+
+class ComputeUnavailable(ComputeError):
+    """The compute process died or stalled; its replacement is being started."""
 
 
 class RequestError(RecserveError):
@@ -90,3 +97,17 @@ class AdminTokenRequired(RequestError):
 
     def __init__(self) -> None:
         super().__init__("admin token required")
+
+
+class ApiKeyRequired(RequestError):
+    status_code = 401
+    headers = {"WWW-Authenticate": "ApiKey"}
+
+    def __init__(self) -> None:
+        super().__init__("X-API-Key: a valid API key is required")
+
+
+class Forbidden(RequestError):
+    """The caller may not do this; the message names the scope or the field."""
+
+    status_code = 403

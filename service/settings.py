@@ -11,9 +11,26 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# What an API key may do (service/api/access.py): "recommend" for /recommend with a
+# history in the body and /items/{id}/similar; "history:read" also for /recommend from a
+# user's stored history; "events:write" for /events; "catalogue:write" for catalogue
+# writes; "admin" for /admin/* (as the admin token).
+Scope = Literal["recommend", "history:read", "events:write", "catalogue:write", "admin"]
+
+
+class ApiKey(BaseModel):
+    """One client's key and what it may do; ``name`` labels it in logs, never the key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    key: SecretStr = Field(min_length=16)
+    scopes: tuple[Scope, ...] = Field(min_length=1)
 
 
 class Settings(BaseSettings):
@@ -36,7 +53,10 @@ class Settings(BaseSettings):
     # the models). See service/compute.py.
     compute: str = Field("process", pattern="^(process|thread)$")
     compute_threads: int = Field(1, ge=1, le=64)  # threads running batches with "thread"
-    compute_timeout_seconds: float = Field(30.0, gt=0)  # a compute process silent longer is killed
+    compute_timeout_seconds: float = Field(30.0, gt=0)  # one compute call, at most
+    # A compute process not heard from (it beats several times a second, busy or not) for
+    # this long is killed and replaced; what it held is retried once on the new one.
+    compute_stall_seconds: float = Field(1.0, ge=0.05, le=60)
     max_batch: int = Field(32, ge=1, le=1024)  # requests coalesced into one encoder call
     batch_wait_ms: float = Field(0.0, ge=0, le=100)  # 0: never wait for company
     batches_in_flight: int = Field(4, ge=1, le=16)  # batches prepared, read or computing at once
@@ -57,6 +77,13 @@ class Settings(BaseSettings):
     dev_mode: bool = False
     reload_poll_seconds: float = Field(5.0, ge=0)  # 0: no polling of models/CURRENT
     cors_origins: list[str] = []
+    # Clients and their scopes, as JSON: [{"name": "web", "key": "...", "scopes":
+    # ["recommend", "history:read"]}]. Empty: every endpoint but /admin is open, for a
+    # service behind an application that authenticates its users (docs/RELIABILITY.md).
+    api_keys: list[ApiKey] = []
+    # Refuse exclude_seen=false on a stored history: with it, comparing answers recovers
+    # items of the user's history (docs/RELIABILITY.md, who may read a history).
+    stored_history_excludes_seen: bool = False
     opentelemetry: bool = False  # FastAPI's native OpenTelemetry (global providers, OTEL_*)
 
     @model_validator(mode="after")
@@ -69,6 +96,12 @@ class Settings(BaseSettings):
             )
         if token and len(token) < 16 and not self.dev_mode:
             raise ValueError("RECSERVE_ADMIN_TOKEN must be at least 16 characters")
+        names = [key.name for key in self.api_keys]
+        if len(set(names)) != len(names):
+            raise ValueError("RECSERVE_API_KEYS: every key needs a name of its own")
+        secrets = [key.key.get_secret_value() for key in self.api_keys]
+        if len(set(secrets)) != len(secrets):
+            raise ValueError("RECSERVE_API_KEYS: two keys are the same")
         return self
 
 

@@ -91,6 +91,7 @@ class AppState:
                     compute = ProcessCompute(
                         ComputeConfig.from_settings(settings, name),
                         call_timeout=settings.compute_timeout_seconds,
+                        stall_seconds=settings.compute_stall_seconds,
                     )
                 else:
                     compute = ThreadCompute(bundle, self.executor)

@@ -12,7 +12,8 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from service.errors import AdminDisabled, AdminTokenRequired
+from service.api.access import HEADER, identify
+from service.errors import AdminDisabled, AdminTokenRequired, ApiKeyRequired
 from service.recommender import Recommender
 from service.settings import Settings
 from service.state import AppState
@@ -39,15 +40,23 @@ CurrentSettings = Annotated[Settings, Depends(get_state_settings)]
 
 
 async def require_admin(
+    request: Request,
     settings: CurrentSettings,
     authorization: Annotated[str | None, Header()] = None,
 ) -> None:
-    """Bearer token, compared in constant time; admin disabled answers 404.
+    """Bearer token, compared in constant time, or an API key with the "admin" scope;
+    admin disabled answers 404.
 
     Without a token the service only starts in dev mode, and then admin is open.
     """
     if not settings.admin_enabled:
         raise AdminDisabled()
+    if settings.api_keys and request.headers.get(HEADER):
+        try:
+            if identify(settings, request.headers.get(HEADER)).may("admin"):
+                return
+        except ApiKeyRequired:
+            pass  # not a key: the admin token decides
     expected = settings.admin_token.get_secret_value() if settings.admin_token else ""
     if not expected and settings.dev_mode:
         return

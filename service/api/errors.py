@@ -16,12 +16,25 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import NotReady, ReloadRefused, RequestError, StoreUnavailable
+from service.errors import (
+    ComputeError,
+    ComputeUnavailable,
+    NotReady,
+    ReloadRefused,
+    RequestError,
+    StoreUnavailable,
+)
 from service.metrics import Metrics
 
 LOG = logging.getLogger(__name__)
 
 BODY_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's own wording
+
+
+def brief(exc: Exception, limit: int = 300) -> str:
+    """One line of an exception for a log: its type and message, cut to ``limit``."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def validation_message(exc: RequestValidationError) -> str:
@@ -58,6 +71,26 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         return JSONResponse(
             {"detail": f"no bundle loaded: {exc}"}, status_code=503, headers={"Retry-After": "5"}
         )
+
+    @app.exception_handler(ComputeUnavailable)
+    async def compute_unavailable(request: Request, exc: ComputeUnavailable):
+        # The compute process was replaced under this request and its retry failed too:
+        # one line for the operator, a retry hint for the client, the connection kept.
+        metrics.errors.labels(kind="compute").inc()
+        LOG.error("%s %s: %s", request.method, request.url.path, brief(exc))
+        return JSONResponse(
+            {"detail": "compute unavailable, retry shortly"},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+
+    @app.exception_handler(ComputeError)
+    async def compute_failed(request: Request, exc: ComputeError):
+        # This request's computation failed (the compute process serves on): one line, no
+        # traceback, nothing internal in the answer.
+        metrics.errors.labels(kind="compute").inc()
+        LOG.error("%s %s: compute failed: %s", request.method, request.url.path, brief(exc))
+        return JSONResponse({"detail": "compute failed for this request"}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):

@@ -10,7 +10,14 @@ import shutil
 
 import pytest
 
-from bench.faults import BAD_BUNDLES, bad_bundles, build_fixture, redis_outage, reload_under_load
+from bench.faults import (
+    BAD_BUNDLES,
+    bad_bundles,
+    build_fixture,
+    compute_faults,
+    redis_outage,
+    reload_under_load,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -53,3 +60,12 @@ def test_every_kind_of_bad_bundle_is_refused_naming_the_file(fixture):
     for row in rows:
         assert row.passed, (row.fault, row.details)
         assert row.errors == 0
+
+
+def test_a_killed_or_stopped_compute_process_is_replaced_under_load(fixture):
+    rows = compute_faults(fixture, duration=8.0, fault_at=2.5, concurrency=2)
+    for row in rows:
+        details = row.details
+        assert row.passed, (row.fault, row.behaviour)
+        # Replaced well before the old 30 s call timeout would have freed the requests.
+        assert details["recovery_s"] is not None and details["recovery_s"] < 5.0, details

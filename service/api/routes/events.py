@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
+from service.api.access import require
 from service.api.deps import CurrentSettings, State
 from service.api.schemas import Event, EventsResponse
 from service.errors import InvalidField, StoreUnavailable
 
-router = APIRouter(tags=["events"])
+router = APIRouter(tags=["events"], dependencies=[Depends(require("events:write"))])
 
 FUTURE_TOLERANCE_SECONDS = 86_400  # clock skew we accept from clients
 

@@ -23,7 +23,8 @@ async def readyz(state: State) -> JSONResponse:
     redis_ok = await state.cache.ping() if state.cache else False
     recommender = state.recommender
     body = {
-        "ready": recommender is not None,
+        # Not ready while no compute process answers (replaced after a crash or stall).
+        "ready": recommender is not None and recommender.compute.available,
         "bundle": state.bundle_name,
         "encoders": list(recommender.bundle.retrievers) if recommender else [],
         "placement": recommender.compute.placement if recommender else {},

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Depends, Path, Query
 
+from service.api.access import require
 from service.api.deps import CurrentRecommender
 from service.api.schemas import SimilarResponse
 from service.errors import UnknownItem
 
-router = APIRouter(prefix="/items", tags=["items"])
+router = APIRouter(prefix="/items", tags=["items"], dependencies=[Depends(require("recommend"))])
 
 
 @router.get("/{item_id}/similar", response_model=SimilarResponse)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 from pydantic_core import to_json
 
+from service.api.access import Caller, get_caller
 from service.api.deps import State
 from service.api.lean_route import LeanRoute
 from service.api.schemas import RecommendRequest, RecommendResponse
-from service.errors import NoHistory, StoreUnavailable
+from service.errors import Forbidden, NoHistory, StoreUnavailable
 
 LOG = logging.getLogger(__name__)
 
@@ -20,19 +22,30 @@ router = APIRouter(tags=["recommend"], route_class=LeanRoute)
 
 
 @router.post("/recommend", response_model=RecommendResponse)
-async def recommend(body: RecommendRequest, state: State) -> Response:
+async def recommend(
+    body: RecommendRequest, state: State, caller: Annotated[Caller, Depends(get_caller)]
+) -> Response:
     """Top-k items for a history given in the request, or for a user's stored history.
 
     A history in the request is used as is (and never stored: send events to /events).
     Without one, the user's history is read from Redis; if Redis is down the popularity
     fallback is served and flagged rather than failing the request.
     """
+    caller.require("recommend")
     recommender = state.require_recommender()
     settings = state.settings
     outage = False
     if body.history is not None:
         events = [(event.item_id, event.ts) for event in body.history]
     else:
+        # A stored history is the user's own data: reading it, and answers that may
+        # repeat its items, are the caller's to be allowed (docs/RELIABILITY.md).
+        caller.require("history:read")
+        if settings.stored_history_excludes_seen and not body.exclude_seen:
+            raise Forbidden(
+                "body.exclude_seen: false is refused on a stored history "
+                "(RECSERVE_STORED_HISTORY_EXCLUDES_SEEN)"
+            )
         try:
             events = await state.cache.history(body.user_id) if state.cache else []
         except StoreUnavailable:
