@@ -35,6 +35,7 @@ import struct
 import sys
 import threading
 from concurrent.futures import Executor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -231,9 +232,12 @@ class ProcessCompute:
             )
         finally:
             theirs.close()
-        self._ready = loop.create_future()
+        self._ready = ready = loop.create_future()
+        # Each connection's callbacks know their own ready future: a retired child's
+        # connection, lost after its replacement started, must not touch the new one.
         _, self._frames = await loop.create_unix_connection(
-            lambda: _Frames(self._on_frame, self._on_lost), sock=ours
+            lambda: _Frames(partial(self._on_frame, ready), partial(self._on_lost, ready)),
+            sock=ours,
         )
         self._frames.transport.write(frame(self.config.model_dump_json()))
         try:
@@ -250,13 +254,13 @@ class ProcessCompute:
             self._watchdog = asyncio.create_task(self._watch())
         LOG.info("compute process %d serves bundle %s", self._process.pid, self.bundle)
 
-    def _on_frame(self, value) -> None:
-        if not self._ready.done():  # the first frame: (loaded, its placement or why not)
+    def _on_frame(self, ready: asyncio.Future, value) -> None:
+        if not ready.done():  # the first frame: (loaded, its placement or why not)
             ok, message = value
             if ok:
-                self._ready.set_result(message)
+                ready.set_result(message)
             else:
-                self._ready.set_exception(BundleError(message))
+                ready.set_exception(BundleError(message))
             return
         call_id, ok, result = value
         future = self._pending.get(call_id)
@@ -267,7 +271,9 @@ class ProcessCompute:
         else:
             future.set_exception(result)
 
-    def _on_lost(self, exc) -> None:
+    def _on_lost(self, ready: asyncio.Future, exc) -> None:
+        if ready is not self._ready:
+            return  # a retired child: what it held failed when it was retired
         self._fail_pending(
             ComputeUnavailable(f"compute process for {self.bundle} went away ({exc!r})")
         )
@@ -294,30 +300,34 @@ class ProcessCompute:
                 LOG.error("compute process for %s could not be restarted: %s", self.bundle, exc)
 
     async def _ensure_running(self) -> None:
-        # A child that died (killed, out of memory) or stalled is replaced once; calls
-        # that waited on it have failed with ComputeUnavailable.
+        # A child that died (killed, out of memory) or stalled is replaced once, by one
+        # task that every caller (and the watchdog) waits for; calls that waited on the
+        # old child have failed with ComputeUnavailable.
         if self.running and not await self._confirmed_stall():
             return
         if self._starting is None or self._starting.done():
-            if self.running:  # alive but silent: stopped or wedged
-                silent = asyncio.get_running_loop().time() - self._frames.heard
-                LOG.error(
-                    "compute process %d for %s silent for %.1f s; replacing it",
-                    self._process.pid,
-                    self.bundle,
-                    silent,
-                )
-                self._process.kill()
-                self._fail_pending(
-                    ComputeUnavailable(
-                        f"compute process for {self.bundle} stalled ({silent:.1f} s silent)"
-                    )
-                )
-            LOG.warning("compute process for %s is not running; starting one", self.bundle)
-            await self._stop_child()
-            self.replaced += 1
-            self._starting = asyncio.create_task(self.start())
+            self._starting = asyncio.create_task(self._replace())
         await asyncio.shield(self._starting)
+
+    async def _replace(self) -> None:
+        if self.running:  # alive but silent: stopped or wedged
+            silent = asyncio.get_running_loop().time() - self._frames.heard
+            LOG.error(
+                "compute process %d for %s silent for %.1f s; replacing it",
+                self._process.pid,
+                self.bundle,
+                silent,
+            )
+            self._process.kill()
+            self._fail_pending(
+                ComputeUnavailable(
+                    f"compute process for {self.bundle} stalled ({silent:.1f} s silent)"
+                )
+            )
+        LOG.warning("compute process for %s is not running; starting one", self.bundle)
+        await self._stop_child()
+        self.replaced += 1
+        await self.start()
 
     async def _call(self, op: str, *args):
         try:
