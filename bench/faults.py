@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -602,7 +603,8 @@ def compute_faults(
             memory_after = service.rss_by_role()
             replacements = service.pids_by_role()["compute"]
             if case == "paused":
-                os.kill(child, signal.SIGKILL)  # never left behind, whatever happened
+                with contextlib.suppress(ProcessLookupError):  # the watchdog's work, we hope
+                    os.kill(child, signal.SIGKILL)  # never left behind, whatever happened
         failed = [r for r in recorder.rows if r["status"] != 200]
         after = [r for r in recorder.rows if r["t"] >= faulted_at]
         answered = next((r["t"] for r in after if r["status"] == 200), None)
