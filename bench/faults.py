@@ -606,12 +606,15 @@ def compute_faults(
                 with contextlib.suppress(ProcessLookupError):  # the watchdog's work, we hope
                     os.kill(child, signal.SIGKILL)  # never left behind, whatever happened
         failed = [r for r in recorder.rows if r["status"] != 200]
-        after = [r for r in recorder.rows if r["t"] >= faulted_at]
-        answered = next((r["t"] for r in after if r["status"] == 200), None)
-        recovery = None if answered is None else answered - faulted_at
-        # Served again: every request after the first answer since the fault succeeded.
-        steady = answered is not None and all(
-            r["status"] == 200 for r in after if r["t"] >= answered
+        answers = sorted(r["t"] for r in recorder.rows if r["status"] == 200)
+        after = [faulted_at, *(t for t in answers if t >= faulted_at)]
+        # Time to recover: the longest stretch from the fault on in which no request was
+        # answered (the requests the child held wait that long, then are answered).
+        gaps = [later - earlier for earlier, later in zip(after, after[1:], strict=False)]
+        recovery = max(gaps) if gaps else None
+        # Served again: every request answered after the longest stretch succeeded.
+        steady = recovery is not None and all(
+            r["status"] == 200 for r in recorder.rows if r["t"] >= faulted_at + recovery
         )
         passed = steady and child not in replacements and len(replacements) == 1
         rows.append(
@@ -619,8 +622,8 @@ def compute_faults(
                 fault=f"{COMPUTE_FAULTS[case]} under load ({concurrency} clients)",
                 behaviour=(
                     f"{len(failed)} of {len(recorder.rows)} requests failed "
-                    f"({_statuses(failed)}); first answer after the fault "
-                    f"{_seconds(recovery)} later, all answered from then on; compute "
+                    f"({_statuses(failed)}); answers paused {_seconds(recovery)} at most "
+                    f"after the fault, all answered from then on; compute "
                     f"process replaced ({len(replacements)} running); memory "
                     f"{_mib(sum(memory_before.values()))} before, "
                     f"{_mib(sum(memory_after.values()))} after"
