@@ -18,12 +18,13 @@ from functools import partial
 
 from starlette.concurrency import run_in_threadpool
 
-from service.bundle import current_name, load_bundle, settle_heap, warm_up
+from service.bundle import current_name, load_bundle, settle_heap
 from service.cache import BehaviourCache
 from service.compute import ComputeConfig, ProcessCompute, ThreadCompute
 from service.devices import limit_native_threads
 from service.errors import BundleError, NotReady
 from service.metrics import Metrics
+from service.pipeline import warm_up
 from service.recommender import Recommender
 from service.settings import Settings
 

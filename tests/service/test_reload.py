@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from service.bundle import CURRENT, set_current
 from service.main import create_app
+from tests.service.bundles import publish_mismatch
 from tests.service.conftest import ADMIN_TOKEN, wait_until
 
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -189,6 +190,26 @@ def test_current_cannot_point_outside_the_models_dir(client, served_models):
     (served_models / CURRENT).write_text("../elsewhere\n")
     response = client.post("/admin/reload", headers=ADMIN)
     assert response.status_code == 409 and "invalid bundle name" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("compute", ["thread", pytest.param("process", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["vectors", "index", "head"])
+def test_a_bundle_whose_parts_do_not_fit_is_refused_and_the_old_one_keeps_serving(
+    make_settings, served_models, head_models, history, kind, compute
+):
+    # Checksums all match: only the load-time checks of the parts can refuse it.
+    with TestClient(create_app(make_settings(compute=compute))) as client:
+        source = head_models / "with-head" if kind == "head" else served_models / "tiny"
+        named = publish_mismatch(served_models, source, kind, f"bad-{kind}")
+        response = client.post("/admin/reload", headers=ADMIN)
+        assert response.status_code == 409, response.text
+        assert named in response.json()["detail"] and response.json()["serving"] == "tiny"
+        for _ in range(5):
+            served = client.post("/recommend", json={"history": history})
+            assert served.status_code == 200 and served.json()["bundle"] == "tiny"
+        assert client.get("/items/1/similar").status_code == 200
+        ready = client.get("/readyz").json()
+        assert ready["bundle"] == "tiny" and named in ready["last_error"]
 
 
 # --------------------------------------------------------------------------- no bundle
