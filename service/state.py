@@ -141,6 +141,11 @@ class AppState:
             if name not in (self.bundle_name, self._failed_name):
                 with contextlib.suppress(BundleError):
                     await self.reload(name)
+            elif name == self.bundle_name and self.last_error is not None:
+                # CURRENT is back on what is served: the error no longer applies. (A re-read
+                # under the reload lock, in case CURRENT moved on meanwhile.)
+                with contextlib.suppress(BundleError):
+                    await self.reload()
 
     async def _listen(self) -> None:
         """Reload when another worker publishes on the reload channel; reconnect on failure."""
