@@ -107,3 +107,37 @@ def test_polling_clears_an_error_once_current_names_the_served_bundle_again(serv
 
     assert asyncio.run(scenario()) == (True, "tiny")
 
+
+def test_a_flood_of_signals_costs_one_re_read_per_interval(tmp_path, monkeypatch):
+    from service.reload_signals import ReloadSignals
+
+    settings = Settings(
+        models_dir=tmp_path, admin_token="x" * 20, reload_signal_interval_seconds=0.2
+    )
+    state = AppState(settings, InMemoryBehaviourCache(), Metrics())
+    rereads = []
+
+    async def reload(name=None):
+        assert name is None  # a signal never names the bundle: CURRENT does
+        rereads.append(time.perf_counter())
+        return "tiny"
+
+    monkeypatch.setattr(state, "reload", reload)
+    sender = ReloadSignals.from_settings(settings)
+
+    async def scenario():
+        state.start_background()
+        try:
+            started = time.perf_counter()
+            while time.perf_counter() - started < 0.5:
+                assert state.on_signal(sender.sign()) == "accepted"
+                assert state.on_signal(b"forged") == "unsigned"
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.05)
+        finally:
+            await state.stop_background()
+
+    asyncio.run(scenario())
+    assert 2 <= len(rereads) <= 4  # at 0, 0.2, 0.4 s: not one per signal
+    text = state.metrics.render().decode()
+    assert 'recserve_reload_signals_total{outcome="unsigned"}' in text
