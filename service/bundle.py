@@ -684,11 +684,12 @@ def check_head_fits(head: CtrHead, head_path: Path, vectors_path: Path, dim: int
     ):
         last = declared[name][-1] if declared[name] else None
         if isinstance(last, int) and last != width:
-            what = "features" if name == "candidate_features" else f"width ({vectors_path})"
-            raise BundleError(
-                f"{head_path}: its input {name} takes {last} values, the bundle gives "
-                f"{width} ({what})"
+            given = (
+                f"ctr_head.feature_names has {width} features"
+                if name == "candidate_features"
+                else f"{vectors_path} has width {width}"
             )
+            raise BundleError(f"{head_path}: its input {name} takes {last} values, but {given}")
     try:
         logits = head.score(
             np.zeros((1, dim), np.float32),
