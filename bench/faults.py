@@ -49,6 +49,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -430,6 +432,12 @@ BAD_BUNDLES = {
     "missing file": ("retrievers/sasrec/user_encoder.onnx", "missing"),
     "truncated index": ("retrievers/sasrec/items.faiss", "size"),
     "wrong format version": ("manifest.json", "format version"),
+    # Checksums consistent, parts that do not fit: what the outside probe reloaded.
+    "vector table wider than its encoder's output": (
+        "retrievers/sasrec/item_embeddings.npy",
+        "width",
+    ),
+    "manifest path outside its folder": ("manifest.json", "outside the bundle"),
 }
 
 
@@ -450,9 +458,33 @@ def spoil(bundle: Path, case: str) -> str:
         manifest = json.loads(target.read_text())
         manifest["format_version"] = 999
         target.write_text(json.dumps(manifest))
+    elif case == "vector table wider than its encoder's output":
+        vectors = np.load(target)
+        np.save(target, np.hstack([vectors, vectors[:, :1]]), allow_pickle=False)
+        _rewrite_manifest(bundle, relative, dim=vectors.shape[1] + 1)
+    elif case == "manifest path outside its folder":
+        manifest = json.loads(target.read_text())
+        files = manifest["retrievers"]["sasrec"]["files"]
+        files["user_encoder"] = f"../{bundle.name}-elsewhere/user_encoder.onnx"
+        target.write_text(json.dumps(manifest))
     else:
         raise ValueError(f"unknown case {case!r}")
     return Path(relative).name
+
+
+def _rewrite_manifest(bundle: Path, changed: str, **retriever_fields) -> None:
+    """Record ``changed``'s new size and checksum (and set ``retriever_fields`` on sasrec)
+    so that the bundle stays checksum-consistent."""
+    from service.bundle import sha256_of
+
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["files"][changed] = {
+        "sha256": sha256_of(bundle / changed),
+        "bytes": (bundle / changed).stat().st_size,
+    }
+    manifest["retrievers"]["sasrec"].update(retriever_fields)
+    path.write_text(json.dumps(manifest))
 
 
 def bad_bundles(fixture: Fixture, cases: tuple[str, ...] = tuple(BAD_BUNDLES)) -> list[FaultRow]:

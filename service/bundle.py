@@ -12,6 +12,12 @@ Layout of ``models/<name>/`` (see docs/ARCHITECTURE.md)::
 ``models/CURRENT`` names the active bundle. A bundle is written under a temporary name and
 renamed into place when complete; CURRENT is replaced atomically. Loading verifies the
 format version and every checksum, and refuses a mismatch with a message naming the file.
+Every file a bundle uses (each path the manifest names, and items.parquet) must lie inside
+its folder once resolved (no absolute paths, no ``..`` or symbolic link leading out) and be
+listed with its checksum in the manifest's ``files``. The parts must fit together: the
+encoder's output width, the index's dimension and size and the head's inputs are checked
+against the item vectors and the catalogue at load (``_load_models``), and
+``service.pipeline.warm_up`` then runs the serving kernel itself before a bundle serves.
 No pickle is ever loaded (``allow_pickle=False``), and bundle names are plain names
 resolved inside the models directory, so CURRENT cannot point elsewhere.
 """
@@ -25,11 +31,11 @@ import logging
 import os
 import re
 import shutil
-import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from itertools import repeat
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -37,7 +43,7 @@ from service.encoder import OnnxUserEncoder
 from service.errors import BundleError
 from service.features import ItemFeatures
 from service.ranking import CtrHead
-from service.retrieval import IndexSpec, ItemIndex
+from service.retrieval import IndexSpec, ItemIndex, augmented_dim
 
 LOG = logging.getLogger(__name__)
 
@@ -210,6 +216,8 @@ def read_manifest(path: Path) -> dict:
         raise BundleError(f"{manifest_path}: missing") from None
     except (OSError, ValueError) as exc:
         raise BundleError(f"{manifest_path}: not readable JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{manifest_path}: not a JSON object")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(
@@ -222,12 +230,54 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
+def inside_bundle(root: Path, relative: object, where: str) -> Path:
+    """The resolved path of ``relative`` (named at ``where`` in the manifest) inside the
+    bundle folder ``root``: a relative path that stays inside the folder once every
+    ``..`` and symbolic link is resolved. BundleError naming it otherwise."""
+    root = root.resolve()
+    manifest_path = root / MANIFEST
+    if not isinstance(relative, str) or not relative.strip():
+        raise BundleError(f"{manifest_path}: {where} is {relative!r}, not a file path")
+    if PurePosixPath(relative).is_absolute():
+        raise BundleError(
+            f"{manifest_path}: {where} names {relative!r}, an absolute path that lies outside "
+            "the bundle (files are named relative to the bundle folder)"
+        )
+    try:
+        file = (root / relative).resolve()
+    except (OSError, ValueError) as exc:  # a NUL byte, a symlink loop
+        raise BundleError(f"{manifest_path}: {where} names {relative!r}: {exc}") from exc
+    if root not in file.parents:
+        raise BundleError(
+            f"{manifest_path}: {where} names {relative!r}, which lies outside the bundle "
+            f"(it resolves to {file})"
+        )
+    return file
+
+
+def bundle_file(root: Path, manifest: dict, relative: object, where: str) -> Path:
+    """The resolved path of a file the bundle uses, named at ``where`` in the manifest: it
+    must lie inside the bundle (:func:`inside_bundle`), be listed with its checksum in the
+    manifest's ``files`` (so :func:`verify_files` has checked it), and exist."""
+    file = inside_bundle(root, relative, where)
+    shown = root.resolve() / relative
+    entry = manifest["files"].get(relative)
+    if not isinstance(entry, dict) or not entry.get("sha256"):
+        raise BundleError(
+            f"{shown}: named by {where} but not listed with a checksum in the manifest's "
+            "files, so it cannot be verified"
+        )
+    if not file.is_file():
+        raise BundleError(f"{shown}: missing from bundle {root.name}")
+    return file
+
+
 def verify_files(path: Path, manifest: dict) -> None:
     """Every listed file exists inside the bundle with its recorded size and sha256."""
     for relative, expected in manifest["files"].items():
-        file = (path / relative).resolve()
-        if path.resolve() not in file.parents:
-            raise BundleError(f"{path / MANIFEST}: file {relative!r} lies outside the bundle")
+        file = inside_bundle(path, relative, f"files[{relative!r}]")
+        if not isinstance(expected, dict):
+            raise BundleError(f"{path / MANIFEST}: files[{relative!r}] has no size and sha256")
         if not file.is_file():
             raise BundleError(f"{file}: missing from bundle {path.name}")
         if file.stat().st_size != expected.get("bytes"):
@@ -260,22 +310,42 @@ class Catalogue:
 
 
 def read_catalogue(path: Path) -> Catalogue:
-    """items.parquet into a Catalogue; ids must be exactly 1..N in order."""
+    """items.parquet into a Catalogue. The id map must be whole: ids exactly 1..N in order,
+    every raw id a distinct non-null string, counts and times without gaps."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several unrelated types for a bad file
         raise BundleError(f"{path}: not a readable Parquet file ({exc})") from exc
+    names = table.column_names
+    for required in ("item_id", "raw_id", "popularity"):
+        if required not in names:
+            raise BundleError(f"{path}: no {required!r} column")
+    if table.num_rows == 0:
+        raise BundleError(f"{path}: no items")
+    for column in ("item_id", "raw_id", "popularity", "last_seen_ts"):
+        if column in names and table.column(column).null_count:
+            raise BundleError(f"{path}: {column} has {table.column(column).null_count} nulls")
+    for column in ("item_id", "popularity", "last_seen_ts"):
+        if column in names and not pa.types.is_integer(table.column(column).type):
+            raise BundleError(f"{path}: {column} is {table.column(column).type}, not integers")
+    if not pa.types.is_string(table.column("raw_id").type) and not pa.types.is_large_string(
+        table.column("raw_id").type
+    ):
+        raise BundleError(f"{path}: raw_id is {table.column('raw_id').type}, not strings")
     ids = table.column("item_id").to_numpy()
     if not np.array_equal(ids, np.arange(1, len(ids) + 1)):
         raise BundleError(f"{path}: item_id must run 1..N in order")
     raw = np.concatenate([[""], np.asarray(table.column("raw_id").to_pylist(), dtype=object)])
     popularity = np.concatenate([[0], table.column("popularity").to_numpy()]).astype(np.int64)
-    names = table.column_names
     titles = [None, *table.column("title").to_pylist()] if "title" in names else None
     genres = [[], *table.column("genres").to_pylist()] if "genres" in names else None
     lookup = {r: i for i, r in enumerate(raw.tolist()) if i}
+    if len(lookup) != len(ids):
+        twice = next(r for r, n in Counter(raw[1:].tolist()).items() if n > 1)
+        raise BundleError(f"{path}: raw_id {twice!r} names more than one item")
     last_seen = None
     if "last_seen_ts" in names:
         last_seen = np.concatenate([[-1], table.column("last_seen_ts").to_numpy()])
@@ -295,6 +365,8 @@ class Retriever:
     info: dict
     item_vectors: np.ndarray  # (N + 1, d) float32, memory-mapped
     ctr_head: CtrHead | None = None
+    # Its files (user_encoder, item_embeddings, index, ctr_head), resolved inside the bundle.
+    paths: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass
@@ -309,6 +381,69 @@ class Bundle:
     @property
     def default_encoder(self) -> str:
         return self.manifest.get("default_encoder") or next(iter(self.retrievers))
+
+
+@dataclass
+class RetrieverEntry:
+    """A retriever's manifest entry, checked: its files, sequence length, index spec and
+    the CTR head's feature names (None: no head)."""
+
+    paths: dict[str, Path]
+    max_len: int
+    spec: IndexSpec
+    head_names: list[str] | None
+
+
+REQUIRED_FILES = ("user_encoder", "item_embeddings", "index")
+
+
+def check_retriever_entry(root: Path, manifest: dict, encoder: str) -> RetrieverEntry:
+    """The manifest entry of retriever ``encoder``, refused (naming the manifest and the
+    field) where a part is missing or malformed, and every file it names confined and
+    checksummed (:func:`bundle_file`)."""
+    manifest_path = root / MANIFEST
+    where = f"retrievers.{encoder}"
+    info = manifest["retrievers"][encoder]
+    if not isinstance(info, dict) or not isinstance(info.get("files"), dict):
+        raise BundleError(f"{manifest_path}: {where} has no 'files' section")
+    files = info["files"]
+    for key in REQUIRED_FILES:
+        if key not in files:
+            raise BundleError(f"{manifest_path}: {where}.files has no {key!r}")
+    # Every path the entry names, used or not, is held to the same rules.
+    paths = {
+        key: bundle_file(root, manifest, relative, f"{where}.files.{key}")
+        for key, relative in files.items()
+    }
+    max_len = info.get("max_len")
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+        raise BundleError(f"{manifest_path}: {where}.max_len is {max_len!r}, not a positive int")
+    spec = (info.get("index") or {}).get("spec") if isinstance(info.get("index"), dict) else None
+    if not isinstance(spec, dict):
+        raise BundleError(f"{manifest_path}: {where}.index.spec is missing")
+    try:
+        index_spec = IndexSpec(**spec)
+    except TypeError as exc:
+        raise BundleError(f"{manifest_path}: {where}.index.spec: {exc}") from exc
+    head = info.get("ctr_head")
+    if ("ctr_head" in files) != (head is not None):
+        raise BundleError(
+            f"{manifest_path}: {where} has a ctr_head "
+            + ("file but no ctr_head entry" if "ctr_head" in files else "entry but no file")
+        )
+    head_names = None
+    if head is not None:
+        head_names = head.get("feature_names") if isinstance(head, dict) else None
+        if not isinstance(head_names, list) or not all(isinstance(n, str) for n in head_names):
+            raise BundleError(f"{manifest_path}: {where}.ctr_head.feature_names is not a list")
+        if "file" in head:
+            named = bundle_file(root, manifest, head["file"], f"{where}.ctr_head.file")
+            if named != paths["ctr_head"]:
+                raise BundleError(
+                    f"{manifest_path}: {where}.ctr_head.file names {head['file']!r}, "
+                    f"but {where}.files.ctr_head names {files['ctr_head']!r}"
+                )
+    return RetrieverEntry(paths, max_len, index_spec, head_names)
 
 
 def load_bundle(
@@ -326,55 +461,66 @@ def load_bundle(
     ``device`` places the ONNX models (encoder, CTR head) and, unless ``index_device``
     says otherwise, the faiss index.
 
+    Every file the bundle uses must lie inside its folder and be listed with a checksum
+    in the manifest; the parts must fit together (docs/RELIABILITY.md, "Checked at
+    load"): what can be checked without the models always is (the id map, the vectors'
+    shape against the catalogue and the manifest, the head's features against the
+    catalogue), and with the models each one is run once on the others' shapes (the
+    encoder's output width against the vectors, the index's dimension and size, the
+    head's inputs). A part that does not fit is refused with a message naming its file.
+
     ``models=False`` reads everything but the models (no onnxruntime session, no faiss
     index: a process that hands its batches to a compute process needs only the catalogue
-    and the retrievers' settings); ``verify=False`` skips the checksums, for the compute
-    process that loads files its parent has just verified.
+    and the retrievers' settings, and the compute process checks the models);
+    ``verify=False`` skips the checksums (not the other checks), for the compute process
+    that loads files its parent has just verified.
     """
     name = name or current_name(models_dir)
     path = bundle_dir(models_dir, name)
     if not path.is_dir():
         raise BundleError(f"{path}: bundle {name!r} does not exist")
     manifest = read_manifest(path)
+    if not manifest["retrievers"]:
+        raise BundleError(f"{path / MANIFEST}: no retrievers")
+    items_path = bundle_file(path, manifest, ITEMS, "the items table")
+    entries = {
+        encoder: check_retriever_entry(path, manifest, encoder)
+        for encoder in manifest["retrievers"]
+    }
     if verify:
         verify_files(path, manifest)
-    catalogue = read_catalogue(path / ITEMS)
-    item_features = (
-        ItemFeatures.from_catalogue(catalogue) if catalogue.last_seen is not None else None
-    )
+    catalogue = read_catalogue(items_path)
+    try:
+        item_features = (
+            ItemFeatures.from_catalogue(catalogue) if catalogue.last_seen is not None else None
+        )
+    except (ValueError, TypeError) as exc:
+        raise BundleError(f"{items_path}: item features cannot be built ({exc})") from exc
     retrievers = {}
-    for encoder, info in manifest["retrievers"].items():
-        files = info["files"]
-        vectors_path = path / files["item_embeddings"]
-        try:
-            vectors = np.load(vectors_path, mmap_mode="r", allow_pickle=False)
-        except ValueError as exc:
-            raise BundleError(f"{vectors_path}: not a plain .npy array ({exc})") from exc
-        if vectors.dtype != np.float32 or vectors.shape[0] != catalogue.n_items + 1:
-            raise BundleError(
-                f"{vectors_path}: shape {vectors.shape} {vectors.dtype}, expected "
-                f"({catalogue.n_items + 1}, d) float32"
-            )
-        head_names = info["ctr_head"]["feature_names"] if "ctr_head" in files else None
+    for encoder, entry in entries.items():
+        info = manifest["retrievers"][encoder]
+        vectors = read_item_vectors(entry.paths["item_embeddings"], catalogue.n_items, info)
+        head_names = entry.head_names
         if head_names is not None and (
             item_features is None or list(item_features.names) != list(head_names)
         ):
             raise BundleError(
-                f"{path / files['ctr_head']}: trained on features {head_names}, "
+                f"{entry.paths['ctr_head']}: trained on features {head_names}, "
                 f"which {ITEMS} cannot provide"
             )
         retriever = Retriever(
             name=encoder,
             encoder=None,
             index=None,
-            max_len=int(info["max_len"]),
+            max_len=entry.max_len,
             info=info,
             item_vectors=vectors,
+            paths=entry.paths,
         )
         if models:
             _load_models(
                 retriever,
-                path,
+                entry.spec,
                 catalogue.n_items,
                 device=device,
                 index_device=index_device or device,
@@ -382,10 +528,33 @@ def load_bundle(
                 head_names=head_names,
             )
         retrievers[encoder] = retriever
-    if not retrievers:
-        raise BundleError(f"{path / MANIFEST}: no retrievers")
     LOG.info("loaded bundle %s with %s", name, ", ".join(retrievers))
     return Bundle(name, path, manifest, catalogue, retrievers, item_features)
+
+
+def read_item_vectors(path: Path, n_items: int, info: dict) -> np.ndarray:
+    """A retriever's item vectors, memory-mapped: float32 (N + 1, d), d as the manifest
+    says where it says."""
+    try:
+        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise BundleError(f"{path}: not a plain .npy array ({exc})") from exc
+    if (
+        vectors.dtype != np.float32
+        or vectors.ndim != 2
+        or vectors.shape[0] != n_items + 1
+        or vectors.shape[1] < 1
+    ):
+        raise BundleError(
+            f"{path}: shape {vectors.shape} {vectors.dtype}, expected ({n_items + 1}, d) float32"
+            f" ({ITEMS} has {n_items} items, plus the padding row)"
+        )
+    dim = info.get("dim")
+    if dim is not None and dim != vectors.shape[1]:
+        raise BundleError(
+            f"{path}: vectors of width {vectors.shape[1]}, the manifest says dim {dim!r}"
+        )
+    return vectors
 
 
 def placement(bundle: Bundle) -> dict[str, dict]:
@@ -400,44 +569,6 @@ def placement(bundle: Bundle) -> dict[str, dict]:
         }
         for name, retriever in bundle.retrievers.items()
     }
-
-
-def warm_up(bundle: Bundle, batch: int, candidates: int) -> float:
-    """Run each loaded model on the shapes serving will give it; returns the seconds taken.
-
-    onnxruntime's CUDA provider grows its memory arena the first time a larger input
-    arrives and CUDA loads kernels on their first launch, which made the first requests
-    after a start many times slower than warm ones on a GPU (docs/BENCHMARKS.md). So
-    every history width at batch 1, then batches of 1, 2, 4, ... up to twice ``batch`` (a
-    compute process merges the batches that queued meanwhile) at the longest width, each
-    searched to ``candidates`` and reranked. On a CPU this costs milliseconds.
-    """
-    started = time.perf_counter()
-    sizes = [1 << i for i in range((2 * max(batch, 1) - 1).bit_length() + 1)]
-    for retriever in bundle.retrievers.values():
-        if retriever.encoder is None:
-            continue
-        for width in range(1, retriever.max_len + 1):
-            retriever.encoder.encode(
-                np.ones((1, width), np.int64), np.zeros((1, width), np.float32)
-            )
-        head = retriever.ctr_head
-        features = 0
-        if head is not None:
-            features = len(head.feature_names or []) or head.n_features or 0
-        depth = max(1, min(candidates, retriever.index.n_items))
-        for size in sizes:
-            window = np.ones((size, retriever.max_len), np.int64)
-            users = retriever.encoder.encode(window, np.zeros(window.shape, np.float32))
-            retriever.index.search(users, depth)
-            if features:
-                dim = users.shape[1]
-                head.score(
-                    users,
-                    np.zeros((size, depth, dim), np.float32),
-                    np.zeros((size, depth, features), np.float32),
-                )
-    return time.perf_counter() - started
 
 
 def settle_heap() -> None:
@@ -458,7 +589,7 @@ def settle_heap() -> None:
 
 def _load_models(
     retriever: Retriever,
-    path: Path,
+    spec: IndexSpec,
     n_items: int,
     *,
     device: str,
@@ -466,25 +597,112 @@ def _load_models(
     threads: int,
     head_names: list[str] | None,
 ) -> None:
-    """The retriever's faiss index, ONNX user encoder and CTR head, each refused by name."""
-    files = retriever.info["files"]
-    spec = IndexSpec(**retriever.info["index"]["spec"])
+    """The retriever's ONNX user encoder, faiss index and CTR head, each loaded and run
+    once on the shapes the others give it; a part that cannot be loaded or does not fit
+    is refused by name."""
+    paths = retriever.paths
+    vectors_path = paths["item_embeddings"]
+    dim = int(retriever.item_vectors.shape[1])
+
+    encoder_path = paths["user_encoder"]
     try:
-        index = ItemIndex.load(path / files["index"], retriever.item_vectors, spec, index_device)
-    except RuntimeError as exc:
-        raise BundleError(f"{path / files['index']}: unreadable faiss index ({exc})") from exc
+        encoder = OnnxUserEncoder(encoder_path, device, threads)
+    except Exception as exc:  # onnxruntime raises its own unrelated exception types
+        raise BundleError(f"{encoder_path}: cannot be loaded ({exc})") from exc
+    try:  # one history of one event: milliseconds, and the width is the one served
+        users = encoder.encode(np.ones((1, 1), np.int64), np.zeros((1, 1), np.float32))
+    except Exception as exc:
+        raise BundleError(f"{encoder_path}: fails on a one-event history ({exc})") from exc
+    users = np.asarray(users)
+    if users.shape != (1, dim):
+        raise BundleError(
+            f"{encoder_path}: outputs user embeddings of shape {users.shape[1:]} for one "
+            f"history, but {vectors_path} holds item vectors of width {dim}"
+        )
+
+    index_path = paths["index"]
+    try:
+        index = ItemIndex.load(index_path, retriever.item_vectors, spec, index_device)
+    except (RuntimeError, TypeError, ValueError) as exc:  # faiss, or a spec it cannot take
+        raise BundleError(f"{index_path}: unreadable faiss index ({exc})") from exc
+    expected = augmented_dim(dim) if spec.mips_to_l2 else dim
+    if int(index.index.d) != expected:
+        space = " (the MIPS->L2 augmented space of its spec)" if spec.mips_to_l2 else ""
+        raise BundleError(
+            f"{index_path}: indexes vectors of dimension {index.index.d}, but {vectors_path} "
+            f"has width {dim}, which needs an index of dimension {expected}{space}"
+        )
     if index.index.ntotal != n_items:
         raise BundleError(
-            f"{path / files['index']}: holds {index.index.ntotal} items, catalogue has {n_items}"
+            f"{index_path}: holds {index.index.ntotal} items, catalogue has {n_items}"
         )
-    try:
-        retriever.encoder = OnnxUserEncoder(path / files["user_encoder"], device, threads)
-    except Exception as exc:  # onnxruntime raises its own unrelated exception types
-        raise BundleError(f"{path / files['user_encoder']}: cannot be loaded ({exc})") from exc
+    if not spec.mips_to_l2 and not index.gpus and index_metric(index) != "inner_product":
+        raise BundleError(
+            f"{index_path}: a {index_metric(index)} index, but its spec scores by inner "
+            "product (mips_to_l2 is false)"
+        )
+
+    head = None
     if head_names is not None:
-        head_path = path / files["ctr_head"]
+        head_path = paths["ctr_head"]
         try:
-            retriever.ctr_head = CtrHead(head_path, device, threads, feature_names=head_names)
+            head = CtrHead(head_path, device, threads, feature_names=head_names)
         except Exception as exc:  # onnxruntime raises its own unrelated exception types
             raise BundleError(f"{head_path}: cannot be loaded ({exc})") from exc
-    retriever.index = index
+        check_head_fits(head, head_path, vectors_path, dim, len(head_names))
+    retriever.encoder, retriever.index, retriever.ctr_head = encoder, index, head
+
+
+def index_metric(index: ItemIndex) -> str:
+    """``inner_product`` or ``l2`` (or the metric's number): how the faiss index scores."""
+    import faiss
+
+    metric = int(_base_faiss_index(index.index).metric_type)
+    return {faiss.METRIC_INNER_PRODUCT: "inner_product", faiss.METRIC_L2: "l2"}.get(
+        metric, f"metric {metric}"
+    )
+
+
+def _base_faiss_index(index):
+    import faiss
+
+    index = faiss.downcast_index(index)
+    while isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    return index
+
+
+def check_head_fits(head: CtrHead, head_path: Path, vectors_path: Path, dim: int, features: int):
+    """The head takes user and candidate embeddings of the vectors' width and ``features``
+    features, and gives one logit per candidate: its declared input widths where they are
+    fixed, then one run on a single candidate (milliseconds)."""
+    declared = {i.name: i.shape for i in head.session.get_inputs()}
+    for name, width in (
+        ("user_embedding", dim),
+        ("candidate_embeddings", dim),
+        ("candidate_features", features),
+    ):
+        last = declared[name][-1] if declared[name] else None
+        if isinstance(last, int) and last != width:
+            given = (
+                f"ctr_head.feature_names has {width} features"
+                if name == "candidate_features"
+                else f"{vectors_path} has width {width}"
+            )
+            raise BundleError(f"{head_path}: its input {name} takes {last} values, but {given}")
+    try:
+        logits = head.score(
+            np.zeros((1, dim), np.float32),
+            np.zeros((1, 1, dim), np.float32),
+            np.zeros((1, 1, features), np.float32),
+        )
+    except Exception as exc:
+        raise BundleError(
+            f"{head_path}: fails on user and candidate embeddings of width {dim} "
+            f"({vectors_path}) and {features} features ({exc})"
+        ) from exc
+    if np.asarray(logits).shape != (1, 1):
+        raise BundleError(
+            f"{head_path}: gives logits of shape {np.asarray(logits).shape} for one "
+            "candidate, expected (1, 1)"
+        )

@@ -14,6 +14,9 @@ Keys (prefix ``p`` from settings):
   them in one pipeline (a single HMGET cost many times an MGET slot in redis-py's
   asyncio client, docs/BENCHMARKS.md), and a value that is cut short or of another kind
   reads as a miss.
+- ``{p}:reload:{deployment}`` — not a key but the pub/sub channel of reload signals:
+  signed "re-read models/CURRENT" messages, one deployment's workers only
+  (``service.reload_signals``).
 
 Every Redis failure surfaces as ``StoreUnavailable``; callers decide how to degrade.
 """
@@ -77,10 +80,6 @@ class BehaviourCache:
     def retrieval_key(self, bundle: str, encoder: str, digest: str) -> str:
         return f"{self.prefix}:ret:{bundle}:{encoder}:{digest}"
 
-    @property
-    def reload_channel(self) -> str:
-        return f"{self.prefix}:reload"
-
     async def append_events(self, user_id: str, events: list[tuple[str, int]]) -> int:
         """Add (item, ts) events; returns how many are new and kept.
 
@@ -104,8 +103,9 @@ class BehaviourCache:
     async def ping(self) -> bool:
         raise NotImplementedError
 
-    async def publish_reload(self, bundle: str) -> int:
-        """Tell every worker to reload; returns how many listeners got it."""
+    async def publish_reload(self, channel: str, message: bytes) -> int:
+        """Publish a reload signal (``service.reload_signals``) on ``channel``; returns how
+        many listeners got it."""
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -205,8 +205,8 @@ class RedisBehaviourCache(BehaviourCache):
         except StoreUnavailable:
             return False
 
-    async def publish_reload(self, bundle: str) -> int:
-        return int(await self._run(self.client.publish(self.reload_channel, bundle)))
+    async def publish_reload(self, channel: str, message: bytes) -> int:
+        return int(await self._run(self.client.publish(channel, message)))
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -220,7 +220,7 @@ class InMemoryBehaviourCache(BehaviourCache):
         self.histories: dict[str, dict[str, int]] = {}
         self.retrievals: dict[str, bytes] = {}
         self.available = True
-        self.published: list[str] = []
+        self.published: list[tuple[str, bytes]] = []
 
     def _check(self) -> None:
         if not self.available:
@@ -253,7 +253,7 @@ class InMemoryBehaviourCache(BehaviourCache):
     async def ping(self) -> bool:
         return self.available
 
-    async def publish_reload(self, bundle: str) -> int:
+    async def publish_reload(self, channel: str, message: bytes) -> int:
         self._check()
-        self.published.append(bundle)
+        self.published.append((channel, message))
         return 1

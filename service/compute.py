@@ -41,10 +41,10 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.bundle import Bundle, load_bundle, placement, settle_heap, warm_up
+from service.bundle import Bundle, load_bundle, placement, settle_heap
 from service.devices import limit_native_threads
 from service.errors import BundleError, ComputeError, ComputeUnavailable
-from service.pipeline import Query, Ranked, compute_batch
+from service.pipeline import Query, Ranked, compute_batch, warm_up
 from service.settings import Settings
 
 LOG = logging.getLogger(__name__)

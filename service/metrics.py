@@ -63,6 +63,12 @@ class Metrics:
         self.bundle = Gauge(
             "recserve_bundle_info", "The bundle being served", ["bundle"], registry=self.registry
         )
+        self.reload_signals = Counter(
+            "recserve_reload_signals_total",
+            "Messages heard on the reload channel (only 'accepted' ones re-read CURRENT)",
+            ["outcome"],
+            registry=self.registry,
+        )
 
         # The children /recommend touches on every request, resolved once.
         self._cache_outcomes = {

@@ -16,6 +16,10 @@ Two halves, both plain numpy and native calls (no event loop, no Redis):
 Everything per event or per candidate runs once per batch, so the Python work that holds
 the GIL is amortised over the batch. ``service.recommender`` wraps this kernel with the
 micro-batcher, the behaviour cache and the answer memo.
+
+:func:`warm_up` runs both halves on made-up requests of every shape serving gives them
+before a bundle serves, so that a part that does not fit fails at load, not on the first
+request.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.bundle import Catalogue, Retriever
+from service.bundle import Bundle, Catalogue, Retriever
 from service.cache import CachedRetrieval
+from service.errors import BundleError
 from service.features import ItemFeatures
 from service.filters import drop_seen
 from service.histories import left_padded_window
@@ -265,3 +270,78 @@ def compute_batch(
 def elapsed_ms(start: float, end: float | None = None) -> float:
     """Milliseconds from ``start`` to ``end`` (default: now), both ``time.perf_counter()``."""
     return ((end if end is not None else time.perf_counter()) - start) * 1000.0
+
+
+WARM_UP_K = 10  # items asked of each warm-up request (the service's default k)
+WARM_UP_GAP_SECONDS = 60  # between a warm-up history's events
+
+
+def warm_up(bundle: Bundle, batch: int, candidates: int) -> float:
+    """Run the serving kernel on the shapes serving will give it; returns the seconds taken.
+
+    What runs is what serves a request: :func:`prepare_queries` on made-up histories of the
+    catalogue's items, then :func:`compute_batch` (encoder, index search, seen items
+    dropped, CTR head with the catalogue's features), and the index search of
+    /items/{id}/similar on an item's own vector. So a part that does not fit the others
+    fails here, at load, rather than on the first request; and onnxruntime's CUDA provider,
+    which grows its memory arena the first time a larger input arrives, and CUDA, which
+    loads kernels on their first launch (they made the first requests after a start many
+    times slower than warm ones on a GPU, docs/BENCHMARKS.md), have met every shape: each
+    history width alone, then batches of 1, 2, 4, ... up to twice ``batch`` (a compute
+    process merges the batches that queued meanwhile) at the longest width, each searched
+    to ``candidates`` past the history's own items and reranked. BundleError naming the
+    retriever and the shape when the kernel fails.
+    """
+    started = time.perf_counter()
+    sizes = [1 << i for i in range((2 * max(batch, 1) - 1).bit_length() + 1)]
+    catalogue = bundle.catalogue
+    now = int(time.time())
+    for name, retriever in bundle.retrievers.items():
+        if retriever.encoder is None:
+            continue
+        shapes = [(1, width) for width in range(1, retriever.max_len + 1)]
+        shapes += [(size, retriever.max_len) for size in sizes]
+        for size, width in shapes:
+            requests = [
+                warm_up_request(catalogue, width, row, candidates, now) for row in range(size)
+            ]
+            try:
+                _, queries = prepare_queries(catalogue, retriever, requests)
+                ranked = compute_batch(retriever, bundle.item_features, queries)
+                if len(ranked) != size:
+                    raise ValueError(f"{len(ranked)} results for {size} queries")
+            except Exception as exc:
+                raise BundleError(
+                    f"{bundle.path}: retriever {name!r} fails the serving kernel on a warm-up "
+                    f"batch of {size} histories of {width} events ({type(exc).__name__}: {exc})"
+                ) from exc
+        try:
+            query = np.asarray(retriever.item_vectors[1:2], dtype=np.float32)
+            retriever.index.search(query, WARM_UP_K + 1)
+        except Exception as exc:
+            raise BundleError(
+                f"{bundle.path}: retriever {name!r} cannot search its index for an item's "
+                f"own vector (/items/{{id}}/similar) ({type(exc).__name__}: {exc})"
+            ) from exc
+    return time.perf_counter() - started
+
+
+def warm_up_request(
+    catalogue: Catalogue, width: int, row: int, candidates: int, now: int
+) -> RankingRequest:
+    """A made-up request: ``width`` distinct catalogue items (as far as there are), one a
+    minute up to ``now``, its items excluded from the answer and the answer reranked."""
+    n_items = catalogue.n_items
+    items = [(row * width + j) % n_items + 1 for j in range(width)]
+    return RankingRequest(
+        events=[
+            (str(catalogue.raw_ids[item]), now - (width - j) * WARM_UP_GAP_SECONDS)
+            for j, item in enumerate(items)
+        ],
+        k=WARM_UP_K,
+        keep=max(candidates, WARM_UP_K),
+        exclude_seen=True,
+        rerank=True,
+        history_cap=width,
+        request_time=now,
+    )

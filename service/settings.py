@@ -85,6 +85,13 @@ class Settings(BaseSettings):
     # items of the user's history (docs/RELIABILITY.md, who may read a history).
     stored_history_excludes_seen: bool = False
     opentelemetry: bool = False  # FastAPI's native OpenTelemetry (global providers, OTEL_*)
+    # Scopes the reload channel ({key_prefix}:reload:{deployment}): the workers of one
+    # deployment hear each other's reloads and no other deployment's. None: a digest of
+    # models_dir's resolved path (set it where deployments share Redis, prefix and path).
+    deployment: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # Re-reads of models/CURRENT that signals on the reload channel trigger: at most one
+    # per this many seconds (signals meanwhile are merged into the next).
+    reload_signal_interval_seconds: float = Field(1.0, ge=0, le=60)
 
     @model_validator(mode="after")
     def _admin_needs_a_token(self) -> Settings:

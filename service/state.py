@@ -4,8 +4,12 @@ A reload loads and verifies the new bundle off the event loop, then swaps one re
 Requests in flight keep the ``Recommender`` they started with, so none fails during a swap.
 A bundle that fails to load is refused: the old one keeps serving and ``/readyz`` says why.
 
-Every worker follows ``models/CURRENT`` two ways: it polls the file, and it listens on a
-Redis channel that ``POST /admin/reload`` publishes to, so all workers swap promptly.
+Every worker follows ``models/CURRENT`` two ways: it polls the file, and it listens on its
+deployment's Redis reload channel, where ``POST /admin/reload`` publishes a signed signal,
+so all workers swap promptly. A signal names no bundle: a worker that accepts one re-reads
+CURRENT, at most once per ``reload_signal_interval_seconds`` (``service.reload_signals``
+says what is accepted). Whatever starts it, a reload that finds CURRENT naming the served
+bundle clears the last error: none is left standing while CURRENT is fine.
 """
 
 from __future__ import annotations
@@ -18,19 +22,22 @@ from functools import partial
 
 from starlette.concurrency import run_in_threadpool
 
-from service.bundle import current_name, load_bundle, settle_heap, warm_up
+from service.bundle import current_name, load_bundle, settle_heap
 from service.cache import BehaviourCache
 from service.compute import ComputeConfig, ProcessCompute, ThreadCompute
 from service.devices import limit_native_threads
-from service.errors import BundleError, NotReady
+from service.errors import BundleError, NotReady, StoreUnavailable
 from service.metrics import Metrics
+from service.pipeline import warm_up
 from service.recommender import Recommender
+from service.reload_signals import ReloadSignals
 from service.settings import Settings
 
 LOG = logging.getLogger(__name__)
 
 STOP_ATTEMPTS = 5  # cancellations sent to a background task at shutdown
 STOP_WAIT_SECONDS = 1.0  # how long each one is given
+IGNORED_LOG_SECONDS = 60.0  # at most one warning per this long about ignored signals
 
 
 class AppState:
@@ -44,6 +51,9 @@ class AppState:
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
         self._retiring: set[asyncio.Task] = set()
+        self.signals = ReloadSignals.from_settings(settings)
+        self._reread = asyncio.Event()  # an accepted signal asks for a re-read of CURRENT
+        self._ignored_logged = float("-inf")
         # One thread computes every batch (ONNX, faiss, the head): on a small machine a
         # second one only contends with the event loop for the cores and the GIL.
         self.executor = ThreadPoolExecutor(
@@ -141,32 +151,75 @@ class AppState:
             if name not in (self.bundle_name, self._failed_name):
                 with contextlib.suppress(BundleError):
                     await self.reload(name)
+            elif name == self.bundle_name and self.last_error is not None:
+                # CURRENT is back on what is served: the error no longer applies. (A re-read
+                # under the reload lock, in case CURRENT moved on meanwhile.)
+                with contextlib.suppress(BundleError):
+                    await self.reload()
+
+    async def announce_reload(self) -> int | None:
+        """Signal this deployment's other workers to re-read CURRENT; how many listeners
+        got the signal (None: Redis unreachable, or no token to sign with)."""
+        if self.cache is None or not self.signals.enabled:
+            return None
+        try:
+            return await self.cache.publish_reload(self.signals.channel, self.signals.sign())
+        except StoreUnavailable:
+            return None  # the other workers still pick it up by polling CURRENT
+
+    def on_signal(self, data: bytes | str | None) -> str:
+        """A message heard on the reload channel: counted by outcome; an accepted signal
+        asks for a re-read of CURRENT, anything else is ignored."""
+        outcome = self.signals.check(data)
+        self.metrics.reload_signals.labels(outcome=outcome).inc()
+        if outcome == "accepted":
+            self._reread.set()
+            return outcome
+        now = asyncio.get_running_loop().time()
+        if now - self._ignored_logged >= IGNORED_LOG_SECONDS:
+            self._ignored_logged = now
+            LOG.warning(
+                "ignored a message on %s (%s); only signed signals of this deployment "
+                "trigger a re-read of CURRENT (recserve_reload_signals_total counts them)",
+                self.signals.channel,
+                outcome,
+            )
+        return outcome
 
     async def _listen(self) -> None:
-        """Reload when another worker publishes on the reload channel; reconnect on failure."""
+        """Hear the reload channel; reconnect on failure."""
         client = getattr(self.cache, "client", None)
-        if client is None:
+        if client is None or not self.signals.enabled:
             return
         while True:
             try:
                 async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(self.cache.reload_channel)
+                    await pubsub.subscribe(self.signals.channel)
                     async for message in pubsub.listen():
-                        if message.get("type") != "message":
-                            continue
-                        name = message["data"].decode() if message["data"] else None
-                        with contextlib.suppress(BundleError):
-                            await self.reload(name)
+                        if message.get("type") == "message":
+                            self.on_signal(message.get("data"))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis down: try again shortly, polling covers us
                 LOG.debug("reload channel unavailable (%s); retrying", exc)
                 await asyncio.sleep(1.0)
 
+    async def _reread_current(self) -> None:
+        """Re-read CURRENT when signalled: the signals that arrive while one re-read runs,
+        and for ``reload_signal_interval_seconds`` after it, make one more, so a flood of
+        them costs at most one re-read per interval."""
+        while True:
+            await self._reread.wait()
+            self._reread.clear()
+            with contextlib.suppress(BundleError):
+                await self.reload()
+            await asyncio.sleep(self.settings.reload_signal_interval_seconds)
+
     def start_background(self) -> None:
         if self.settings.reload_poll_seconds > 0:
             self._tasks.append(asyncio.create_task(self._poll_current()))
         self._tasks.append(asyncio.create_task(self._listen()))
+        self._tasks.append(asyncio.create_task(self._reread_current()))
 
     async def close(self) -> None:
         """Stop serving: the current and the retiring recommenders finish what they have in

@@ -13,9 +13,14 @@ from service.bundle import (
     load_bundle,
     placement,
     set_current,
-    warm_up,
 )
 from service.errors import BundleError
+from tests.service.bundles import (
+    head_of_another_width,
+    index_of_another_dimension,
+    vectors_of_another_width,
+    write_manifest,
+)
 
 
 @pytest.fixture
@@ -136,32 +141,219 @@ def test_missing_current_says_to_build_a_bundle(tmp_path):
         load_bundle(tmp_path, device="cpu")
 
 
-def test_warm_up_runs_every_model_on_the_shapes_serving_gives_it(head_models):
+def test_warm_up_runs_the_serving_kernel_on_the_shapes_serving_gives_it(head_models, monkeypatch):
+    import service.pipeline as pipeline
+
+    warm_up = pipeline.warm_up
     bundle = load_bundle(head_models, device="cpu")
     retriever = bundle.retrievers[bundle.default_encoder]
-    seen = {"encode": [], "search": [], "score": []}
+    batches, searches, scores = [], [], []
+    kernel = pipeline.compute_batch
 
-    def spy(name, method):
-        def call(*arrays):
-            seen[name].append(tuple(tuple(a.shape) for a in arrays))
-            return method(*arrays)
+    def compute_batch(served, item_features, queries):
+        assert served is retriever and item_features is bundle.item_features
+        batches.append([(q.window.shape, q.depth, q.keep, q.rerank, len(q.seen)) for q in queries])
+        return kernel(served, item_features, queries)
 
-        return call
-
-    encoder, index, head = retriever.encoder, retriever.index, retriever.ctr_head
-    encoder.encode = spy("encode", encoder.encode)
-    index.search = lambda users, depth, search=index.search: (
-        seen["search"].append((users.shape[0], depth)) or search(users, depth)
+    monkeypatch.setattr(pipeline, "compute_batch", compute_batch)
+    index, head = retriever.index, retriever.ctr_head
+    search = index.search
+    index.search = lambda users, depth: (
+        searches.append((users.shape, depth)) or search(users, depth)
     )
-    head.score = spy("score", head.score)
-    assert warm_up(bundle, batch=3, candidates=7) >= 0
+    score = head.score
+    head.score = lambda *arrays: scores.append(arrays[2].shape) or score(*arrays)
+    assert warm_up(bundle, batch=3, candidates=30) >= 0
+
     width = retriever.max_len
-    # Every history width alone, then batches up to twice the batch at the longest width.
-    assert [shapes[0] for shapes in seen["encode"][:width]] == [(1, w) for w in range(1, width + 1)]
-    assert [shapes[0] for shapes in seen["encode"][width:]] == [(n, width) for n in (1, 2, 4, 8)]
-    assert seen["search"] == [(n, 7) for n in (1, 2, 4, 8)]
+    # Through the kernel serving runs: every history width alone, then batches up to twice
+    # the batch at the longest width, each history's own items excluded and reranked.
+    assert [b[0][0] for b in batches[:width]] == [(1, w) for w in range(1, width + 1)]
+    assert [len(b) for b in batches[width:]] == [1, 2, 4, 8]
+    assert all(q == ((1, width), 30 + width, 30, True, width) for b in batches[width:] for q in b)
+    assert len(scores) == len(batches)
     features = len(bundle.item_features.names)
-    assert [shapes[2] for shapes in seen["score"]] == [(n, 7, features) for n in (1, 2, 4, 8)]
+    assert scores[-1] == (8, 30, features)
+    # ... and the search behind /items/{id}/similar, on an item's own vector.
+    assert searches[-1] == ((1, retriever.item_vectors.shape[1]), 11)
+
+
+# --------------------------------------------------------------------------- parts that fit
+
+
+def test_vectors_of_another_width_than_the_encoder_are_refused_naming_them(models_copy):
+    models_dir, path = models_copy
+    vectors_of_another_width(path)
+    with pytest.raises(BundleError, match=r"user_encoder\.onnx: outputs .*item_embeddings\.npy"):
+        load_bundle(models_dir, device="cpu")
+
+
+def test_vectors_of_another_width_than_the_manifest_says_are_refused_without_models(
+    models_copy,
+):
+    # A worker whose models run in a compute process loads no model, and still refuses.
+    models_dir, path = models_copy
+    vectors_of_another_width(path, keep_manifest_dim=True)
+    with pytest.raises(BundleError, match=r"item_embeddings\.npy: vectors of width 20, .* dim 16"):
+        load_bundle(models_dir, device="cpu", models=False)
+
+
+@pytest.mark.parametrize("augmented_spec", [False, True], ids=["plain", "mips-to-l2"])
+def test_an_index_of_another_dimension_is_refused_naming_it(models_copy, augmented_spec):
+    models_dir, path = models_copy
+    index_of_another_dimension(path, augmented_spec=augmented_spec)
+    expected = "20" if augmented_spec else "16"  # augmented_dim(16) = 20
+    with pytest.raises(
+        BundleError, match=rf"items\.faiss: indexes vectors of dimension \d+, .*{expected}"
+    ):
+        load_bundle(models_dir, device="cpu")
+
+
+def test_an_index_of_another_size_is_refused_naming_it(models_copy):
+    import faiss
+
+    models_dir, path = models_copy
+    index = faiss.IndexFlatIP(16)
+    index.add(np.zeros((5, 16), np.float32))
+    faiss.write_index(index, str(path / "retrievers/sasrec/items.faiss"))
+    write_manifest(path, _manifest(path))
+    with pytest.raises(BundleError, match=r"items\.faiss: holds 5 items, catalogue has 120"):
+        load_bundle(models_dir, device="cpu")
+
+
+def test_an_l2_index_under_an_inner_product_spec_is_refused(models_copy):
+    import faiss
+
+    models_dir, path = models_copy
+    index = faiss.IndexFlatL2(16)
+    index.add(np.load(path / "retrievers/sasrec/item_embeddings.npy")[1:])
+    faiss.write_index(index, str(path / "retrievers/sasrec/items.faiss"))
+    write_manifest(path, _manifest(path))
+    with pytest.raises(BundleError, match=r"items\.faiss: a l2 index"):
+        load_bundle(models_dir, device="cpu")
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["declared-width", "open-width"])
+def test_a_head_of_another_width_is_refused_naming_it(head_models, tmp_path, declared):
+    models_dir = tmp_path / "models"
+    shutil.copytree(head_models, models_dir)
+    head_of_another_width(models_dir / "with-head", declared=declared)
+    with pytest.raises(BundleError, match=r"ctr_head\.onnx: .*(takes 20 values|fails on)"):
+        load_bundle(models_dir, device="cpu")
+    # Without its models the worker cannot see it; its compute process refuses it.
+    assert load_bundle(models_dir, device="cpu", models=False).name == "with-head"
+
+
+def test_a_head_without_a_manifest_entry_is_refused(head_models, tmp_path):
+    models_dir = tmp_path / "models"
+    shutil.copytree(head_models, models_dir)
+    manifest = _manifest(models_dir / "with-head")
+    del manifest["retrievers"]["sasrec"]["ctr_head"]
+    write_manifest(models_dir / "with-head", manifest)
+    with pytest.raises(BundleError, match=r"retrievers\.sasrec has a ctr_head file but no"):
+        load_bundle(models_dir, device="cpu", models=False)
+
+
+@pytest.mark.parametrize("max_len", [0, -3, "16", 2.5, None])
+def test_a_max_len_that_is_not_a_positive_int_is_refused(models_copy, max_len):
+    models_dir, path = models_copy
+    manifest = _manifest(path)
+    manifest["retrievers"]["sasrec"]["max_len"] = max_len
+    write_manifest(path, manifest)
+    with pytest.raises(BundleError, match=r"manifest\.json: retrievers\.sasrec\.max_len"):
+        load_bundle(models_dir, device="cpu", models=False)
+
+
+@pytest.mark.parametrize("damage", ["duplicate raw id", "null raw id", "no popularity", "gap"])
+def test_an_inconsistent_id_map_is_refused_naming_items_parquet(models_copy, damage):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    models_dir, path = models_copy
+    table = pq.read_table(path / "items.parquet")
+    raw = table.column("raw_id").to_pylist()
+    if damage == "duplicate raw id":
+        table = table.set_column(1, "raw_id", pa.array([raw[0], raw[0], *raw[2:]], pa.string()))
+    elif damage == "null raw id":
+        table = table.set_column(1, "raw_id", pa.array([None, *raw[1:]], pa.string()))
+    elif damage == "no popularity":
+        table = table.drop_columns(["popularity"])
+    else:
+        ids = table.column("item_id").to_numpy().copy()
+        ids[-1] += 1
+        table = table.set_column(0, "item_id", pa.array(ids))
+    pq.write_table(table, path / "items.parquet")
+    write_manifest(path, _manifest(path))
+    with pytest.raises(BundleError, match=r"items\.parquet: "):
+        load_bundle(models_dir, device="cpu", models=False)
+
+
+# --------------------------------------------------------------------------- confined files
+
+
+def _point(path, key, relative):
+    """Make the sasrec retriever's ``files.key`` name ``relative``."""
+    manifest = _manifest(path)
+    manifest["retrievers"]["sasrec"]["files"][key] = relative
+    write_manifest(path, manifest, checksums=False)
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["verified", "compute-process"])
+def test_a_manifest_path_leading_out_of_the_bundle_is_refused(models_copy, verify):
+    # A valid encoder beside the bundle, named by a path that climbs out of it.
+    models_dir, path = models_copy
+    shutil.copy(path / "retrievers/sasrec/user_encoder.onnx", models_dir / "evil.onnx")
+    _point(path, "user_encoder", "../evil.onnx")
+    with pytest.raises(BundleError, match=r"names '\.\./evil\.onnx', which lies outside"):
+        load_bundle(models_dir, device="cpu", verify=verify)
+
+
+def test_an_absolute_manifest_path_is_refused(models_copy):
+    models_dir, path = models_copy
+    shutil.copy(path / "retrievers/sasrec/user_encoder.onnx", models_dir / "evil.onnx")
+    absolute = str((models_dir / "evil.onnx").resolve())
+    _point(path, "user_encoder", absolute)
+    with pytest.raises(BundleError, match="an absolute path"):
+        load_bundle(models_dir, device="cpu")
+
+
+def test_a_symlink_out_of_the_bundle_is_refused(models_copy):
+    models_dir, path = models_copy
+    target = path / "retrievers/sasrec/user_encoder.onnx"
+    outside = models_dir / "evil.onnx"
+    shutil.move(target, outside)
+    target.symlink_to(outside)  # same bytes, so the checksum would match
+    with pytest.raises(BundleError, match="lies outside the bundle"):
+        load_bundle(models_dir, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "relative", ["retrievers/sasrec/item_embeddings.npy", "items.parquet"], ids=["vectors", "items"]
+)
+def test_a_file_left_out_of_the_manifest_files_is_refused_not_loaded_unverified(
+    models_copy, relative
+):
+    models_dir, path = models_copy
+    manifest = _manifest(path)
+    del manifest["files"][relative]
+    write_manifest(path, manifest, checksums=False)
+    # Changed after the export: nothing would have noticed.
+    changed = path / relative
+    if changed.suffix == ".npy":
+        np.save(changed, np.load(changed) * 2, allow_pickle=False)
+    name = relative.rpartition("/")[2].replace(".", r"\.")
+    with pytest.raises(BundleError, match=rf"{name}: named by .* not listed with a checksum"):
+        load_bundle(models_dir, device="cpu", models=False)
+
+
+def test_a_head_file_named_apart_from_the_files_section_is_refused(head_models, tmp_path):
+    models_dir = tmp_path / "models"
+    shutil.copytree(head_models, models_dir)
+    manifest = _manifest(models_dir / "with-head")
+    manifest["retrievers"]["sasrec"]["ctr_head"]["file"] = "../../elsewhere.onnx"
+    write_manifest(models_dir / "with-head", manifest, checksums=False)
+    with pytest.raises(BundleError, match=r"ctr_head\.file names '\.\./\.\./elsewhere"):
+        load_bundle(models_dir, device="cpu", models=False)
 
 
 def test_the_index_can_be_placed_apart_from_the_onnx_models(head_models, monkeypatch):

@@ -111,11 +111,14 @@ def test_the_service_reconnects_by_itself_when_redis_comes_back(
 
 
 def test_the_reload_channel_is_joined_again_after_an_outage(
-    outage_client, redis_server, served_models, second_bundle, key_prefix
+    outage_client, redis_server, served_models, second_bundle
 ):
+    from service.reload_signals import ReloadSignals
+
     redis_server.stop()
     redis_server.start()
-    channel = f"{key_prefix}:reload"
+    signals = ReloadSignals.from_settings(outage_client.app.state.recserve.settings)
+    channel = signals.channel
     probe = redis.Redis.from_url(redis_server.url)
     try:
         wait_until(
@@ -125,7 +128,7 @@ def test_the_reload_channel_is_joined_again_after_an_outage(
         )
         shutil.copytree(second_bundle, served_models / second_bundle.name)
         set_current(served_models, second_bundle.name)
-        assert probe.publish(channel, second_bundle.name) == 1
+        assert probe.publish(channel, signals.sign()) == 1
         wait_until(
             lambda: outage_client.get("/readyz").json()["bundle"] == "tiny-v2",
             timeout=10,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import time
 
@@ -10,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from service.bundle import CURRENT, set_current
 from service.main import create_app
+from tests.service.bundles import publish_mismatch
 from tests.service.conftest import ADMIN_TOKEN, wait_until
 
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -20,6 +23,29 @@ def publish(served_models, source) -> str:
     shutil.copytree(source, served_models / source.name)
     set_current(served_models, source.name)
     return source.name
+
+
+def signals(client, outcome: str) -> float:
+    """recserve_reload_signals_total{outcome=...} of the app behind ``client``."""
+    found = re.search(
+        rf'recserve_reload_signals_total{{outcome="{outcome}"}} ([0-9.]+)',
+        client.get("/metrics").text,
+    )
+    return float(found.group(1)) if found else 0.0
+
+
+def reload_channel_of(settings) -> str:
+    from service.reload_signals import ReloadSignals
+
+    return ReloadSignals.from_settings(settings).channel
+
+
+def wait_for_listeners(redis_client, channel: str, count: int) -> None:
+    wait_until(
+        lambda: dict(redis_client.pubsub_numsub(channel)).get(channel.encode()) == count,
+        timeout=10,
+        what=f"{count} worker(s) to listen on {channel}",
+    )
 
 
 def corrupt_copy(served_models, name: str = "tiny-bad") -> str:
@@ -90,19 +116,14 @@ def test_reload_serves_the_bundle_named_by_current(client, served_models, second
 
 
 def test_a_reload_reaches_the_other_workers_over_redis(
-    make_settings, served_models, second_bundle, history, shared_redis, key_prefix
+    make_settings, served_models, second_bundle, history, shared_redis
 ):
     # Two apps share this process's GIL, and each reload runs a full garbage collection,
     # which takes tens of milliseconds in a test process that holds torch: a Redis reply
     # can wait for it longer than the default timeout.
     settings = make_settings(redis_timeout_seconds=2.0)
-    channel = f"{key_prefix}:reload"
     with TestClient(create_app(settings)) as first, TestClient(create_app(settings)) as second:
-        wait_until(
-            lambda: dict(shared_redis.pubsub_numsub(channel)).get(channel.encode()) == 2,
-            timeout=10,
-            what="both workers to listen on the reload channel",
-        )
+        wait_for_listeners(shared_redis, reload_channel_of(settings), 2)
         publish(served_models, second_bundle)
         response = first.post("/admin/reload", headers=ADMIN)
         assert response.json()["workers_notified"] == 2
@@ -112,6 +133,145 @@ def test_a_reload_reaches_the_other_workers_over_redis(
             what="the second worker to load tiny-v2",
         )
         assert second.post("/recommend", json={"history": history}).json()["bundle"] == "tiny-v2"
+        assert signals(second, "accepted") >= 1
+
+
+# --------------------------------------------------------------------------- the channel's trust
+
+
+def two_workers(settings):
+    """Two apps of one deployment (one process, as two uvicorn workers would be)."""
+    return TestClient(create_app(settings)), TestClient(create_app(settings))
+
+
+def test_a_forged_reload_message_is_ignored_counted_and_leaves_no_error(
+    make_settings, served_models, second_bundle, shared_redis, key_prefix
+):
+    # What the probe did: `redis-cli publish recserve:reload ml100k`, on every channel
+    # the workers listen on (PUBSUB CHANNELS shows them to anyone who reaches Redis).
+    shutil.copytree(second_bundle, served_models / second_bundle.name)  # there, not CURRENT
+    settings = make_settings(redis_timeout_seconds=2.0)
+    first, second = two_workers(settings)
+    with first, second:
+        channels = wait_until(
+            lambda: [
+                c
+                for c in shared_redis.pubsub_channels(f"{key_prefix}:reload*")
+                if dict(shared_redis.pubsub_numsub(c)).get(c) == 2
+            ],
+            timeout=10,
+            what="both workers to listen on a reload channel",
+        )
+        forged = [
+            second_bundle.name.encode(),
+            json.dumps({"v": 1, "deployment": "x", "ts": time.time(), "nonce": "n", "mac": "0"}),
+        ]
+        for channel in channels:
+            for message in forged:
+                shared_redis.publish(channel, message)
+        clients = (first, second)
+
+        def settled():
+            moved = any(c.get("/readyz").json()["bundle"] != "tiny" for c in clients)
+            counted = all(
+                signals(c, "unsigned") + signals(c, "other_deployment")
+                == len(forged) * len(channels)
+                for c in clients
+            )
+            return moved or counted
+
+        wait_until(settled, timeout=10, what="the workers to hear the forged messages")
+        time.sleep(0.3)  # a reload it had started would show by now
+        for client in clients:
+            ready = client.get("/readyz").json()
+            assert ready["bundle"] == "tiny", "a forged message switched the bundle"
+            assert ready["last_error"] is None
+            assert signals(client, "accepted") == 0
+            assert 'recserve_reloads_total{outcome="refused"}' not in client.get("/metrics").text
+
+
+def test_signed_signals_are_accepted_only_fresh_once_and_for_this_deployment(
+    make_settings, served_models, shared_redis
+):
+    from service.reload_signals import ReloadSignals, deployment_id
+
+    settings = make_settings(redis_timeout_seconds=2.0)
+    ours = ReloadSignals.from_settings(settings)
+    here = deployment_id(settings)
+    first, second = two_workers(settings)
+    with first, second:
+        wait_for_listeners(shared_redis, ours.channel, 2)
+        capture = shared_redis.pubsub()
+        capture.subscribe(ours.channel)
+        wait_for_listeners(shared_redis, ours.channel, 3)
+        assert first.post("/admin/reload", headers=ADMIN).json()["workers_notified"] == 3
+        genuine = wait_until(
+            lambda: capture.get_message(timeout=0.1, ignore_subscribe_messages=True),
+            timeout=5,
+            what="the signal of /admin/reload",
+        )["data"]
+        capture.close()
+        wait_until(lambda: signals(second, "accepted") == 1, 10, what="the genuine signal")
+        prefix = settings.key_prefix
+        for message in (
+            genuine,  # replayed
+            ReloadSignals(prefix, here, "another-admin-token-xxxxxxxx").sign(),
+            ReloadSignals(prefix, "elsewhere", ADMIN_TOKEN).sign(),
+            ReloadSignals(prefix, here, ADMIN_TOKEN, clock=lambda: time.time() - 3600).sign(),
+        ):
+            shared_redis.publish(ours.channel, message)
+        expected = {"replayed": 1, "bad_signature": 1, "other_deployment": 1, "stale": 1}
+        for client in (first, second):
+            wait_until(
+                lambda c=client: all(signals(c, k) == n for k, n in expected.items()),
+                timeout=10,
+                what="the four signals to be refused",
+            )
+            assert signals(client, "accepted") == 1
+            assert client.get("/readyz").json()["last_error"] is None
+
+
+@pytest.mark.parametrize("scoped_by", ["models_dir", "RECSERVE_DEPLOYMENT"])
+def test_deployments_sharing_redis_and_prefix_do_not_hear_each_other(
+    make_settings, served_models, second_bundle, tmp_path, shared_redis, scoped_by
+):
+    # Same Redis, same key prefix, even the same admin token.
+    if scoped_by == "models_dir":
+        other_models = tmp_path / "other-models"
+        shutil.copytree(served_models, other_models)
+        blue = make_settings(redis_timeout_seconds=2.0)
+        green = make_settings(redis_timeout_seconds=2.0, models_dir=other_models)
+    else:
+        blue = make_settings(redis_timeout_seconds=2.0, deployment="blue")
+        green = make_settings(redis_timeout_seconds=2.0, deployment="green")
+    with TestClient(create_app(blue)) as first, TestClient(create_app(green)) as other:
+        publish(served_models, second_bundle)  # blue's models dir
+        response = first.post("/admin/reload", headers=ADMIN)
+        assert response.json()["serving"] == "tiny-v2"
+        assert response.json()["workers_notified"] == 1  # blue's one worker, not green's
+        time.sleep(0.5)
+        ready = other.get("/readyz").json()
+        assert ready["bundle"] == "tiny" and ready["last_error"] is None
+        assert "recserve_reload_signals_total{" not in other.get("/metrics").text
+        assert 'recserve_reloads_total{outcome="refused"}' not in other.get("/metrics").text
+
+
+def test_a_signal_clears_an_error_once_current_is_fine_again(
+    make_settings, served_models, shared_redis
+):
+    settings = make_settings(redis_timeout_seconds=2.0)
+    first, second = two_workers(settings)
+    with first, second:
+        wait_for_listeners(shared_redis, reload_channel_of(settings), 2)
+        corrupt_copy(served_models)
+        assert first.post("/admin/reload", headers=ADMIN).status_code == 409
+        set_current(served_models, "tiny")
+        assert second.post("/admin/reload", headers=ADMIN).status_code == 200
+        wait_until(
+            lambda: first.get("/readyz").json()["last_error"] is None,
+            timeout=10,
+            what="the signal to clear the first worker's error",
+        )
 
 
 def test_workers_follow_current_by_polling(make_settings, served_models, second_bundle):
@@ -189,6 +349,26 @@ def test_current_cannot_point_outside_the_models_dir(client, served_models):
     (served_models / CURRENT).write_text("../elsewhere\n")
     response = client.post("/admin/reload", headers=ADMIN)
     assert response.status_code == 409 and "invalid bundle name" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("compute", ["thread", pytest.param("process", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["vectors", "index", "head"])
+def test_a_bundle_whose_parts_do_not_fit_is_refused_and_the_old_one_keeps_serving(
+    make_settings, served_models, head_models, history, kind, compute
+):
+    # Checksums all match: only the load-time checks of the parts can refuse it.
+    with TestClient(create_app(make_settings(compute=compute))) as client:
+        source = head_models / "with-head" if kind == "head" else served_models / "tiny"
+        named = publish_mismatch(served_models, source, kind, f"bad-{kind}")
+        response = client.post("/admin/reload", headers=ADMIN)
+        assert response.status_code == 409, response.text
+        assert named in response.json()["detail"] and response.json()["serving"] == "tiny"
+        for _ in range(5):
+            served = client.post("/recommend", json={"history": history})
+            assert served.status_code == 200 and served.json()["bundle"] == "tiny"
+        assert client.get("/items/1/similar").status_code == 200
+        ready = client.get("/readyz").json()
+        assert ready["bundle"] == "tiny" and named in ready["last_error"]
 
 
 # --------------------------------------------------------------------------- no bundle

@@ -71,3 +71,73 @@ def test_a_retired_bundle_is_freed_and_the_served_one_is_kept_out_of_the_collect
         return alive
 
     assert not asyncio.run(scenario())
+
+
+def test_polling_clears_an_error_once_current_names_the_served_bundle_again(served_models):
+    # CURRENT unreadable for a while (an operator's mistake), then fixed: the error it left
+    # must not outlive it, as nothing else reloads while CURRENT names the served bundle.
+    state = AppState(
+        Settings(
+            models_dir=served_models, dev_mode=True, compute="thread", reload_poll_seconds=0.02
+        ),
+        InMemoryBehaviourCache(),
+        Metrics(),
+    )
+
+    async def wait_for(condition):
+        for _ in range(500):
+            if condition():
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    async def scenario():
+        await state.reload()
+        state.start_background()
+        try:
+            current = served_models / "CURRENT"
+            current.rename(served_models / "CURRENT.away")
+            assert await wait_for(lambda: state.last_error is not None)
+            (served_models / "CURRENT.away").rename(current)
+            cleared = await wait_for(lambda: state.last_error is None)
+            return cleared, state.bundle_name
+        finally:
+            await state.stop_background()
+            await state.close()
+
+    assert asyncio.run(scenario()) == (True, "tiny")
+
+
+def test_a_flood_of_signals_costs_one_re_read_per_interval(tmp_path, monkeypatch):
+    from service.reload_signals import ReloadSignals
+
+    settings = Settings(
+        models_dir=tmp_path, admin_token="x" * 20, reload_signal_interval_seconds=0.2
+    )
+    state = AppState(settings, InMemoryBehaviourCache(), Metrics())
+    rereads = []
+
+    async def reload(name=None):
+        assert name is None  # a signal never names the bundle: CURRENT does
+        rereads.append(time.perf_counter())
+        return "tiny"
+
+    monkeypatch.setattr(state, "reload", reload)
+    sender = ReloadSignals.from_settings(settings)
+
+    async def scenario():
+        state.start_background()
+        try:
+            started = time.perf_counter()
+            while time.perf_counter() - started < 0.5:
+                assert state.on_signal(sender.sign()) == "accepted"
+                assert state.on_signal(b"forged") == "unsigned"
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.05)
+        finally:
+            await state.stop_background()
+
+    asyncio.run(scenario())
+    assert 2 <= len(rereads) <= 4  # at 0, 0.2, 0.4 s: not one per signal
+    text = state.metrics.render().decode()
+    assert 'recserve_reload_signals_total{outcome="unsigned"}' in text

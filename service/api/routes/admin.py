@@ -6,14 +6,16 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from service.api.deps import Admin, State
-from service.errors import BundleError, ReloadRefused, StoreUnavailable
+from service.errors import BundleError, ReloadRefused
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Admin])
 
 
 @router.post("/reload")
 async def reload(state: State) -> JSONResponse:
-    """Load CURRENT here, then tell the other workers over Redis (they also poll CURRENT).
+    """Load CURRENT here, then signal the deployment's other workers over Redis to re-read
+    CURRENT (they also poll it). The signal names no bundle and is signed with a key derived
+    from the admin token (``service.reload_signals``).
 
     A bundle that fails verification is refused with 409 naming the file; the old bundle
     keeps serving.
@@ -23,10 +25,5 @@ async def reload(state: State) -> JSONResponse:
         name = await state.reload()
     except BundleError as exc:
         raise ReloadRefused(str(exc), serving=previous) from exc
-    notified = None
-    if state.cache is not None:
-        try:
-            notified = await state.cache.publish_reload(name)
-        except StoreUnavailable:
-            notified = None  # the other workers still pick it up by polling CURRENT
+    notified = await state.announce_reload()
     return JSONResponse({"serving": name, "previous": previous, "workers_notified": notified})
