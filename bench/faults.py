@@ -433,7 +433,7 @@ BAD_BUNDLES = {
     "truncated index": ("retrievers/sasrec/items.faiss", "size"),
     "wrong format version": ("manifest.json", "format version"),
     # Checksums consistent, parts that do not fit: what the outside probe reloaded.
-    "vector table wider than its encoder's output": (
+    "vector table wider than its encoder output": (
         "retrievers/sasrec/item_embeddings.npy",
         "width",
     ),
@@ -458,7 +458,7 @@ def spoil(bundle: Path, case: str) -> str:
         manifest = json.loads(target.read_text())
         manifest["format_version"] = 999
         target.write_text(json.dumps(manifest))
-    elif case == "vector table wider than its encoder's output":
+    elif case == "vector table wider than its encoder output":
         vectors = np.load(target)
         np.save(target, np.hstack([vectors, vectors[:, :1]]), allow_pickle=False)
         _rewrite_manifest(bundle, relative, dim=vectors.shape[1] + 1)
