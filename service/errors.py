@@ -14,6 +14,9 @@ RecserveError                 everything the service raises on purpose
     ├── NoHistory             no history in the request and none stored (404)
     ├── AdminDisabled         admin endpoints are switched off (404)
     └── AdminTokenRequired    no valid admin token (401, WWW-Authenticate)
+
+What a message copies from outside (a client's ids, a file's contents) goes through
+``excerpt``: bounded and escaped, so no input can flood a log line, an answer or /readyz.
 """
 
 from __future__ import annotations
@@ -90,3 +93,38 @@ class AdminTokenRequired(RequestError):
 
     def __init__(self) -> None:
         super().__init__("admin token required")
+
+
+# --------------------------------------------------------------------------- messages
+
+EXCERPT_CHARS = 200  # the most of any outside text a message or log line copies
+_ESCAPES = {"'": "\\'", "\\": "\\\\"}
+
+
+def excerpt(value: object, limit: int = EXCERPT_CHARS, *, quote: bool = True) -> str:
+    """Outside text made fit for a log line or an error message: what is not printable
+    (newlines, control and bidirectional-override characters) escaped as in a Python
+    literal, cut to at most ``limit`` characters, quoted (unless ``quote`` is false), and
+    followed by how many characters were left out: ``excerpt("a\\nb" + "x" * 300, 8)`` is
+    ``'a\\nbxxxx' (+296 characters)``.
+    """
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit and text.isprintable() and not (quote and ("'" in text or "\\" in text)):
+        return f"'{text}'" if quote else text
+    pieces, size, used = [], 0, 0
+    for char in text:
+        if char.isprintable():
+            piece = _ESCAPES.get(char, char) if quote else char
+        else:
+            piece = repr(char)[1:-1]
+        if size + len(piece) > limit:
+            break
+        pieces.append(piece)
+        size += len(piece)
+        used += 1
+    shown = "".join(pieces)
+    if quote:
+        shown = f"'{shown}'"
+    if used < len(text):
+        shown += f" (+{len(text) - used} characters)"
+    return shown

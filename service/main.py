@@ -1,6 +1,9 @@
 """The FastAPI application: built by ``create_app``; state lives in the lifespan.
 
-    RECSERVE_DEV_MODE=1 uvicorn --factory service.main:create_app --port 8000
+    RECSERVE_DEV_MODE=1 python -m service.serve --port 8000
+
+(service/serve.py starts uvicorn with the HTTP limits of the settings; every start path
+uses it.)
 
 The lifespan loads the bundle named by models/CURRENT (the service starts without one and
 answers 503 until one appears), connects to Redis, and starts the reload watchers.

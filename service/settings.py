@@ -1,7 +1,7 @@
 """Service configuration: one pydantic-settings class, environment variables ``RECSERVE_*``.
 
     RECSERVE_MODELS_DIR=models RECSERVE_REDIS_URL=redis://127.0.0.1:6379/0 \
-        uvicorn --factory service.main:create_app --port 8000
+        python -m service.serve --port 8000
 
 Settings are validated at start-up: an admin endpoint without a token is refused unless
 ``RECSERVE_DEV_MODE=1`` says this is a developer's machine.
@@ -58,6 +58,21 @@ class Settings(BaseSettings):
     reload_poll_seconds: float = Field(5.0, ge=0)  # 0: no polling of models/CURRENT
     cors_origins: list[str] = []
     opentelemetry: bool = False  # FastAPI's native OpenTelemetry (global providers, OTEL_*)
+    # -- how the server is started (service/serve.py, the one entry point of every start path)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    # HTTP limits of the server (service/http_protocol.py; docs/RELIABILITY.md, "HTTP limits").
+    # The request line and headers together, in bytes: larger is answered 431 and closed.
+    max_header_bytes: int = Field(16_384, ge=1024, le=1_048_576)
+    max_headers: int = Field(100, ge=8, le=1000)  # header fields per request; more: 431
+    # A request's line and headers must arrive within this from its first byte (or from the
+    # connection's opening): else 408 and the connection is closed.
+    header_timeout_seconds: float = Field(10.0, gt=0, le=600)
+    # Its body within this from the end of its headers: else 408 and closed.
+    body_timeout_seconds: float = Field(30.0, gt=0, le=3600)
+    # An idle connection between requests is closed after this (uvicorn's keep-alive timeout).
+    keepalive_timeout_seconds: float = Field(5.0, gt=0, le=600)
 
     @model_validator(mode="after")
     def _admin_needs_a_token(self) -> Settings:

@@ -13,8 +13,9 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from service.errors import NotReady, ReloadRefused, RequestError, StoreUnavailable
 from service.metrics import Metrics
@@ -80,6 +81,13 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
                 status_code=422,
             )
         return await http_exception_handler(request, exc)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect):
+        # The client left (or the server closed a connection too slow to send its body):
+        # nobody reads an answer, and nothing went wrong here.
+        metrics.errors.labels(kind="disconnect").inc()
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
