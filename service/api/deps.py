@@ -38,25 +38,50 @@ CurrentRecommender = Annotated[Recommender, Depends(get_recommender)]
 CurrentSettings = Annotated[Settings, Depends(get_state_settings)]
 
 
-async def require_admin(
-    settings: CurrentSettings,
-    authorization: Annotated[str | None, Header()] = None,
-) -> None:
-    """Bearer token, compared in constant time; admin disabled answers 404.
+def bearer_matches(authorization: str | None, expected: str) -> bool:
+    """``Authorization: Bearer <expected>``, compared in constant time; never for an empty
+    ``expected``."""
+    scheme, _, given = (authorization or "").partition(" ")
+    return (
+        bool(expected)
+        and scheme.lower() == "bearer"
+        and hmac.compare_digest(
+            given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
+        )
+    )
+
+
+def admin_authorized(settings: Settings, authorization: str | None) -> bool:
+    """Whether ``authorization`` opens the admin endpoints (never while they are off).
 
     Without a token the service only starts in dev mode, and then admin is open.
     """
     if not settings.admin_enabled:
-        raise AdminDisabled()
+        return False
     expected = settings.admin_token.get_secret_value() if settings.admin_token else ""
     if not expected and settings.dev_mode:
-        return
-    scheme, _, given = (authorization or "").partition(" ")
-    valid = scheme.lower() == "bearer" and hmac.compare_digest(
-        given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
-    )
-    if not valid or not expected:
+        return True
+    return bearer_matches(authorization, expected)
+
+
+async def require_admin(
+    settings: CurrentSettings,
+    authorization: Annotated[str | None, Header()] = None,
+) -> None:
+    """Bearer token, compared in constant time; admin disabled answers 404."""
+    if not settings.admin_enabled:
+        raise AdminDisabled()
+    if not admin_authorized(settings, authorization):
         raise AdminTokenRequired()
 
 
+async def is_admin(
+    settings: CurrentSettings,
+    authorization: Annotated[str | None, Header()] = None,
+) -> bool:
+    """For answers that add details for the operator: whether the admin token came."""
+    return admin_authorized(settings, authorization)
+
+
 Admin = Depends(require_admin)
+IsAdmin = Annotated[bool, Depends(is_admin)]

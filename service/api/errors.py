@@ -17,7 +17,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from service.errors import NotReady, ReloadRefused, RequestError, StoreUnavailable
+from service.errors import (
+    EXCERPT_CHARS,
+    NotReady,
+    ReloadRefused,
+    RequestError,
+    StoreUnavailable,
+    excerpt,
+)
 from service.metrics import Metrics
 
 LOG = logging.getLogger(__name__)
@@ -25,12 +32,20 @@ LOG = logging.getLogger(__name__)
 BODY_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's own wording
 
 
+def _location_part(part: object) -> object:
+    """A part of an error's location: a field name, an index, or (an unexpected key of a
+    body) whatever the client sent, which is bounded and escaped."""
+    if isinstance(part, str) and (len(part) > EXCERPT_CHARS or not part.isprintable()):
+        return excerpt(part)
+    return part
+
+
 def validation_message(exc: RequestValidationError) -> str:
     """``loc: msg`` of every error, joined: the message names each field."""
     parts = []
     for error in exc.errors():
-        where = ".".join(str(p) for p in error.get("loc", ()))
-        parts.append(f"{where}: {error.get('msg')}")
+        where = ".".join(str(_location_part(p)) for p in error.get("loc", ()))
+        parts.append(f"{where}: {excerpt(error.get('msg'), quote=False)}")
     return "; ".join(parts)
 
 
@@ -56,8 +71,11 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     @app.exception_handler(NotReady)
     async def not_ready(request: Request, exc: NotReady):
+        # Why (a path, a library's message) is for the operator: /readyz with the admin token.
         return JSONResponse(
-            {"detail": f"no bundle loaded: {exc}"}, status_code=503, headers={"Retry-After": "5"}
+            {"detail": "no bundle loaded, retry shortly"},
+            status_code=503,
+            headers={"Retry-After": "5"},
         )
 
     @app.exception_handler(RequestValidationError)
@@ -68,6 +86,8 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         for error in errors:
             error.pop("input", None)  # never echo what was sent (it may be huge or secret)
             error.pop("ctx", None)
+            error["loc"] = [_location_part(part) for part in error.get("loc", ())]
+            error["msg"] = excerpt(error.get("msg"), quote=False)
         return JSONResponse({"detail": validation_message(exc), "errors": errors}, 422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -92,5 +112,5 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
         metrics.errors.labels(kind="internal").inc()
-        LOG.exception("unhandled error on %s %s", request.method, request.url.path)
+        LOG.exception("unhandled error on %s %s", request.method, excerpt(request.url.path))
         return JSONResponse({"detail": "internal error"}, status_code=500)

@@ -11,7 +11,7 @@ from pydantic_core import to_json
 from service.api.deps import State
 from service.api.lean_route import LeanRoute
 from service.api.schemas import RecommendRequest, RecommendResponse
-from service.errors import NoHistory, StoreUnavailable
+from service.errors import NoHistory, StoreUnavailable, excerpt
 
 LOG = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ async def recommend(body: RecommendRequest, state: State) -> Response:
             state.metrics.errors.labels(kind="redis").inc()
             events, outage = [], True
         if not events and not outage:
-            raise NoHistory(f"user {body.user_id!r} has no stored history; send a history")
+            raise NoHistory(f"user {excerpt(body.user_id)} has no stored history; send a history")
     result = await recommender.recommend(
         events,
         k=body.k,
