@@ -12,8 +12,11 @@ RecserveError                 everything the service raises on purpose
     ├── UnknownEncoder        the encoder named in the request is not in the bundle (422)
     ├── UnknownItem           an item id is not in the catalogue (404)
     ├── NoHistory             no history in the request and none stored (404)
+    ├── UnsupportedMediaType  a body that is not declared application/json (415)
     ├── AdminDisabled         admin endpoints are switched off (404)
-    └── AdminTokenRequired    no valid admin token (401, WWW-Authenticate)
+    └── TokenRequired         no valid bearer token (401, WWW-Authenticate)
+        ├── AdminTokenRequired    ... for the admin endpoints
+        └── MetricsTokenRequired  ... for /metrics (RECSERVE_METRICS_TOKEN)
 
 What a message copies from outside (a client's ids, a file's contents) goes through
 ``excerpt``: bounded and escaped, so no input can flood a log line, an answer or /readyz.
@@ -87,12 +90,29 @@ class AdminDisabled(RequestError):
         super().__init__("Not Found")
 
 
-class AdminTokenRequired(RequestError):
+class UnsupportedMediaType(RequestError):
+    """A request with a body must declare it ``application/json`` (see
+    service.api.middleware.RequestBodies for why)."""
+
+    status_code = 415
+
+    def __init__(self) -> None:
+        super().__init__("content-type: must be application/json for a request with a body")
+
+
+class TokenRequired(RequestError):
     status_code = 401
     headers = {"WWW-Authenticate": "Bearer"}
 
+
+class AdminTokenRequired(TokenRequired):
     def __init__(self) -> None:
         super().__init__("admin token required")
+
+
+class MetricsTokenRequired(TokenRequired):
+    def __init__(self) -> None:
+        super().__init__("metrics token required")
 
 
 # --------------------------------------------------------------------------- messages

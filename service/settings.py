@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     body_timeout_seconds: float = Field(30.0, gt=0, le=3600)
     # An idle connection between requests is closed after this (uvicorn's keep-alive timeout).
     keepalive_timeout_seconds: float = Field(5.0, gt=0, le=600)
+    # -- what is published besides the API
+    docs_enabled: bool = True  # /docs, /redoc, /openapi.json; off: 404
+    metrics_enabled: bool = True  # /metrics; off: 404
+    # With a token /metrics answers only `Authorization: Bearer <token>` (401 otherwise).
+    metrics_token: SecretStr | None = None
 
     @model_validator(mode="after")
     def _admin_needs_a_token(self) -> Settings:
@@ -84,6 +89,13 @@ class Settings(BaseSettings):
             )
         if token and len(token) < 16 and not self.dev_mode:
             raise ValueError("RECSERVE_ADMIN_TOKEN must be at least 16 characters")
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_token_is_long_enough(self) -> Settings:
+        token = self.metrics_token.get_secret_value() if self.metrics_token else None
+        if token is not None and len(token) < 16 and not self.dev_mode:
+            raise ValueError("RECSERVE_METRICS_TOKEN must be at least 16 characters")
         return self
 
 

@@ -12,7 +12,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from service.errors import AdminDisabled, AdminTokenRequired
+from service.errors import AdminDisabled, AdminTokenRequired, MetricsTokenRequired
 from service.recommender import Recommender
 from service.settings import Settings
 from service.state import AppState
@@ -83,5 +83,17 @@ async def is_admin(
     return admin_authorized(settings, authorization)
 
 
+async def require_metrics_access(
+    settings: CurrentSettings,
+    authorization: Annotated[str | None, Header()] = None,
+) -> None:
+    """With ``RECSERVE_METRICS_TOKEN`` set, /metrics needs it as a bearer token."""
+    if settings.metrics_token is not None and not bearer_matches(
+        authorization, settings.metrics_token.get_secret_value()
+    ):
+        raise MetricsTokenRequired()
+
+
 Admin = Depends(require_admin)
 IsAdmin = Annotated[bool, Depends(is_admin)]
+MetricsAccess = Depends(require_metrics_access)

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from service.api.headers import SECURITY_HEADERS
 from service.errors import (
     EXCERPT_CHARS,
     NotReady,
@@ -30,6 +31,14 @@ from service.metrics import Metrics
 LOG = logging.getLogger(__name__)
 
 BODY_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's own wording
+# Answers that leave the app past its middleware (a 500 is sent by Starlette's outermost
+# layer) carry the security headers themselves.
+SECURITY = {name.decode(): value.decode() for name, value in SECURITY_HEADERS}
+
+
+def error_response(exc: RequestError) -> JSONResponse:
+    """The answer to a ``RequestError``, raised in a route or found by the middleware."""
+    return JSONResponse({"detail": str(exc)}, status_code=exc.status_code, headers=exc.headers)
 
 
 def _location_part(part: object) -> object:
@@ -54,7 +63,7 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError):
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code, headers=exc.headers)
+        return error_response(exc)
 
     @app.exception_handler(ReloadRefused)
     async def reload_refused(request: Request, exc: ReloadRefused):
@@ -113,4 +122,4 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def unexpected(request: Request, exc: Exception):
         metrics.errors.labels(kind="internal").inc()
         LOG.exception("unhandled error on %s %s", request.method, excerpt(request.url.path))
-        return JSONResponse({"detail": "internal error"}, status_code=500)
+        return JSONResponse({"detail": "internal error"}, status_code=500, headers=SECURITY)

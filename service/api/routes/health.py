@@ -5,10 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from service.api.deps import IsAdmin, State
+from service.api.deps import IsAdmin, MetricsAccess, State
 from service.errors import excerpt
 
 router = APIRouter(tags=["health"])
+# Included only while RECSERVE_METRICS_ENABLED (service.main); RECSERVE_METRICS_TOKEN
+# puts it behind a bearer token of its own.
+metrics_router = APIRouter(tags=["health"], dependencies=[MetricsAccess])
 
 LAST_ERROR_CHARS = 2000  # the most of a reload's refusal /readyz repeats, even to the admin
 
@@ -46,6 +49,6 @@ async def readyz(state: State, admin: IsAdmin) -> JSONResponse:
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
 
-@router.get("/metrics")
+@metrics_router.get("/metrics")
 async def metrics(state: State) -> Response:
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
