@@ -50,6 +50,7 @@ class HttpLimits:
 
 
 LINGER_SECONDS = 2.0  # how long a refused connection is drained before it is closed
+LINGER_BYTES = 65_536  # ... and how much of what it still sends is read and dropped
 
 
 class HeadRefused(Exception):
@@ -69,6 +70,7 @@ class LimitedHttpTools(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._lingering: asyncio.TimerHandle | None = None  # refused: closing after LINGER
+        self._drained = 0  # bytes dropped while lingering
 
     # -- the connection
 
@@ -85,7 +87,12 @@ class LimitedHttpTools(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._lingering is not None:
-            return  # refused: what still comes is read and dropped until the close
+            # Refused: what still comes is dropped until the close, and no more than
+            # LINGER_BYTES of it (a client that keeps sending gets the close sooner).
+            self._drained += len(data)
+            if self._drained > LINGER_BYTES:
+                self.transport.close()
+            return
         self._unset_keepalive_if_required()
         try:
             self._feed(data)
@@ -204,9 +211,9 @@ class LimitedHttpTools(HttpToolsProtocol):
 
         The request's application task, if any, sees a disconnect from now on. The close
         lingers: the answer is followed by a FIN and what the client still sends is read
-        and dropped for up to ``LINGER_SECONDS`` (or until it closes too), because closing
-        a socket with unread input sends a reset that can destroy the answer before the
-        client reads it."""
+        and dropped for up to ``LINGER_SECONDS`` and ``LINGER_BYTES`` (or until it closes
+        too), because closing a socket with unread input sends a reset that can destroy the
+        answer before the client reads it."""
         self._cancel_timers()
         cycle = self.cycle
         started = cycle is not None and cycle.response_started and not cycle.response_complete
