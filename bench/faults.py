@@ -508,7 +508,7 @@ def bad_bundles(fixture: Fixture, cases: tuple[str, ...] = tuple(BAD_BUNDLES)) -
             named = spoil(fixture.models_dir / name, case)
             set_current(fixture.models_dir, name)
             reload = client.post("/admin/reload", headers={"Authorization": f"Bearer {token}"})
-            ready = client.get("/readyz").json()
+            ready = client.get("/readyz", headers={"Authorization": f"Bearer {token}"}).json()
             answers = [client.post("/recommend", content=body, headers=JSON) for _ in range(20)]
             wrong = sum(a.status_code != 200 or a.json().get("bundle") != good for a in answers)
             detail = reload.json().get("detail", "")

@@ -1,7 +1,7 @@
 """What the benchmarks measure of a running service: its processes, their CPU and memory.
 
-The service is started as the tests start it (tests/servers.py: ``uvicorn --factory
-service.main:create_app``, configured by ``RECSERVE_*`` variables), and the fault runs
+The service is started as the tests start it (tests/servers.py: ``python -m
+service.serve``, configured by ``RECSERVE_*`` variables), and the fault runs
 (``bench/faults.py``) take their private redis-server from there. ``ServiceProcess``
 adds the service's processes by role, the uvicorn workers and their compute processes
 (service.compute), with their resident memory and CPU seconds (Linux /proc).

@@ -43,5 +43,6 @@ cat <<MSG
    curl -s -X POST http://127.0.0.1:$port/recommend -H 'content-type: application/json' -d '{"user_id": "alice"}'
    admin token (POST /admin/reload): in runs/admin-token unless RECSERVE_ADMIN_TOKEN is set
 MSG
-exec $py -m uvicorn --factory service.main:create_app --host 127.0.0.1 --port "$port" \
-  --workers "${RECSERVE_WORKERS:-1}"
+# service.serve: uvicorn with the HTTP limits of the settings (RECSERVE_MAX_HEADER_BYTES,
+# RECSERVE_*_TIMEOUT_SECONDS, ...), as in the images; workers from RECSERVE_WORKERS.
+exec $py -m service.serve --host 127.0.0.1 --port "$port"

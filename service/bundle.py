@@ -40,7 +40,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from service.encoder import OnnxUserEncoder
-from service.errors import BundleError
+from service.errors import BundleError, excerpt
 from service.features import ItemFeatures
 from service.ranking import CtrHead
 from service.retrieval import IndexSpec, ItemIndex, augmented_dim
@@ -64,7 +64,9 @@ def retriever_dir(encoder: str) -> str:
 def check_name(name: str) -> str:
     """A bundle name is a plain file name: letters, digits, '.', '_' and '-'."""
     if not NAME_PATTERN.match(name or "") or name in (".", ".."):
-        raise BundleError(f"invalid bundle name {name!r}: use letters, digits, '.', '_', '-'")
+        raise BundleError(
+            f"invalid bundle name {excerpt(name)}: use letters, digits, '.', '_', '-'"
+        )
     return name
 
 

@@ -13,10 +13,16 @@ RecserveError                 everything the service raises on purpose
     ├── UnknownEncoder        the encoder named in the request is not in the bundle (422)
     ├── UnknownItem           an item id is not in the catalogue (404)
     ├── NoHistory             no history in the request and none stored (404)
+    ├── UnsupportedMediaType  a body that is not declared application/json (415)
     ├── AdminDisabled         admin endpoints are switched off (404)
-    ├── AdminTokenRequired    no valid admin token (401, WWW-Authenticate)
     ├── ApiKeyRequired        API keys are configured and none valid was sent (401)
-    └── Forbidden             the key lacks the scope, or a setting refuses the request (403)
+    ├── Forbidden             the key lacks the scope, or a setting refuses the request (403)
+    └── TokenRequired         no valid bearer token (401, WWW-Authenticate)
+        ├── AdminTokenRequired    ... for the admin endpoints
+        └── MetricsTokenRequired  ... for /metrics (RECSERVE_METRICS_TOKEN)
+
+What a message copies from outside (a client's ids, a file's contents) goes through
+``excerpt``: bounded and escaped, so no input can flood a log line, an answer or /readyz.
 """
 
 from __future__ import annotations
@@ -91,12 +97,29 @@ class AdminDisabled(RequestError):
         super().__init__("Not Found")
 
 
-class AdminTokenRequired(RequestError):
+class UnsupportedMediaType(RequestError):
+    """A request with a body must declare it ``application/json`` (see
+    service.api.middleware.RequestBodies for why)."""
+
+    status_code = 415
+
+    def __init__(self) -> None:
+        super().__init__("content-type: must be application/json for a request with a body")
+
+
+class TokenRequired(RequestError):
     status_code = 401
     headers = {"WWW-Authenticate": "Bearer"}
 
+
+class AdminTokenRequired(TokenRequired):
     def __init__(self) -> None:
         super().__init__("admin token required")
+
+
+class MetricsTokenRequired(TokenRequired):
+    def __init__(self) -> None:
+        super().__init__("metrics token required")
 
 
 class ApiKeyRequired(RequestError):
@@ -111,3 +134,38 @@ class Forbidden(RequestError):
     """The caller may not do this; the message names the scope or the field."""
 
     status_code = 403
+
+
+# --------------------------------------------------------------------------- messages
+
+EXCERPT_CHARS = 200  # the most of any outside text a message or log line copies
+_ESCAPES = {"'": "\\'", "\\": "\\\\"}
+
+
+def excerpt(value: object, limit: int = EXCERPT_CHARS, *, quote: bool = True) -> str:
+    """Outside text made fit for a log line or an error message: what is not printable
+    (newlines, control and bidirectional-override characters) escaped as in a Python
+    literal, cut to at most ``limit`` characters, quoted (unless ``quote`` is false), and
+    followed by how many characters were left out: ``excerpt("a\\nb" + "x" * 300, 8)`` is
+    ``'a\\nbxxxx' (+296 characters)``.
+    """
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit and text.isprintable() and not (quote and ("'" in text or "\\" in text)):
+        return f"'{text}'" if quote else text
+    pieces, size, used = [], 0, 0
+    for char in text:
+        if char.isprintable():
+            piece = _ESCAPES.get(char, char) if quote else char
+        else:
+            piece = repr(char)[1:-1]
+        if size + len(piece) > limit:
+            break
+        pieces.append(piece)
+        size += len(piece)
+        used += 1
+    shown = "".join(pieces)
+    if quote:
+        shown = f"'{shown}'"
+    if used < len(text):
+        shown += f" (+{len(text) - used} characters)"
+    return shown

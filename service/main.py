@@ -1,6 +1,9 @@
 """The FastAPI application: built by ``create_app``; state lives in the lifespan.
 
-    RECSERVE_DEV_MODE=1 uvicorn --factory service.main:create_app --port 8000
+    RECSERVE_DEV_MODE=1 python -m service.serve --port 8000
+
+(service/serve.py starts uvicorn with the HTTP limits of the settings; every start path
+uses it.)
 
 The lifespan loads the bundle named by models/CURRENT (the service starts without one and
 answers 503 until one appears), connects to Redis, and starts the reload watchers.
@@ -15,7 +18,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from service.api.errors import install_error_handlers
-from service.api.middleware import BodySizeLimit, RequestMetrics
+from service.api.middleware import RequestBodies, RequestMetrics, SecurityHeaders
 from service.api.routes import admin, events, health, items, recommend
 from service.cache import RedisBehaviourCache
 from service.errors import BundleError
@@ -26,6 +29,7 @@ from service.state import AppState
 LOG = logging.getLogger(__name__)
 
 OTEL_OFF = {"tracing": False, "metrics": False, "logs": False}
+DOCS_OFF = {"openapi_url": None, "docs_url": None, "redoc_url": None}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -64,15 +68,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # FastAPI's OpenTelemetry instrumentation asks on every request whether a provider
         # is configured; the service reports through Prometheus unless told otherwise.
         telemetry=None if settings.opentelemetry else OTEL_OFF,
+        # RECSERVE_DOCS_ENABLED=0: no /docs, /redoc or /openapi.json (404).
+        **({} if settings.docs_enabled else DOCS_OFF),
     )
     for module in (recommend, events, items, health, admin):
         app.include_router(module.router)
+    if settings.metrics_enabled:
+        app.include_router(health.metrics_router)
 
     install_error_handlers(app, metrics)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"]
         )
-    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestBodies, limit=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
+    docs_pages = {app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url} - {None}
+    app.add_middleware(SecurityHeaders, html_paths=frozenset(docs_pages))
     return app

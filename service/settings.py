@@ -1,7 +1,7 @@
 """Service configuration: one pydantic-settings class, environment variables ``RECSERVE_*``.
 
     RECSERVE_MODELS_DIR=models RECSERVE_REDIS_URL=redis://127.0.0.1:6379/0 \
-        uvicorn --factory service.main:create_app --port 8000
+        python -m service.serve --port 8000
 
 Settings are validated at start-up: an admin endpoint without a token is refused unless
 ``RECSERVE_DEV_MODE=1`` says this is a developer's machine.
@@ -92,6 +92,26 @@ class Settings(BaseSettings):
     # Re-reads of models/CURRENT that signals on the reload channel trigger: at most one
     # per this many seconds (signals meanwhile are merged into the next).
     reload_signal_interval_seconds: float = Field(1.0, ge=0, le=60)
+    # -- how the server is started (service/serve.py, the one entry point of every start path)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    # HTTP limits of the server (service/http_protocol.py; docs/RELIABILITY.md, "HTTP limits").
+    # The request line and headers together, in bytes: larger is answered 431 and closed.
+    max_header_bytes: int = Field(16_384, ge=1024, le=1_048_576)
+    max_headers: int = Field(100, ge=8, le=1000)  # header fields per request; more: 431
+    # A request's line and headers must arrive within this from its first byte (or from the
+    # connection's opening): else 408 and the connection is closed.
+    header_timeout_seconds: float = Field(10.0, gt=0, le=600)
+    # Its body within this from the end of its headers: else 408 and closed.
+    body_timeout_seconds: float = Field(30.0, gt=0, le=3600)
+    # An idle connection between requests is closed after this (uvicorn's keep-alive timeout).
+    keepalive_timeout_seconds: float = Field(5.0, gt=0, le=600)
+    # -- what is published besides the API
+    docs_enabled: bool = True  # /docs, /redoc, /openapi.json; off: 404
+    metrics_enabled: bool = True  # /metrics; off: 404
+    # With a token /metrics answers only `Authorization: Bearer <token>` (401 otherwise).
+    metrics_token: SecretStr | None = None
 
     @model_validator(mode="after")
     def _admin_needs_a_token(self) -> Settings:
@@ -109,6 +129,13 @@ class Settings(BaseSettings):
         secrets = [key.key.get_secret_value() for key in self.api_keys]
         if len(set(secrets)) != len(secrets):
             raise ValueError("RECSERVE_API_KEYS: two keys are the same")
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_token_is_long_enough(self) -> Settings:
+        token = self.metrics_token.get_secret_value() if self.metrics_token else None
+        if token is not None and len(token) < 16 and not self.dev_mode:
+            raise ValueError("RECSERVE_METRICS_TOKEN must be at least 16 characters")
         return self
 
 

@@ -1,7 +1,7 @@
 """Real servers for tests: a private redis-server and the service as deployed.
 
-The HTTP tests start the service exactly as it is deployed (``uvicorn --factory
-service.main:create_app``, configured by ``RECSERVE_*`` variables), and a redis-server of
+The HTTP tests start the service exactly as it is deployed (``python -m service.serve``,
+uvicorn configured by ``RECSERVE_*`` variables), and a redis-server of
 their own when they stop, break or flood it, so nothing they do touches the Redis other
 work uses. The benchmarks start them through this module too: bench/processes.py adds
 what they measure of a running service (its processes, their CPU and memory).
@@ -113,7 +113,8 @@ class RedisProcess:
 
 
 class UvicornService:
-    """``uvicorn --factory service.main:create_app`` in a subprocess, configured by env."""
+    """``python -m service.serve`` (uvicorn with the service's HTTP limits) in a subprocess,
+    configured by env."""
 
     def __init__(
         self,
@@ -140,14 +141,12 @@ class UvicornService:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 120.0) -> None:
-        """Start and wait until it is ready (an exit meanwhile raises with the log)."""
+    def command(self) -> list[str]:
+        """The start command: the deployed entry point on 127.0.0.1."""
         command = [
             sys.executable,
             "-m",
-            "uvicorn",
-            "--factory",
-            "service.main:create_app",
+            "service.serve",
             "--host",
             "127.0.0.1",
             "--port",
@@ -159,9 +158,13 @@ class UvicornService:
         ]
         if not self.access_log:
             command.append("--no-access-log")
+        return command
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Start and wait until it is ready (an exit meanwhile raises with the log)."""
         self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
-            command, env=self.env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT
+            self.command(), env=self.env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT
         )
         try:
             self.wait_ready(timeout)

@@ -12,8 +12,13 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from service.api.access import HEADER, identify
-from service.errors import AdminDisabled, AdminTokenRequired, ApiKeyRequired
+from service.api.access import identify
+from service.errors import (
+    AdminDisabled,
+    AdminTokenRequired,
+    ApiKeyRequired,
+    MetricsTokenRequired,
+)
 from service.recommender import Recommender
 from service.settings import Settings
 from service.state import AppState
@@ -39,33 +44,74 @@ CurrentRecommender = Annotated[Recommender, Depends(get_recommender)]
 CurrentSettings = Annotated[Settings, Depends(get_state_settings)]
 
 
-async def require_admin(
-    request: Request,
-    settings: CurrentSettings,
-    authorization: Annotated[str | None, Header()] = None,
-) -> None:
-    """Bearer token, compared in constant time, or an API key with the "admin" scope;
-    admin disabled answers 404.
+def bearer_matches(authorization: str | None, expected: str) -> bool:
+    """``Authorization: Bearer <expected>``, compared in constant time; never for an empty
+    ``expected``."""
+    scheme, _, given = (authorization or "").partition(" ")
+    return (
+        bool(expected)
+        and scheme.lower() == "bearer"
+        and hmac.compare_digest(
+            given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
+        )
+    )
+
+
+def admin_authorized(
+    settings: Settings, authorization: str | None, api_key: str | None = None
+) -> bool:
+    """Whether ``authorization`` (the admin token) or ``api_key`` (a key with the "admin"
+    scope) opens the admin endpoints (never while they are off).
 
     Without a token the service only starts in dev mode, and then admin is open.
     """
     if not settings.admin_enabled:
-        raise AdminDisabled()
-    if settings.api_keys and request.headers.get(HEADER):
+        return False
+    if settings.api_keys and api_key:
         try:
-            if identify(settings, request.headers.get(HEADER)).may("admin"):
-                return
+            if identify(settings, api_key).may("admin"):
+                return True
         except ApiKeyRequired:
             pass  # not a key: the admin token decides
     expected = settings.admin_token.get_secret_value() if settings.admin_token else ""
     if not expected and settings.dev_mode:
-        return
-    scheme, _, given = (authorization or "").partition(" ")
-    valid = scheme.lower() == "bearer" and hmac.compare_digest(
-        given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
-    )
-    if not valid or not expected:
+        return True
+    return bearer_matches(authorization, expected)
+
+
+async def require_admin(
+    settings: CurrentSettings,
+    authorization: Annotated[str | None, Header()] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+) -> None:
+    """The admin token or an admin API key, compared in constant time; admin disabled
+    answers 404."""
+    if not settings.admin_enabled:
+        raise AdminDisabled()
+    if not admin_authorized(settings, authorization, x_api_key):
         raise AdminTokenRequired()
 
 
+async def is_admin(
+    settings: CurrentSettings,
+    authorization: Annotated[str | None, Header()] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+) -> bool:
+    """For answers that add details for the operator: whether the admin came."""
+    return admin_authorized(settings, authorization, x_api_key)
+
+
+async def require_metrics_access(
+    settings: CurrentSettings,
+    authorization: Annotated[str | None, Header()] = None,
+) -> None:
+    """With ``RECSERVE_METRICS_TOKEN`` set, /metrics needs it as a bearer token."""
+    if settings.metrics_token is not None and not bearer_matches(
+        authorization, settings.metrics_token.get_secret_value()
+    ):
+        raise MetricsTokenRequired()
+
+
 Admin = Depends(require_admin)
+IsAdmin = Annotated[bool, Depends(is_admin)]
+MetricsAccess = Depends(require_metrics_access)

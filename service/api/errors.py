@@ -13,36 +13,55 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from service.api.headers import SECURITY_HEADERS
 from service.errors import (
+    EXCERPT_CHARS,
     ComputeError,
     ComputeUnavailable,
     NotReady,
     ReloadRefused,
     RequestError,
     StoreUnavailable,
+    excerpt,
 )
 from service.metrics import Metrics
 
 LOG = logging.getLogger(__name__)
 
 BODY_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's own wording
+# Answers that leave the app past its middleware (a 500 is sent by Starlette's outermost
+# layer) carry the security headers themselves.
+SECURITY = {name.decode(): value.decode() for name, value in SECURITY_HEADERS}
 
 
-def brief(exc: Exception, limit: int = 300) -> str:
-    """One line of an exception for a log: its type and message, cut to ``limit``."""
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def error_response(exc: RequestError) -> JSONResponse:
+    """The answer to a ``RequestError``, raised in a route or found by the middleware."""
+    return JSONResponse({"detail": str(exc)}, status_code=exc.status_code, headers=exc.headers)
+
+
+def _location_part(part: object) -> object:
+    """A part of an error's location: a field name, an index, or (an unexpected key of a
+    body) whatever the client sent, which is bounded and escaped."""
+    if isinstance(part, str) and (len(part) > EXCERPT_CHARS or not part.isprintable()):
+        return excerpt(part)
+    return part
+
+
+def brief(exc: Exception) -> str:
+    """One log line's worth of an exception: its type and message, bounded (``excerpt``)."""
+    return excerpt(f"{type(exc).__name__}: {exc}", quote=False)
 
 
 def validation_message(exc: RequestValidationError) -> str:
     """``loc: msg`` of every error, joined: the message names each field."""
     parts = []
     for error in exc.errors():
-        where = ".".join(str(p) for p in error.get("loc", ()))
-        parts.append(f"{where}: {error.get('msg')}")
+        where = ".".join(str(_location_part(p)) for p in error.get("loc", ()))
+        parts.append(f"{where}: {excerpt(error.get('msg'), quote=False)}")
     return "; ".join(parts)
 
 
@@ -51,7 +70,7 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError):
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code, headers=exc.headers)
+        return error_response(exc)
 
     @app.exception_handler(ReloadRefused)
     async def reload_refused(request: Request, exc: ReloadRefused):
@@ -68,8 +87,11 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     @app.exception_handler(NotReady)
     async def not_ready(request: Request, exc: NotReady):
+        # Why (a path, a library's message) is for the operator: /readyz with the admin token.
         return JSONResponse(
-            {"detail": f"no bundle loaded: {exc}"}, status_code=503, headers={"Retry-After": "5"}
+            {"detail": "no bundle loaded, retry shortly"},
+            status_code=503,
+            headers={"Retry-After": "5"},
         )
 
     @app.exception_handler(ComputeUnavailable)
@@ -100,6 +122,8 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         for error in errors:
             error.pop("input", None)  # never echo what was sent (it may be huge or secret)
             error.pop("ctx", None)
+            error["loc"] = [_location_part(part) for part in error.get("loc", ())]
+            error["msg"] = excerpt(error.get("msg"), quote=False)
         return JSONResponse({"detail": validation_message(exc), "errors": errors}, 422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -114,8 +138,15 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
             )
         return await http_exception_handler(request, exc)
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect):
+        # The client left (or the server closed a connection too slow to send its body):
+        # nobody reads an answer, and nothing went wrong here.
+        metrics.errors.labels(kind="disconnect").inc()
+        return Response(status_code=499)
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
         metrics.errors.labels(kind="internal").inc()
-        LOG.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": "internal error"}, status_code=500)
+        LOG.exception("unhandled error on %s %s", request.method, excerpt(request.url.path))
+        return JSONResponse({"detail": "internal error"}, status_code=500, headers=SECURITY)

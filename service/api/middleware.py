@@ -1,4 +1,5 @@
-"""ASGI middleware of the app: the body size limit and per-route request metrics."""
+"""ASGI middleware of the app: what a request body must be, security headers on every
+answer, and per-route request metrics."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import time
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
 
+from service.api.errors import error_response
+from service.api.headers import COMMON_HEADERS, SECURITY_HEADERS
+from service.errors import UnsupportedMediaType
 from service.metrics import Metrics
 
 
@@ -15,8 +19,26 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"body: larger than the limit of {limit} bytes")
 
 
-class BodySizeLimit:
-    """Refuse bodies over ``limit`` bytes, whether announced (Content-Length) or streamed."""
+def is_json(content_type: bytes | None) -> bool:
+    """``application/json`` or ``application/<anything>+json``, parameters allowed."""
+    if content_type is None:
+        return False
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (
+        media.startswith(b"application/") and media.endswith(b"+json")
+    )
+
+
+class RequestBodies:
+    """A request that carries a body must declare it JSON (415) and keep it within
+    ``limit`` bytes, whether announced (Content-Length) or streamed (413).
+
+    Every body the API takes is JSON. Requiring the declaration, for every route alike,
+    means a browser cannot send one from another site without a CORS preflight (a
+    ``text/plain`` POST is a "simple" request that needs none), and /recommend and /events
+    answer a wrong or missing content type the same way, with a message that says so.
+    A request without a body (``POST /admin/reload``) needs no content type.
+    """
 
     def __init__(self, app, limit: int):
         self.app = app
@@ -25,7 +47,13 @@ class BodySizeLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        has_body = b"transfer-encoding" in headers or (
+            declared is not None and declared.strip(b" 0") != b""
+        )
+        if has_body and not is_json(headers.get(b"content-type")):
+            return await error_response(UnsupportedMediaType())(scope, receive, send)
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             response = JSONResponse({"detail": BodyTooLarge(self.limit).detail}, status_code=413)
             return await response(scope, receive, send)
@@ -42,6 +70,27 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class SecurityHeaders:
+    """Add ``SECURITY_HEADERS`` to every answer; the interactive docs pages (``html_paths``)
+    get all but the Content-Security-Policy, which would stop their scripts."""
+
+    def __init__(self, app, html_paths: frozenset[str] = frozenset()):
+        self.app = app
+        self.html_paths = html_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        extra = COMMON_HEADERS if scope["path"] in self.html_paths else SECURITY_HEADERS
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 class RequestMetrics:

@@ -306,7 +306,7 @@ def test_readyz_names_the_bundle(client):
     body = response.json()
     assert body["ready"] is True and body["bundle"] == "tiny"
     assert body["encoders"] == ["sasrec"] and body["redis"] == "up"
-    assert body["last_error"] is None
+    assert body["reload_refused"] is False
 
 
 def test_with_an_answer_ttl_a_repeated_request_is_answered_whole(make_settings, history):

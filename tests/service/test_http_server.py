@@ -33,7 +33,8 @@ def server(served_models, key_prefix, tmp_path):
 def test_events_then_recommendations_over_http(server, tiny_data):
     history = history_events(tiny_data, 2)
     with httpx.Client(base_url=server, timeout=10) as client:
-        ready = client.get("/readyz").json()
+        admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+        ready = client.get("/readyz", headers=admin).json()
         assert ready["bundle"] == "tiny" and ready["redis"] == "up"
         assert set(ready["placement"]) == set(ready["encoders"])
         for stages in ready["placement"].values():

@@ -298,7 +298,7 @@ def test_a_corrupt_bundle_is_refused_and_the_old_one_keeps_serving(client, serve
 
     served = client.post("/recommend", json={"history": history})
     assert served.status_code == 200 and served.json()["bundle"] == "tiny"
-    ready = client.get("/readyz")
+    ready = client.get("/readyz", headers=ADMIN)
     assert ready.status_code == 200 and ready.json()["bundle"] == "tiny"
     assert "items.faiss" in ready.json()["last_error"]
     assert "checksum" in ready.json()["last_error"]
@@ -310,7 +310,7 @@ def test_a_fixed_current_clears_the_last_error(client, served_models, second_bun
     assert client.post("/admin/reload", headers=ADMIN).status_code == 409
     publish(served_models, second_bundle)
     assert client.post("/admin/reload", headers=ADMIN).status_code == 200
-    ready = client.get("/readyz").json()
+    ready = client.get("/readyz", headers=ADMIN).json()
     assert ready["bundle"] == "tiny-v2" and ready["last_error"] is None
 
 
@@ -319,7 +319,7 @@ def test_current_set_back_to_the_served_bundle_clears_the_last_error(client, ser
     assert client.post("/admin/reload", headers=ADMIN).status_code == 409
     set_current(served_models, "tiny")
     assert client.post("/admin/reload", headers=ADMIN).status_code == 200
-    ready = client.get("/readyz").json()
+    ready = client.get("/readyz", headers=ADMIN).json()
     assert ready["bundle"] == "tiny" and ready["last_error"] is None
 
 
@@ -334,7 +334,7 @@ def test_a_refused_bundle_is_not_retried_by_polling(make_settings, served_models
         )
         time.sleep(0.5)  # ten more polls
         assert refused_once in client.get("/metrics").text  # not re-verified every poll
-        ready = client.get("/readyz").json()
+        ready = client.get("/readyz", headers=ADMIN).json()
         assert ready["bundle"] == "tiny" and "items.faiss" in ready["last_error"]
 
 
@@ -380,7 +380,7 @@ def test_a_service_without_a_bundle_answers_503(make_settings, served_models, hi
         recommend = client.post("/recommend", json={"history": history})
         assert recommend.status_code == 503 and "Retry-After" in recommend.headers
         assert "no bundle loaded" in recommend.json()["detail"]
-        ready = client.get("/readyz")
+        ready = client.get("/readyz", headers=ADMIN)
         assert ready.status_code == 503
         assert ready.json()["ready"] is False and ready.json()["bundle"] is None
         assert "CURRENT" in ready.json()["last_error"]

@@ -5,9 +5,15 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from service.api.deps import State
+from service.api.deps import IsAdmin, MetricsAccess, State
+from service.errors import excerpt
 
 router = APIRouter(tags=["health"])
+# Included only while RECSERVE_METRICS_ENABLED (service.main); RECSERVE_METRICS_TOKEN
+# puts it behind a bearer token of its own.
+metrics_router = APIRouter(tags=["health"], dependencies=[MetricsAccess])
+
+LAST_ERROR_CHARS = 2000  # the most of a reload's refusal /readyz repeats, even to the admin
 
 
 @router.get("/healthz")
@@ -17,9 +23,14 @@ async def healthz() -> dict:
 
 
 @router.get("/readyz")
-async def readyz(state: State) -> JSONResponse:
-    """Ready when a bundle is loaded; says which, where each of its stages runs, whether
-    Redis answers, and the last error."""
+async def readyz(state: State, admin: IsAdmin) -> JSONResponse:
+    """Ready when a bundle is loaded; says which bundle and encoders, whether Redis answers,
+    and whether the last reload was refused.
+
+    Where each stage runs (``placement``) and why a reload was refused (``last_error``:
+    file paths, a library's message) are shown only to a request with the admin token
+    (``Authorization: Bearer``); anyone may ask whether the service is ready.
+    """
     redis_ok = await state.cache.ping() if state.cache else False
     recommender = state.recommender
     body = {
@@ -27,13 +38,18 @@ async def readyz(state: State) -> JSONResponse:
         "ready": recommender is not None and recommender.compute.available,
         "bundle": state.bundle_name,
         "encoders": list(recommender.bundle.retrievers) if recommender else [],
-        "placement": recommender.compute.placement if recommender else {},
         "redis": "up" if redis_ok else "down",
-        "last_error": state.last_error,
+        "reload_refused": state.last_error is not None,
     }
+    if admin:
+        body["placement"] = recommender.compute.placement if recommender else {}
+        last_error = state.last_error
+        if last_error is not None and len(last_error) > LAST_ERROR_CHARS:
+            last_error = excerpt(last_error, LAST_ERROR_CHARS, quote=False)
+        body["last_error"] = last_error
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
 
-@router.get("/metrics")
+@metrics_router.get("/metrics")
 async def metrics(state: State) -> Response:
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")

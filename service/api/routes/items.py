@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from service.api.access import require
 from service.api.deps import CurrentRecommender
 from service.api.schemas import SimilarResponse
-from service.errors import UnknownItem
+from service.errors import UnknownItem, excerpt
 
 router = APIRouter(prefix="/items", tags=["items"], dependencies=[Depends(require("recommend"))])
 
@@ -24,7 +24,7 @@ async def similar_items(
     """Items closest to ``item_id`` in the chosen retriever's item space."""
     items = await recommender.similar(item_id, k, encoder)
     if items is None:
-        raise UnknownItem(f"item {item_id!r} is not in bundle {recommender.bundle.name}")
+        raise UnknownItem(f"item {excerpt(item_id)} is not in bundle {recommender.bundle.name}")
     return SimilarResponse(
         item_id=item_id,
         encoder=recommender.retriever(encoder).name,

@@ -13,7 +13,7 @@ from service.api.access import Caller, get_caller
 from service.api.deps import State
 from service.api.lean_route import LeanRoute
 from service.api.schemas import RecommendRequest, RecommendResponse
-from service.errors import Forbidden, NoHistory, StoreUnavailable
+from service.errors import Forbidden, NoHistory, StoreUnavailable, excerpt
 
 LOG = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ async def recommend(
             state.metrics.errors.labels(kind="redis").inc()
             events, outage = [], True
         if not events and not outage:
-            raise NoHistory(f"user {body.user_id!r} has no stored history; send a history")
+            raise NoHistory(f"user {excerpt(body.user_id)} has no stored history; send a history")
     result = await recommender.recommend(
         events,
         k=body.k,

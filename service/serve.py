@@ -1,0 +1,117 @@
+"""The one way the service is started: uvicorn, with the HTTP limits of ``Settings``.
+
+    python -m service.serve [--host H] [--port P] [--workers N] [--log-level L] [--no-access-log]
+
+scripts/start.sh, both Dockerfiles (and so docker-compose.yml) and the tests' and
+benchmarks' servers (tests/servers.py) all start it, so the limits below cannot differ
+between them. Host, port and workers come from ``RECSERVE_HOST``, ``RECSERVE_PORT`` and
+``RECSERVE_WORKERS`` unless given as flags; the limits only from settings:
+
+- httptools' protocol bounded by ``service.http_protocol.LimitedHttpTools``: request line
+  and headers (``RECSERVE_MAX_HEADER_BYTES``, ``RECSERVE_MAX_HEADERS``), the time to send
+  them and the body (``RECSERVE_HEADER_TIMEOUT_SECONDS``, ``RECSERVE_BODY_TIMEOUT_SECONDS``);
+- uvicorn's keep-alive timeout (``RECSERVE_KEEPALIVE_TIMEOUT_SECONDS``);
+- no WebSocket upgrade (the service has none) and no ``server`` header;
+- an access log whose lines copy at most a bounded excerpt of the request's path.
+
+The environment is validated before uvicorn starts: a bad setting ends the start with one
+line naming it. The app itself is built by ``service.main:create_app`` in each worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from service.errors import EXCERPT_CHARS, excerpt
+from service.settings import Settings
+
+APP = "service.main:create_app"
+
+
+class BoundedArgs(logging.Filter):
+    """Cut the string arguments of a log record (an access log line's path) to an excerpt."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(
+            isinstance(arg, str) and len(arg) > EXCERPT_CHARS for arg in record.args
+        ):
+            record.args = tuple(
+                excerpt(arg, quote=False) if isinstance(arg, str) else arg for arg in record.args
+            )
+        return True
+
+
+def log_config() -> dict:
+    """uvicorn's logging configuration with ``BoundedArgs`` on its access log."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["bounded"] = {"()": "service.serve.BoundedArgs"}
+    config["handlers"]["access"]["filters"] = ["bounded"]
+    return config
+
+
+def uvicorn_options(settings: Settings) -> dict:
+    """Keyword arguments of ``uvicorn.run`` that bound what a connection may hold."""
+    from service.http_protocol import HttpLimits, LimitedHttpTools
+
+    limits = HttpLimits(
+        max_header_bytes=settings.max_header_bytes,
+        max_headers=settings.max_headers,
+        header_timeout=settings.header_timeout_seconds,
+        body_timeout=settings.body_timeout_seconds,
+    )
+    return {
+        "http": functools.partial(LimitedHttpTools, limits=limits),
+        "ws": "none",
+        "timeout_keep_alive": settings.keepalive_timeout_seconds,
+        "server_header": False,
+        "log_config": log_config(),
+    }
+
+
+def parse_args(argv: list[str] | None, settings: Settings) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m service.serve", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--host", default=settings.host, help="default: RECSERVE_HOST")
+    parser.add_argument("--port", type=int, default=settings.port, help="default: RECSERVE_PORT")
+    parser.add_argument(
+        "--workers", type=int, default=settings.workers, help="default: RECSERVE_WORKERS"
+    )
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--no-access-log", dest="access_log", action="store_false")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "settings"
+            sys.stderr.write(f"recserve: invalid setting {where}: {error['msg']}\n")
+        raise SystemExit(2) from None
+    args = parse_args(argv, settings)
+    import uvicorn
+
+    uvicorn.run(
+        APP,
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+        access_log=args.access_log,
+        **uvicorn_options(settings),
+    )
+
+
+if __name__ == "__main__":
+    main()
