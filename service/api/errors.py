@@ -51,6 +51,11 @@ def _location_part(part: object) -> object:
     return part
 
 
+def retry_later(detail: str, *, seconds: int) -> JSONResponse:
+    """503 with ``Retry-After``: the service cannot answer now but will shortly."""
+    return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": str(seconds)})
+
+
 def brief(exc: Exception) -> str:
     """One log line's worth of an exception: its type and message, bounded (``excerpt``)."""
     return excerpt(f"{type(exc).__name__}: {exc}", quote=False)
@@ -79,20 +84,12 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(StoreUnavailable)
     async def store_unavailable(request: Request, exc: StoreUnavailable):
         metrics.errors.labels(kind="redis").inc()
-        return JSONResponse(
-            {"detail": "behaviour store unavailable, retry shortly"},
-            status_code=503,
-            headers={"Retry-After": "1"},
-        )
+        return retry_later("behaviour store unavailable, retry shortly", seconds=1)
 
     @app.exception_handler(NotReady)
     async def not_ready(request: Request, exc: NotReady):
         # Why (a path, a library's message) is for the operator: /readyz with the admin token.
-        return JSONResponse(
-            {"detail": "no bundle loaded, retry shortly"},
-            status_code=503,
-            headers={"Retry-After": "5"},
-        )
+        return retry_later("no bundle loaded, retry shortly", seconds=5)
 
     @app.exception_handler(ComputeUnavailable)
     async def compute_unavailable(request: Request, exc: ComputeUnavailable):
@@ -100,11 +97,7 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         # one line for the operator, a retry hint for the client, the connection kept.
         metrics.errors.labels(kind="compute").inc()
         LOG.error("%s %s: %s", request.method, request.url.path, brief(exc))
-        return JSONResponse(
-            {"detail": "compute unavailable, retry shortly"},
-            status_code=503,
-            headers={"Retry-After": "1"},
-        )
+        return retry_later("compute unavailable, retry shortly", seconds=1)
 
     @app.exception_handler(ComputeError)
     async def compute_failed(request: Request, exc: ComputeError):

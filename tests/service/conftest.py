@@ -154,3 +154,11 @@ def redis_server(tmp_path):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def clean_recserve_environment(monkeypatch):
+    """No RECSERVE_* variable of the machine running the tests leaks into Settings()."""
+    for name in list(os.environ):
+        if name.startswith("RECSERVE_"):
+            monkeypatch.delenv(name)

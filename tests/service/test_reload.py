@@ -183,7 +183,7 @@ def test_a_forged_reload_message_is_ignored_counted_and_leaves_no_error(
         wait_until(settled, timeout=10, what="the workers to hear the forged messages")
         time.sleep(0.3)  # a reload it had started would show by now
         for client in clients:
-            ready = client.get("/readyz").json()
+            ready = client.get("/readyz", headers=ADMIN).json()
             assert ready["bundle"] == "tiny", "a forged message switched the bundle"
             assert ready["last_error"] is None
             assert signals(client, "accepted") == 0
@@ -228,7 +228,7 @@ def test_signed_signals_are_accepted_only_fresh_once_and_for_this_deployment(
                 what="the four signals to be refused",
             )
             assert signals(client, "accepted") == 1
-            assert client.get("/readyz").json()["last_error"] is None
+            assert client.get("/readyz", headers=ADMIN).json()["last_error"] is None
 
 
 @pytest.mark.parametrize("scoped_by", ["models_dir", "RECSERVE_DEPLOYMENT"])
@@ -250,7 +250,7 @@ def test_deployments_sharing_redis_and_prefix_do_not_hear_each_other(
         assert response.json()["serving"] == "tiny-v2"
         assert response.json()["workers_notified"] == 1  # blue's one worker, not green's
         time.sleep(0.5)
-        ready = other.get("/readyz").json()
+        ready = other.get("/readyz", headers=ADMIN).json()
         assert ready["bundle"] == "tiny" and ready["last_error"] is None
         assert "recserve_reload_signals_total{" not in other.get("/metrics").text
         assert 'recserve_reloads_total{outcome="refused"}' not in other.get("/metrics").text
@@ -268,7 +268,7 @@ def test_a_signal_clears_an_error_once_current_is_fine_again(
         set_current(served_models, "tiny")
         assert second.post("/admin/reload", headers=ADMIN).status_code == 200
         wait_until(
-            lambda: first.get("/readyz").json()["last_error"] is None,
+            lambda: first.get("/readyz", headers=ADMIN).json()["last_error"] is None,
             timeout=10,
             what="the signal to clear the first worker's error",
         )
@@ -367,7 +367,7 @@ def test_a_bundle_whose_parts_do_not_fit_is_refused_and_the_old_one_keeps_servin
             served = client.post("/recommend", json={"history": history})
             assert served.status_code == 200 and served.json()["bundle"] == "tiny"
         assert client.get("/items/1/similar").status_code == 200
-        ready = client.get("/readyz").json()
+        ready = client.get("/readyz", headers=ADMIN).json()
         assert ready["bundle"] == "tiny" and named in ready["last_error"]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 
 import pytest
@@ -15,11 +14,7 @@ from service.settings import Settings
 TOKEN = "t" * 20
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch):
-    for name in list(os.environ):
-        if name.startswith("RECSERVE_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("clean_recserve_environment")
 
 
 def test_the_limits_come_from_the_settings():

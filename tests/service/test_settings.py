@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -13,12 +12,7 @@ from service.settings import Settings
 TOKEN = "t" * 20
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch):
-    """No RECSERVE_* variable of the machine running the tests leaks into these."""
-    for name in list(os.environ):
-        if name.startswith("RECSERVE_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("clean_recserve_environment")
 
 
 def test_admin_enabled_without_a_token_is_refused():
