@@ -193,6 +193,20 @@ def _load_in_thread(url: str, data, mix_options: dict, load_options: dict, obser
     return thread, holder
 
 
+def _recorded_load(service, fixture: Fixture, mix: dict, *, duration: float, concurrency: int):
+    """A closed-loop load run of ``duration`` seconds on ``service``, every request recorded;
+    returns (recorder, thread, result holder)."""
+    recorder = Recorder()
+    thread, holder = _load_in_thread(
+        service.url,
+        fixture.data,
+        mix,
+        {"duration_s": duration, "concurrency": concurrency},
+        recorder,
+    )
+    return recorder, thread, holder
+
+
 def _finish(thread: threading.Thread, holder: dict, timeout: float) -> dict:
     thread.join(timeout)
     if thread.is_alive():
@@ -242,14 +256,9 @@ def redis_outage(
 ) -> FaultRow:
     """Stop Redis during a load run and start it again."""
     with private_stack(fixture, "outage", persistent=True) as (redis, service, _):
-        recorder = Recorder()
         mix = {"events_share": 0.25, "user_id_share": 0.2, "repeat_share": 0.5, "seed_users": 50}
-        thread, holder = _load_in_thread(
-            service.url,
-            fixture.data,
-            mix,
-            {"duration_s": duration, "concurrency": concurrency},
-            recorder,
+        recorder, thread, holder = _recorded_load(
+            service, fixture, mix, duration=duration, concurrency=concurrency
         )
         time.sleep(outage_at)
         down_at = time.monotonic() - recorder.t0
@@ -617,14 +626,9 @@ def compute_faults(
     rows = []
     for case in cases:
         with private_stack(fixture, f"compute-{case}") as (_, service, _):
-            recorder = Recorder()
             mix = {"events_share": 0.0, "user_id_share": 0.0, "repeat_share": 0.0}
-            thread, holder = _load_in_thread(
-                service.url,
-                fixture.data,
-                mix,
-                {"duration_s": duration, "concurrency": concurrency},
-                recorder,
+            recorder, thread, holder = _recorded_load(
+                service, fixture, mix, duration=duration, concurrency=concurrency
             )
             time.sleep(fault_at)
             memory_before = service.rss_by_role()
