@@ -34,6 +34,7 @@ import shutil
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import repeat
 from pathlib import Path, PurePosixPath
 
@@ -309,6 +310,34 @@ class Catalogue:
         """Internal ids for raw ids; unknown ids map to 0 (padding)."""
         # map() over the dict's own get: faster than a generator for a request's ids.
         return np.array(list(map(self.lookup.get, raw, repeat(0, len(raw)))), dtype=np.int64)
+
+    @cached_property
+    def popularity_order(self) -> np.ndarray:
+        """Internal ids, most popular first (ties: lower id first), padding excluded."""
+        counts = self.popularity.astype(np.float64)
+        counts[0] = -np.inf
+        return np.argsort(-counts, kind="stable")[:-1]
+
+    @cached_property
+    def _folded_titles(self) -> list[str]:
+        return [(title or "").casefold() for title in self.titles or ()]
+
+    def search(self, text: str, limit: int) -> tuple[np.ndarray, int]:
+        """Up to ``limit`` internal ids for ``text`` and how many matched in all: the item
+        whose raw id is ``text``, then items whose title contains it (case-insensitive),
+        most popular first; for blank ``text``, the most popular items."""
+        text = text.strip()
+        if not text:
+            return self.popularity_order[:limit], self.n_items
+        needle = text.casefold()
+        titled = np.fromiter(
+            (i for i, title in enumerate(self._folded_titles) if needle in title), np.int64
+        )
+        titled = titled[np.argsort(-self.popularity[titled], kind="stable")]
+        exact = self.lookup.get(text)
+        if exact is not None:
+            titled = np.concatenate([[exact], titled[titled != exact]])
+        return titled[:limit], len(titled)
 
 
 def read_catalogue(path: Path) -> Catalogue:

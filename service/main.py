@@ -18,8 +18,9 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from service.api.errors import install_error_handlers
+from service.api.headers import COMMON_HEADERS, DEMO_HEADERS
 from service.api.middleware import RequestBodies, RequestMetrics, SecurityHeaders
-from service.api.routes import admin, events, health, items, recommend
+from service.api.routes import admin, bundle, demo, events, health, items, recommend
 from service.cache import RedisBehaviourCache
 from service.errors import BundleError
 from service.metrics import Metrics
@@ -71,10 +72,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # RECSERVE_DOCS_ENABLED=0: no /docs, /redoc or /openapi.json (404).
         **({} if settings.docs_enabled else DOCS_OFF),
     )
-    for module in (recommend, events, items, health, admin):
+    for module in (recommend, events, items, bundle, health, admin):
         app.include_router(module.router)
     if settings.metrics_enabled:
         app.include_router(health.metrics_router)
+    if settings.demo_enabled:
+        demo.install(app)
 
     install_error_handlers(app, metrics)
     if settings.cors_origins:
@@ -84,5 +87,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestBodies, limit=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     docs_pages = {app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url} - {None}
-    app.add_middleware(SecurityHeaders, html_paths=frozenset(docs_pages))
+    pages = dict.fromkeys(docs_pages, COMMON_HEADERS)
+    if settings.demo_enabled:
+        pages[demo.PREFIX] = DEMO_HEADERS
+    app.add_middleware(SecurityHeaders, pages=pages)
     return app

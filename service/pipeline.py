@@ -35,7 +35,7 @@ from service.errors import BundleError
 from service.features import ItemFeatures
 from service.filters import drop_seen
 from service.histories import left_padded_window
-from service.ranking import RerankJob, rerank_batch
+from service.ranking import Reranked, RerankJob, rerank_batch
 
 STAGES = ("encode", "retrieve", "rerank")
 
@@ -88,6 +88,7 @@ class Ranked:
     ids: np.ndarray  # (<= k,) internal ids, best first
     scores: np.ndarray  # the served score: the head's logit, or the retrieval score
     retrieval_scores: np.ndarray
+    retrieval_ranks: np.ndarray  # each item's 0-based position in retrieval order
     reranked: bool
     timings: dict[str, float]  # milliseconds per stage, each its batch's
     retrieval: CachedRetrieval | None  # computed here (None for a cache hit)
@@ -228,7 +229,7 @@ def compute_batch(
         for i, query in enumerate(queries)
         if query.rerank and head is not None and len(kept[i][0])
     ]
-    ranked: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    ranked: dict[int, Reranked] = {}
     if wanted:
         started = time.perf_counter()
         reranked = rerank_batch(
@@ -248,16 +249,19 @@ def compute_batch(
             ],
         )
         timings["rerank"] = elapsed_ms(started)
-        for i, result in zip(wanted, reranked, strict=True):
-            ranked[i] = (result.ids, result.logits, result.retrieval_scores)
+        ranked = dict(zip(wanted, reranked, strict=True))
     results = []
     for i, query in enumerate(queries):
-        ids, scores, retrieval_scores = ranked.get(i, (kept[i][0], kept[i][1], kept[i][1]))
+        order = ranked.get(i)
+        if order is None:  # not reranked: retrieval order is the served order
+            ids, scores = kept[i]
+            order = Reranked(ids, scores, scores, np.arange(len(ids)))
         results.append(
             Ranked(
-                ids=ids[: query.k],
-                scores=scores[: query.k],
-                retrieval_scores=retrieval_scores[: query.k],
+                ids=order.ids[: query.k],
+                scores=order.logits[: query.k],
+                retrieval_scores=order.retrieval_scores[: query.k],
+                retrieval_ranks=order.retrieval_ranks[: query.k],
                 reranked=i in ranked,
                 timings=timings,
                 # Only a new retrieval travels back (a hit's is the caller's already).

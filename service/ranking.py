@@ -138,6 +138,7 @@ class Reranked:
     ids: np.ndarray  # (c,) internal ids, best first
     logits: np.ndarray  # (c,) head logits
     retrieval_scores: np.ndarray  # (c,)
+    retrieval_ranks: np.ndarray  # (c,) each item's 0-based position in retrieval order
 
 
 def batch_head_inputs(
@@ -184,7 +185,8 @@ def rerank_batch(
     scored = [i for i, job in enumerate(jobs) if len(job.candidate_ids)]
     for i in set(range(len(jobs))) - set(scored):
         empty = np.zeros(0, dtype=np.float32)
-        results[i] = Reranked(np.zeros(0, dtype=np.int64), empty, empty)
+        nothing = np.zeros(0, dtype=np.int64)
+        results[i] = Reranked(nothing, empty, empty, nothing)
     if scored:
         inputs = batch_head_inputs(items, item_vectors, [jobs[i] for i in scored])
         if head.feature_names is not None and head.feature_names != inputs.feature_names:
@@ -201,6 +203,7 @@ def rerank_batch(
                 np.asarray(job.candidate_ids)[order],
                 mine[order],
                 np.asarray(job.retrieval_scores)[order],
+                order,
             )
     return results
 

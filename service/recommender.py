@@ -121,9 +121,7 @@ class Recommender:
         # that arrives before Redis has them: (cache, key) -> entry.
         self._unwritten: dict[tuple[BehaviourCache, str], CachedRetrieval] = {}
         self._writes: set[asyncio.Task] = set()
-        popularity = bundle.catalogue.popularity.astype(np.float64)
-        popularity[0] = -np.inf
-        self._popular_order = np.argsort(-popularity, kind="stable")
+        self._popular_order = bundle.catalogue.popularity_order
 
     @classmethod
     def from_settings(
@@ -155,21 +153,31 @@ class Recommender:
             )
         return self.bundle.retrievers[name]
 
-    def items(self, ids: np.ndarray, scores: np.ndarray, retrieval_scores: np.ndarray):
-        """Response items for internal ids, best first."""
+    def items(
+        self,
+        ids: np.ndarray,
+        scores: np.ndarray,
+        retrieval_scores: np.ndarray,
+        retrieval_ranks: np.ndarray | None = None,
+    ):
+        """Response items for internal ids, best first; ``retrieval_ranks`` (0-based) where
+        a rerank changed the order, else the items are in retrieval order."""
         catalogue = self.bundle.catalogue
         titles = catalogue.titles
+        ranks = range(len(ids)) if retrieval_ranks is None else retrieval_ranks.tolist()
         return [
             {
                 "item_id": str(raw),
                 "score": score,
                 "retrieval_score": retrieval_score,
+                "retrieval_rank": rank + 1,
                 "title": titles[i] if titles is not None else None,
             }
-            for raw, score, retrieval_score, i in zip(
+            for raw, score, retrieval_score, rank, i in zip(
                 catalogue.raw_ids[ids].tolist(),
                 np.asarray(scores, dtype=np.float64).tolist(),
                 np.asarray(retrieval_scores, dtype=np.float64).tolist(),
+                ranks,
                 ids.tolist(),
                 strict=True,
             )
@@ -180,7 +188,7 @@ class Recommender:
         chosen = []
         excluded = set(exclude.tolist())
         for item in self._popular_order:
-            if item == 0 or item in excluded:
+            if item in excluded:
                 continue
             chosen.append(item)
             if len(chosen) == k:
@@ -281,7 +289,7 @@ class Recommender:
             else:
                 ranked = next(computed)
                 recommendation.items = self.items(
-                    ranked.ids, ranked.scores, ranked.retrieval_scores
+                    ranked.ids, ranked.scores, ranked.retrieval_scores, ranked.retrieval_ranks
                 )
                 recommendation.reranked = ranked.reranked
                 recommendation.timings_ms = dict(ranked.timings)

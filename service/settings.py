@@ -110,6 +110,7 @@ class Settings(BaseSettings):
     # -- what is published besides the API
     docs_enabled: bool = True  # /docs, /redoc, /openapi.json; off: 404
     metrics_enabled: bool = True  # /metrics; off: 404
+    demo_enabled: bool = True  # the demo page at / and /demo; off: 404
     # With a token /metrics answers only `Authorization: Bearer <token>` (401 otherwise).
     metrics_token: SecretStr | None = None
 

@@ -9,7 +9,7 @@ from fastapi import HTTPException
 from fastapi.responses import JSONResponse
 
 from service.api.errors import error_response
-from service.api.headers import COMMON_HEADERS, SECURITY_HEADERS
+from service.api.headers import SECURITY_HEADERS
 from service.errors import UnsupportedMediaType
 from service.metrics import Metrics
 
@@ -73,17 +73,27 @@ class RequestBodies:
 
 
 class SecurityHeaders:
-    """Add ``SECURITY_HEADERS`` to every answer; the interactive docs pages (``html_paths``)
-    get all but the Content-Security-Policy, which would stop their scripts."""
+    """Add ``SECURITY_HEADERS`` to every answer, except where ``pages`` says otherwise:
+    it maps a path, or a prefix ending in "/", to the headers of the pages there (the
+    interactive docs need scripts from a CDN, the demo page its own files)."""
 
-    def __init__(self, app, html_paths: frozenset[str] = frozenset()):
+    def __init__(self, app, pages: dict[str, tuple[tuple[bytes, bytes], ...]] | None = None):
         self.app = app
-        self.html_paths = html_paths
+        self.exact = dict(pages or {})
+        self.prefixes = [(path, headers) for path, headers in self.exact.items() if path[-1] == "/"]
+
+    def headers_for(self, path: str) -> tuple[tuple[bytes, bytes], ...]:
+        if path in self.exact:
+            return self.exact[path]
+        for prefix, headers in self.prefixes:
+            if path.startswith(prefix):
+                return headers
+        return SECURITY_HEADERS
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        extra = COMMON_HEADERS if scope["path"] in self.html_paths else SECURITY_HEADERS
+        extra = self.headers_for(scope["path"])
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":

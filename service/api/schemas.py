@@ -57,8 +57,15 @@ class RecommendRequest(BaseModel):
 
 class RecommendedItem(BaseModel):
     item_id: str
-    score: float
+    score: float = Field(
+        description="what orders the list: the CTR head's logit or, "
+        "without a rerank, the retrieval score"
+    )
     retrieval_score: float
+    retrieval_rank: int = Field(
+        description="1-based position in retrieval order (seen items removed); where it "
+        "differs from the position in the list, the rerank moved the item"
+    )
     title: str | None = None
 
 
@@ -105,3 +112,38 @@ class SimilarResponse(BaseModel):
     encoder: str
     bundle: str
     items: list[RecommendedItem]
+
+
+class CatalogueItem(BaseModel):
+    item_id: str
+    title: str | None = None
+    genres: list[str] = Field(default_factory=list)
+    popularity: int = Field(description="training events of the item in the bundle's data")
+
+
+class ItemSearchResponse(BaseModel):
+    bundle: str
+    query: str
+    matched: int = Field(description="items that match in all (the list holds up to limit)")
+    items: list[CatalogueItem]
+
+
+class RetrieverInfo(BaseModel):
+    name: str
+    dim: int
+    max_len: int = Field(description="history events the encoder reads")
+    index: str = Field(description="the faiss index kind")
+    reranks: bool = Field(description="whether a CTR head reranks this retriever's candidates")
+    test_metrics: dict[str, float] = Field(
+        default_factory=dict, description="offline test metrics recorded at export"
+    )
+    popularity_test_metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class BundleInfo(BaseModel):
+    name: str
+    created_at: str | None = None
+    items: int
+    titles: bool = Field(description="whether the catalogue has titles")
+    default_encoder: str
+    retrievers: list[RetrieverInfo]

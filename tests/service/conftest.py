@@ -89,6 +89,27 @@ def head_models(tiny_data, trained_run, tmp_path_factory):
     return models
 
 
+@pytest.fixture(scope="session")
+def two_retriever_models(tiny_data, trained_run, tmp_path_factory) -> Path:
+    """A models dir whose CURRENT bundle ("two") holds the SASRec-kind and a two-tower
+    retriever, each with a CTR head: what the quickstart builds, in small."""
+    from training.ctr import CtrConfig
+    from training.export import export_bundle
+    from training.trainer import TrainConfig, train
+
+    two_tower = train(
+        tiny_data,
+        TrainConfig(model="two_tower", epochs=2, lr=3e-3, model_options={"max_len": 16, "dim": 16}),
+        tmp_path_factory.mktemp("two-tower-run"),
+    )
+    models = tmp_path_factory.mktemp("two-models")
+    config = CtrConfig(candidates=30, epochs=2, encode_batch=128)
+    export_bundle(
+        [trained_run.checkpoint, two_tower.checkpoint], tiny_data, models, name="two", ctr=config
+    )
+    return models
+
+
 @pytest.fixture
 def served_models(exported_bundle, tmp_path) -> Path:
     """A private copy of the models dir (CURRENT = "tiny") that a test may change."""

@@ -296,6 +296,54 @@ def test_similar_items_with_an_unknown_encoder_are_422(client):
     assert response.status_code == 422 and "nope" in response.json()["detail"]
 
 
+def test_the_catalogue_is_searched_by_title_most_popular_first(client):
+    body = client.get("/items", params={"q": "ITEM 1", "limit": 5}).json()
+    assert body["bundle"] == "tiny" and body["query"] == "ITEM 1"
+    assert len(body["items"]) == 5 and body["matched"] > 5
+    assert all("item 1" in item["title"].lower() for item in body["items"])
+    counts = [item["popularity"] for item in body["items"]]
+    assert counts == sorted(counts, reverse=True)
+
+
+def test_an_item_id_finds_that_item_first(client):
+    # "12" is item 12's id and part of the titles "Item 112", "Item 120", ...
+    body = client.get("/items", params={"q": "12", "limit": 100}).json()
+    assert body["items"][0]["item_id"] == "12"
+    assert [i["item_id"] for i in body["items"]].count("12") == 1
+
+
+def test_a_blank_search_lists_the_most_popular_items(client):
+    body = client.get("/items", params={"limit": 3}).json()
+    assert body["matched"] == 120 and len(body["items"]) == 3
+    everything = client.get("/items", params={"limit": 100}).json()["items"]
+    assert body["items"] == everything[:3]
+    assert everything[0]["popularity"] == max(item["popularity"] for item in everything)
+
+
+def test_a_search_that_matches_nothing_is_an_empty_list(client):
+    assert client.get("/items", params={"q": "no such title"}).json()["items"] == []
+
+
+@pytest.mark.parametrize(
+    "params, field", [({"limit": 0}, "query.limit"), ({"q": "x" * 201}, "query.q")]
+)
+def test_bad_search_parameters_are_422_naming_the_field(client, params, field):
+    response = client.get("/items", params=params)
+    assert response.status_code == 422 and field in response.json()["detail"]
+
+
+def test_bundle_describes_the_served_retrievers(client):
+    body = client.get("/bundle").json()
+    assert body["name"] == "tiny" and body["items"] == 120 and body["titles"] is True
+    assert body["default_encoder"] == "sasrec"
+    (retriever,) = body["retrievers"]
+    assert retriever["name"] == "sasrec" and retriever["reranks"] is False
+    assert retriever["index"] == "Flat" and retriever["dim"] == 16
+    assert 0 < retriever["test_metrics"]["ndcg@10"] <= 1
+    assert 0 < retriever["popularity_test_metrics"]["ndcg@10"] <= 1
+    assert "path" not in str(body) and "git" not in str(body)
+
+
 def test_healthz_answers(client):
     assert client.get("/healthz").json() == {"status": "ok"}
 

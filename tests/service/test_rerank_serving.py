@@ -42,6 +42,18 @@ def test_reranking_reorders_the_same_candidates_as_retrieval(head_client, histor
     assert {i["item_id"] for i in reranked} == {i["item_id"] for i in retrieved}
 
 
+@pytest.mark.slow
+def test_each_item_says_where_retrieval_had_put_it(head_client, history):
+    request = {"history": history, "k": 20, "candidates": 20}
+    reranked = head_client.post("/recommend", json=request).json()["items"]
+    retrieved = head_client.post("/recommend", json={**request, "rerank": False}).json()["items"]
+    assert [item["retrieval_rank"] for item in retrieved] == list(range(1, 21))
+    # Ordering the reranked list by the ranks it reports gives back the retrieval order.
+    by_rank = sorted(reranked, key=lambda item: item["retrieval_rank"])
+    assert [i["item_id"] for i in by_rank] == [i["item_id"] for i in retrieved]
+    assert [i["retrieval_score"] for i in by_rank] == [i["retrieval_score"] for i in retrieved]
+
+
 def test_a_bundle_without_a_head_still_serves(client, history):
     body = client.post("/recommend", json={"history": history, "k": 5}).json()
     assert body["reranked"] is False and len(body["items"]) == 5

@@ -1,4 +1,4 @@
-"""GET /items/{item_id}/similar."""
+"""GET /items (search the catalogue) and GET /items/{item_id}/similar."""
 
 from __future__ import annotations
 
@@ -8,10 +8,37 @@ from fastapi import APIRouter, Depends, Path, Query
 
 from service.api.access import require
 from service.api.deps import CurrentRecommender
-from service.api.schemas import SimilarResponse
+from service.api.schemas import CatalogueItem, ItemSearchResponse, SimilarResponse
 from service.errors import UnknownItem, excerpt
 
 router = APIRouter(prefix="/items", tags=["items"], dependencies=[Depends(require("recommend"))])
+
+
+@router.get("", response_model=ItemSearchResponse)
+async def search_items(
+    recommender: CurrentRecommender,
+    q: Annotated[str, Query(max_length=200, description="an item id, or part of a title")] = "",
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> ItemSearchResponse:
+    """Items of the served catalogue: the item whose id is ``q`` first, then those whose
+    title contains ``q`` (case-insensitive), most popular first; the most popular items
+    when ``q`` is empty."""
+    catalogue = recommender.bundle.catalogue
+    ids, matched = catalogue.search(q, limit)
+    return ItemSearchResponse(
+        bundle=recommender.bundle.name,
+        query=q,
+        matched=matched,
+        items=[
+            CatalogueItem(
+                item_id=str(catalogue.raw_ids[i]),
+                title=catalogue.titles[i] if catalogue.titles else None,
+                genres=catalogue.genres[i] if catalogue.genres else [],
+                popularity=int(catalogue.popularity[i]),
+            )
+            for i in ids.tolist()
+        ],
+    )
 
 
 @router.get("/{item_id}/similar", response_model=SimilarResponse)

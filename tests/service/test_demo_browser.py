@@ -1,0 +1,106 @@
+"""The demo page in a real browser (headless chromium, Selenium) against a real server.
+
+The page is served by ``python -m service.serve`` over loopback with a bundle of two
+retrievers, each with a CTR head. What the page shows must be what the API answers.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.browser import (
+    build_history,
+    chromium,
+    column_items,
+    columns_ready,
+    missing_browser,
+    wait_for,
+)
+from tests.servers import UvicornService
+from tests.service.conftest import server_settings
+
+pytestmark = pytest.mark.skipif(missing_browser() is not None, reason=str(missing_browser()))
+
+
+@pytest.fixture(scope="module")
+def server(two_retriever_models, tmp_path_factory, shared_redis):
+    from tests.service.conftest import delete_prefix
+
+    prefix = "demo-browser"
+    log = tmp_path_factory.mktemp("demo") / "uvicorn.log"
+    service = UvicornService(server_settings(two_retriever_models, prefix), log_path=log)
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()
+        delete_prefix(shared_redis, prefix)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = chromium()
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_recommendations_for_three_clicked_items_match_the_api(server, browser):
+    history = build_history(browser, server.url, "item 1", clicks=3)
+    assert len({event["item_id"] for event in history}) == 3
+
+    columns = columns_ready(browser, "recommendations")
+    encoders = [column.get_attribute("data-encoder") for column in columns]
+    assert encoders == ["sasrec", "two_tower"]
+    for column, encoder in zip(columns, encoders, strict=True):
+        assert column.get_attribute("data-state") == "ready", column.text
+        shown = column_items(column)
+        answer = httpx.post(
+            f"{server.url}/recommend",
+            json={"history": history, "k": 10, "encoder": encoder, "rerank": True},
+        ).json()
+        assert shown == [item["item_id"] for item in answer["items"]]
+        assert len(shown) == 10
+        # Titles, both scores, the move the rerank made, the cache and the timings.
+        first = column.find_element("css selector", "tbody tr")
+        cells = [cell.text for cell in first.find_elements("tag name", "td")]
+        assert cells[1].startswith(answer["items"][0]["title"])
+        assert cells[2] == f"{answer['items'][0]['retrieval_score']:.3f}"
+        assert cells[3] == f"{answer['items'][0]['score']:.3f}"
+        assert cells[4] in {"="} | {f"▲{n}" for n in range(1, 200)}
+        assert "reranked" in column.text and "cache " in column.text
+        assert "total" in column.find_element("css selector", ".timings").text
+    assert not browser.find_element("id", "error").is_displayed()
+
+
+def test_similar_items_match_the_api(server, browser):
+    build_history(browser, server.url, "item 2", clicks=1)
+    row = browser.find_element("css selector", "#search-results li")
+    item_id = row.get_attribute("data-item-id")
+    row.find_element("css selector", "button.similar").click()
+    columns = wait_for(browser, lambda d: columns_ready(d, "similar"), what="similar items")
+    for column in columns:
+        encoder = column.get_attribute("data-encoder")
+        answer = httpx.get(
+            f"{server.url}/items/{item_id}/similar", params={"k": 10, "encoder": encoder}
+        ).json()
+        assert column_items(column) == [item["item_id"] for item in answer["items"]]
+
+
+def test_a_refused_request_shows_the_servers_error(server, browser):
+    browser.get(f"{server.url}/demo/")
+    wait_for(browser, lambda d: d.find_element("id", "bundle").text.startswith("bundle "))
+    wait_for(browser, lambda d: d.find_elements("css selector", "#search-results li"))
+    browser.find_element("css selector", "#options summary").click()
+    k = browser.find_element("id", "k")
+    k.clear()
+    k.send_keys("0")
+    browser.find_element("css selector", "#search-results li button.add").click()
+    columns = wait_for(browser, lambda d: columns_ready(d, "recommendations"), what="answers")
+    assert {column.get_attribute("data-state") for column in columns} == {"error"}
+    banner = browser.find_element("id", "error")
+    assert banner.is_displayed()
+    # The API's own message, naming the field.
+    assert "422" in banner.text and "body.k" in banner.text, banner.text
