@@ -29,8 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.bundle import Bundle, Catalogue, Retriever
+from service.bundle import Bundle, Retriever
 from service.cache import CachedRetrieval
+from service.catalogue import Catalogue
 from service.errors import BundleError
 from service.features import ItemFeatures
 from service.filters import drop_seen
