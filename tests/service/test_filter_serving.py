@@ -177,6 +177,18 @@ def test_the_answer_memo_never_reuses_an_answer_across_filters(bundle, tiny_data
     assert (colour.codes[internal(bundle, again)] == colour.values["red"]).all()
 
 
+def test_the_batch_job_never_recommends_an_unavailable_item(bundle, tiny_data, tmp_path):
+    import pyarrow.parquet as pq
+
+    from training.batch_recommend import batch_recommend
+
+    batch_recommend(bundle, tiny_data, tmp_path / "recs.parquet", k=10, history="test")
+    recs = pq.read_table(tmp_path / "recs.parquet").to_pydict()
+    served = bundle.catalogue.internal_ids(recs["item"])
+    assert bundle.catalogue.available[served].all()
+    assert set(np.bincount(np.unique(recs["user"], return_inverse=True)[1])) == {10}
+
+
 def test_a_filter_on_an_attribute_the_catalogue_lacks_fails_alone(recommender, tiny_data):
     with pytest.raises(InvalidField, match="^filter.ranges.size: "):
         recommend(
