@@ -60,7 +60,9 @@ def drop_excluded(
     lengths = np.fromiter((len(row) for row in ids), np.int64, len(ids))
     flat = np.concatenate(ids).astype(np.int64, copy=False)
     wanted = [np.asarray(row, dtype=np.int64) for row in seen]
-    dropped = [np.asarray(row, dtype=np.int64) for row in excluded or ()]
+    dropped = []  # only where some row excludes items: the unfiltered path skips them
+    if excluded is not None and any(len(row) for row in excluded):
+        dropped = [np.asarray(row, dtype=np.int64) for row in excluded]
     span = 1 + max(
         int(flat.max(initial=0)), *(int(row.max(initial=0)) for row in wanted + dropped), 0
     )
@@ -69,7 +71,7 @@ def drop_excluded(
     served = (flat > 0) & ~np.isin(pairs, _row_keys(wanted, span))
     ends = np.cumsum(lengths)
     removed = None  # (sum of lengths,) bool: what the filter took out of the served
-    if any(len(row) for row in dropped):
+    if dropped:
         removed = served & np.isin(pairs, _row_keys(dropped, span))
     if masks is not None and any(mask is not None for mask in masks):
         removed = np.zeros(len(flat), dtype=bool) if removed is None else removed
