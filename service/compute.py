@@ -153,9 +153,9 @@ class ProcessCompute:
     The child sends a heartbeat every ``config.heartbeat_seconds``, computing or not; a
     child not heard from for ``stall_seconds`` (stopped, wedged, swapping) is killed,
     what it held fails with ``ComputeUnavailable``, and a new one is started at once. A
-    batch whose child was lost is sent once more to the new child (the
-    computation has no side effects), so a crash or stall fails a request only when the
-    replacement fails it too. ``call_timeout`` bounds one call whatever the heartbeat.
+    batch whose child was lost is sent once more to the new child (the computation has no
+    side effects), so a crash or stall fails a request only when the replacement fails it
+    too. ``call_timeout`` bounds one call whatever the heartbeat.
     """
 
     def __init__(
