@@ -38,7 +38,6 @@ from concurrent.futures import Executor
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.bundle import Bundle, load_bundle, placement, settle_heap
@@ -114,15 +113,10 @@ class ThreadCompute:
                 self.bundle.retrievers[retriever],
                 self.bundle.item_features,
                 queries,
+                self.bundle.catalogue,
             )
         except Exception as exc:  # as a compute process reports it: this request failed
             raise ComputeError(f"{type(exc).__name__}: {exc}") from exc
-
-    async def search(self, retriever: str, queries: np.ndarray, k: int):
-        index = self.bundle.retrievers[retriever].index
-        return await asyncio.get_running_loop().run_in_executor(
-            self.executor, index.search, queries, k
-        )
 
     async def close(self) -> None:
         """Nothing to stop."""
@@ -159,9 +153,9 @@ class ProcessCompute:
     The child sends a heartbeat every ``config.heartbeat_seconds``, computing or not; a
     child not heard from for ``stall_seconds`` (stopped, wedged, swapping) is killed,
     what it held fails with ``ComputeUnavailable``, and a new one is started at once. A
-    batch or search whose child was lost is sent once more to the new child (the
-    computation has no side effects), so a crash or stall fails a request only when the
-    replacement fails it too. ``call_timeout`` bounds one call whatever the heartbeat.
+    batch whose child was lost is sent once more to the new child (the computation has no
+    side effects), so a crash or stall fails a request only when the replacement fails it
+    too. ``call_timeout`` bounds one call whatever the heartbeat.
     """
 
     def __init__(
@@ -364,9 +358,6 @@ class ProcessCompute:
     async def batch(self, retriever: str, queries: list[Query]) -> list[Ranked]:
         return await self._call("batch", retriever, queries)
 
-    async def search(self, retriever: str, queries: np.ndarray, k: int):
-        return await self._call("search", retriever, queries, k)
-
     async def close(self) -> None:
         """Stop the child (it exits when its socket closes) and its watchdog."""
         self._closed = True
@@ -519,7 +510,9 @@ def _serve(inbox: _Inbox, outbox: _Outbox, config: ComputeConfig) -> None:
         fails, each request alone, so one bad request fails only itself."""
         merged = [query for _, (_, queries) in requests for query in queries]
         try:
-            answers = compute_batch(bundle.retrievers[retriever], bundle.item_features, merged)
+            answers = compute_batch(
+                bundle.retrievers[retriever], bundle.item_features, merged, bundle.catalogue
+            )
         except Exception as exc:
             if len(requests) == 1:
                 return [exc]
@@ -543,7 +536,7 @@ def _serve(inbox: _Inbox, outbox: _Outbox, config: ComputeConfig) -> None:
             if op == "batch":
                 by_retriever.setdefault(call_args[0], []).append((call_id, call_args))
                 continue
-            replies.append(_reply(call_id, _single, bundle, op, call_args))
+            replies.append(_reply(call_id, _unknown, op))
         for retriever, requests in by_retriever.items():
             parts = batches(retriever, requests)
             for (call_id, _), part in zip(requests, parts, strict=True):
@@ -551,10 +544,7 @@ def _serve(inbox: _Inbox, outbox: _Outbox, config: ComputeConfig) -> None:
         outbox.send(b"".join(frame(reply) for reply in replies))
 
 
-def _single(bundle, op: str, call_args):
-    if op == "search":
-        retriever, queries, k = call_args
-        return bundle.retrievers[retriever].index.search(queries, k)
+def _unknown(op: str):
     raise ValueError(f"unknown compute operation {op!r}")
 
 

@@ -106,7 +106,7 @@ class ItemFeatures:
 
     @classmethod
     def from_catalogue(cls, catalogue, last_seen: np.ndarray | None = None) -> ItemFeatures:
-        """From a ``service.bundle.Catalogue`` (popularity, genres and ``last_seen``).
+        """From a ``service.catalogue.Catalogue`` (popularity, genres and ``last_seen``).
 
         ``last_seen`` overrides the catalogue's; one of the two must be present.
         """

@@ -1,5 +1,6 @@
 """The synchronous batch kernel: history -> encoder window -> embedding -> candidates ->
-(seen items dropped) -> (rerank) -> top k, for a batch of requests of one retriever.
+(seen items and what the filter leaves out dropped) -> (rerank) -> top k, for a batch of
+requests of one retriever.
 
 Two halves, both plain numpy and native calls (no event loop, no Redis):
 
@@ -8,10 +9,19 @@ Two halves, both plain numpy and native calls (no event loop, no Redis):
   ``history_cap`` events, and builds each request's :class:`Query` (the encoder window,
   the search depth, the items never to serve);
 - :func:`compute_batch` runs where ``service.compute`` puts it (a thread, or a compute
-  process, which is why a ``Query`` carries only arrays and numbers): one ONNX call for
-  every query without an embedding, one index search for all, the seen items dropped
-  (``service.filters``), one CTR head call for all the reranked ones
-  (``service.ranking``).
+  process, which is why a ``Query`` carries only arrays, numbers and its filter's
+  description): one ONNX call for every query without an embedding, one index search for
+  all, the seen items and what each filter leaves out dropped (``service.filters``), a
+  filtered search for the queries that kept too few (:func:`search_eligible`), one CTR
+  head call for all the reranked ones (``service.ranking``).
+
+A filter travels as its description (``service.catalogue.ItemFilter``, a few hundred
+bytes), not as a mask over the catalogue: each side compiles it against its own copy of
+the catalogue, once per distinct filter (``Catalogue.eligible``). The first search of a
+filtered request is the unfiltered retrieval the behaviour cache holds, deepened for the
+share of the catalogue the filter keeps (at most ``FIRST_SEARCH_GROWTH`` times); when it
+leaves fewer than ``keep`` candidates, the eligible items are searched themselves: all of
+them exactly when they are few (``SUBSET_LIMIT``), else the index ever deeper.
 
 Everything per event or per candidate runs once per batch, so the Python work that holds
 the GIL is amortised over the batch. ``service.recommender`` wraps this kernel with the
@@ -25,19 +35,26 @@ request.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.bundle import Bundle, Catalogue, Retriever
+from service.bundle import Bundle, Retriever
 from service.cache import CachedRetrieval
+from service.catalogue import NO_ITEMS, Catalogue, Eligible, ItemFilter
 from service.errors import BundleError
 from service.features import ItemFeatures
-from service.filters import drop_seen
+from service.filters import drop_excluded, filtered_depth, first_depth
 from service.histories import left_padded_window
 from service.ranking import Reranked, RerankJob, rerank_batch
+from service.retrieval import search_among
 
 STAGES = ("encode", "retrieve", "rerank")
+# A filter that keeps at most this many items is searched among its items, exactly, at a
+# cost that grows with them; one that keeps more, in the index, deeper each round by
+# DEEPENING (docs/BENCHMARKS.md, "Filters").
+SUBSET_LIMIT = 32_768
+DEEPENING = 4
 
 
 @dataclass(frozen=True)
@@ -51,6 +68,7 @@ class RankingRequest:
     rerank: bool
     history_cap: int  # newest known events read from the request
     request_time: int
+    item_filter: ItemFilter | None = None  # None: available items only
 
 
 @dataclass
@@ -79,6 +97,8 @@ class Query:
     request_time: int
     embedding: np.ndarray | None = None  # (d,) from a cache entry too shallow to reuse
     cached: CachedRetrieval | None = None  # a cache hit: no encoding, no search
+    item_filter: ItemFilter | None = None  # compiled where the query is computed
+    excluded: np.ndarray = field(default_factory=lambda: NO_ITEMS)  # excluded one by one
 
 
 @dataclass
@@ -92,6 +112,7 @@ class Ranked:
     reranked: bool
     timings: dict[str, float]  # milliseconds per stage, each its batch's
     retrieval: CachedRetrieval | None  # computed here (None for a cache hit)
+    filtered: int = 0  # candidates the filter removed (service.filters.drop_excluded)
 
 
 def prepare_histories(
@@ -157,10 +178,15 @@ def prepare_queries(
         seen = distinct[bounds[row] : bounds[row + 1]] - row * span
         if not request.exclude_seen:
             seen = seen[:0]
+        excluded = catalogue.excluded(request.item_filter)
         queries[i] = Query(
             window=ids[row : row + 1, -width:],
             deltas=deltas[row : row + 1, -width:],
-            depth=min(catalogue.n_items, request.keep + len(seen)),
+            depth=first_depth(
+                request.keep + len(seen) + len(excluded),
+                catalogue.n_items,
+                catalogue.eligible(request.item_filter),
+            ),
             history_ids=history.item_ids,
             history_ts=history.timestamps,
             seen=seen,
@@ -168,6 +194,8 @@ def prepare_queries(
             k=request.k,
             rerank=request.rerank,
             request_time=request.request_time,
+            item_filter=request.item_filter,
+            excluded=excluded,
         )
     return histories, queries
 
@@ -195,7 +223,8 @@ def encode_and_search(
         for row, vector in zip(missing, retriever.encoder.encode(ids, deltas), strict=True):
             embeddings[row] = vector
     encoded = time.perf_counter()
-    depth = max(query.depth for query in queries)
+    # A GPU index answers at most GPU_MAX_K per query: deeper asks get what it has.
+    depth = min(max(query.depth for query in queries), retriever.index.max_depth)
     scores, found = retriever.index.search(np.stack(embeddings), depth)
     timings = {"encode": elapsed_ms(started, encoded), "retrieve": elapsed_ms(encoded)}
     return [
@@ -205,10 +234,15 @@ def encode_and_search(
 
 
 def compute_batch(
-    retriever: Retriever, item_features: ItemFeatures | None, queries: list[Query]
+    retriever: Retriever,
+    item_features: ItemFeatures | None,
+    queries: list[Query],
+    catalogue: Catalogue,
 ) -> list[Ranked]:
     """Everything but the cache for a batch of queries, in one thread: encode and search
-    the misses together, drop each query's seen items, rerank all with one head call."""
+    the misses together, drop each query's seen items and what its filter leaves out
+    (searching the eligible items for the queries left short), rerank all with one head
+    call."""
     retrievals: list[CachedRetrieval | None] = [query.cached for query in queries]
     timings = dict.fromkeys(STAGES, 0.0)
     misses = [i for i, entry in enumerate(retrievals) if entry is None]
@@ -217,12 +251,36 @@ def compute_batch(
         for i, entry in zip(misses, found, strict=True):
             retrievals[i] = entry
         timings.update(took)
-    kept = drop_seen(
+    eligible = [catalogue.eligible(query.item_filter) for query in queries]
+    kept, filtered = drop_excluded(
         [entry.ids[: query.depth] for query, entry in zip(queries, retrievals, strict=True)],
         [entry.scores[: query.depth] for query, entry in zip(queries, retrievals, strict=True)],
         [query.seen for query in queries],
         [query.keep for query in queries],
+        excluded=[query.excluded for query in queries],
+        masks=[items.mask for items in eligible],
     )
+    # Filtered queries left short while eligible items remain beyond what was searched.
+    short = [
+        i
+        for i, query in enumerate(queries)
+        if eligible[i].mask is not None
+        and len(kept[i][0]) < min(query.keep, eligible[i].count)
+        and np.count_nonzero(retrievals[i].ids[: query.depth]) < catalogue.n_items
+    ]
+    if short:
+        started = time.perf_counter()
+        refilled = search_eligible(
+            retriever,
+            [queries[i] for i in short],
+            np.stack([retrievals[i].embedding for i in short]),
+            [eligible[i] for i in short],
+        )
+        for i, found in zip(short, refilled, strict=True):
+            # ``filtered`` stays the first search's count, whichever way this search
+            # went, so that it does not depend on SUBSET_LIMIT or the index.
+            kept[i] = found
+        timings["retrieve"] += elapsed_ms(started)
     head = retriever.ctr_head if item_features is not None else None
     wanted = [
         i
@@ -266,9 +324,100 @@ def compute_batch(
                 timings=timings,
                 # Only a new retrieval travels back (a hit's is the caller's already).
                 retrieval=retrievals[i] if query.cached is None else None,
+                filtered=filtered[i],
             )
         )
     return results
+
+
+def search_eligible(
+    retriever: Retriever, queries: list[Query], embeddings: np.ndarray, eligible: list[Eligible]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each query's best ``keep`` candidates (ids, scores) among the items its filter
+    keeps, its seen and excluded items aside.
+
+    A filter keeping more than ``SUBSET_LIMIT`` items is searched in the index, as deep as
+    :func:`service.filters.filtered_depth` expects to suffice and then ``DEEPENING`` times
+    deeper each round, all such queries in one search per round; one that keeps fewer, or
+    whose search reached the index's limit (the catalogue, faiss's GPU limit, an IVF's
+    probed lists) still short, is searched exactly among its eligible items.
+    """
+    n_items = retriever.index.n_items
+    limit = retriever.index.max_depth
+    needs = [query.keep + len(query.seen) + len(query.excluded) for query in queries]
+    results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(queries)
+    deep = [i for i, items in enumerate(eligible) if items.count > SUBSET_LIMIT]
+    depths = {i: min(limit, filtered_depth(needs[i], n_items, eligible[i])) for i in deep}
+    exact = [i for i, items in enumerate(eligible) if items.count <= SUBSET_LIMIT]
+    while deep:
+        scores, found = retriever.index.search(embeddings[deep], max(depths[i] for i in deep))
+        kept, _ = drop_excluded(
+            [found[row, : depths[i]] for row, i in enumerate(deep)],
+            [scores[row, : depths[i]] for row, i in enumerate(deep)],
+            [queries[i].seen for i in deep],
+            [queries[i].keep for i in deep],
+            excluded=[queries[i].excluded for i in deep],
+            masks=[eligible[i].mask for i in deep],
+        )
+        still = []
+        for row, i in enumerate(deep):
+            if len(kept[row][0]) >= min(queries[i].keep, eligible[i].count):
+                results[i] = kept[row]
+            elif depths[i] >= limit or np.count_nonzero(found[row, : depths[i]]) < depths[i]:
+                exact.append(i)  # as deep as this index goes
+            else:
+                depths[i] = min(limit, depths[i] * DEEPENING)
+                still.append(i)
+        deep = still
+    # Queries with the same filter share one gather of their eligible items' vectors.
+    groups: dict[int, list[int]] = {}
+    for i in exact:
+        groups.setdefault(id(eligible[i]), []).append(i)
+    for group in groups.values():
+        items = eligible[group[0]]
+        scores, found = search_among(
+            retriever.item_vectors, embeddings[group], items.ids, max(needs[i] for i in group)
+        )
+        kept, _ = drop_excluded(
+            list(found),
+            list(scores),
+            [queries[i].seen for i in group],
+            [queries[i].keep for i in group],
+            excluded=[queries[i].excluded for i in group],
+        )
+        for row, i in enumerate(group):
+            results[i] = kept[row]
+    return results
+
+
+def similar_query(
+    catalogue: Catalogue,
+    retriever: Retriever,
+    item: int,
+    k: int,
+    item_filter: ItemFilter | None = None,
+) -> Query:
+    """The query of /items/{id}/similar: the ``k`` items nearest to ``item`` (an internal
+    id) in the retriever's item space, the item itself and what ``item_filter`` leaves
+    out aside, searched from the item's own vector (nothing to encode, nothing to rerank)."""
+    excluded = catalogue.excluded(item_filter)
+    return Query(
+        window=np.zeros((1, 0), dtype=np.int64),
+        deltas=np.zeros((1, 0), dtype=np.float32),
+        depth=first_depth(
+            1 + k + len(excluded), catalogue.n_items, catalogue.eligible(item_filter)
+        ),
+        history_ids=NO_ITEMS,
+        history_ts=NO_ITEMS,
+        seen=np.array([item], dtype=np.int64),
+        keep=k,
+        k=k,
+        rerank=False,
+        request_time=0,
+        embedding=np.asarray(retriever.item_vectors[item], dtype=np.float32),
+        item_filter=item_filter,
+        excluded=excluded,
+    )
 
 
 def elapsed_ms(start: float, end: float | None = None) -> float:
@@ -285,7 +434,7 @@ def warm_up(bundle: Bundle, batch: int, candidates: int) -> float:
 
     What runs is what serves a request: :func:`prepare_queries` on made-up histories of the
     catalogue's items, then :func:`compute_batch` (encoder, index search, seen items
-    dropped, CTR head with the catalogue's features), and the index search of
+    dropped, CTR head with the catalogue's features), and the query of
     /items/{id}/similar on an item's own vector. So a part that does not fit the others
     fails here, at load, rather than on the first request; and onnxruntime's CUDA provider,
     which grows its memory arena the first time a larger input arrives, and CUDA, which
@@ -311,7 +460,7 @@ def warm_up(bundle: Bundle, batch: int, candidates: int) -> float:
             ]
             try:
                 _, queries = prepare_queries(catalogue, retriever, requests)
-                ranked = compute_batch(retriever, bundle.item_features, queries)
+                ranked = compute_batch(retriever, bundle.item_features, queries, catalogue)
                 if len(ranked) != size:
                     raise ValueError(f"{len(ranked)} results for {size} queries")
             except Exception as exc:
@@ -320,8 +469,8 @@ def warm_up(bundle: Bundle, batch: int, candidates: int) -> float:
                     f"batch of {size} histories of {width} events ({type(exc).__name__}: {exc})"
                 ) from exc
         try:
-            query = np.asarray(retriever.item_vectors[1:2], dtype=np.float32)
-            retriever.index.search(query, WARM_UP_K + 1)
+            query = similar_query(catalogue, retriever, 1, WARM_UP_K)
+            compute_batch(retriever, bundle.item_features, [query], catalogue)
         except Exception as exc:
             raise BundleError(
                 f"{bundle.path}: retriever {name!r} cannot search its index for an item's "

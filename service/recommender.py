@@ -4,20 +4,24 @@ A request joins its retriever's micro-batch (``service.batching``), and the batc
 
 1. ``service.pipeline.prepare_queries`` for all its requests at once (histories, encoder
    windows, search depths, seen items), then the keys of their entries in the behaviour
-   cache (a digest of each encoder window);
+   cache (a digest of each encoder window; an entry is the unfiltered retrieval, so
+   requests with any filter share it);
 2. one Redis round trip reads all those entries (a hit skips encoding and retrieval; an
    entry too shallow still saves the encoding);
 3. ``service.pipeline.compute_batch`` where ``service.compute`` runs it (a child process
-   or a thread): encode, search, drop seen items, rerank;
+   or a thread): encode, search, drop seen items and what the filter leaves out (searching
+   the eligible items where too few are left), rerank;
 4. the new entries are written behind the answers in one pipeline (a repeat that arrives
    before they land is served from memory), and each request gets its best ``k``.
 
 Per request, the event loop only parses, queues and answers. Several batches can be in
 flight: one computing while the next ones are prepared and read. A history with no known
-item gets the popularity fallback, flagged in the response.
+item gets the popularity fallback, flagged in the response; the fallback and
+/items/{id}/similar honour the request's filter as the kernel does.
 
 With ``RECSERVE_ANSWER_TTL_SECONDS`` a per-worker memo returns the whole answer to an
-identical request (same events, same parameters) within the TTL without a batch.
+identical request (same events, same parameters, same filter) within the TTL without a
+batch.
 """
 
 from __future__ import annotations
@@ -35,9 +39,19 @@ from cachetools import TTLCache
 from service.batching import MicroBatcher
 from service.bundle import Bundle, Retriever
 from service.cache import BehaviourCache, CachedRetrieval, history_digest
+from service.catalogue import ItemFilter
 from service.compute import ProcessCompute, ThreadCompute
 from service.errors import StoreUnavailable, UnknownEncoder
-from service.pipeline import STAGES, Query, RankingRequest, elapsed_ms, prepare_queries
+from service.filters import drop_excluded, filtered_depth
+from service.pipeline import (
+    DEEPENING,
+    STAGES,
+    Query,
+    RankingRequest,
+    elapsed_ms,
+    prepare_queries,
+    similar_query,
+)
 from service.settings import Settings
 
 _DEFAULTS = {name: info.default for name, info in Settings.model_fields.items()}
@@ -45,7 +59,7 @@ _DEFAULTS = {name: info.default for name, info in Settings.model_fields.items()}
 
 @dataclass
 class Recommendation:
-    """What ``/recommend`` returns, before serialisation."""
+    """What ``/recommend`` (and ``/items/{id}/similar``) returns, before serialisation."""
 
     items: list[dict]
     bundle: str
@@ -56,6 +70,7 @@ class Recommendation:
     unknown_items: int = 0
     history_truncated: bool = False
     timings_ms: dict[str, float] = field(default_factory=dict)
+    filtered: int = 0  # candidates the filter removed (service.filters.drop_excluded)
 
 
 @dataclass
@@ -183,19 +198,35 @@ class Recommender:
             )
         ]
 
-    def popular(self, k: int, exclude: np.ndarray) -> list[dict]:
-        """The ``k`` most popular items not in ``exclude``, scored by log count."""
-        chosen = []
-        excluded = set(exclude.tolist())
-        for item in self._popular_order:
-            if item in excluded:
-                continue
-            chosen.append(item)
-            if len(chosen) == k:
+    def popular(
+        self, k: int, seen: np.ndarray, item_filter: ItemFilter | None = None
+    ) -> tuple[list[dict], int]:
+        """The ``k`` most popular items not in ``seen`` that ``item_filter`` keeps, scored
+        by log count, and how many items the filter removed ahead of them.
+
+        The popularity order is read as a retrieval: as deep as the filter needs, then
+        deeper until ``k`` survive or the catalogue ends."""
+        catalogue = self.bundle.catalogue
+        excluded = catalogue.excluded(item_filter)
+        eligible = catalogue.eligible(item_filter)
+        order = self._popular_order
+        depth = filtered_depth(k + len(seen) + len(excluded), len(order), eligible)
+        while True:
+            ids = order[:depth]
+            (kept,), (filtered,) = drop_excluded(
+                [ids],
+                [ids],  # no scores to carry along: the ids stand in
+                [seen],
+                [k],
+                excluded=[excluded],
+                masks=[eligible.mask],
+            )
+            if len(kept[0]) == k or depth == len(order):
                 break
-        chosen = np.asarray(chosen, dtype=np.int64)
-        scores = np.log1p(self.bundle.catalogue.popularity[chosen])
-        return self.items(chosen, scores, scores)
+            depth = min(len(order), depth * DEEPENING)
+        chosen = kept[0]
+        scores = np.log1p(catalogue.popularity[chosen])
+        return self.items(chosen, scores, scores), filtered
 
     async def recommend(
         self,
@@ -208,21 +239,28 @@ class Recommender:
         rerank: bool = True,
         cache: BehaviourCache | None = None,
         history_cap: int = _DEFAULTS["request_history_cap"],
+        item_filter: ItemFilter | None = None,
     ) -> Recommendation:
-        """The best ``k`` items after ``events`` (raw item id, unix seconds)."""
+        """The best ``k`` items after ``events`` (raw item id, unix seconds) that
+        ``item_filter`` keeps (None: available items). InvalidField for a filter on an
+        attribute the catalogue does not have."""
         started = time.perf_counter()
         retriever = self.retriever(encoder)
         keep = max(candidates, k)
         asked = None
         if self.answers is not None:
+            shape = item_filter.key() if item_filter is not None else None
             asked = request_digest(
-                events, (retriever.name, k, keep, exclude_seen, rerank, history_cap)
+                events, (retriever.name, k, keep, exclude_seen, rerank, history_cap, shape)
             )
             reused = self.answers.get(asked)
             if reused is not None:
                 # The reused answer is shared: never mutated, only copied with new fields.
                 timings = {**dict.fromkeys(STAGES, 0.0), "total": elapsed_ms(started)}
                 return replace(reused, cache="answer", timings_ms=timings)
+        # Compiled here first, so that a filter the catalogue cannot apply fails this
+        # request alone, before it joins a batch.
+        self.bundle.catalogue.eligible(item_filter)
         request = RankingRequest(
             events=events,
             k=k,
@@ -231,6 +269,7 @@ class Recommender:
             rerank=rerank,
             history_cap=history_cap,
             request_time=int(time.time()),
+            item_filter=item_filter,
         )
         recommendation = await self.batchers[retriever.name].submit(_Pending(request, cache))
         recommendation.timings_ms["total"] = elapsed_ms(started)
@@ -283,7 +322,9 @@ class Recommender:
                 history_truncated=history.truncated,
             )
             if pending.query is None:  # no known item: the popularity fallback
-                recommendation.items = self.popular(pending.request.k, history.item_ids)
+                recommendation.items, recommendation.filtered = self.popular(
+                    pending.request.k, history.item_ids, pending.request.item_filter
+                )
                 recommendation.fallback = "popularity"
                 recommendation.timings_ms = dict.fromkeys(STAGES, 0.0)
             else:
@@ -293,6 +334,7 @@ class Recommender:
                 )
                 recommendation.reranked = ranked.reranked
                 recommendation.timings_ms = dict(ranked.timings)
+                recommendation.filtered = ranked.filtered
                 if pending.outcome == "miss":
                     written.setdefault(pending.cache, []).append((pending.key, ranked.retrieval))
             recommendations.append(recommendation)
@@ -339,16 +381,24 @@ class Recommender:
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
 
-    async def similar(self, item_id: str, k: int, encoder: str | None) -> list[dict] | None:
-        """Items nearest to ``item_id`` in the retriever's item space (None: unknown item)."""
+    async def similar(
+        self, item_id: str, k: int, encoder: str | None, item_filter: ItemFilter | None = None
+    ) -> Recommendation | None:
+        """The ``k`` items nearest to ``item_id`` in the retriever's item space that
+        ``item_filter`` keeps (None: unknown item), computed by the serving kernel."""
         retriever = self.retriever(encoder)
-        internal = self.bundle.catalogue.lookup.get(item_id)
+        catalogue = self.bundle.catalogue
+        internal = catalogue.lookup.get(item_id)
         if internal is None:
             return None
-        query = np.asarray(retriever.item_vectors[internal], dtype=np.float32)[None]
-        scores, ids = await self.compute.search(retriever.name, query, k + 1)
-        keep = (ids[0] != 0) & (ids[0] != internal)
-        return self.items(ids[0][keep][:k], scores[0][keep][:k], scores[0][keep][:k])
+        query = similar_query(catalogue, retriever, internal, k, item_filter)
+        (ranked,) = await self.compute.batch(retriever.name, [query])
+        return Recommendation(
+            items=self.items(ranked.ids, ranked.scores, ranked.retrieval_scores),
+            bundle=self.bundle.name,
+            encoder=retriever.name,
+            filtered=ranked.filtered,
+        )
 
 
 def request_digest(events: list[tuple[str, int]], parameters: tuple) -> bytes:

@@ -47,6 +47,7 @@ RESCORE_DEPTH = 1000  # shortlist the auto index re-scores exactly
 GPU_EXACT_LIMIT = 2_000_000
 GPU_IVF_PROBE_SHARE = 1 / 4  # inner-product IVF (the GPU has no L2-probed search)
 GPU_MAX_NPROBE = 2048  # faiss's GPU IVF visits at most this many lists per query
+GPU_MAX_K = 2048  # faiss's GPU searches return at most this many results per query
 
 
 @dataclass
@@ -167,6 +168,11 @@ class ItemIndex:
     @property
     def dim(self) -> int:
         return int(self.vectors.shape[1])
+
+    @property
+    def max_depth(self) -> int:
+        """The deepest search this index answers: the catalogue, or faiss's GPU limit."""
+        return min(self.n_items, GPU_MAX_K) if self.gpus else self.n_items
 
     @classmethod
     def build(cls, vectors: np.ndarray, spec: IndexSpec, seed: int = 0) -> ItemIndex:
@@ -437,6 +443,26 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.n
         queries, np.ascontiguousarray(vectors[1:]), k, metric=faiss.METRIC_INNER_PRODUCT
     )
     return scores, np.where(labels >= 0, labels + 1, 0)
+
+
+def search_among(
+    vectors: np.ndarray, queries: np.ndarray, ids: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product among the items ``ids`` only (internal ids, rows of
+    ``vectors``): scores and ids (q, min(k, len(ids))), best first, ties in ``ids`` order.
+    What a filter that keeps few items is searched with: its cost grows with the items
+    kept, not with the catalogue."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    k = min(k, len(ids))
+    rows = np.take(vectors, ids, axis=0)  # (e, d); np.take: see _rescore
+    scores = queries @ rows.T  # (q, e)
+    if k < len(ids):
+        best = np.sort(np.argpartition(-scores, k - 1, axis=1)[:, :k], axis=1)
+    else:
+        best = np.broadcast_to(np.arange(len(ids)), scores.shape)
+    scores = np.take_along_axis(scores, best, axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(scores, order, axis=1), ids[np.take_along_axis(best, order, axis=1)]
 
 
 def recall_at(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:

@@ -7,7 +7,8 @@
 It runs the serving path — the ONNX user encoder and the faiss index of the bundle, no
 PyTorch — over each user's history (``--history all``: every event, to recommend what
 comes next; ``test``: all but the last event, the offline evaluation's test history),
-masks the items already in that history, and writes ``user, rank, item, score`` to Parquet.
+masks the items already in that history and the items the catalogue marks unavailable,
+and writes ``user, rank, item, score`` to Parquet.
 
 ``--warm-cache`` also loads each user's history into Redis and stores the retrieval the
 service would compute for it, under the same key (bundle, encoder, digest of the encoder
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from service.bundle import Bundle
 from service.cache import BehaviourCache, history_digest
-from service.filters import drop_seen
+from service.filters import drop_excluded, filtered_depth
 from service.histories import left_padded_window
 from service.pipeline import Query, encode_and_search
 from training.data import SequenceData
@@ -54,19 +55,23 @@ def recommend_ranges(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, bundle item ids) for histories ``items[start:end]`` (bundle ids).
 
-    Items of the whole history are excluded, not just those inside the encoder's window.
+    Items of the whole history are excluded, not just those inside the encoder's window,
+    and so are the items the catalogue marks unavailable (as /recommend's default filter
+    excludes them).
     """
     retriever = bundle.retrievers[encoder]
     ids, deltas = left_padded_window(items, timestamps, starts, ends, retriever.max_len)
     users = retriever.encoder.encode(ids, deltas)
     seen_counts = ends - starts
-    depth = int(min(bundle.catalogue.n_items, k + seen_counts.max(initial=0)))
+    available = bundle.catalogue.eligible(None)
+    depth = filtered_depth(k + int(seen_counts.max(initial=0)), bundle.catalogue.n_items, available)
     scores, found = retriever.index.search(users, depth)
-    kept = drop_seen(
+    kept, _ = drop_excluded(
         list(found),
         list(scores),
         [items[start:end] for start, end in zip(starts, ends, strict=True)],
         [k] * len(starts),
+        masks=[available.mask] * len(starts),
     )
     out_scores = np.full((len(starts), k), -np.inf, dtype=np.float32)
     out_ids = np.zeros((len(starts), k), dtype=np.int64)

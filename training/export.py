@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.bundle import ITEMS, BundleWriter, retriever_dir, write_items_table
+from service.bundle import ITEMS, BundleWriter, retriever_dir
+from service.catalogue import write_items_table
 from service.devices import faiss_gpus
 from service.encoder import OnnxUserEncoder
 from service.features import last_seen_from_events

@@ -4,11 +4,106 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from service.catalogue import ItemFilter
 
 Identifier = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=256)]
 Timestamp = Annotated[int, Field(strict=True, ge=0, le=2**40, description="Unix seconds")]
+Bound = Annotated[float, Field(allow_inf_nan=False, description="inclusive, finite")]
 MAX_HISTORY_IN_REQUEST = 10_000
+# A filter's lists and maps: enough for any real page, small enough to compile at once.
+MAX_FILTER_CATEGORIES = 256
+MAX_FILTER_ITEMS = 1000
+MAX_FILTER_ATTRIBUTES = 32
+
+
+class Range(BaseModel):
+    """Bounds on a numeric attribute; an item without a value is outside every range."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min: Bound | None = None
+    max: Bound | None = None
+
+    @field_validator("max")
+    @classmethod
+    def _max_is_not_below_min(cls, value: float | None, info: ValidationInfo) -> float | None:
+        low = info.data.get("min")
+        if value is not None and low is not None and value < low:
+            raise ValueError(f"max {value} is below min {low}")
+        return value
+
+    @model_validator(mode="after")
+    def _bounds_something(self) -> Range:
+        if self.min is None and self.max is None:
+            raise ValueError("give min, max or both")
+        return self
+
+
+class Filter(BaseModel):
+    """Which items may be served: every condition given must hold."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "include_categories": ["Comedy", "Drama"],
+                    "exclude_items": ["7"],
+                    "attributes": {"language": "en"},
+                    "ranges": {"price": {"min": 0, "max": 20}},
+                }
+            ]
+        },
+    )
+
+    include_categories: list[Identifier] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_FILTER_CATEGORIES,
+        description="items in at least one of these categories (the catalogue's genres)",
+    )
+    exclude_categories: list[Identifier] = Field(
+        default_factory=list,
+        max_length=MAX_FILTER_CATEGORIES,
+        description="no item in any of these categories",
+    )
+    exclude_items: list[Identifier] = Field(
+        default_factory=list, max_length=MAX_FILTER_ITEMS, description="item ids never to serve"
+    )
+    attributes: dict[Identifier, Identifier] = Field(
+        default_factory=dict,
+        max_length=MAX_FILTER_ATTRIBUTES,
+        description="string attributes and the value each must equal",
+    )
+    ranges: dict[Identifier, Range] = Field(
+        default_factory=dict,
+        max_length=MAX_FILTER_ATTRIBUTES,
+        description="numeric attributes and the range each must fall in",
+    )
+    available_only: bool = Field(True, description="only items the catalogue marks available")
+
+    def item_filter(self) -> ItemFilter:
+        """The service's form of this filter."""
+        return ItemFilter(
+            include_categories=(
+                tuple(self.include_categories) if self.include_categories is not None else None
+            ),
+            exclude_categories=tuple(self.exclude_categories),
+            exclude_items=tuple(self.exclude_items),
+            attributes=tuple(self.attributes.items()),
+            ranges=tuple((name, bounds.min, bounds.max) for name, bounds in self.ranges.items()),
+            available_only=self.available_only,
+        )
 
 
 class HistoryEvent(BaseModel):
@@ -47,6 +142,9 @@ class RecommendRequest(BaseModel):
     exclude_seen: bool = True
     candidates: int | None = Field(None, strict=True, ge=1, le=5000, description="retrieval depth")
     rerank: bool = True
+    filter: Filter | None = Field(
+        None, description="which items may be served (default: available items only)"
+    )
 
     @model_validator(mode="after")
     def _needs_user_or_history(self) -> RecommendRequest:
@@ -88,6 +186,11 @@ class RecommendResponse(BaseModel):
     fallback: str | None = Field(None, description="popularity when no history was usable")
     unknown_items: int
     history_truncated: bool
+    filtered: int = Field(
+        description="how many of the candidates retrieved for the request the filter "
+        "removed: those ranked ahead of the last one kept, or all it removed when it left "
+        "too few and the eligible items were searched on their own"
+    )
     timings_ms: Timings
 
 
@@ -112,6 +215,7 @@ class SimilarResponse(BaseModel):
     encoder: str
     bundle: str
     items: list[RecommendedItem]
+    filtered: int = Field(description="candidates the filter removed, as in /recommend")
 
 
 class CatalogueItem(BaseModel):

@@ -16,7 +16,7 @@ from service.bundle import load_bundle, placement
 from service.compute import ComputeConfig, ProcessCompute, ThreadCompute
 from service.errors import BundleError, ComputeError, ComputeUnavailable
 from service.main import create_app
-from service.pipeline import RankingRequest, prepare_queries
+from service.pipeline import RankingRequest, prepare_queries, similar_query
 from service.recommender import Recommender
 from tests.service.test_recommender import user_events
 
@@ -89,12 +89,14 @@ def test_a_bundle_the_compute_process_cannot_load_is_refused_with_its_reason(hea
     asyncio.run(scenario())
 
 
+def similar_queries(models) -> list:
+    """One /items/{id}/similar query: a batch that needs no encoder (nor a worker)."""
+    bundle = load_bundle(models, models=False)
+    return [similar_query(bundle.catalogue, bundle.retrievers["sasrec"], 3, 5)]
+
+
 def test_a_compute_process_that_dies_is_replaced_and_its_calls_retried_once(head_models):
-    queries = np.eye(
-        1,
-        load_bundle(head_models, models=False).retrievers["sasrec"].item_vectors.shape[1],
-        dtype=np.float32,
-    )
+    queries = similar_queries(head_models)
 
     async def scenario():
         compute = ProcessCompute(
@@ -102,22 +104,23 @@ def test_a_compute_process_that_dies_is_replaced_and_its_calls_retried_once(head
         )
         await compute.start()
         try:
-            before = await compute.search("sasrec", queries, 5)
+            (before,) = await compute.batch("sasrec", queries)
             first_pid = compute._process.pid
             os.kill(first_pid, signal.SIGSTOP)  # a call is sure to be pending when it dies
-            pending = asyncio.ensure_future(compute.search("sasrec", queries, 5))
+            pending = asyncio.ensure_future(compute.batch("sasrec", queries))
             await asyncio.sleep(0.2)
             os.kill(first_pid, signal.SIGKILL)
-            retried = await pending  # sent once more, to the new child
-            again = await compute.search("sasrec", queries, 5)
+            (retried,) = await pending  # sent once more, to the new child
+            (again,) = await compute.batch("sasrec", queries)
             assert compute._process.pid != first_pid and compute.replaced == 1
             return before, retried, again
         finally:
             await compute.close()
 
     before, retried, again = asyncio.run(scenario())
-    np.testing.assert_array_equal(before[1], retried[1])
-    np.testing.assert_array_equal(before[1], again[1])
+    assert len(before.ids) == 5
+    np.testing.assert_array_equal(before.ids, retried.ids)
+    np.testing.assert_array_equal(before.ids, again.ids)
 
 
 def test_a_thread_compute_runs_off_the_event_loop(head_models):
@@ -138,8 +141,7 @@ def test_a_thread_compute_runs_off_the_event_loop(head_models):
     async def scenario():
         with ThreadPoolExecutor(1, thread_name_prefix="compute") as executor:
             compute = ThreadCompute(bundle, executor)
-            vector = np.ones((1, index.dim), np.float32)
-            await compute.search("sasrec", vector, 3)
+            await compute.batch("sasrec", similar_queries(head_models))
         return threading.current_thread().name
 
     assert asyncio.run(scenario()) != seen_threads[0] and seen_threads[0].startswith("compute")
@@ -232,10 +234,7 @@ def test_batches_queued_in_the_compute_process_are_merged_yet_answered_apart(
 def test_a_stopped_compute_process_is_replaced_within_its_stall_bound_and_the_call_retried(
     head_models,
 ):
-    queries = np.ones(
-        (1, load_bundle(head_models, models=False).retrievers["sasrec"].item_vectors.shape[1]),
-        np.float32,
-    )
+    queries = similar_queries(head_models)
 
     async def scenario():
         compute = ProcessCompute(
@@ -249,14 +248,21 @@ def test_a_stopped_compute_process_is_replaced_within_its_stall_bound_and_the_ca
             os.kill(stuck, signal.SIGSTOP)
             started = time.monotonic()
             # Answered by the replacement: the call is retried once, far inside its timeout.
-            _, ids = await compute.search("sasrec", queries, 5)
+            (ranked,) = await compute.batch("sasrec", queries)
             took = time.monotonic() - started
-            return stuck, compute._process.pid, ids, took, compute.replaced, compute.available
+            return (
+                stuck,
+                compute._process.pid,
+                ranked.ids,
+                took,
+                compute.replaced,
+                compute.available,
+            )
         finally:
             await compute.close()
 
     stuck, replacement, ids, took, replaced, available = asyncio.run(scenario())
-    assert replacement != stuck and ids.shape == (1, 5) and replaced == 1 and available
+    assert replacement != stuck and len(ids) == 5 and replaced == 1 and available
     assert took < 10.0  # the stall bound plus a new child's start, not the 30 s timeout
     with pytest.raises(ProcessLookupError):
         os.kill(stuck, 0)  # killed, not left stopped

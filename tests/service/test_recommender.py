@@ -314,7 +314,7 @@ def test_an_unreachable_cache_is_bypassed_with_the_same_answer(recommender, tiny
 
 
 def test_similar_items_never_include_the_item_itself(recommender):
-    items = asyncio.run(recommender.similar("1", 10, None))
+    items = asyncio.run(recommender.similar("1", 10, None)).items
     assert len(items) == 10 and "1" not in [item["item_id"] for item in items]
 
 

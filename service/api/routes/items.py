@@ -5,11 +5,16 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from service.api.access import require
 from service.api.deps import CurrentRecommender
-from service.api.schemas import CatalogueItem, ItemSearchResponse, SimilarResponse
+from service.api.schemas import CatalogueItem, Filter, ItemSearchResponse, SimilarResponse
+from service.catalogue import ItemFilter
 from service.errors import UnknownItem, excerpt
+
+MAX_FILTER_PARAMETER = 8192  # characters of JSON; the request head's limit bounds it too
 
 router = APIRouter(prefix="/items", tags=["items"], dependencies=[Depends(require("recommend"))])
 
@@ -47,14 +52,38 @@ async def similar_items(
     recommender: CurrentRecommender,
     k: Annotated[int, Query(ge=1, le=1000)] = 10,
     encoder: Annotated[str | None, Query(min_length=1, max_length=256)] = None,
+    item_filter: Annotated[
+        str | None,
+        Query(
+            alias="filter",
+            max_length=MAX_FILTER_PARAMETER,
+            description="a JSON object, as /recommend's filter (default: available items)",
+        ),
+    ] = None,
 ) -> SimilarResponse:
-    """Items closest to ``item_id`` in the chosen retriever's item space."""
-    items = await recommender.similar(item_id, k, encoder)
-    if items is None:
+    """Items closest to ``item_id`` in the chosen retriever's item space that the filter
+    keeps."""
+    found = await recommender.similar(item_id, k, encoder, similar_filter(item_filter))
+    if found is None:
         raise UnknownItem(f"item {excerpt(item_id)} is not in bundle {recommender.bundle.name}")
     return SimilarResponse(
         item_id=item_id,
-        encoder=recommender.retriever(encoder).name,
-        bundle=recommender.bundle.name,
-        items=items,
+        encoder=found.encoder,
+        bundle=found.bundle,
+        items=found.items,
+        filtered=found.filtered,
     )
+
+
+def similar_filter(text: str | None) -> ItemFilter | None:
+    """The ``filter`` query parameter, validated as /recommend's body field is; its errors
+    are located under ``query.filter``."""
+    if text is None:
+        return None
+    try:
+        return Filter.model_validate_json(text).item_filter()
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        for error in errors:
+            error["loc"] = ("query", "filter", *error["loc"])
+        raise RequestValidationError(errors) from None

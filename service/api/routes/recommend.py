@@ -62,6 +62,7 @@ async def recommend(
         rerank=body.rerank,
         cache=None if outage else state.cache,
         history_cap=settings.request_history_cap,
+        item_filter=body.filter.item_filter() if body.filter is not None else None,
     )
     state.metrics.recommended(result.cache, result.fallback, result.timings_ms)
     # Serialised here, by pydantic-core: validating our own output against the response
@@ -76,6 +77,7 @@ async def recommend(
         "fallback": result.fallback,
         "unknown_items": result.unknown_items,
         "history_truncated": result.history_truncated,
+        "filtered": result.filtered,
         "timings_ms": result.timings_ms,
     }
     return Response(to_json(payload), media_type="application/json")
