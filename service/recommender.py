@@ -71,6 +71,7 @@ class Recommendation:
     history_truncated: bool = False
     timings_ms: dict[str, float] = field(default_factory=dict)
     filtered: int = 0  # candidates the filter removed (service.filters.drop_excluded)
+    at: int = 0  # the request time the answer was ranked for (unix seconds)
 
 
 @dataclass
@@ -240,10 +241,12 @@ class Recommender:
         cache: BehaviourCache | None = None,
         history_cap: int = _DEFAULTS["request_history_cap"],
         item_filter: ItemFilter | None = None,
+        at: int | None = None,
     ) -> Recommendation:
         """The best ``k`` items after ``events`` (raw item id, unix seconds) that
-        ``item_filter`` keeps (None: available items). InvalidField for a filter on an
-        attribute the catalogue does not have."""
+        ``item_filter`` keeps (None: available items), ranked as of ``at`` (unix seconds;
+        None: now), the time the CTR head's recency features measure to. InvalidField for
+        a filter on an attribute the catalogue does not have."""
         started = time.perf_counter()
         retriever = self.retriever(encoder)
         keep = max(candidates, k)
@@ -251,7 +254,7 @@ class Recommender:
         if self.answers is not None:
             shape = item_filter.key() if item_filter is not None else None
             asked = request_digest(
-                events, (retriever.name, k, keep, exclude_seen, rerank, history_cap, shape)
+                events, (retriever.name, k, keep, exclude_seen, rerank, history_cap, shape, at)
             )
             reused = self.answers.get(asked)
             if reused is not None:
@@ -268,7 +271,7 @@ class Recommender:
             exclude_seen=exclude_seen,
             rerank=rerank,
             history_cap=history_cap,
-            request_time=int(time.time()),
+            request_time=int(time.time()) if at is None else at,
             item_filter=item_filter,
         )
         recommendation = await self.batchers[retriever.name].submit(_Pending(request, cache))
@@ -320,6 +323,7 @@ class Recommender:
                 cache=pending.outcome,
                 unknown_items=history.unknown,
                 history_truncated=history.truncated,
+                at=pending.request.request_time,
             )
             if pending.query is None:  # no known item: the popularity fallback
                 recommendation.items, recommendation.filtered = self.popular(

@@ -20,6 +20,7 @@ Identifier = Annotated[str, StringConstraints(strict=True, min_length=1, max_len
 Timestamp = Annotated[int, Field(strict=True, ge=0, le=2**40, description="Unix seconds")]
 Bound = Annotated[float, Field(allow_inf_nan=False, description="inclusive, finite")]
 MAX_HISTORY_IN_REQUEST = 10_000
+MAX_LISTED_CATEGORIES = 1000  # GET /bundle lists the largest categories, up to this many
 # A filter's lists and maps: enough for any real page, small enough to compile at once.
 MAX_FILTER_CATEGORIES = 256
 MAX_FILTER_ITEMS = 1000
@@ -142,6 +143,11 @@ class RecommendRequest(BaseModel):
     exclude_seen: bool = True
     candidates: int | None = Field(None, strict=True, ge=1, le=5000, description="retrieval depth")
     rerank: bool = True
+    at: Timestamp | None = Field(
+        None,
+        description="rank as of this time (Unix seconds; default: now): the time the CTR "
+        "head's recency features measure to, for replays and reproducible comparisons",
+    )
     filter: Filter | None = Field(
         None, description="which items may be served (default: available items only)"
     )
@@ -186,6 +192,7 @@ class RecommendResponse(BaseModel):
     fallback: str | None = Field(None, description="popularity when no history was usable")
     unknown_items: int
     history_truncated: bool
+    at: int = Field(description="the request time the answer was ranked for (Unix seconds)")
     filtered: int = Field(
         description="how many of the candidates retrieved for the request the filter "
         "removed: those ranked ahead of the last one kept, or all it removed when it left "
@@ -251,3 +258,9 @@ class BundleInfo(BaseModel):
     titles: bool = Field(description="whether the catalogue has titles")
     default_encoder: str
     retrievers: list[RetrieverInfo]
+    categories: dict[str, int] = Field(
+        default_factory=dict,
+        description="the catalogue's categories (what a filter's include_categories and "
+        "exclude_categories name) and their item counts, largest first; at most "
+        "MAX_LISTED_CATEGORIES of them",
+    )

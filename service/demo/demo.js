@@ -83,8 +83,35 @@ async function loadBundle() {
     return;
   }
   $("bundle").textContent = describeBundle(state.bundle);
+  listCategories(state.bundle.categories || {});
   renderRecommendations();
   search("");
+}
+
+// The filter's choices: the catalogue's categories, largest first, as GET /bundle lists them.
+function listCategories(categories) {
+  const names = Object.keys(categories);
+  $("filters").hidden = names.length === 0;
+  for (const id of ["include-category", "exclude-category"]) {
+    const select = $(id);
+    select.replaceChildren(select.options[0]);
+    for (const name of names) {
+      const option = element("option", { text: `${name} (${categories[name]})` });
+      option.value = name;
+      select.append(option);
+    }
+  }
+}
+
+// The request's filter, or undefined for none (the service then serves available items).
+function currentFilter() {
+  const include = $("include-category").value;
+  const exclude = $("exclude-category").value;
+  if (!include && !exclude) return undefined;
+  const filter = {};
+  if (include) filter.include_categories = [include];
+  if (exclude) filter.exclude_categories = [exclude];
+  return filter;
 }
 
 let searchTimer = null;
@@ -242,6 +269,7 @@ function describeAnswer(answer) {
     answer.reranked ? "reranked" : "retrieval order",
   ];
   if (answer.fallback) facts.push(`fallback: ${answer.fallback}`);
+  if (answer.filtered) facts.push(`filter removed ${answer.filtered}`);
   if (answer.unknown_items) facts.push(`${answer.unknown_items} unknown history items`);
   const t = answer.timings_ms;
   const timings = `encode ${number(t.encode, 2)} · retrieve ${number(t.retrieve, 2)} · ` +
@@ -269,9 +297,13 @@ function renderRecommendations() {
       k: Number.isNaN(k) ? $("k").value : k,
       encoder,
       rerank: $("rerank").checked,
+      filter: currentFilter(),
     }).then(
       (answer) => {
         if (generation !== state.generation) return;
+        // The time the rerank's recency features measured to: sent back as "at", the
+        // same request ranks the same.
+        node.dataset.at = String(answer.at);
         fill(node, "ready", [
           ...describeAnswer(answer),
           resultTable(answer.items, { rerank: true, reranked: answer.reranked }),
@@ -298,6 +330,8 @@ async function showSimilar(item) {
   await Promise.all(
     columns.map(async (node) => {
       const params = new URLSearchParams({ k: "10", encoder: node.dataset.encoder });
+      const filter = currentFilter();
+      if (filter) params.set("filter", JSON.stringify(filter));
       fill(node, "loading", [element("p", { className: "muted", text: "asking…" })]);
       try {
         const answer = await api(
@@ -328,6 +362,8 @@ function start() {
   });
   $("k").addEventListener("change", renderRecommendations);
   $("rerank").addEventListener("change", renderRecommendations);
+  $("include-category").addEventListener("change", renderRecommendations);
+  $("exclude-category").addEventListener("change", renderRecommendations);
   $("clear-history").addEventListener("click", () => {
     state.history = [];
     historyChanged();

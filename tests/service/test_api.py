@@ -342,6 +342,14 @@ def test_bundle_describes_the_served_retrievers(client):
     assert 0 < retriever["test_metrics"]["ndcg@10"] <= 1
     assert 0 < retriever["popularity_test_metrics"]["ndcg@10"] <= 1
     assert "path" not in str(body) and "git" not in str(body)
+    counts = list(body["categories"].values())
+    assert counts == sorted(counts, reverse=True) and sum(counts) >= 120  # every item has one
+    genres = {
+        g
+        for item in client.get("/items", params={"limit": 100}).json()["items"]
+        for g in item["genres"]
+    }
+    assert genres <= set(body["categories"])
 
 
 def test_healthz_answers(client):

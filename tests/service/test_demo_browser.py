@@ -59,7 +59,14 @@ def test_recommendations_for_three_clicked_items_match_the_api(server, browser):
         shown = column_items(column)
         answer = httpx.post(
             f"{server.url}/recommend",
-            json={"history": history, "k": 10, "encoder": encoder, "rerank": True},
+            json={
+                "history": history,
+                "k": 10,
+                "encoder": encoder,
+                "rerank": True,
+                # The head's recency features measure to the request time: the page's.
+                "at": int(column.get_attribute("data-at")),
+            },
         ).json()
         assert shown == [item["item_id"] for item in answer["items"]]
         assert len(shown) == 10
@@ -104,3 +111,36 @@ def test_a_refused_request_shows_the_servers_error(server, browser):
     assert banner.is_displayed()
     # The API's own message, naming the field.
     assert "422" in banner.text and "body.k" in banner.text, banner.text
+
+
+def test_a_category_filter_is_applied_as_the_api_applies_it(server, browser):
+    from selenium.webdriver.support.ui import Select
+
+    history = build_history(browser, server.url, "item 3", clicks=2)
+    choice = Select(browser.find_element("id", "include-category"))
+    category = choice.options[1].get_attribute("value")  # the largest category
+    choice.select_by_value(category)
+    columns = wait_for(
+        browser,
+        lambda d: (c := columns_ready(d, "recommendations")) and c[0].text.count("filter"),
+        what="filtered recommendations",
+    ) and columns_ready(browser, "recommendations")
+    for column in columns:
+        encoder = column.get_attribute("data-encoder")
+        answer = httpx.post(
+            f"{server.url}/recommend",
+            json={
+                "history": history,
+                "k": 10,
+                "encoder": encoder,
+                "filter": {"include_categories": [category]},
+                "at": int(column.get_attribute("data-at")),
+            },
+        ).json()
+        assert column_items(column) == [item["item_id"] for item in answer["items"]]
+        assert f"filter removed {answer['filtered']}" in column.text
+        for item_id in column_items(column):
+            (found,) = httpx.get(f"{server.url}/items", params={"q": item_id, "limit": 1}).json()[
+                "items"
+            ]
+            assert category in found["genres"]

@@ -57,3 +57,34 @@ def test_each_item_says_where_retrieval_had_put_it(head_client, history):
 def test_a_bundle_without_a_head_still_serves(client, history):
     body = client.post("/recommend", json={"history": history, "k": 5}).json()
     assert body["reranked"] is False and len(body["items"]) == 5
+
+
+@pytest.mark.slow
+def test_at_ranks_as_of_that_time_and_is_echoed(head_client, history):
+    import time
+
+    request = {"history": history, "k": 10, "at": 1_700_000_000}
+    first = head_client.post("/recommend", json=request).json()
+    time.sleep(1.1)  # a request without "at" would now measure to another second
+    again = head_client.post("/recommend", json=request).json()
+    assert first["at"] == again["at"] == 1_700_000_000
+    assert [i["score"] for i in first["items"]] == [i["score"] for i in again["items"]]
+    before = int(time.time())
+    now = head_client.post("/recommend", json={"history": history, "k": 10}).json()
+    assert before <= now["at"] <= int(time.time())
+
+
+def test_a_negative_at_is_422_naming_it(client, history):
+    response = client.post("/recommend", json={"history": history, "at": -1})
+    assert response.status_code == 422 and "body.at" in response.json()["detail"]
+
+
+def test_the_answer_memo_keeps_answers_for_different_times_apart(make_settings, history):
+    settings = make_settings(answer_ttl_seconds=30)
+    with TestClient(create_app(settings)) as client:
+        first = client.post("/recommend", json={"history": history, "at": 1_600_000_000})
+        other = client.post("/recommend", json={"history": history, "at": 1_700_000_000})
+        same = client.post("/recommend", json={"history": history, "at": 1_600_000_000})
+    assert other.json()["cache"] != "answer" and other.json()["at"] == 1_700_000_000
+    assert same.json()["cache"] == "answer" and same.json()["at"] == 1_600_000_000
+    assert first.json()["at"] == 1_600_000_000

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends
 
 from service.api.access import require
 from service.api.deps import CurrentRecommender
-from service.api.schemas import BundleInfo, RetrieverInfo
+from service.api.schemas import MAX_LISTED_CATEGORIES, BundleInfo, RetrieverInfo
 
 router = APIRouter(tags=["bundle"], dependencies=[Depends(require("recommend"))])
 
@@ -43,4 +43,10 @@ async def bundle_info(recommender: CurrentRecommender) -> BundleInfo:
             )
             for name, retriever in bundle.retrievers.items()
         ],
+        categories=dict(
+            sorted(
+                ((name, len(ids)) for name, ids in bundle.catalogue.categories.items()),
+                key=lambda pair: (-pair[1], pair[0]),
+            )[:MAX_LISTED_CATEGORIES]
+        ),
     )

@@ -63,6 +63,7 @@ async def recommend(
         cache=None if outage else state.cache,
         history_cap=settings.request_history_cap,
         item_filter=body.filter.item_filter() if body.filter is not None else None,
+        at=body.at,
     )
     state.metrics.recommended(result.cache, result.fallback, result.timings_ms)
     # Serialised here, by pydantic-core: validating our own output against the response
@@ -78,6 +79,7 @@ async def recommend(
         "unknown_items": result.unknown_items,
         "history_truncated": result.history_truncated,
         "filtered": result.filtered,
+        "at": result.at,
         "timings_ms": result.timings_ms,
     }
     return Response(to_json(payload), media_type="application/json")
