@@ -86,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds of training for all retrievers together",
     )
     add_training_flags(quickstart, "--threads")
+    quickstart.set_defaults(threads=QuickstartConfig.threads)
 
     generate = commands.add_parser("generate", help="write the synthetic default data to a file")
     generate.add_argument("--out", required=True, type=Path, help=".parquet or .csv")
