@@ -160,7 +160,11 @@ def train(data: SequenceData, config: TrainConfig, out_dir: str | Path) -> Train
             "loss": float(np.mean(losses)),
             "seconds": time.perf_counter() - started,
         }
-        out_of_time = bool(config.max_seconds) and record["seconds"] >= config.max_seconds
+        out_of_time = (
+            bool(config.max_seconds)
+            and record["seconds"] >= config.max_seconds
+            and epoch < config.epochs
+        )
         if epoch % config.eval_every == 0 or epoch == config.epochs or out_of_time:
             model.eval()
             valid = evaluate(model_scorer(model), data, "valid", model.max_len, device=str(device))
