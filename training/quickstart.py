@@ -19,7 +19,6 @@ rather than a start that never ends (the report says which limit stopped each ru
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -33,8 +32,6 @@ from training.data import SequenceData
 from training.errors import ConfigError
 from training.export import export_bundle
 from training.trainer import TrainConfig, train
-
-LOG = logging.getLogger(__name__)
 
 # The depth the service retrieves and reranks by default: the head is trained and judged there.
 SERVED_DEPTH = Settings.model_fields["candidates"].default
