@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from service.bundle import Bundle
 from service.cache import BehaviourCache, history_digest
 from service.filters import drop_excluded, filtered_depth
 from service.histories import left_padded_window
 from service.pipeline import Query, encode_and_search
+from training.console import progress_bar
 from training.data import SequenceData
 
 LOG = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def batch_recommend(
     users, starts, ends = history_ranges(data, history)
     columns: dict[str, list] = {"user": [], "rank": [], "item": [], "score": []}
     started = time.perf_counter()
-    for lo in tqdm(range(0, len(users), batch_size), desc="recommending", unit="batch"):
+    for lo in progress_bar(range(0, len(users), batch_size), desc="recommending", unit="batch"):
         hi = lo + batch_size
         scores, ids = recommend_ranges(
             bundle, encoder, items, data.timestamps, starts=starts[lo:hi], ends=ends[lo:hi], k=k
@@ -153,7 +153,7 @@ async def warm_cache(
     starts = np.maximum(data.offsets[:-1], data.offsets[1:] - cache.history_cap)
     ends = data.offsets[1:]
     stored = 0
-    for lo in tqdm(range(0, data.n_users, batch_size), desc="warming cache", unit="batch"):
+    for lo in progress_bar(range(0, data.n_users, batch_size), desc="warming cache", unit="batch"):
         users = np.arange(lo, min(lo + batch_size, data.n_users))
         windows = []
         events_of = {}

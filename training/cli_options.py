@@ -7,7 +7,7 @@ Four groups, each added by one function:
     model     --model, --max-len, --dim, --layers, --heads, --dropout, --no-time,
               --model-option
     training  --loss, --loss-option, --epochs, --batch-size, --lr, --weight-decay,
-              --patience, --eval-every, --seed, --device, --threads
+              --patience, --eval-every, --max-seconds, --seed, --device, --threads
     bundle    --models-dir, --index, --index-device, --nprobe, --rescore
 
 A script adds a group whole, or names the flags of it that it takes (a benchmark suite
@@ -71,6 +71,11 @@ TRAINING_FLAGS: dict[str, dict] = {
         type=int, default=5, help="evaluations without a better valid NDCG@10 before stopping"
     ),
     "--eval-every": dict(type=int, default=1, help="epochs between evaluations"),
+    "--max-seconds": dict(
+        type=float,
+        default=0.0,
+        help="stop after the epoch that passes this many seconds of training (0: no limit)",
+    ),
     "--seed": dict(type=int, default=0),
     "--device": dict(default="cpu", help="torch device of training, e.g. cuda"),
     "--threads": dict(type=int, default=0, help="torch threads (0: torch's default)"),

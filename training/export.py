@@ -12,7 +12,9 @@ For each checkpoint (one retriever per encoder kind) it writes:
   the catalogue size (``IndexSpec.auto``), with recall@10/@100 against exact search on
   held-out users, bytes per vector and query latency in the manifest.
 - with a ``CtrConfig``, ``ctr_head.onnx``: a CTR head trained on what the exported encoder
-  and index retrieve (``training.ctr``), checked against PyTorch the same way.
+  and index retrieve (``training.ctr``), checked against PyTorch the same way; its effect
+  goes into the manifest as ``ctr_head.rerank_quality``: NDCG@10 and Recall@10 on the test
+  events in retrieval order and reranked by the exported head, at the head's depth.
 The bundle then gets ``items.parquet`` and a manifest with checksums, and becomes CURRENT.
 """
 
@@ -35,8 +37,16 @@ from service.devices import faiss_gpus
 from service.encoder import OnnxUserEncoder
 from service.features import last_seen_from_events
 from service.histories import left_padded_window
+from service.ranking import CtrHead
 from service.retrieval import IndexSpec, ItemIndex, measure_recall
-from training.ctr import CtrConfig, RetrieverParts, train_ctr_head
+from training.console import PROGRESS
+from training.ctr import (
+    CtrConfig,
+    RetrieverParts,
+    prepare_ctr_data,
+    rerank_quality,
+    train_ctr_head,
+)
 from training.data import SequenceData
 from training.errors import ExportError
 from training.models.ctr_head import CtrHeadModel
@@ -116,6 +126,13 @@ def export_retriever(
     quality = measure_recall(item_index, queries)
     bytes_per_vector = item_index.memory_bytes() / data.n_items
     LOG.info("%s: index %s recall %s", name, spec.factory, quality)
+    PROGRESS.info(
+        "%s: exported (ONNX parity %.1e, index %s, recall@10 %.3f)",
+        name,
+        parity,
+        spec.factory,
+        quality["recall@10"],
+    )
     report = json.loads(payload["report"])
     entry = {
         "model": name,
@@ -145,7 +162,9 @@ def export_retriever(
 
 
 def add_ctr_head(writer: BundleWriter, entry: dict, data: SequenceData, config: CtrConfig) -> None:
-    """Train a CTR head on what this retriever's exported files retrieve; add it to the bundle."""
+    """Train a CTR head on what this retriever's exported files retrieve; add it to the
+    bundle with the exported head's effect on the test events (``rerank_quality``)."""
+    started = time.perf_counter()
     files = entry["files"]
     vectors = np.load(writer.root / files["item_embeddings"], mmap_mode="r")
     parts = RetrieverParts(
@@ -155,12 +174,30 @@ def add_ctr_head(writer: BundleWriter, entry: dict, data: SequenceData, config: 
         ),
         max_len=entry["max_len"],
     )
-    head, report = train_ctr_head(data, parts, config)
+    prepared = prepare_ctr_data(data, parts, config)
+    head, report = train_ctr_head(data, parts, config, prepared=prepared)
     relative = f"{retriever_dir(entry['model'])}/ctr_head.onnx"
     path = writer.path(relative)
     export_ctr_head(head, path)
     entry["ctr_head"] = head_manifest_entry(head, report, check_head_parity(head, path), relative)
     files["ctr_head"] = relative
+    served = CtrHead(path, device="cpu", feature_names=report["features"])
+    quality = served_rerank_quality(served, prepared.test, parts.index.vectors, config.candidates)
+    entry["ctr_head"]["rerank_quality"] = quality
+    PROGRESS.info(
+        "%s: CTR head trained (test NDCG@10 %.4f in retrieval order, %.4f reranked) %.1fs",
+        entry["model"],
+        quality["retrieval"]["ndcg@10"],
+        quality["reranked"]["ndcg@10"],
+        time.perf_counter() - started,
+    )
+
+
+def served_rerank_quality(head: CtrHead, test, vectors: np.ndarray, depth: int) -> dict:
+    """NDCG@10 and Recall@10 of the test events in retrieval order and reranked by the
+    exported head over ``depth`` candidates (``training.ctr.rerank_quality``), flat."""
+    quality = rerank_quality(head.score, test, vectors, depths=(depth,))
+    return {"split": "test", "users": quality["users"], "depth": depth, **quality[str(depth)]}
 
 
 def head_manifest_entry(head: CtrHeadModel, report: dict, parity: float, relative: str) -> dict:

@@ -1,5 +1,6 @@
-"""Train a user encoder: epochs with a progress bar, early stopping on valid NDCG@10,
-a checkpoint that carries its config, a JSON report and a PNG training curve.
+"""Train a user encoder: epochs with a progress bar on a terminal (``training.console``)
+and one line per epoch, early stopping on valid NDCG@10 (or a time limit), a checkpoint
+that carries its config, a JSON report and a PNG training curve.
 
 Run it through the CLI::
 
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from training.console import progress_bar, report_epoch
 from training.data import SequenceData, left_padded_window
 from training.errors import CheckpointError, ConfigError
 from training.evaluate import evaluate, model_scorer, popularity_scorer
@@ -51,6 +52,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = 0  # 0: torch's default
+    max_seconds: float = 0.0  # stop after the epoch that passes this many seconds (0: none)
     model_options: dict = field(default_factory=dict)
     loss_options: dict = field(default_factory=dict)
 
@@ -133,16 +135,16 @@ def train(data: SequenceData, config: TrainConfig, out_dir: str | Path) -> Train
     history: list[dict] = []
     best = {"ndcg@10": -1.0, "epoch": 0, "state": None}
     stale = 0
+    stopped = "epochs"
     started = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         model.train()
         losses = []
-        progress = tqdm(
+        progress = progress_bar(
             batches(data, starts, ends, model.max_len, batch_size=config.batch_size, rng=rng),
             total=n_batches,
-            desc=f"epoch {epoch}/{config.epochs}",
-            leave=False,
-            mininterval=1.0,
+            desc=f"{config.model} epoch {epoch}/{config.epochs}",
+            unit="batch",
         )
         for item_ids, deltas, targets in progress:
             loss = sequence_loss(
@@ -158,7 +160,12 @@ def train(data: SequenceData, config: TrainConfig, out_dir: str | Path) -> Train
             "loss": float(np.mean(losses)),
             "seconds": time.perf_counter() - started,
         }
-        if epoch % config.eval_every == 0 or epoch == config.epochs:
+        out_of_time = (
+            bool(config.max_seconds)
+            and record["seconds"] >= config.max_seconds
+            and epoch < config.epochs
+        )
+        if epoch % config.eval_every == 0 or epoch == config.epochs or out_of_time:
             model.eval()
             valid = evaluate(model_scorer(model), data, "valid", model.max_len, device=str(device))
             record["valid"] = valid
@@ -176,14 +183,14 @@ def train(data: SequenceData, config: TrainConfig, out_dir: str | Path) -> Train
             else:
                 stale += 1
         history.append(record)
-        LOG.info(
-            "epoch %d loss %.4f valid ndcg@10 %s",
-            epoch,
-            record["loss"],
-            f"{record['valid']['ndcg@10']:.4f}" if "valid" in record else "-",
-        )
+        report_epoch(config.model, record, config.epochs)
         if stale >= config.patience:
             LOG.info("early stop: no better valid NDCG@10 for %d evaluations", stale)
+            stopped = "patience"
+            break
+        if out_of_time:
+            LOG.info("stopped at the time limit of %.0fs", config.max_seconds)
+            stopped = "time limit"
             break
     train_seconds = time.perf_counter() - started
 
@@ -196,6 +203,7 @@ def train(data: SequenceData, config: TrainConfig, out_dir: str | Path) -> Train
         "model_config": encoder_config(model),
         "best_epoch": best["epoch"],
         "epochs_run": len(history),
+        "stopped_by": stopped,
         "train_seconds": train_seconds,
         "history": history,
         "metrics": evaluation_report(model, data),

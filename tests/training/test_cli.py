@@ -56,6 +56,15 @@ def test_cli_trains_evaluates_and_writes_a_run_folder(tmp_path, capsys):
     assert f"{test_ndcg:.4f}" in evaluated
 
 
+def test_piped_training_reports_one_line_per_epoch_and_draws_no_bar(tmp_path, capsys):
+    assert main(train_argv(TINY, tmp_path / "run", epochs=2)) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "batch/s" not in err
+    epochs = [line for line in err.splitlines() if line.startswith("sasrec epoch")]
+    assert [line.split()[2] for line in epochs] == ["1/2", "2/2"]
+    assert all("loss" in line and "valid NDCG@10" in line for line in epochs)
+
+
 @pytest.mark.slow
 def test_cli_generates_a_file_that_trains(tmp_path, capsys):
     data = tmp_path / "log.parquet"

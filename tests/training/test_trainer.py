@@ -25,6 +25,14 @@ def test_training_stops_early_when_valid_ndcg_stops_improving(tiny_data, tmp_pat
     # lr 0: epoch 1 sets the best, epochs 2 and 3 are no better, then it stops
     assert report["epochs_run"] == 3
     assert report["best_epoch"] == 1
+    assert report["stopped_by"] == "patience"
+
+
+def test_training_stops_after_the_epoch_that_passes_its_time_limit(tiny_data, tmp_path):
+    config = TrainConfig(epochs=10, max_seconds=1e-6, model_options=SMALL)
+    report = train(tiny_data, config, tmp_path).report
+    assert report["epochs_run"] == 1 and report["stopped_by"] == "time limit"
+    assert "valid" in report["history"][0]  # the last epoch is evaluated, so it can be the best
 
 
 def test_checkpoint_rebuilds_the_same_model(tiny_data, tmp_path):
