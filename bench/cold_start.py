@@ -42,6 +42,7 @@ import argparse
 import json
 import shutil
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,12 +68,15 @@ from training.data import Interactions, SequenceData, build_sequences  # noqa: E
 from training.datasets import load_dataset  # noqa: E402
 from training.errors import CheckpointError, TrainingError  # noqa: E402
 from training.evaluate import mask_seen, metrics_from_ranks, target_ranks  # noqa: E402
-from training.export import export_bundle  # noqa: E402
+from training.export import export_bundle, git_commit  # noqa: E402
 from training.models.base import UserEncoder  # noqa: E402
 from training.trainer import TrainConfig, load_checkpoint, read_checkpoint, train  # noqa: E402
 
 CUTOFFS = (10, 50)
 BATCH = 256
+# Factors on the held-out items' vectors: how widely new items are shown, against what
+# the other test events lose (1.0: the vectors as they are).
+EXPOSURE_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
 
 
 # --------------------------------------------------------------------------- the split
@@ -340,17 +344,30 @@ def run(args) -> dict:
         "(a) random vectors": random_vectors(trained_rows, len(split.held_out), args.split_seed),
         "genre neighbours' mean vector": genre_neighbour_vectors(split, cold_vectors),
     }
-    tables = {}
-    for name, vectors in variants.items():
-        tables[name] = base.copy()
-        tables[name][split.held_out] = vectors
     full_vectors = full_model.all_item_embeddings().detach().numpy()
     upper_name = "(c) full model, items trained"
 
     rows: dict[str, dict] = {}
+    others: dict[str, dict] = {}
+    sweep = []
     cold_users = user_embeddings(cold_model, cold_windows(split, held_events, cold_model.max_len))
-    for name, table in tables.items():
-        rows[name] = summary(vector_ranks(cold_users, table, split, held_events))
+    cold_others = user_embeddings(cold_model, cold_windows(split, other_events, cold_model.max_len))
+    others["no held-out items in the catalogue"] = summary(
+        vector_ranks(cold_others, base, split, other_events, hidden=split.held_out)
+    )
+    for name, vectors in variants.items():
+        for scale in EXPOSURE_SCALES:
+            table = base.copy()
+            table[split.held_out] = vectors * scale
+            point = {
+                "vectors": name,
+                "scale": scale,
+                "held_out_targets": summary(vector_ranks(cold_users, table, split, held_events)),
+                "other_events": summary(vector_ranks(cold_others, table, split, other_events)),
+            }
+            sweep.append(point)
+            if scale == 1.0:
+                rows[name], others[name] = point["held_out_targets"], point["other_events"]
     content = content_ranks(split, held_events, args.split_seed)
     rows["(b) content only: genre overlap"] = summary(content)
     full_users = user_embeddings(full_model, full_windows(split, held_events, full_model.max_len))
@@ -358,14 +375,6 @@ def run(args) -> dict:
     rows[FITTED_WITH_THEM] = summary(
         vector_ranks(full_users, fitted_with_them(split, full_vectors), split, held_events)
     )
-
-    others = {}
-    cold_others = user_embeddings(cold_model, cold_windows(split, other_events, cold_model.max_len))
-    others["no held-out items in the catalogue"] = summary(
-        vector_ranks(cold_others, base, split, other_events, hidden=split.held_out)
-    )
-    for name, table in tables.items():
-        others[name] = summary(vector_ranks(cold_others, table, split, other_events))
     full_others = user_embeddings(full_model, full_windows(split, other_events, full_model.max_len))
     others[upper_name] = summary(vector_ranks(full_others, full_vectors, split, other_events))
 
@@ -379,6 +388,7 @@ def run(args) -> dict:
     }
     manifest_entry = bundle.manifest["retrievers"][config.model]["metadata_encoder"]
     return {
+        "git_commit": git_commit(),
         "data": split.full.source,
         "items": split.full.n_items,
         "held_out_items": int(len(split.held_out)),
@@ -389,6 +399,7 @@ def run(args) -> dict:
         "held_out_target_events": rows,
         "share_of_upper_bound": share_of_upper,
         "other_test_events": others,
+        "exposure_sweep": sweep,
         "metadata_encoder_manifest": {
             k: manifest_entry[k]
             for k in (
@@ -424,11 +435,25 @@ def table(result: dict) -> str:
     ]
     for name, row in result["other_test_events"].items():
         lines.append(f"| {name} | {row['ndcg@10']:.4f} | {row['recall@10']:.4f} |")
+    lines += [
+        "",
+        "| held-out items' vectors | x | held-out targets NDCG@10 | Recall@50 "
+        "| other events NDCG@10 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for point in result["exposure_sweep"]:
+        held, other = point["held_out_targets"], point["other_events"]
+        lines.append(
+            f"| {point['vectors']} | {point['scale']:g} | {held['ndcg@10']:.4f} | "
+            f"{held['recall@50']:.4f} | {other['ndcg@10']:.4f} |"
+        )
     return "\n".join(lines)
 
 
 def plot(result: dict, path: Path) -> None:
-    """Grouped bars: NDCG@10, Recall@10 and Recall@50 of each variant on the held-out targets."""
+    """Left: NDCG@10, Recall@10 and Recall@50 of each variant on the held-out targets.
+    Right: what the held-out targets gain against what the other test events lose as the
+    held-out items' vectors are scaled (``EXPOSURE_SCALES``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -437,26 +462,50 @@ def plot(result: dict, path: Path) -> None:
     rows = result["held_out_target_events"]
     names = list(rows)
     metrics = ("ndcg@10", "recall@10", "recall@50")
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, (bars, trade) = plt.subplots(1, 2, figsize=(13, 4.5), width_ratios=(3, 2))
     width = 0.8 / len(metrics)
     for k, metric in enumerate(metrics):
         positions = np.arange(len(names)) + (k - 1) * width
-        errors = [rows[n]["ndcg@10_se"] if metric == "ndcg@10" else 0 for n in names]
-        ax.bar(
-            positions, [rows[n][metric] for n in names], width, yerr=errors, capsize=3, label=metric
-        )
-    ax.set_xticks(
-        np.arange(len(names)),
-        [n.replace(", ", ",\n").replace(": ", ":\n") for n in names],
-        fontsize=7,
-    )
-    ax.set_ylabel("full ranking over all items")
-    ax.set_title(
-        f"{result['data'].split(':')[0]}: {result['held_out_target_events'][names[0]]['events']} "
-        f"test events whose target is one of {result['held_out_items']} held-out items",
+        values = [rows[n][metric] for n in names]
+        bars.bar(positions, values, width, label=metric)
+        if metric == "ndcg@10":  # its standard error
+            errors = [rows[n]["ndcg@10_se"] for n in names]
+            bars.errorbar(positions, values, yerr=errors, fmt="none", ecolor="black", capsize=3)
+    labels = [textwrap.fill(n, 16) for n in names]
+    bars.set_xticks(np.arange(len(names)), labels, fontsize=7)
+    bars.set_ylabel("full ranking over all items")
+    bars.set_title(
+        f"{result['data'].split(':')[0]}: {rows[names[0]]['events']} test events whose "
+        f"target is one of {result['held_out_items']} held-out items",
         fontsize=9,
     )
-    ax.legend(fontsize=8)
+    bars.legend(fontsize=8)
+
+    for name in dict.fromkeys(p["vectors"] for p in result["exposure_sweep"]):
+        points = [p for p in result["exposure_sweep"] if p["vectors"] == name]
+        x = [p["other_events"]["ndcg@10"] for p in points]
+        y = [p["held_out_targets"]["ndcg@10"] for p in points]
+        trade.plot(x, y, marker="o", label=name)
+        for p, xi, yi in zip(points, x, y, strict=True):
+            trade.annotate(
+                f"x{p['scale']:g}", (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points"
+            )
+    none = result["other_test_events"]["no held-out items in the catalogue"]["ndcg@10"]
+    trade.axvline(none, color="grey", ls=":", label="no held-out items (other events)")
+    upper = "(c) full model, items trained"
+    trade.plot(
+        result["other_test_events"][upper]["ndcg@10"],
+        result["held_out_target_events"][upper]["ndcg@10"],
+        marker="*",
+        markersize=12,
+        color="black",
+        ls="none",
+        label=upper,
+    )
+    trade.set_xlabel("other test events: NDCG@10")
+    trade.set_ylabel("held-out targets: NDCG@10")
+    trade.set_title("scaling the held-out items' vectors", fontsize=9)
+    trade.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

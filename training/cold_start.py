@@ -17,9 +17,17 @@ to the predicted vector, and how many of its ten nearest neighbours the predicti
 The loss is ranking-aware: a softmax over the fitted items of cosine(prediction, item
 vector) / ``temperature``, labelled with the item itself, so the prediction must pick its
 own item out of the catalogue rather than merely lie near it in squared error; plus
-``norm_weight`` times the squared relative error of its length, because the service scores
-items by inner product with unit-length user embeddings, so a new item's length decides
-how high it ranks against the trained ones.
+``length_weight`` times the squared relative error of its length, because the service
+scores items by inner product with unit-length user embeddings, so a new item's length
+sets how high it ranks against the trained ones.
+
+That length is also how widely a new item is shown: a prediction is less specific than
+the vector the item would have learned, so at the same length it reaches more users than
+its audience, and the catalogue's other items lose some of theirs. ``queries`` (user
+embeddings) measure this: the quality report gives the prediction's score bias over them.
+Losses that matched those users' scores instead (squared error in their metric, or the
+teacher's softmax) put new items almost never in anyone's top ten; docs/BENCHMARKS.md,
+"Cold start", measures the trade-off.
 """
 
 from __future__ import annotations
@@ -62,7 +70,7 @@ class ColdStartConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     temperature: float = 0.1
-    norm_weight: float = 1.0
+    length_weight: float = 1.0
     negatives: int = 4096  # fitted items each step ranks against (the batch's own included)
     holdout_share: float = 0.1  # of the trained items, measured on and never fitted
     seed: int = 0
@@ -117,11 +125,13 @@ def fit_metadata_encoder(
     metadata: CatalogueMetadata,
     trained: np.ndarray,
     *,
+    queries: np.ndarray | None = None,
     config: ColdStartConfig | None = None,
 ) -> MetadataFit:
     """Fit an encoder from ``metadata`` to ``vectors`` (N + 1, d) on the ``trained`` (N + 1,
     bool) items that have metadata, holding ``config.holdout_share`` of them out and
-    measuring it there. The returned model is the one measured (eval mode)."""
+    measuring it there (with ``queries``, (q, d) user embeddings, the score bias too).
+    The returned model is the one measured (eval mode)."""
     config = config or ColdStartConfig()
     rows = np.flatnonzero(np.asarray(trained, bool) & metadata.described)
     rows = rows[rows > 0]
@@ -164,7 +174,7 @@ def fit_metadata_encoder(
         predicted = model(ids[rows_t], weights[rows_t])  # (b, d)
         logits = F.normalize(predicted, dim=-1) @ unit[candidates].T / config.temperature
         length_error = (predicted.norm(dim=-1) - lengths[rows_t]) / mean_length
-        loss = F.cross_entropy(logits, labels) + config.norm_weight * length_error.pow(2).mean()
+        loss = F.cross_entropy(logits, labels) + config.length_weight * length_error.pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -177,8 +187,8 @@ def fit_metadata_encoder(
     report = {
         "items": {"fitted": int(len(fitted)), "held_out": int(len(held))},
         "quality_held_out": {
-            "encoder": item_space_quality(predicted, held, vectors, rows),
-            "mean_vector": item_space_quality(mean_vector, held, vectors, rows),
+            "encoder": item_space_quality(predicted, held, vectors, rows, queries=queries),
+            "mean_vector": item_space_quality(mean_vector, held, vectors, rows, queries=queries),
         },
         # Mean loss over the first and the last epoch's worth of steps.
         "loss": {
@@ -217,7 +227,12 @@ def embed_rows(
 
 
 def item_space_quality(
-    predicted: np.ndarray, rows: np.ndarray, vectors: np.ndarray, candidates: np.ndarray
+    predicted: np.ndarray,
+    rows: np.ndarray,
+    vectors: np.ndarray,
+    candidates: np.ndarray,
+    *,
+    queries: np.ndarray | None = None,
 ) -> dict[str, float]:
     """How well ``predicted`` (h, d) stands in for the vectors of ``rows`` (h,):
 
@@ -226,7 +241,11 @@ def item_space_quality(
       counted against it;
     - ``neighbours@10``: the share of the true vector's ten nearest candidates by cosine
       (itself left out) that are among the prediction's ten nearest (itself left out);
-    - ``length_ratio``: the mean of |prediction| / |true vector|.
+    - ``length_ratio``: the mean of |prediction| / |true vector|;
+    - with ``queries`` (user embeddings), ``score_bias`` and ``score_rmse``: the mean and
+      the root mean square of (query . prediction - query . true vector), in units of each
+      query's standard deviation of scores over the candidates (a bias of 1 lifts a new
+      item by a standard deviation of the catalogue's scores for everyone).
     """
     if len(rows) == 0:
         return {}
@@ -254,4 +273,9 @@ def item_space_quality(
     result[f"neighbours@{NEIGHBOURS}"] = float(np.mean(shared) / max(k, 1))
     ratio = np.linalg.norm(predicted, axis=1) / np.maximum(np.linalg.norm(true, axis=1), 1e-12)
     result["length_ratio"] = float(ratio.mean())
+    if queries is not None and len(queries):
+        spread = np.maximum((queries @ vectors[candidates].T).std(axis=1), 1e-12)  # (q,)
+        shift = (queries @ (predicted - true).T) / spread[:, None]  # (q, h)
+        result["score_bias"] = float(shift.mean())
+        result["score_rmse"] = float(np.sqrt((shift**2).mean()))
     return result

@@ -71,10 +71,16 @@ DEFAULT_COLD_START = ColdStartConfig()
 
 
 def heldout_user_embeddings(
-    encoder: OnnxUserEncoder, data: SequenceData, max_len: int, limit: int = RECALL_QUERIES
+    encoder: OnnxUserEncoder,
+    data: SequenceData,
+    max_len: int,
+    limit: int = RECALL_QUERIES,
+    *,
+    split: str = "test",
 ) -> np.ndarray:
-    """Embeddings of up to ``limit`` evaluation users' test histories, via the ONNX graph."""
-    users, history_end, _ = data.eval_examples("test")
+    """Embeddings of up to ``limit`` evaluation users' histories before their ``split``
+    event ("test", or "valid": training events only), via the ONNX graph."""
+    users, history_end, _ = data.eval_examples(split)
     chosen = np.random.default_rng(0).permutation(len(users))[:limit]
     embeddings = []
     for lo in range(0, len(chosen), 256):
@@ -202,10 +208,15 @@ def add_metadata_encoder(
     config: ColdStartConfig,
 ) -> None:
     """Fit this retriever's item-metadata encoder on its exported item vectors (targets:
-    the items with training events) and add it, parity checked, to the bundle."""
+    the items with training events; the users whose scores it should reproduce: the
+    exported encoder's embeddings of training histories) and add it, parity checked, to
+    the bundle."""
     files = entry["files"]
     vectors = np.load(writer.root / files["item_embeddings"], allow_pickle=False)
-    fit = fit_metadata_encoder(vectors, metadata, data.train_item_counts() > 0, config=config)
+    encoder = OnnxUserEncoder(writer.root / files["user_encoder"], "cpu")
+    queries = heldout_user_embeddings(encoder, data, entry["max_len"], split="valid")
+    trained = data.train_item_counts() > 0
+    fit = fit_metadata_encoder(vectors, metadata, trained, queries=queries, config=config)
     relative = f"{retriever_dir(entry['model'])}/metadata_encoder.onnx"
     path = writer.path(relative)
     started = time.perf_counter()

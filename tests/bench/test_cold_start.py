@@ -73,6 +73,8 @@ def test_the_bench_ranks_every_variant_on_tiny_data(tmp_path, capsys):
     assert {row["events"] for row in rows.values()} == {rows["metadata encoder"]["events"]}
     assert result["share_of_upper_bound"]["(c) full model, items trained"]["ndcg@10"] == 1.0
     assert "no held-out items in the catalogue" in result["other_test_events"]
+    at_one = [p for p in result["exposure_sweep"] if p["scale"] == 1.0]
+    assert [p["held_out_targets"] for p in at_one] == [rows[p["vectors"]] for p in at_one]
     assert chart.stat().st_size > 0
     assert "| metadata encoder |" in capsys.readouterr().out
 
