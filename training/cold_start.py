@@ -26,8 +26,8 @@ the vector the item would have learned, so at the same length it reaches more us
 its audience, and the catalogue's other items lose some of theirs. ``queries`` (user
 embeddings) measure this: the quality report gives the prediction's score bias over them.
 Losses that matched those users' scores instead (squared error in their metric, or the
-teacher's softmax) put new items almost never in anyone's top ten; docs/BENCHMARKS.md,
-"Cold start", measures the trade-off.
+retriever's softmax over the catalogue) put new items almost never in anyone's top ten;
+docs/BENCHMARKS.md, "Cold start", measures the trade-off.
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ class ColdStartConfig:
     """The metadata encoder's vocabulary, size and fit.
 
     Small and briefly fitted on purpose: metadata says little about an item that a large
-    model could learn, and longer fits and wider models ranked held-out items worse, not
-    better (docs/BENCHMARKS.md, "Cold start", the settings' search).
+    model could learn, and longer fits and wider models placed held-out items worse among
+    the catalogue's vectors, not better (docs/BENCHMARKS.md, "Cold start", the settings'
+    search with bench/cold_start_settings.py).
     """
 
     min_count: int = 2  # a genre or title word in fewer items maps to its field's <unk>
@@ -90,6 +91,7 @@ class CatalogueMetadata:
 class MetadataFit:
     model: MetadataEncoderModel
     report: dict
+    held_out: np.ndarray  # the ids measured on and never fitted
 
 
 def has_metadata(data: SequenceData) -> bool:
@@ -205,7 +207,7 @@ def fit_metadata_encoder(
         seconds,
         {k: round(v, 4) for k, v in report["quality_held_out"]["encoder"].items()},
     )
-    return MetadataFit(model, report)
+    return MetadataFit(model, report, held)
 
 
 def shuffled_batches(rows: np.ndarray, per_epoch: int, rng: np.random.Generator):

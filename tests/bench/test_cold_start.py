@@ -80,3 +80,13 @@ def test_the_bench_ranks_every_variant_on_tiny_data(tmp_path, capsys):
 
     # Both checkpoints are reused; the table is redrawn from the results alone.
     assert main([*argv, "--from-json", str(results)]) == 0
+
+
+def test_the_settings_search_reports_one_row_per_setting(trained_run, capsys):
+    from bench.cold_start_settings import main as search
+
+    data = "synthetic:users=300,items=120,mean_length=20,seed=1"  # tests/conftest.py's tiny_data
+    argv = ["--data", data, "--checkpoint", str(trained_run.checkpoint), "--set", ""]
+    assert search([*argv, "--set", "hidden=16,epochs=2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows[2:]] == ["| defaults", "| hidden=16,epochs=2"]
