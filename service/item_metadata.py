@@ -121,6 +121,7 @@ class MetadataVocabulary:
 
     @property
     def size(self) -> int:
+        """Tokens, padding included: the encoder's embedding table has this many rows."""
         return len(self.tokens)
 
     @classmethod
@@ -197,6 +198,7 @@ class MetadataVocabulary:
         return ids, weights
 
     def to_json(self) -> str:
+        """The bundle's ``VOCABULARY`` file, which :meth:`read` reads back."""
         return json.dumps(
             {
                 "format": VOCABULARY_FORMAT,

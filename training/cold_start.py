@@ -2,7 +2,7 @@
 
     from training.cold_start import ColdStartConfig, catalogue_metadata, fit_metadata_encoder
     metadata = catalogue_metadata(data)            # vocabulary and inputs of every item
-    fit = fit_metadata_encoder(vectors, metadata, trained, config=ColdStartConfig())
+    fit = fit_metadata_encoder(vectors, metadata, trained, queries=users, config=ColdStartConfig())
 
 ``training.export`` does this for every retriever of a bundle whose data has metadata
 (``add_metadata_encoder``); ``bench/cold_start.py`` measures the result on MovieLens-1M
