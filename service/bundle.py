@@ -9,6 +9,8 @@ Layout of ``models/<name>/`` (see docs/ARCHITECTURE.md)::
     retrievers/<encoder>/item_embeddings.npy   float32 (N + 1, d), row = internal id
     retrievers/<encoder>/items.faiss
     retrievers/<encoder>/ctr_head.onnx         optional
+    retrievers/<encoder>/metadata_encoder.onnx item metadata -> item vector (cold start)
+    item_metadata_vocabulary.json              what the metadata encoders read, when present
 
 ``models/CURRENT`` names the active bundle. A bundle is written under a temporary name and
 renamed into place when complete; CURRENT is replaced atomically. Loading verifies the
@@ -42,6 +44,7 @@ from service.catalogue import Catalogue, read_catalogue
 from service.encoder import OnnxUserEncoder
 from service.errors import BundleError, excerpt
 from service.features import ItemFeatures
+from service.item_metadata import ItemMetadataEncoder, MetadataVocabulary
 from service.ranking import CtrHead
 from service.retrieval import IndexSpec, ItemIndex, augmented_dim
 
@@ -270,8 +273,13 @@ class Retriever:
     info: dict
     item_vectors: np.ndarray  # (N + 1, d) float32, memory-mapped
     ctr_head: CtrHead | None = None
-    # Its files (user_encoder, item_embeddings, index, ctr_head), resolved inside the bundle.
+    # Its files (user_encoder, item_embeddings, index, ctr_head, metadata_encoder,
+    # metadata_vocabulary), resolved inside the bundle.
     paths: dict[str, Path] = field(default_factory=dict)
+    # Embeds items it never saw from their metadata (None: the bundle has none, or the
+    # models were not loaded); its vocabulary is read whenever the bundle has one.
+    metadata_encoder: ItemMetadataEncoder | None = None
+    metadata_vocabulary: MetadataVocabulary | None = None
 
 
 @dataclass
@@ -290,13 +298,15 @@ class Bundle:
 
 @dataclass
 class RetrieverEntry:
-    """A retriever's manifest entry, checked: its files, sequence length, index spec and
-    the CTR head's feature names (None: no head)."""
+    """A retriever's manifest entry, checked: its files, sequence length, index spec, the
+    CTR head's feature names (None: no head) and its metadata encoder's vocabulary (None:
+    no metadata encoder)."""
 
     paths: dict[str, Path]
     max_len: int
     spec: IndexSpec
     head_names: list[str] | None
+    vocabulary: MetadataVocabulary | None = None
 
 
 REQUIRED_FILES = ("user_encoder", "item_embeddings", "index")
@@ -330,25 +340,66 @@ def check_retriever_entry(root: Path, manifest: dict, encoder: str) -> Retriever
         index_spec = IndexSpec(**spec)
     except TypeError as exc:
         raise BundleError(f"{manifest_path}: {where}.index.spec: {exc}") from exc
-    head = info.get("ctr_head")
-    if ("ctr_head" in files) != (head is not None):
-        raise BundleError(
-            f"{manifest_path}: {where} has a ctr_head "
-            + ("file but no ctr_head entry" if "ctr_head" in files else "entry but no file")
-        )
+    head = optional_part(root, manifest, encoder, "ctr_head", {"file": "ctr_head"})
     head_names = None
     if head is not None:
-        head_names = head.get("feature_names") if isinstance(head, dict) else None
+        head_names = head.get("feature_names")
         if not isinstance(head_names, list) or not all(isinstance(n, str) for n in head_names):
             raise BundleError(f"{manifest_path}: {where}.ctr_head.feature_names is not a list")
-        if "file" in head:
-            named = bundle_file(root, manifest, head["file"], f"{where}.ctr_head.file")
-            if named != paths["ctr_head"]:
-                raise BundleError(
-                    f"{manifest_path}: {where}.ctr_head.file names {head['file']!r}, "
-                    f"but {where}.files.ctr_head names {files['ctr_head']!r}"
-                )
-    return RetrieverEntry(paths, max_len, index_spec, head_names)
+    metadata = optional_part(
+        root,
+        manifest,
+        encoder,
+        "metadata_encoder",
+        {"file": "metadata_encoder", "vocabulary": "metadata_vocabulary"},
+    )
+    vocabulary = None
+    if metadata is not None:
+        if "metadata_vocabulary" not in files:
+            raise BundleError(f"{manifest_path}: {where}.files has no 'metadata_vocabulary'")
+        vocabulary = read_vocabulary(paths["metadata_vocabulary"])
+    return RetrieverEntry(paths, max_len, index_spec, head_names, vocabulary)
+
+
+def optional_part(
+    root: Path, manifest: dict, encoder: str, part: str, named: dict[str, str]
+) -> dict | None:
+    """Retriever ``encoder``'s manifest entry of an optional ``part`` (``ctr_head``,
+    ``metadata_encoder``), present exactly when ``files`` lists the part's file. Each of
+    its fields in ``named`` (field -> key in ``files``) that it has must name the file
+    ``files`` names under that key."""
+    manifest_path = root / MANIFEST
+    where = f"retrievers.{encoder}"
+    info = manifest["retrievers"][encoder]
+    files, entry = info["files"], info.get(part)
+    if (part in files) != (entry is not None):
+        raise BundleError(
+            f"{manifest_path}: {where} has a {part} "
+            + (f"file but no {part} entry" if part in files else "entry but no file")
+        )
+    if entry is None:
+        return None
+    if not isinstance(entry, dict):
+        raise BundleError(f"{manifest_path}: {where}.{part} is not an object")
+    for field_name, key in named.items():
+        if field_name not in entry:
+            continue
+        given = bundle_file(root, manifest, entry[field_name], f"{where}.{part}.{field_name}")
+        listed = files.get(key)
+        if listed is None or given != inside_bundle(root, listed, f"{where}.files.{key}"):
+            raise BundleError(
+                f"{manifest_path}: {where}.{part}.{field_name} names {entry[field_name]!r}, "
+                f"but {where}.files.{key} names {listed!r}"
+            )
+    return entry
+
+
+def read_vocabulary(path: Path) -> MetadataVocabulary:
+    """The metadata encoders' vocabulary; BundleError naming the file when unreadable."""
+    try:
+        return MetadataVocabulary.read(path)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BundleError(f"{path}: not a metadata vocabulary ({exc})") from exc
 
 
 def load_bundle(
@@ -421,6 +472,7 @@ def load_bundle(
             info=info,
             item_vectors=vectors,
             paths=entry.paths,
+            metadata_vocabulary=entry.vocabulary,
         )
         if models:
             _load_models(
@@ -556,6 +608,10 @@ def _load_models(
             raise BundleError(f"{head_path}: cannot be loaded ({exc})") from exc
         check_head_fits(head, head_path, vectors_path, dim, len(head_names))
     retriever.encoder, retriever.index, retriever.ctr_head = encoder, index, head
+    if retriever.metadata_vocabulary is not None:
+        retriever.metadata_encoder = load_metadata_encoder(
+            retriever, device=device, threads=threads
+        )
 
 
 def index_metric(index: ItemIndex) -> str:
@@ -611,3 +667,31 @@ def check_head_fits(head: CtrHead, head_path: Path, vectors_path: Path, dim: int
             f"{head_path}: gives logits of shape {np.asarray(logits).shape} for one "
             "candidate, expected (1, 1)"
         )
+
+
+def load_metadata_encoder(
+    retriever: Retriever, *, device: str, threads: int
+) -> ItemMetadataEncoder:
+    """The retriever's metadata encoder, run once on every token of its vocabulary (the
+    graph must take each id) and checked to give vectors of the item vectors' width."""
+    path = retriever.paths["metadata_encoder"]
+    vocabulary = retriever.metadata_vocabulary
+    try:
+        encoder = ItemMetadataEncoder(path, vocabulary, device, threads)
+    except Exception as exc:  # onnxruntime raises its own unrelated exception types
+        raise BundleError(f"{path}: cannot be loaded ({exc})") from exc
+    every_token = np.arange(vocabulary.size, dtype=np.int64)[None, :]
+    try:  # one item of every token: microseconds, and an id the graph lacks fails here
+        vectors = np.asarray(encoder.run(every_token, np.ones(every_token.shape, np.float32)))
+    except Exception as exc:
+        raise BundleError(
+            f"{path}: fails on the {vocabulary.size} token ids of "
+            f"{retriever.paths['metadata_vocabulary'].name} ({exc})"
+        ) from exc
+    dim = int(retriever.item_vectors.shape[1])
+    if vectors.shape != (1, dim):
+        raise BundleError(
+            f"{path}: gives item vectors of shape {vectors.shape[1:]}, but "
+            f"{retriever.paths['item_embeddings']} holds vectors of width {dim}"
+        )
+    return encoder

@@ -10,6 +10,7 @@ RecserveError                 everything the service raises on purpose
 │   └── ComputeUnavailable    no compute process answers: died, stalled (503, Retry-After)
 └── RequestError              the request cannot be served as asked (4xx)
     ├── InvalidField          a field is well-typed but out of bounds (422)
+    │   └── InvalidMetadata   an item's metadata cannot be featurized (names the field)
     ├── UnknownEncoder        the encoder named in the request is not in the bundle (422)
     ├── UnknownItem           an item id is not in the catalogue (404)
     ├── NoHistory             no history in the request and none stored (404)
@@ -76,6 +77,11 @@ class InvalidField(RequestError):
     message starts with the field's location (``body[3].ts: ...``)."""
 
     status_code = 422
+
+
+class InvalidMetadata(InvalidField):
+    """An item's metadata cannot be turned into the metadata encoder's inputs; the message
+    names the item and the field (``metadata[3].genres: expected a list of strings``)."""
 
 
 class UnknownEncoder(RequestError):

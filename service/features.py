@@ -190,6 +190,23 @@ def genre_matrix(genres: list[list[str]] | None) -> tuple[np.ndarray | None, tup
     return matrix, names
 
 
+def genre_overlap(
+    genres: np.ndarray, history_ids: np.ndarray, candidate_ids: np.ndarray
+) -> np.ndarray:
+    """The ``genre_overlap`` feature (b, c): over each candidate's genres, the mean share of
+    the user's newest ``GENRE_WINDOW`` events that carry the genre (0 without genres).
+
+    ``genres`` (N + 1, G) multi-hot with row 0 empty, ``history_ids`` (b, l) left-padded
+    with 0, ``candidate_ids`` (b, c).
+    """
+    recent = history_ids[:, -GENRE_WINDOW:]  # (b, r)
+    counted = np.maximum((recent > 0).sum(axis=1), 1)[:, None]  # (b, 1)
+    profile = genres[recent].sum(axis=1) / counted  # (b, g)
+    candidate_genres = genres[candidate_ids]  # (b, c, g) float32
+    shared = np.einsum("bcg,bg->bc", candidate_genres, profile)
+    return shared / np.maximum(candidate_genres.sum(axis=-1), 1.0)
+
+
 def _log_capped(seconds: np.ndarray) -> np.ndarray:
     return np.log1p(np.clip(seconds, 0, AGE_CAP).astype(np.float32))
 
@@ -247,12 +264,7 @@ def candidate_features(
     ]
 
     if items.has_genres:
-        recent = history_ids[:, -GENRE_WINDOW:]  # (b, r)
-        counted = np.maximum((recent > 0).sum(axis=1), 1)[:, None]  # (b, 1)
-        profile = items.genres[recent].sum(axis=1) / counted  # (b, g)
-        candidate_genres = items.genres[ids]  # (b, c, g) float32
-        shared = np.einsum("bcg,bg->bc", candidate_genres, profile)
-        out[..., 8] = shared / np.maximum(candidate_genres.sum(axis=-1), 1.0)
+        out[..., 8] = genre_overlap(items.genres, history_ids, ids)
 
     out[~real] = 0.0
     return out, names

@@ -39,7 +39,7 @@ from training.data import SequenceData, build_sequences
 from training.datasets import load_dataset
 from training.errors import ConfigError, TrainingError
 from training.evaluate import evaluate, model_scorer, popularity_scorer
-from training.export import export_bundle
+from training.export import DEFAULT_COLD_START, export_bundle
 from training.optimizers import OPTIMIZERS
 from training.quickstart import QuickstartConfig, run_quickstart, summary_table
 from training.synthetic import SyntheticConfig, generate
@@ -112,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--name", help="bundle name (default: bundle-<UTC time>)")
     add_bundle_flags(export)
     export.add_argument("--no-current", action="store_true", help="do not update CURRENT")
+    export.add_argument(
+        "--no-metadata-encoder",
+        action="store_true",
+        help="fit no item-metadata encoder (cold start), even where the data has metadata",
+    )
     export.add_argument(
         "--ctr-head",
         choices=list(OPTIMIZERS),
@@ -275,6 +280,7 @@ def _export(args) -> int:
         index_device=args.index_device,
         make_current=not args.no_current,
         ctr=CtrConfig(optimizer=args.ctr_head) if args.ctr_head else None,
+        cold_start=None if args.no_metadata_encoder else DEFAULT_COLD_START,
     )
     print(f"bundle written: {path}")
     return 0

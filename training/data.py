@@ -42,6 +42,10 @@ class ItemMetadata:
     titles: dict[str, str] = field(default_factory=dict)
     genres: dict[str, list[str]] = field(default_factory=dict)
 
+    def record(self, raw_id: str) -> dict:
+        """One item's metadata as ``service.item_metadata`` reads it (title, genres)."""
+        return {"title": self.titles.get(raw_id), "genres": self.genres.get(raw_id)}
+
 
 @dataclass
 class Interactions:

@@ -15,6 +15,11 @@ For each checkpoint (one retriever per encoder kind) it writes:
   and index retrieve (``training.ctr``), checked against PyTorch the same way; its effect
   goes into the manifest as ``ctr_head.rerank_quality``: NDCG@10 and Recall@10 on the test
   events in retrieval order and reranked by the exported head, at the head's depth.
+- when the data has item metadata (titles, genres), ``metadata_encoder.onnx``: the
+  retriever's item-metadata encoder (``training.cold_start``), which gives an item the
+  retriever never saw a vector in its space, with its quality on held-out items and its
+  parity in the manifest; the vocabulary it reads (``item_metadata_vocabulary.json``, one
+  per bundle) beside ``items.parquet``.
 The bundle then gets ``items.parquet`` and a manifest with checksums, and becomes CURRENT.
 """
 
@@ -37,8 +42,18 @@ from service.devices import faiss_gpus
 from service.encoder import OnnxUserEncoder
 from service.features import last_seen_from_events
 from service.histories import left_padded_window
+from service.item_metadata import INPUT_NAMES as METADATA_INPUTS
+from service.item_metadata import OUTPUT_NAME as METADATA_OUTPUT
+from service.item_metadata import VOCABULARY
 from service.ranking import CtrHead
 from service.retrieval import IndexSpec, ItemIndex, measure_recall
+from training.cold_start import (
+    CatalogueMetadata,
+    ColdStartConfig,
+    catalogue_metadata,
+    fit_metadata_encoder,
+    has_metadata,
+)
 from training.console import PROGRESS
 from training.ctr import (
     CtrConfig,
@@ -53,7 +68,9 @@ from training.models.ctr_head import CtrHeadModel
 from training.onnx_export import (
     check_encoder_parity,
     check_head_parity,
+    check_metadata_encoder_parity,
     export_ctr_head,
+    export_metadata_encoder,
     export_user_encoder,
 )
 from training.trainer import check_same_items, load_checkpoint
@@ -61,13 +78,20 @@ from training.trainer import check_same_items, load_checkpoint
 LOG = logging.getLogger(__name__)
 
 RECALL_QUERIES = 1000
+DEFAULT_COLD_START = ColdStartConfig()
 
 
 def heldout_user_embeddings(
-    encoder: OnnxUserEncoder, data: SequenceData, max_len: int, limit: int = RECALL_QUERIES
+    encoder: OnnxUserEncoder,
+    data: SequenceData,
+    max_len: int,
+    limit: int = RECALL_QUERIES,
+    *,
+    split: str = "test",
 ) -> np.ndarray:
-    """Embeddings of up to ``limit`` evaluation users' test histories, via the ONNX graph."""
-    users, history_end, _ = data.eval_examples("test")
+    """Embeddings of up to ``limit`` evaluation users' histories before their ``split``
+    event ("test", or "valid": training events only), via the ONNX graph."""
+    users, history_end, _ = data.eval_examples(split)
     chosen = np.random.default_rng(0).permutation(len(users))[:limit]
     embeddings = []
     for lo in range(0, len(chosen), 256):
@@ -214,6 +238,44 @@ def head_manifest_entry(head: CtrHeadModel, report: dict, parity: float, relativ
     }
 
 
+def add_metadata_encoder(
+    writer: BundleWriter,
+    entry: dict,
+    data: SequenceData,
+    metadata: CatalogueMetadata,
+    config: ColdStartConfig,
+) -> None:
+    """Fit this retriever's item-metadata encoder on its exported item vectors (targets:
+    the items with training events; the users whose scores it should reproduce: the
+    exported encoder's embeddings of training histories) and add it, parity checked, to
+    the bundle."""
+    files = entry["files"]
+    vectors = np.load(writer.root / files["item_embeddings"], allow_pickle=False)
+    encoder = OnnxUserEncoder(writer.root / files["user_encoder"], "cpu")
+    queries = heldout_user_embeddings(encoder, data, entry["max_len"], split="valid")
+    trained = data.train_item_counts() > 0
+    fit = fit_metadata_encoder(vectors, metadata, trained, queries=queries, config=config)
+    relative = f"{retriever_dir(entry['model'])}/metadata_encoder.onnx"
+    path = writer.path(relative)
+    started = time.perf_counter()
+    export_metadata_encoder(fit.model, path)
+    parity = check_metadata_encoder_parity(fit.model, path, metadata.vocabulary)
+    LOG.info(
+        "%s: metadata encoder ONNX export %.1fs", entry["model"], time.perf_counter() - started
+    )
+    entry["metadata_encoder"] = {
+        "file": relative,
+        "vocabulary": VOCABULARY,
+        "inputs": list(METADATA_INPUTS),
+        "output": METADATA_OUTPUT,
+        "model_config": asdict(fit.model.config),
+        "onnx_parity_max_abs_diff": parity,
+        **fit.report,
+    }
+    files["metadata_encoder"] = relative
+    files["metadata_vocabulary"] = VOCABULARY
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -240,11 +302,13 @@ def export_bundle(
     perf_only: bool = False,
     ctr: CtrConfig | None = None,
     index_device: str = "auto",
+    cold_start: ColdStartConfig | None = DEFAULT_COLD_START,
 ) -> Path:
     """Export every checkpoint into one new bundle and (by default) make it CURRENT.
 
     With ``ctr`` (a ``training.ctr.CtrConfig``) each retriever also gets a CTR head trained
-    on the candidates its exported encoder and index retrieve.
+    on the candidates its exported encoder and index retrieve. Where the data has item
+    metadata each retriever gets a metadata encoder fitted with ``cold_start`` (None: none).
     """
     if not checkpoints:
         raise ExportError("no checkpoint to export")
@@ -277,6 +341,11 @@ def export_bundle(
         if ctr is not None:
             for entry in retrievers.values():
                 add_ctr_head(writer, entry, data, ctr)
+        if cold_start is not None and has_metadata(data):
+            catalogue = catalogue_metadata(data, cold_start.min_count)
+            writer.path(VOCABULARY).write_text(catalogue.vocabulary.to_json(), encoding="utf-8")
+            for entry in retrievers.values():
+                add_metadata_encoder(writer, entry, data, catalogue, cold_start)
         manifest = {
             "created_at": created.isoformat(),
             "git_commit": git_commit(),

@@ -6,9 +6,10 @@ The project writes every graph one way and checks it one way:
 - ``check_parity``: onnxruntime against PyTorch on inputs of shapes the export did not
   use, failing with ``ExportError`` past the one ``PARITY_TOLERANCE``.
 
-The service loads two graphs made with them: ``user_encoder.onnx``
-(``export_user_encoder``, ``check_encoder_parity``) and ``ctr_head.onnx``
-(``export_ctr_head``, ``check_head_parity``).
+The service loads three graphs made with them: ``user_encoder.onnx``
+(``export_user_encoder``, ``check_encoder_parity``), ``ctr_head.onnx``
+(``export_ctr_head``, ``check_head_parity``) and ``metadata_encoder.onnx``
+(``export_metadata_encoder``, ``check_metadata_encoder_parity``).
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service import item_metadata
 from service.encoder import OnnxUserEncoder
+from service.item_metadata import ItemMetadataEncoder, MetadataVocabulary
 from service.ranking import INPUT_NAMES, OUTPUT_NAME, CtrHead
 from training.errors import ExportError
 from training.models.base import UserEncoder
 from training.models.ctr_head import CtrHeadModel, InferenceHead
+from training.models.metadata_encoder import MetadataEncoderModel
 
 PARITY_TOLERANCE = 1e-4
 
@@ -196,3 +200,55 @@ def check_head_parity(head: CtrHeadModel, path: str | Path, seed: int = 0) -> fl
     session = CtrHead(path, device="cpu", feature_names=head.config.feature_names)
     reference = torch_function(InferenceHead(head))
     return check_parity(reference, session.score, head_parity_batches(head, seed), path)
+
+
+# --------------------------------------------------------------------------- metadata encoder
+
+
+def export_metadata_encoder(model: MetadataEncoderModel, path: str | Path) -> None:
+    """Write ``metadata_encoder.onnx``: dynamic batch and token count, eval mode."""
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    example = (
+        torch.randint(1, model.config.n_tokens, (2, 6), generator=generator),
+        torch.rand(2, 6, generator=generator),
+    )
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    tokens = torch.export.Dim("tokens", min=1, max=4096)
+    axes = ({0: batch, 1: tokens}, {0: batch, 1: tokens})
+    export_onnx(
+        model,
+        example,
+        Path(path),
+        dict(zip(item_metadata.INPUT_NAMES, axes, strict=True)),
+        [item_metadata.OUTPUT_NAME],
+    )
+
+
+def metadata_parity_shapes() -> list[tuple[int, int]]:
+    """(batch, tokens) pairs, none of them the export example's (2, 6)."""
+    return [(1, 1), (1, 9), (4, 3), (7, 40)]
+
+
+def metadata_parity_batches(model: MetadataEncoderModel, seed: int = 0) -> Iterator[ParityBatch]:
+    """Random token ids with ragged right padding (id 0, weight 0) at
+    ``metadata_parity_shapes``."""
+    generator = torch.Generator().manual_seed(seed)
+    for batch, width in metadata_parity_shapes():
+        ids = torch.randint(1, model.config.n_tokens, (batch, width), generator=generator)
+        used = torch.randint(1, width + 1, (batch,), generator=generator)
+        real = torch.arange(width)[None, :] < used[:, None]
+        ids = torch.where(real, ids, torch.zeros_like(ids))
+        weights = torch.rand(batch, width, generator=generator) * real
+        yield f"batch {batch}, {width} tokens", (ids.numpy(), weights.numpy())
+
+
+def check_metadata_encoder_parity(
+    model: MetadataEncoderModel, path: str | Path, vocabulary: MetadataVocabulary, seed: int = 0
+) -> float:
+    """Max |onnxruntime - torch| of the item vectors; raises past ``PARITY_TOLERANCE``."""
+    session = ItemMetadataEncoder(path, vocabulary, device="cpu")
+    model.eval()
+    return check_parity(
+        torch_function(model), session.run, metadata_parity_batches(model, seed), path
+    )

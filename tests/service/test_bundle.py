@@ -378,3 +378,52 @@ def test_the_index_can_be_placed_apart_from_the_onnx_models(head_models, monkeyp
     assert asked and set(asked) == {"cpu"}
     light = load_bundle(head_models, device="cpu", models=False)
     assert all(set(stages.values()) == {None} for stages in placement(light).values())
+
+
+# --------------------------------------------------------------------------- metadata encoder
+
+METADATA = "retrievers/sasrec/metadata_encoder.onnx"
+
+
+def test_a_bundle_without_a_metadata_encoder_loads_without_one(models_copy):
+    models_dir, path = models_copy
+    manifest = _manifest(path)
+    entry = manifest["retrievers"]["sasrec"]
+    del entry["metadata_encoder"], entry["files"]["metadata_encoder"]
+    del entry["files"]["metadata_vocabulary"]
+    for relative in (METADATA, "item_metadata_vocabulary.json"):
+        (path / relative).unlink()
+        del manifest["files"][relative]
+    write_manifest(path, manifest)
+    retriever = load_bundle(models_dir, device="cpu").retrievers["sasrec"]
+    assert retriever.metadata_encoder is None and retriever.metadata_vocabulary is None
+
+
+def test_a_metadata_encoder_entry_without_its_file_is_refused(models_copy):
+    models_dir, path = models_copy
+    manifest = _manifest(path)
+    del manifest["retrievers"]["sasrec"]["files"]["metadata_encoder"]
+    write_manifest(path, manifest)
+    with pytest.raises(BundleError, match="has a metadata_encoder entry but no file"):
+        load_bundle(models_dir, device="cpu", models=False)
+
+
+@pytest.mark.parametrize("models", [True, False])
+def test_a_damaged_metadata_vocabulary_is_refused_naming_it(models_copy, models):
+    models_dir, path = models_copy
+    (path / "item_metadata_vocabulary.json").write_text('{"format": 1, "tokens": "abc"}')
+    write_manifest(path, _manifest(path))
+    with pytest.raises(BundleError, match=r"item_metadata_vocabulary\.json: not a metadata vocab"):
+        load_bundle(models_dir, device="cpu", models=models)
+
+
+def test_a_vocabulary_the_metadata_encoder_cannot_take_is_refused_at_load(models_copy):
+    models_dir, path = models_copy
+    vocabulary = path / "item_metadata_vocabulary.json"
+    document = json.loads(vocabulary.read_text())
+    document["tokens"] += [f"title=extra{i}" for i in range(5)]  # ids past the graph's table
+    vocabulary.write_text(json.dumps(document))
+    write_manifest(path, _manifest(path))
+    assert load_bundle(models_dir, device="cpu", models=False).name == "tiny"
+    with pytest.raises(BundleError, match=r"metadata_encoder\.onnx: fails on the \d+ token ids"):
+        load_bundle(models_dir, device="cpu")

@@ -165,3 +165,15 @@ def test_a_ctr_head_that_cannot_be_trained_is_one_error_line(tmp_path, capsys):
     # The ONNX exporter may log its own warnings before; the error is one line, the last.
     assert errors == ["error: fewer than three evaluation users: nothing to train a head on"]
     assert err.rstrip("\n").endswith(errors[0])
+
+
+@pytest.mark.parametrize(("flag", "fitted"), [([], True), (["--no-metadata-encoder"], False)])
+def test_export_fits_metadata_encoders_unless_told_not_to(tmp_path, monkeypatch, flag, fitted):
+    import training.__main__ as cli
+
+    asked = {}
+    monkeypatch.setattr(cli, "export_bundle", lambda *a, **kw: asked.update(kw) or tmp_path)
+    argv = ["export", "--data", TINY, "--checkpoint", "c.pt", "--models-dir", str(tmp_path)]
+    assert main([*argv, *flag]) == 0
+    assert (asked["cold_start"] == cli.DEFAULT_COLD_START) is fitted
+    assert (asked["cold_start"] is None) is not fitted

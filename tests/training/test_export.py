@@ -159,6 +159,11 @@ def test_index_is_chosen_for_where_the_service_will_search(
     )
     for device in ("auto", "cpu"):
         export.export_bundle(
-            [trained_run.checkpoint], tiny_data, tmp_path, name=device, index_device=device
+            [trained_run.checkpoint],
+            tiny_data,
+            tmp_path,
+            name=device,
+            index_device=device,
+            cold_start=None,  # the index is the point here, not the metadata encoder
         )
     assert asked == [True, False]  # auto takes the GPU faiss sees; cpu never does
