@@ -86,7 +86,7 @@ history='[{"item_id": "1", "ts": 1700000000}, {"item_id": "2", "ts": 1700000600}
 cat <<MSG
 
 == recserve is ready: $base
-   $base/demo   the demo page
+   $base/demo/  the demo page
    $base/docs   the API, to try in the browser
 
    # top 5 after a history (SASRec-kind retriever, reranked by its CTR head)
