@@ -283,7 +283,9 @@ function describeAnswer(answer) {
 function renderRecommendations() {
   if (!state.bundle) return;
   const generation = ++state.generation;
+  const filter = currentFilter();
   const columns = state.bundle.retrievers.map(column);
+  for (const node of columns) node.dataset.filter = JSON.stringify(filter || {});
   $("recommendations").replaceChildren(...columns);
   if (!state.history.length) return;
   clearError();
@@ -297,7 +299,7 @@ function renderRecommendations() {
       k: Number.isNaN(k) ? $("k").value : k,
       encoder,
       rerank: $("rerank").checked,
-      filter: currentFilter(),
+      filter,
     }).then(
       (answer) => {
         if (generation !== state.generation) return;

@@ -150,10 +150,11 @@ def test_warm_up_runs_the_serving_kernel_on_the_shapes_serving_gives_it(head_mod
     batches, searches, scores = [], [], []
     kernel = pipeline.compute_batch
 
-    def compute_batch(served, item_features, queries):
+    def compute_batch(served, item_features, queries, catalogue):
         assert served is retriever and item_features is bundle.item_features
+        assert catalogue is bundle.catalogue
         batches.append([(q.window.shape, q.depth, q.keep, q.rerank, len(q.seen)) for q in queries])
-        return kernel(served, item_features, queries)
+        return kernel(served, item_features, queries, catalogue)
 
     monkeypatch.setattr(pipeline, "compute_batch", compute_batch)
     index, head = retriever.index, retriever.ctr_head
@@ -167,14 +168,17 @@ def test_warm_up_runs_the_serving_kernel_on_the_shapes_serving_gives_it(head_mod
 
     width = retriever.max_len
     # Through the kernel serving runs: every history width alone, then batches up to twice
-    # the batch at the longest width, each history's own items excluded and reranked.
-    assert [b[0][0] for b in batches[:width]] == [(1, w) for w in range(1, width + 1)]
-    assert [len(b) for b in batches[width:]] == [1, 2, 4, 8]
-    assert all(q == ((1, width), 30 + width, 30, True, width) for b in batches[width:] for q in b)
-    assert len(scores) == len(batches)
+    # the batch at the longest width, each history's own items excluded and reranked ...
+    histories, similar = batches[:-1], batches[-1]
+    assert [b[0][0] for b in histories[:width]] == [(1, w) for w in range(1, width + 1)]
+    assert [len(b) for b in histories[width:]] == [1, 2, 4, 8]
+    assert all(q == ((1, width), 30 + width, 30, True, width) for b in histories[width:] for q in b)
+    assert len(scores) == len(histories)
     features = len(bundle.item_features.names)
     assert scores[-1] == (8, 30, features)
-    # ... and the search behind /items/{id}/similar, on an item's own vector.
+    # ... and the query of /items/{id}/similar, through the same kernel: an item's own
+    # vector searched one deeper than asked (the item itself comes back), never reranked.
+    assert len(similar) == 1 and similar[0][3] is False
     assert searches[-1] == ((1, retriever.item_vectors.shape[1]), 11)
 
 
