@@ -6,7 +6,7 @@ if [ -f /models/CURRENT ]; then
   echo "bundle $(cat /models/CURRENT) present; nothing to do"
   exit 0
 fi
-python -m training train --data "${RECSERVE_EXPORT_DATA:-synthetic}" --model sasrec \
-  --epochs "${RECSERVE_EPOCHS:-10}" --out /tmp/run
-python -m training export --data "${RECSERVE_EXPORT_DATA:-synthetic}" \
-  --checkpoint /tmp/run/checkpoint.pt --models-dir /models
+# The same bundle as scripts/start.sh builds: every retriever that fits the quickstart's
+# budget, a CTR head each (training/quickstart.py).
+python -m training quickstart --data "${RECSERVE_EXPORT_DATA:-synthetic}" \
+  --out /tmp/quickstart --models-dir /models ${RECSERVE_EPOCHS:+--epochs "$RECSERVE_EPOCHS"}

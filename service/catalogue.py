@@ -98,6 +98,14 @@ class TextAttribute:
     codes: np.ndarray  # (N + 1,) int32, -1 = no value (row 0 included)
     values: dict[str, int]  # value -> code
 
+    @cached_property
+    def by_code(self) -> list[str]:
+        """The values in code order (code -> value)."""
+        names = [""] * len(self.values)
+        for value, code in self.values.items():
+            names[code] = value
+        return names
+
 
 @dataclass
 class Catalogue:
@@ -129,6 +137,29 @@ class Catalogue:
         if item_filter.exclude_items:  # the mask is shared by every list of exclusions
             item_filter = replace(item_filter, exclude_items=())
         return self._compiled(item_filter)
+
+    def describe(self, item: int) -> dict:
+        """What the catalogue holds of internal id ``item``: its id, title, categories,
+        attributes, availability and training popularity."""
+        text = {
+            name: attribute.by_code[code]
+            for name, attribute in self.text_attributes.items()
+            if (code := int(attribute.codes[item])) >= 0
+        }
+        numbers = {
+            name: float(values[item])
+            for name, values in self.number_attributes.items()
+            if not np.isnan(values[item])
+        }
+        return {
+            "item_id": str(self.raw_ids[item]),
+            "title": self.titles[item] if self.titles else None,
+            "genres": list(self.genres[item]) if self.genres else [],
+            "attributes": text,
+            "numbers": numbers,
+            "available": bool(self.available[item]) if self.available is not None else True,
+            "popularity": int(self.popularity[item]),
+        }
 
     def excluded(self, item_filter: ItemFilter | None) -> np.ndarray:
         """The internal ids of the filter's ``exclude_items`` that the catalogue has,

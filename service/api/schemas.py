@@ -228,8 +228,22 @@ class SimilarResponse(BaseModel):
 class CatalogueItem(BaseModel):
     item_id: str
     title: str | None = None
-    genres: list[str] = Field(default_factory=list)
+    genres: list[str] = Field(
+        default_factory=list, description="its categories (what a filter's categories name)"
+    )
+    attributes: dict[str, str] = Field(
+        default_factory=dict, description="string attributes (a filter's attributes)"
+    )
+    numbers: dict[str, float] = Field(
+        default_factory=dict, description="numeric attributes (a filter's ranges)"
+    )
+    available: bool = Field(True, description="false: never served")
     popularity: int = Field(description="training events of the item in the bundle's data")
+
+
+class ItemResponse(BaseModel):
+    bundle: str
+    item: CatalogueItem
 
 
 class ItemSearchResponse(BaseModel):

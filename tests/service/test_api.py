@@ -320,6 +320,21 @@ def test_a_blank_search_lists_the_most_popular_items(client):
     assert everything[0]["popularity"] == max(item["popularity"] for item in everything)
 
 
+def test_an_item_is_described_as_the_catalogue_holds_it(client):
+    body = client.get("/items/7").json()
+    found = client.get("/items", params={"q": "7", "limit": 1}).json()["items"][0]
+    assert body["bundle"] == "tiny" and body["item"] == found
+    item = body["item"]
+    assert item["item_id"] == "7" and item["title"] == "Item 7" and item["available"] is True
+    assert item["genres"] and item["popularity"] > 0
+    assert item["attributes"] == {} and item["numbers"] == {}
+
+
+def test_an_unknown_item_is_404_naming_it(client):
+    response = client.get("/items/no-such-item")
+    assert response.status_code == 404 and "no-such-item" in response.json()["detail"]
+
+
 def test_a_search_that_matches_nothing_is_an_empty_list(client):
     assert client.get("/items", params={"q": "no such title"}).json()["items"] == []
 

@@ -196,6 +196,19 @@ def test_the_items_table_carries_categories_attributes_and_availability(tmp_path
     assert colour.codes[2] == -1  # no value
     np.testing.assert_array_equal(catalogue.number_attributes["price"][1:], [1, np.nan, 3, 4])
     assert catalogue.available.tolist() == [False, True, True, False, True]
+    # What GET /items/{id} shows of them: only the values an item has.
+    assert catalogue.describe(1) == {
+        "item_id": "a",
+        "title": None,
+        "genres": ["x", "y"],
+        "attributes": {"colour": "red"},
+        "numbers": {"price": 1.0},
+        "available": True,
+        "popularity": 5,
+    }
+    described = catalogue.describe(2)
+    assert described["attributes"] == {} and described["numbers"] == {}
+    assert catalogue.describe(3)["available"] is False
 
 
 def test_an_attribute_column_of_another_kind_is_refused_naming_it(tmp_path):

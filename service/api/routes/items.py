@@ -1,4 +1,4 @@
-"""GET /items (search the catalogue) and GET /items/{item_id}/similar."""
+"""GET /items (search the catalogue), GET /items/{item_id} and GET /items/{item_id}/similar."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ from pydantic import ValidationError
 
 from service.api.access import require
 from service.api.deps import CurrentRecommender
-from service.api.schemas import CatalogueItem, Filter, ItemSearchResponse, SimilarResponse
+from service.api.schemas import (
+    CatalogueItem,
+    Filter,
+    ItemResponse,
+    ItemSearchResponse,
+    SimilarResponse,
+)
 from service.catalogue import ItemFilter
 from service.errors import UnknownItem, excerpt
 
@@ -34,15 +40,22 @@ async def search_items(
         bundle=recommender.bundle.name,
         query=q,
         matched=matched,
-        items=[
-            CatalogueItem(
-                item_id=str(catalogue.raw_ids[i]),
-                title=catalogue.titles[i] if catalogue.titles else None,
-                genres=catalogue.genres[i] if catalogue.genres else [],
-                popularity=int(catalogue.popularity[i]),
-            )
-            for i in ids.tolist()
-        ],
+        items=[CatalogueItem(**catalogue.describe(i)) for i in ids.tolist()],
+    )
+
+
+@router.get("/{item_id}", response_model=ItemResponse)
+async def get_item(
+    item_id: Annotated[str, Path(min_length=1, max_length=256)],
+    recommender: CurrentRecommender,
+) -> ItemResponse:
+    """What the served catalogue holds of ``item_id``; 404 for an item it does not have."""
+    catalogue = recommender.bundle.catalogue
+    internal = catalogue.lookup.get(item_id)
+    if internal is None:
+        raise UnknownItem(f"item {excerpt(item_id)} is not in bundle {recommender.bundle.name}")
+    return ItemResponse(
+        bundle=recommender.bundle.name, item=CatalogueItem(**catalogue.describe(internal))
     )
 
 
