@@ -18,7 +18,7 @@ from tests.browser import (
     wait_for,
 )
 from tests.servers import UvicornService
-from tests.service.conftest import server_settings
+from tests.service.conftest import delete_prefix, server_settings
 
 pytestmark = pytest.mark.skipif(missing_browser() is not None, reason=str(missing_browser()))
 
@@ -41,8 +41,6 @@ def api_answer(server, column, history: list[dict], **extra) -> dict:
 
 @pytest.fixture(scope="module")
 def server(two_retriever_models, tmp_path_factory, shared_redis):
-    from tests.service.conftest import delete_prefix
-
     prefix = "demo-browser"
     log = tmp_path_factory.mktemp("demo") / "uvicorn.log"
     service = UvicornService(server_settings(two_retriever_models, prefix), log_path=log)
