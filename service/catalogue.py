@@ -15,6 +15,14 @@ A request's :class:`ItemFilter` is compiled against the catalogue into an
 filters are kept, so a filter that many requests share costs one pass over the
 catalogue. Per-request item exclusions are not part of the mask (every request would
 compile its own): the serving kernel drops them beside the seen items.
+
+The catalogue API's writes (``service.live_catalogue``) give a bundle's catalogue an
+overlay: :meth:`Catalogue.with_overlay` builds the catalogue served meanwhile, the bundle's
+items with the written ones' metadata and availability replacing theirs, and the items
+added since the export behind them (internal ids N + 1, N + 2, ...; ``n_trained`` stays N:
+only ids up to it have trained vectors and are read by the encoders). A written item is an
+:class:`ItemRecord`; a withdrawn one is a record too, so that a withdrawal outlives a
+reload to a bundle that still has the item.
 """
 
 from __future__ import annotations
@@ -77,6 +85,33 @@ class ItemFilter:
         )
 
 
+@dataclass(frozen=True)
+class ItemRecord:
+    """An item as the catalogue API last wrote it (``PUT /items/{item_id}``), or its
+    withdrawal (``DELETE``): metadata, availability and optional ready vectors."""
+
+    title: str | None = None
+    genres: tuple[str, ...] = ()  # its categories
+    attributes: tuple[tuple[str, str], ...] = ()  # string attributes, by name
+    numbers: tuple[tuple[str, float], ...] = ()  # numeric attributes, by name
+    available: bool = True
+    year: int | None = None  # for the metadata encoder (else read from the title)
+    # Vectors per retriever, supplied by the writer for bundle ``vectors_bundle`` only: a
+    # newer bundle's item spaces are other spaces.
+    vectors: tuple[tuple[str, np.ndarray], ...] = ()
+    vectors_bundle: str | None = None
+    withdrawn: bool = False
+
+    @property
+    def served(self) -> bool:
+        """Whether the item may be served at all."""
+        return self.available and not self.withdrawn
+
+    def metadata(self) -> dict:
+        """What the metadata encoder reads (``service.item_metadata``)."""
+        return {"title": self.title, "genres": list(self.genres), "year": self.year}
+
+
 @dataclass
 class Eligible:
     """The items a filter keeps, compiled against one catalogue (exclusions of single
@@ -123,10 +158,27 @@ class Catalogue:
     text_attributes: dict[str, TextAttribute] = field(default_factory=dict)
     number_attributes: dict[str, np.ndarray] = field(default_factory=dict)  # (N + 1,) NaN: none
     available: np.ndarray | None = None  # (N + 1,) bool, row 0 False; None: every item is
+    # The overlay of the catalogue API (see the module docstring): items added since the
+    # export (raw id -> internal id > n_trained) and the withdrawn items' internal ids.
+    added_lookup: dict[str, int] = field(default_factory=dict)
+    withdrawn: frozenset[int] = frozenset()
+    trained: int | None = None  # items with trained vectors (None: all of them)
 
     @property
     def n_items(self) -> int:
         return len(self.raw_ids) - 1
+
+    @property
+    def n_trained(self) -> int:
+        """Items 1..n_trained are the bundle's, with trained vectors; the rest were added."""
+        return self.n_items if self.trained is None else self.trained
+
+    def internal_id(self, raw: str) -> int | None:
+        """The internal id of raw id ``raw`` (None: not in the catalogue, or withdrawn)."""
+        internal = self.lookup.get(raw)
+        if internal is None:
+            internal = self.added_lookup.get(raw)
+        return None if internal is None or internal in self.withdrawn else internal
 
     def eligible(self, item_filter: ItemFilter | None) -> Eligible:
         """The items ``item_filter`` keeps (None: available items only), compiled once per
@@ -159,6 +211,7 @@ class Catalogue:
             "numbers": numbers,
             "available": bool(self.available[item]) if self.available is not None else True,
             "popularity": int(self.popularity[item]),
+            "added": item > self.n_trained,
         }
 
     def excluded(self, item_filter: ItemFilter | None) -> np.ndarray:
@@ -217,16 +270,18 @@ class Catalogue:
             if name not in self.text_attributes:
                 raise InvalidField(
                     f"filter.attributes.{excerpt(name, quote=False)}: "
-                    + self._no_attribute(name, "string", "filter.ranges")
+                    + self.no_attribute(name, "string", "filter.ranges")
                 )
         for name, _, _ in item_filter.ranges:
             if name not in self.number_attributes:
                 raise InvalidField(
                     f"filter.ranges.{excerpt(name, quote=False)}: "
-                    + self._no_attribute(name, "numeric", "filter.attributes")
+                    + self.no_attribute(name, "numeric", "filter.attributes")
                 )
 
-    def _no_attribute(self, name: str, kind: str, other: str) -> str:
+    def no_attribute(self, name: str, kind: str, other: str) -> str:
+        """Why ``name`` is not a ``kind`` ("string" or "numeric") attribute of the catalogue,
+        pointing to ``other`` (where it would be given) when it is the other kind."""
         ours = self.text_attributes if kind == "string" else self.number_attributes
         theirs = self.number_attributes if kind == "string" else self.text_attributes
         if name in theirs:
@@ -238,7 +293,11 @@ class Catalogue:
     def internal_ids(self, raw: list[str]) -> np.ndarray:
         """Internal ids for raw ids; unknown ids map to 0 (padding)."""
         # map() over the dict's own get: faster than a generator for a request's ids.
-        return np.array(list(map(self.lookup.get, raw, repeat(0, len(raw)))), dtype=np.int64)
+        ids = np.array(list(map(self.lookup.get, raw, repeat(0, len(raw)))), dtype=np.int64)
+        if self.added_lookup:
+            for i in np.flatnonzero(ids == 0).tolist():
+                ids[i] = self.added_lookup.get(raw[i], 0)
+        return ids
 
     @cached_property
     def popularity_order(self) -> np.ndarray:
@@ -257,16 +316,115 @@ class Catalogue:
         most popular first; for blank ``text``, the most popular items."""
         text = text.strip()
         if not text:
-            return self.popularity_order[:limit], self.n_items
+            order = self.popularity_order
+            if self.withdrawn:
+                order = order[~np.isin(order, list(self.withdrawn))]
+            return order[:limit], len(order)
         needle = text.casefold()
         titled = np.fromiter(
-            (i for i, title in enumerate(self._folded_titles) if needle in title), np.int64
+            (
+                i
+                for i, title in enumerate(self._folded_titles)
+                if needle in title and i not in self.withdrawn
+            ),
+            np.int64,
         )
         titled = titled[np.argsort(-self.popularity[titled], kind="stable")]
-        exact = self.lookup.get(text)
+        exact = self.internal_id(text)
         if exact is not None:
             titled = np.concatenate([[exact], titled[titled != exact]])
         return titled[:limit], len(titled)
+
+    def with_overlay(self, records: dict[str, ItemRecord], added: dict[str, int]) -> Catalogue:
+        """The catalogue served beside the catalogue API's ``records``: this (a bundle's)
+        catalogue with each written item's metadata and availability in place of its own
+        (a write replaces the item's metadata whole), and the ``added`` items (raw id ->
+        internal id, exactly n_items + 1, n_items + 2, ...) behind it. Its training
+        popularity and last-seen times stay the bundle's (added items: none); attributes
+        the bundle lacks are not read (the API refuses them). One pass over the arrays:
+        the overlay is rebuilt whole from the bundle's catalogue at each change."""
+        n = self.n_items
+        order = sorted(added, key=added.__getitem__)
+        if [added[raw] for raw in order] != list(range(n + 1, n + 1 + len(order))):
+            raise ValueError("added items must take the internal ids after the bundle's")
+        m = len(order)
+        total = n + m + 1
+        written = {}
+        for raw, record in records.items():
+            internal = self.lookup.get(raw) or added.get(raw)
+            if internal is not None:
+                written[internal] = record
+
+        def grown(values: np.ndarray, fill) -> np.ndarray:
+            return np.concatenate([values, np.full(m, fill, dtype=values.dtype)])
+
+        raw_ids = np.concatenate([self.raw_ids, np.array(order, dtype=object)])
+        titles = genres = None
+        if self.titles is not None or any(r.title for r in written.values()):
+            titles = [*(self.titles or [None] * (n + 1)), *([None] * m)]
+        if self.genres is not None or any(r.genres for r in written.values()):
+            genres = [*(self.genres or [[]] * (n + 1)), *([[]] * m)]
+        available = (
+            np.ones(n + 1, dtype=bool) if self.available is None else self.available
+        ).copy()
+        available = np.concatenate([available, np.ones(m, dtype=bool)])
+        text = {
+            name: TextAttribute(grown(attribute.codes, -1), dict(attribute.values))
+            for name, attribute in self.text_attributes.items()
+        }
+        numbers = {name: grown(values, np.nan) for name, values in self.number_attributes.items()}
+        rewritten = np.zeros(total, dtype=bool)
+        joined: dict[str, list[int]] = {}
+        for internal, record in written.items():
+            rewritten[internal] = True
+            available[internal] = record.served
+            if titles is not None:
+                titles[internal] = record.title
+            if genres is not None:
+                genres[internal] = list(record.genres)
+            for genre in record.genres:
+                joined.setdefault(genre, []).append(internal)
+            given = dict(record.attributes)
+            for name, attribute in text.items():
+                value = given.get(name)
+                attribute.codes[internal] = (
+                    -1
+                    if value is None
+                    else attribute.values.setdefault(value, len(attribute.values))
+                )
+            given = dict(record.numbers)
+            for name, values in numbers.items():
+                values[internal] = given.get(name, np.nan)
+        available[0] = False
+        categories = {}
+        for name in self.categories.keys() | joined.keys():
+            ids = self.categories.get(name, NO_ITEMS)
+            if written:
+                ids = ids[~rewritten[ids]]
+            if name in joined:
+                ids = np.union1d(ids, joined[name])
+            if len(ids):
+                categories[name] = ids
+        catalogue = Catalogue(
+            raw_ids,
+            grown(self.popularity, 0),
+            titles,
+            genres,
+            self.lookup,  # shared: the bundle's ids never change
+            None if self.last_seen is None else grown(self.last_seen, -1),
+            categories=categories,
+            text_attributes=text,
+            number_attributes=numbers,
+            available=available,
+            added_lookup=dict(added),
+            withdrawn=frozenset(i for i, r in written.items() if r.withdrawn),
+            trained=n,
+        )
+        # Added items have no training events: last in the popularity order, by id.
+        catalogue.__dict__["popularity_order"] = np.concatenate(
+            [self.popularity_order, np.arange(n + 1, n + 1 + m)]
+        )
+        return catalogue
 
 
 def read_catalogue(path: Path) -> Catalogue:

@@ -17,9 +17,12 @@ read and written by the event loop itself (no helper threads that would queue fo
 GIL). The child is started as ``python -m service.compute --fd N``; the worker's first
 frame is its :class:`ComputeConfig` (JSON, validated by the child), and once the bundle is
 loaded the child answers with where it runs each stage, or why it could not load the
-bundle. Then requests ``(id, op, args)`` get answers ``(id, ok, value)``. The child
-computes with one-thread native kernels, merging the batch requests that queued up while
-it was busy into one computation and answering each apart.
+bundle. Then requests ``(id, op, args)`` get answers ``(id, ok, value)``: ``batch``
+(compute a batch of queries) and ``catalogue`` (apply the catalogue API's writes, a
+``service.live_catalogue.CatalogueChange``, with the ids the worker gave the added items;
+a new child gets everything applied so far first). The child computes with one-thread
+native kernels, merging the batch requests that queued up while it was busy into one
+computation and answering each apart.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.bundle import Bundle, load_bundle, placement, settle_heap
 from service.devices import limit_native_threads
 from service.errors import BundleError, ComputeError, ComputeUnavailable
+from service.live_catalogue import CatalogueChange, ServedCatalogue
 from service.pipeline import Query, Ranked, compute_batch, warm_up
 from service.settings import Settings
 
@@ -68,6 +72,7 @@ class ComputeConfig(BaseModel):
     warm_batch: int = Field(32, ge=1)  # largest batch the warm-up runs
     warm_candidates: int = Field(200, ge=1)
     heartbeat_seconds: float = Field(0.1, gt=0)  # how often the child says it is alive
+    cold_start_exposure: float = Field(1.0, gt=0)  # scale of metadata-derived vectors
 
     @classmethod
     def from_settings(cls, settings: Settings, bundle: str) -> ComputeConfig:
@@ -82,6 +87,7 @@ class ComputeConfig(BaseModel):
             warm_batch=settings.max_batch,
             warm_candidates=settings.candidates,
             heartbeat_seconds=min(0.1, settings.compute_stall_seconds / 5),
+            cold_start_exposure=settings.cold_start_exposure,
         )
 
 
@@ -91,6 +97,7 @@ class ThreadCompute:
     def __init__(self, bundle: Bundle, executor: Executor | None = None):
         self.bundle = bundle
         self.executor = executor
+        self.served = ServedCatalogue.of_bundle(bundle)
 
     async def start(self) -> None:
         """Nothing to start: the models were loaded with the bundle."""
@@ -105,15 +112,20 @@ class ThreadCompute:
         """Where each retriever's stages run (``service.bundle.placement``)."""
         return placement(self.bundle)
 
+    async def update_catalogue(
+        self, change: CatalogueChange, everything: CatalogueChange, served: ServedCatalogue
+    ) -> None:
+        """Compute with ``served`` (built with the models of this very process)."""
+        self.served = served
+
     async def batch(self, retriever: str, queries: list[Query]) -> list[Ranked]:
         try:
             return await asyncio.get_running_loop().run_in_executor(
                 self.executor,
                 compute_batch,
                 self.bundle.retrievers[retriever],
-                self.bundle.item_features,
+                self.served,
                 queries,
-                self.bundle.catalogue,
             )
         except Exception as exc:  # as a compute process reports it: this request failed
             raise ComputeError(f"{type(exc).__name__}: {exc}") from exc
@@ -176,6 +188,7 @@ class ProcessCompute:
         self._starting: asyncio.Task | None = None
         self._watchdog: asyncio.Task | None = None
         self._closed = False
+        self._catalogue: CatalogueChange | None = None  # every write applied so far
 
     @property
     def running(self) -> bool:
@@ -244,6 +257,9 @@ class ProcessCompute:
         except BundleError:
             await self._stop_child()
             raise
+        if self._catalogue is not None:
+            # A replacement child starts from the bundle: everything written, before any batch.
+            await self._call_once("catalogue", self._catalogue, started=False)
         if self._watchdog is None or self._watchdog.done():
             self._watchdog = asyncio.create_task(self._watch())
         LOG.info("compute process %d serves bundle %s", self._process.pid, self.bundle)
@@ -331,8 +347,9 @@ class ProcessCompute:
             LOG.warning("%s; retrying the %s on a new compute process", exc, op)
             return await self._call_once(op, *args)
 
-    async def _call_once(self, op: str, *args):
-        await self._ensure_running()
+    async def _call_once(self, op: str, *args, started: bool = True):
+        if started:
+            await self._ensure_running()
         call_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
@@ -357,6 +374,15 @@ class ProcessCompute:
 
     async def batch(self, retriever: str, queries: list[Query]) -> list[Ranked]:
         return await self._call("batch", retriever, queries)
+
+    async def update_catalogue(
+        self, change: CatalogueChange, everything: CatalogueChange, served: ServedCatalogue
+    ) -> None:
+        """Have the child apply ``change``; ``everything`` (all writes applied so far) is
+        what a replacement child is given first. ``served`` is the worker's (no vectors:
+        the child embeds with its own models)."""
+        self._catalogue = everything
+        await self._call("catalogue", change)
 
     async def close(self) -> None:
         """Stop the child (it exits when its socket closes) and its watchdog."""
@@ -504,15 +530,20 @@ def _serve(inbox: _Inbox, outbox: _Outbox, config: ComputeConfig) -> None:
         return
     settle_heap()
     outbox.send(frame((True, placement(bundle))))
+    served = ServedCatalogue.of_bundle(bundle)
+
+    def apply(change: CatalogueChange) -> int:
+        """Serve the catalogue API's writes in ``change`` from the next batch on."""
+        nonlocal served
+        served = served.applied(bundle, change, embed=True, exposure=config.cold_start_exposure)
+        return served.version
 
     def batches(retriever: str, requests: list) -> list:
         """Each request's answers (or its exception), from one merged computation; if that
         fails, each request alone, so one bad request fails only itself."""
         merged = [query for _, (_, queries) in requests for query in queries]
         try:
-            answers = compute_batch(
-                bundle.retrievers[retriever], bundle.item_features, merged, bundle.catalogue
-            )
+            answers = compute_batch(bundle.retrievers[retriever], served, merged)
         except Exception as exc:
             if len(requests) == 1:
                 return [exc]
@@ -535,8 +566,12 @@ def _serve(inbox: _Inbox, outbox: _Outbox, config: ComputeConfig) -> None:
         for call_id, op, call_args in waiting:
             if op == "batch":
                 by_retriever.setdefault(call_args[0], []).append((call_id, call_args))
-                continue
-            replies.append(_reply(call_id, _unknown, op))
+            elif op == "catalogue":
+                # Before this wake-up's batches: ids of added items only ever gain meaning,
+                # so a batch formed before the change is served right after it too.
+                replies.append(_reply(call_id, apply, *call_args))
+            else:
+                replies.append(_reply(call_id, _unknown, op))
         for retriever, requests in by_retriever.items():
             parts = batches(retriever, requests)
             for (call_id, _), part in zip(requests, parts, strict=True):

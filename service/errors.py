@@ -53,6 +53,11 @@ class StoreUnavailable(RecserveError):
     """The behaviour store (Redis) is unreachable; reads degrade, writes answer 503."""
 
 
+class CatalogueUnavailable(StoreUnavailable):
+    """The catalogue's store (Redis) is unreachable or not configured: a catalogue write
+    answers 503 and writes nothing; reads serve the last catalogue read."""
+
+
 class NotReady(RecserveError):
     """No bundle is loaded (the service answers 503)."""
 
@@ -121,6 +126,17 @@ class TokenRequired(RequestError):
 class AdminTokenRequired(TokenRequired):
     def __init__(self) -> None:
         super().__init__("admin token required")
+
+
+class CatalogueTokenRequired(TokenRequired):
+    """A catalogue write without the catalogue token, the admin token or a key with the
+    ``catalogue:write`` scope."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "catalogue writes need the catalogue or admin token, or an X-API-Key with the "
+            "catalogue:write scope"
+        )
 
 
 class MetricsTokenRequired(TokenRequired):

@@ -121,6 +121,27 @@ class ItemFeatures:
             genre_names=names,
         )
 
+    def with_added(self, genres: list[list[str]]) -> ItemFeatures:
+        """These features with a row for each item added since the export, in internal-id
+        order after the bundle's: no training events (popularity 0, never seen), and of
+        its categories those the head was trained on."""
+        m = len(genres)
+        matrix = self.genres
+        if matrix is not None:
+            column = {name: j for j, name in enumerate(self.genre_names)}
+            rows = np.zeros((m, matrix.shape[1]), dtype=np.float32)
+            for row, names in enumerate(genres):
+                for name in names:
+                    if name in column:
+                        rows[row, column[name]] = 1.0
+            matrix = np.concatenate([matrix, rows])
+        return ItemFeatures(
+            popularity=np.concatenate([self.popularity, np.zeros(m, dtype=np.int64)]),
+            last_seen=np.concatenate([self.last_seen, np.full(m, NEVER, dtype=np.int64)]),
+            genres=matrix,
+            genre_names=self.genre_names,
+        )
+
     @classmethod
     def from_events(
         cls,

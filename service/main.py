@@ -53,6 +53,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await state.reload()
         except BundleError as exc:
             LOG.error("starting without a bundle: %s", exc)
+        # The catalogue API's writes before the first request (Redis down: the follower
+        # keeps asking).
+        await state.follow_catalogue()
         state.start_background()
         try:
             yield
@@ -74,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for module in (recommend, events, items, bundle, health, admin):
         app.include_router(module.router)
+    app.include_router(items.writes)
     if settings.metrics_enabled:
         app.include_router(health.metrics_router)
     if settings.demo_enabled:

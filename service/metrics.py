@@ -69,6 +69,17 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.catalogue_version = Gauge(
+            "recserve_catalogue_version",
+            "The catalogue version this worker serves (catalogue API writes applied)",
+            registry=self.registry,
+        )
+        self.catalogue_writes = Counter(
+            "recserve_catalogue_writes_total",
+            "Items written by the catalogue API through this worker",
+            ["operation", "outcome"],
+            registry=self.registry,
+        )
 
         # The children /recommend touches on every request, resolved once.
         self._cache_outcomes = {

@@ -43,9 +43,9 @@ from service.bundle import Bundle, Retriever
 from service.cache import CachedRetrieval
 from service.catalogue import NO_ITEMS, Catalogue, Eligible, ItemFilter
 from service.errors import BundleError
-from service.features import ItemFeatures
 from service.filters import drop_excluded, filtered_depth, first_depth
 from service.histories import left_padded_window
+from service.live_catalogue import AddedItems, ServedCatalogue
 from service.ranking import Reranked, RerankJob, rerank_batch
 from service.retrieval import search_among
 
@@ -77,8 +77,9 @@ class PreparedHistory:
 
     item_ids: np.ndarray  # (n,) internal ids of known items
     timestamps: np.ndarray  # (n,) int64
-    unknown: int  # events whose item is not in the bundle
+    unknown: int  # events whose item is not in the bundle (added items included)
     truncated: bool  # known events beyond the cap were dropped
+    added: np.ndarray = field(default_factory=lambda: NO_ITEMS)  # items added since export
 
 
 @dataclass
@@ -99,6 +100,9 @@ class Query:
     cached: CachedRetrieval | None = None  # a cache hit: no encoding, no search
     item_filter: ItemFilter | None = None  # compiled where the query is computed
     excluded: np.ndarray = field(default_factory=lambda: NO_ITEMS)  # excluded one by one
+    # /items/{id}/similar: the item whose vector is the query, read where it is computed
+    # (an added item's vector exists only where the models are).
+    anchor: int | None = None
 
 
 @dataclass
@@ -119,7 +123,9 @@ def prepare_histories(
     catalogue: Catalogue, histories: list[list[tuple[str, int]]], caps: list[int]
 ) -> list[PreparedHistory]:
     """Each history's known events ordered by time (stable), the newest ``cap`` of them;
-    one pass over all events of all histories."""
+    one pass over all events of all histories. Items added since the export have no
+    trained vector, so the encoder never reads them: they are counted as unknown and
+    kept aside (``added``) for the items never to serve again."""
     lengths = np.fromiter((len(events) for events in histories), np.int64, len(histories))
     total = int(lengths.sum())
     ids = catalogue.internal_ids([item for events in histories for item, _ in events])
@@ -128,6 +134,12 @@ def prepare_histories(
     order = np.lexsort((stamps, owner))  # by history, then time; ties keep their order
     ids, stamps, owner = ids[order], stamps[order], owner[order]
     known = ids > 0
+    extra = [NO_ITEMS] * len(histories)
+    if catalogue.n_trained < catalogue.n_items:
+        late = ids > catalogue.n_trained
+        for row in np.unique(owner[late]).tolist():
+            extra[row] = np.unique(ids[late & (owner == row)])
+        known &= ~late
     unknown = np.bincount(owner[~known], minlength=len(histories))
     ids, stamps, owner = ids[known], stamps[known], owner[known]
     counts = np.bincount(owner, minlength=len(histories))
@@ -139,8 +151,10 @@ def prepare_histories(
     ends = np.cumsum(np.minimum(counts, caps_of))
     starts = ends - np.minimum(counts, caps_of)
     return [
-        PreparedHistory(ids[a:b], stamps[a:b], int(u), bool(n > cap))
-        for a, b, u, n, cap in zip(starts, ends, unknown, counts, caps_of, strict=True)
+        PreparedHistory(ids[a:b], stamps[a:b], int(u), bool(n > cap), added)
+        for a, b, u, n, cap, added in zip(
+            starts, ends, unknown, counts, caps_of, extra, strict=True
+        )
     ]
 
 
@@ -176,6 +190,8 @@ def prepare_queries(
         # it (and the cache key made from it) does not depend on the batch it came in.
         width = min(retriever.max_len, length)
         seen = distinct[bounds[row] : bounds[row + 1]] - row * span
+        if len(history.added):
+            seen = np.union1d(seen, history.added)
         if not request.exclude_seen:
             seen = seen[:0]
         excluded = catalogue.excluded(request.item_filter)
@@ -234,27 +250,40 @@ def encode_and_search(
 
 
 def compute_batch(
-    retriever: Retriever,
-    item_features: ItemFeatures | None,
-    queries: list[Query],
-    catalogue: Catalogue,
+    retriever: Retriever, served: ServedCatalogue, queries: list[Query]
 ) -> list[Ranked]:
     """Everything but the cache for a batch of queries, in one thread: encode and search
-    the misses together, drop each query's seen items and what its filter leaves out
-    (searching the eligible items for the queries left short), rerank all with one head
-    call."""
+    the misses together (the items added since the export beside the index), drop each
+    query's seen items and what its filter leaves out (searching the eligible items for
+    the queries left short), rerank all with one head call."""
+    catalogue, item_features = served.catalogue, served.item_features
+    item_vectors = served.vectors[retriever.name]
+    added = served.added[retriever.name]
     retrievals: list[CachedRetrieval | None] = [query.cached for query in queries]
     timings = dict.fromkeys(STAGES, 0.0)
+    for query in queries:
+        if query.anchor is not None and query.embedding is None:
+            query.embedding = np.asarray(item_vectors[query.anchor], dtype=np.float32)
     misses = [i for i, entry in enumerate(retrievals) if entry is None]
     if misses:
         found, took = encode_and_search(retriever, [queries[i] for i in misses])
         for i, entry in zip(misses, found, strict=True):
             retrievals[i] = entry
         timings.update(took)
+    candidates = [
+        (entry.ids[: q.depth], entry.scores[: q.depth])
+        for q, entry in zip(queries, retrievals, strict=True)
+    ]
+    if len(added.ids):
+        started = time.perf_counter()
+        candidates = with_added(
+            added, np.stack([entry.embedding for entry in retrievals]), candidates
+        )
+        timings["retrieve"] += elapsed_ms(started)
     eligible = [catalogue.eligible(query.item_filter) for query in queries]
     kept, filtered = drop_excluded(
-        [entry.ids[: query.depth] for query, entry in zip(queries, retrievals, strict=True)],
-        [entry.scores[: query.depth] for query, entry in zip(queries, retrievals, strict=True)],
+        [ids for ids, _ in candidates],
+        [scores for _, scores in candidates],
         [query.seen for query in queries],
         [query.keep for query in queries],
         excluded=[query.excluded for query in queries],
@@ -266,7 +295,7 @@ def compute_batch(
         for i, query in enumerate(queries)
         if eligible[i].mask is not None
         and len(kept[i][0]) < min(query.keep, eligible[i].count)
-        and np.count_nonzero(retrievals[i].ids[: query.depth]) < catalogue.n_items
+        and np.count_nonzero(candidates[i][0]) < catalogue.n_items
     ]
     if short:
         started = time.perf_counter()
@@ -275,6 +304,8 @@ def compute_batch(
             [queries[i] for i in short],
             np.stack([retrievals[i].embedding for i in short]),
             [eligible[i] for i in short],
+            vectors=item_vectors,
+            added=added,
         )
         for i, found in zip(short, refilled, strict=True):
             # ``filtered`` stays the first search's count, whichever way this search
@@ -293,7 +324,7 @@ def compute_batch(
         reranked = rerank_batch(
             head,
             item_features,
-            retriever.item_vectors,
+            item_vectors,
             [
                 RerankJob(
                     user_embedding=retrievals[i].embedding,
@@ -330,8 +361,32 @@ def compute_batch(
     return results
 
 
+def with_added(
+    added: AddedItems,
+    embeddings: np.ndarray,
+    candidates: list[tuple[np.ndarray, np.ndarray]],
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each row's candidates (ids, scores, best first) merged with its best as many added
+    items (exact inner products, comparable with the index's scores)."""
+    depth = max(len(ids) for ids, _ in candidates)
+    scores, ids = added.search(embeddings, depth)
+    merged = []
+    for row, (found, found_scores) in enumerate(candidates):
+        all_ids = np.concatenate([found, ids[row]])
+        all_scores = np.concatenate([found_scores, scores[row]]).astype(np.float32)
+        order = np.argsort(-all_scores, kind="stable")[: len(found)]
+        merged.append((all_ids[order], all_scores[order]))
+    return merged
+
+
 def search_eligible(
-    retriever: Retriever, queries: list[Query], embeddings: np.ndarray, eligible: list[Eligible]
+    retriever: Retriever,
+    queries: list[Query],
+    embeddings: np.ndarray,
+    eligible: list[Eligible],
+    *,
+    vectors,
+    added: AddedItems,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each query's best ``keep`` candidates (ids, scores) among the items its filter
     keeps, its seen and excluded items aside.
@@ -340,7 +395,9 @@ def search_eligible(
     :func:`service.filters.filtered_depth` expects to suffice and then ``DEEPENING`` times
     deeper each round, all such queries in one search per round; one that keeps fewer, or
     whose search reached the index's limit (the catalogue, faiss's GPU limit, an IVF's
-    probed lists) still short, is searched exactly among its eligible items.
+    probed lists) still short, is searched exactly among its eligible items (``vectors``
+    holds the rows of every item, added ones included). The index's results are merged
+    with the ``added`` items' before the filter applies.
     """
     n_items = retriever.index.n_items
     limit = retriever.index.max_depth
@@ -351,9 +408,12 @@ def search_eligible(
     exact = [i for i, items in enumerate(eligible) if items.count <= SUBSET_LIMIT]
     while deep:
         scores, found = retriever.index.search(embeddings[deep], max(depths[i] for i in deep))
+        rows = [(found[row, : depths[i]], scores[row, : depths[i]]) for row, i in enumerate(deep)]
+        if len(added.ids):
+            rows = with_added(added, embeddings[deep], rows)
         kept, _ = drop_excluded(
-            [found[row, : depths[i]] for row, i in enumerate(deep)],
-            [scores[row, : depths[i]] for row, i in enumerate(deep)],
+            [ids for ids, _ in rows],
+            [row_scores for _, row_scores in rows],
             [queries[i].seen for i in deep],
             [queries[i].keep for i in deep],
             excluded=[queries[i].excluded for i in deep],
@@ -376,7 +436,7 @@ def search_eligible(
     for group in groups.values():
         items = eligible[group[0]]
         scores, found = search_among(
-            retriever.item_vectors, embeddings[group], items.ids, max(needs[i] for i in group)
+            vectors, embeddings[group], items.ids, max(needs[i] for i in group)
         )
         kept, _ = drop_excluded(
             list(found),
@@ -391,11 +451,7 @@ def search_eligible(
 
 
 def similar_query(
-    catalogue: Catalogue,
-    retriever: Retriever,
-    item: int,
-    k: int,
-    item_filter: ItemFilter | None = None,
+    catalogue: Catalogue, item: int, k: int, item_filter: ItemFilter | None = None
 ) -> Query:
     """The query of /items/{id}/similar: the ``k`` items nearest to ``item`` (an internal
     id) in the retriever's item space, the item itself and what ``item_filter`` leaves
@@ -414,7 +470,7 @@ def similar_query(
         k=k,
         rerank=False,
         request_time=0,
-        embedding=np.asarray(retriever.item_vectors[item], dtype=np.float32),
+        anchor=item,
         item_filter=item_filter,
         excluded=excluded,
     )
@@ -447,7 +503,8 @@ def warm_up(bundle: Bundle, batch: int, candidates: int) -> float:
     """
     started = time.perf_counter()
     sizes = [1 << i for i in range((2 * max(batch, 1) - 1).bit_length() + 1)]
-    catalogue = bundle.catalogue
+    served = ServedCatalogue.of_bundle(bundle)
+    catalogue = served.catalogue
     now = int(time.time())
     for name, retriever in bundle.retrievers.items():
         if retriever.encoder is None:
@@ -460,7 +517,7 @@ def warm_up(bundle: Bundle, batch: int, candidates: int) -> float:
             ]
             try:
                 _, queries = prepare_queries(catalogue, retriever, requests)
-                ranked = compute_batch(retriever, bundle.item_features, queries, catalogue)
+                ranked = compute_batch(retriever, served, queries)
                 if len(ranked) != size:
                     raise ValueError(f"{len(ranked)} results for {size} queries")
             except Exception as exc:
@@ -469,8 +526,8 @@ def warm_up(bundle: Bundle, batch: int, candidates: int) -> float:
                     f"batch of {size} histories of {width} events ({type(exc).__name__}: {exc})"
                 ) from exc
         try:
-            query = similar_query(catalogue, retriever, 1, WARM_UP_K)
-            compute_batch(retriever, bundle.item_features, [query], catalogue)
+            query = similar_query(catalogue, 1, WARM_UP_K)
+            compute_batch(retriever, served, [query])
         except Exception as exc:
             raise BundleError(
                 f"{bundle.path}: retriever {name!r} cannot search its index for an item's "

@@ -102,8 +102,9 @@ def head_inputs(
     histories are (B, L) left-padded ids and times.
     """
     ids = np.asarray(candidate_ids, dtype=np.int64)
-    # np.take gathers rows of the (memory-mapped) table faster than fancy indexing.
-    vectors = np.asarray(np.take(item_vectors, ids.ravel(), axis=0), dtype=np.float32).reshape(
+    # take() gathers rows of the (memory-mapped) table faster than fancy indexing; the
+    # table's own, so that a service.live_catalogue.ItemVectors reads its added rows too.
+    vectors = np.asarray(item_vectors.take(ids.ravel(), axis=0), dtype=np.float32).reshape(
         *ids.shape, item_vectors.shape[1]
     )
     vectors[ids == 0] = 0.0

@@ -20,8 +20,12 @@ item gets the popularity fallback, flagged in the response; the fallback and
 /items/{id}/similar honour the request's filter as the kernel does.
 
 With ``RECSERVE_ANSWER_TTL_SECONDS`` a per-worker memo returns the whole answer to an
-identical request (same events, same parameters, same filter) within the TTL without a
-batch.
+identical request (same events, same parameters, same filter, same catalogue version)
+within the TTL without a batch.
+
+The catalogue API's writes reach a recommender as changes (:meth:`Recommender.apply_catalogue`):
+it serves the new ``service.live_catalogue.ServedCatalogue`` from the next batch on, and
+its compute backend (a compute process builds its own, with the added items' vectors).
 """
 
 from __future__ import annotations
@@ -35,14 +39,16 @@ from functools import partial
 
 import numpy as np
 from cachetools import TTLCache
+from starlette.concurrency import run_in_threadpool
 
 from service.batching import MicroBatcher
 from service.bundle import Bundle, Retriever
 from service.cache import BehaviourCache, CachedRetrieval, history_digest
-from service.catalogue import ItemFilter
+from service.catalogue import ItemFilter, ItemRecord
 from service.compute import ProcessCompute, ThreadCompute
-from service.errors import StoreUnavailable, UnknownEncoder
+from service.errors import InvalidField, StoreUnavailable, UnknownEncoder, excerpt
 from service.filters import drop_excluded, filtered_depth
+from service.live_catalogue import CatalogueChange, ServedCatalogue
 from service.pipeline import (
     DEEPENING,
     STAGES,
@@ -114,8 +120,12 @@ class Recommender:
         compute: ThreadCompute | ProcessCompute | None = None,
         answers: TTLCache | None = None,
         on_batch=None,
+        exposure: float = _DEFAULTS["cold_start_exposure"],
     ):
         self.bundle = bundle
+        # The items served: the bundle's, then as the catalogue API's writes change them.
+        self.served = ServedCatalogue.of_bundle(bundle)
+        self.exposure = exposure
         self.default_encoder = default_encoder or bundle.default_encoder
         # Where batches are computed (service.compute); by default a thread of the loop's.
         self.compute = compute or ThreadCompute(bundle)
@@ -137,7 +147,6 @@ class Recommender:
         # that arrives before Redis has them: (cache, key) -> entry.
         self._unwritten: dict[tuple[BehaviourCache, str], CachedRetrieval] = {}
         self._writes: set[asyncio.Task] = set()
-        self._popular_order = bundle.catalogue.popularity_order
 
     @classmethod
     def from_settings(
@@ -158,6 +167,7 @@ class Recommender:
             compute=compute,
             answers=answer_memo(settings),
             on_batch=on_batch,
+            exposure=settings.cold_start_exposure,
         )
 
     def retriever(self, encoder: str | None) -> Retriever:
@@ -178,7 +188,7 @@ class Recommender:
     ):
         """Response items for internal ids, best first; ``retrieval_ranks`` (0-based) where
         a rerank changed the order, else the items are in retrieval order."""
-        catalogue = self.bundle.catalogue
+        catalogue = self.served.catalogue
         titles = catalogue.titles
         ranks = range(len(ids)) if retrieval_ranks is None else retrieval_ranks.tolist()
         return [
@@ -207,10 +217,10 @@ class Recommender:
 
         The popularity order is read as a retrieval: as deep as the filter needs, then
         deeper until ``k`` survive or the catalogue ends."""
-        catalogue = self.bundle.catalogue
+        catalogue = self.served.catalogue
         excluded = catalogue.excluded(item_filter)
         eligible = catalogue.eligible(item_filter)
-        order = self._popular_order
+        order = catalogue.popularity_order
         depth = filtered_depth(k + len(seen) + len(excluded), len(order), eligible)
         while True:
             ids = order[:depth]
@@ -249,12 +259,25 @@ class Recommender:
         a filter on an attribute the catalogue does not have."""
         started = time.perf_counter()
         retriever = self.retriever(encoder)
+        served = self.served
         keep = max(candidates, k)
         asked = None
         if self.answers is not None:
             shape = item_filter.key() if item_filter is not None else None
+            # With the catalogue's version: no answer outlives a write it should reflect.
             asked = request_digest(
-                events, (retriever.name, k, keep, exclude_seen, rerank, history_cap, shape, at)
+                events,
+                (
+                    retriever.name,
+                    k,
+                    keep,
+                    exclude_seen,
+                    rerank,
+                    history_cap,
+                    shape,
+                    at,
+                    served.version,
+                ),
             )
             reused = self.answers.get(asked)
             if reused is not None:
@@ -263,7 +286,7 @@ class Recommender:
                 return replace(reused, cache="answer", timings_ms=timings)
         # Compiled here first, so that a filter the catalogue cannot apply fails this
         # request alone, before it joins a batch.
-        self.bundle.catalogue.eligible(item_filter)
+        served.catalogue.eligible(item_filter)
         request = RankingRequest(
             events=events,
             k=k,
@@ -284,6 +307,21 @@ class Recommender:
         """Start where batches are computed (a compute process loads its models here)."""
         await self.compute.start()
 
+    async def apply_catalogue(self, version: int, records: dict[str, ItemRecord]) -> None:
+        """Serve the catalogue API's ``records`` (raw id -> record, written up to
+        ``version``) from the next batch on: the new items take the next internal ids, the
+        served catalogue is rebuilt off the event loop (with the added items' vectors where
+        this process computes), and the compute backend gets the change before any batch
+        that could name a new id."""
+        embed = isinstance(self.compute, ThreadCompute)
+        change = CatalogueChange(version, records, self.served.assign(self.bundle, records))
+        served = await run_in_threadpool(
+            partial(self.served.applied, self.bundle, change, embed=embed, exposure=self.exposure)
+        )
+        everything = CatalogueChange(version, served.records, served.catalogue.added_lookup)
+        await self.compute.update_catalogue(change, everything, served)
+        self.served = served
+
     async def close(self, grace_seconds: float = 5.0) -> None:
         """Stop once the batches in flight are answered and the writes have landed
         (requests that took this recommender just before a reload still finish)."""
@@ -300,7 +338,7 @@ class Recommender:
         """Queries and the cache read for the batch, the computation where the compute
         backend runs it, the writes behind the answers."""
         histories, queries = prepare_queries(
-            self.bundle.catalogue, retriever, [pending.request for pending in batch]
+            self.served.catalogue, retriever, [pending.request for pending in batch]
         )
         for pending, query in zip(batch, queries, strict=True):
             pending.query = query
@@ -391,11 +429,18 @@ class Recommender:
         """The ``k`` items nearest to ``item_id`` in the retriever's item space that
         ``item_filter`` keeps (None: unknown item), computed by the serving kernel."""
         retriever = self.retriever(encoder)
-        catalogue = self.bundle.catalogue
-        internal = catalogue.lookup.get(item_id)
+        served = self.served
+        internal = served.catalogue.internal_id(item_id)
         if internal is None:
             return None
-        query = similar_query(catalogue, retriever, internal, k, item_filter)
+        if internal > served.catalogue.n_trained and not self.embeds(
+            retriever, served.records[item_id]
+        ):
+            raise InvalidField(
+                f"item_id: item {excerpt(item_id)} was added without a vector for retriever "
+                f"{retriever.name!r}, which has no metadata encoder to derive one"
+            )
+        query = similar_query(served.catalogue, internal, k, item_filter)
         (ranked,) = await self.compute.batch(retriever.name, [query])
         return Recommendation(
             items=self.items(ranked.ids, ranked.scores, ranked.retrieval_scores),
@@ -403,6 +448,14 @@ class Recommender:
             encoder=retriever.name,
             filtered=ranked.filtered,
         )
+
+    def embeds(self, retriever: Retriever, record: ItemRecord) -> bool:
+        """Whether ``retriever`` has a vector for added item ``record``: the writer's own
+        for this bundle, or one its metadata encoder derives."""
+        supplied = record.vectors_bundle == self.bundle.name and retriever.name in dict(
+            record.vectors
+        )
+        return supplied or "metadata_encoder" in retriever.paths
 
 
 def request_digest(events: list[tuple[str, int]], parameters: tuple) -> bytes:

@@ -44,9 +44,15 @@ OUTCOMES = ("accepted", "unsigned", "bad_signature", "other_deployment", "stale"
 def deployment_id(settings: Settings) -> str:
     """``RECSERVE_DEPLOYMENT``, or a digest of the models directory's resolved path: the
     workers of one deployment serve one models directory."""
-    if settings.deployment:
-        return settings.deployment
-    path = str(Path(settings.models_dir).resolve())
+    return deployment_of(settings.models_dir, settings.deployment)
+
+
+def deployment_of(models_dir: str | Path, deployment: str | None = None) -> str:
+    """``deployment`` when given, else the id derived from ``models_dir`` (as the service
+    derives it), for tools that address a deployment's keys from outside."""
+    if deployment:
+        return deployment
+    path = str(Path(models_dir).resolve())
     return "m" + hashlib.sha256(path.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 

@@ -454,7 +454,7 @@ def search_among(
     kept, not with the catalogue."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     k = min(k, len(ids))
-    rows = np.take(vectors, ids, axis=0)  # (e, d); np.take: see _rescore
+    rows = vectors.take(ids, axis=0)  # (e, d); take: see _rescore (also ItemVectors')
     scores = queries @ rows.T  # (q, e)
     if k < len(ids):
         best = np.sort(np.argpartition(-scores, k - 1, axis=1)[:, :k], axis=1)

@@ -92,6 +92,18 @@ class Settings(BaseSettings):
     # Re-reads of models/CURRENT that signals on the reload channel trigger: at most one
     # per this many seconds (signals meanwhile are merged into the next).
     reload_signal_interval_seconds: float = Field(1.0, ge=0, le=60)
+    # -- the living catalogue (service/live_catalogue.py, docs/ARCHITECTURE.md)
+    # Writes (PUT/DELETE /items...) need this bearer token, the admin token, or an API key
+    # with the "catalogue:write" scope.
+    catalogue_token: SecretStr | None = None
+    catalogue_bulk_limit: int = Field(1000, ge=1, le=100_000)  # items per bulk write
+    # How often a worker asks Redis for the catalogue's version, besides hearing its
+    # channel: the backstop of the visibility bound for a lost notification.
+    catalogue_poll_seconds: float = Field(0.5, gt=0, le=60)
+    # Metadata-derived vectors of added items are scaled by this: longer vectors win more
+    # inner products, so it sets how much exposure a new item gets until the next training
+    # learns it (docs/BENCHMARKS.md, "Cold start", measures the trade-off).
+    cold_start_exposure: float = Field(1.0, gt=0, le=10)
     # -- how the server is started (service/serve.py, the one entry point of every start path)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -133,10 +145,12 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _metrics_token_is_long_enough(self) -> Settings:
-        token = self.metrics_token.get_secret_value() if self.metrics_token else None
-        if token is not None and len(token) < 16 and not self.dev_mode:
-            raise ValueError("RECSERVE_METRICS_TOKEN must be at least 16 characters")
+    def _tokens_are_long_enough(self) -> Settings:
+        for name in ("metrics_token", "catalogue_token"):
+            secret = getattr(self, name)
+            token = secret.get_secret_value() if secret else None
+            if token is not None and len(token) < 16 and not self.dev_mode:
+                raise ValueError(f"RECSERVE_{name.upper()} must be at least 16 characters")
         return self
 
 

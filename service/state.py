@@ -10,6 +10,13 @@ so all workers swap promptly. A signal names no bundle: a worker that accepts on
 CURRENT, at most once per ``reload_signal_interval_seconds`` (``service.reload_signals``
 says what is accepted). Whatever starts it, a reload that finds CURRENT naming the served
 bundle clears the last error: none is left standing while CURRENT is fine.
+
+Every worker also follows the catalogue API's writes in Redis (``service.catalogue_store``):
+it hears each write's announcement and asks for the version every
+``catalogue_poll_seconds`` besides, reads the records written since the version it holds,
+and applies them to the served recommender. It keeps every record it has read, so a
+reloaded bundle starts from all of them, and while Redis is unreachable it serves the last
+catalogue it read.
 """
 
 from __future__ import annotations
@@ -24,13 +31,21 @@ from starlette.concurrency import run_in_threadpool
 
 from service.bundle import current_name, load_bundle, settle_heap
 from service.cache import BehaviourCache
+from service.catalogue import ItemRecord
+from service.catalogue_store import CatalogueStore
 from service.compute import ComputeConfig, ProcessCompute, ThreadCompute
 from service.devices import limit_native_threads
-from service.errors import BundleError, NotReady, StoreUnavailable
+from service.errors import (
+    BundleError,
+    CatalogueUnavailable,
+    ComputeError,
+    NotReady,
+    StoreUnavailable,
+)
 from service.metrics import Metrics
 from service.pipeline import warm_up
 from service.recommender import Recommender
-from service.reload_signals import ReloadSignals
+from service.reload_signals import ReloadSignals, deployment_id
 from service.settings import Settings
 
 LOG = logging.getLogger(__name__)
@@ -54,6 +69,19 @@ class AppState:
         self.signals = ReloadSignals.from_settings(settings)
         self._reread = asyncio.Event()  # an accepted signal asks for a re-read of CURRENT
         self._ignored_logged = float("-inf")
+        client = getattr(cache, "client", None)
+        self.catalogue = (
+            CatalogueStore(client, settings.key_prefix, deployment_id(settings))
+            if client is not None
+            else None
+        )
+        # Every catalogue record read from Redis, and the version they make up.
+        self.catalogue_version = 0
+        self.catalogue_records: dict[str, ItemRecord] = {}
+        self._catalogue_heard = asyncio.Event()
+        # Applying writes and swapping bundles exclude each other, so that a new bundle's
+        # recommender starts from every record read and misses none read meanwhile.
+        self._catalogue_lock = asyncio.Lock()
         # One thread computes every batch (ONNX, faiss, the head): on a small machine a
         # second one only contends with the event loop for the cores and the GIL.
         self.executor = ThreadPoolExecutor(
@@ -115,6 +143,16 @@ class AppState:
                 # Refuse a bundle that lacks the configured default encoder up front.
                 recommender.retriever(None)
                 await recommender.start()
+                await self._catalogue_lock.acquire()
+                try:
+                    if self.catalogue_records:
+                        await recommender.apply_catalogue(
+                            self.catalogue_version, dict(self.catalogue_records)
+                        )
+                except BaseException:
+                    self._catalogue_lock.release()
+                    await recommender.close()
+                    raise
             except Exception as exc:
                 self.last_error = f"reload refused: {exc}"
                 self._failed_name = name
@@ -124,6 +162,7 @@ class AppState:
                     raise
                 raise BundleError(str(exc)) from exc
             retired, self.recommender = self.recommender, recommender
+            self._catalogue_lock.release()
             if retired is not None:
                 # Requests that took it just before the swap still finish on it; once they
                 # have, its bundle is collected with the heap settled anew.
@@ -215,11 +254,92 @@ class AppState:
                 await self.reload()
             await asyncio.sleep(self.settings.reload_signal_interval_seconds)
 
+    async def follow_catalogue(self) -> bool:
+        """Read the catalogue writes made since the version held and serve them; False
+        while Redis cannot be reached (the last catalogue read keeps serving)."""
+        if self.catalogue is None:
+            return False
+        async with self._catalogue_lock:
+            try:
+                version, records = await self.catalogue.changes_since(self.catalogue_version)
+            except StoreUnavailable:
+                return False
+            if version < self.catalogue_version:
+                # Redis lost the catalogue (flushed, or a new server): keep what was read,
+                # apply whatever it holds now, and follow its versions from here.
+                LOG.error(
+                    "the catalogue's version went back from %d to %d; re-reading it",
+                    self.catalogue_version,
+                    version,
+                )
+                version, records = await self.catalogue.changes_since(0)
+            elif not records:
+                self.catalogue_version = version
+                return True
+            recommender = self.recommender
+            if recommender is not None:
+                # Before the version moves on: if this fails, the next read returns them.
+                await recommender.apply_catalogue(version, records)
+            self.catalogue_records.update(records)
+            self.catalogue_version = version
+            self.metrics.catalogue_version.set(version)
+            return True
+
+    async def write_catalogue(self, records: dict[str, ItemRecord]) -> int:
+        """Store ``records`` as one catalogue write and serve it here before returning
+        (the other workers hear of it); the new version. CatalogueUnavailable when Redis
+        cannot take it: then nothing was written."""
+        if self.catalogue is None:
+            raise CatalogueUnavailable("no catalogue store configured")
+        try:
+            version = await self.catalogue.write(records)
+        except StoreUnavailable as exc:
+            raise CatalogueUnavailable(str(exc)) from exc
+        try:
+            await self.follow_catalogue()
+        except ComputeError as exc:
+            # Stored all the same: the follower applies it once the compute process is back.
+            LOG.warning("catalogue version %d stored, not yet served here: %s", version, exc)
+        return version
+
+    def on_catalogue_version(self, version: int) -> None:
+        """An announcement heard: a version past the one held wakes the follower."""
+        if version > self.catalogue_version:
+            self._catalogue_heard.set()
+
+    async def _follow_catalogue(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._catalogue_heard.wait(), self.settings.catalogue_poll_seconds
+                )
+            self._catalogue_heard.clear()
+            try:
+                await self.follow_catalogue()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a record this version cannot serve: logged, retried
+                LOG.exception("applying the catalogue's writes failed; retrying")
+                await asyncio.sleep(1.0)
+
+    async def _hear_catalogue(self) -> None:
+        while True:
+            try:
+                await self.catalogue.listen(self.on_catalogue_version)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis down: the poll covers us meanwhile
+                LOG.debug("catalogue channel unavailable (%s); retrying", exc)
+            await asyncio.sleep(1.0)
+
     def start_background(self) -> None:
         if self.settings.reload_poll_seconds > 0:
             self._tasks.append(asyncio.create_task(self._poll_current()))
         self._tasks.append(asyncio.create_task(self._listen()))
         self._tasks.append(asyncio.create_task(self._reread_current()))
+        if self.catalogue is not None:
+            self._tasks.append(asyncio.create_task(self._follow_catalogue()))
+            self._tasks.append(asyncio.create_task(self._hear_catalogue()))
 
     async def close(self) -> None:
         """Stop serving: the current and the retiring recommenders finish what they have in

@@ -145,6 +145,22 @@ def _parser() -> argparse.ArgumentParser:
         help="also load histories and retrievals into the service's Redis cache",
     )
     recommend.add_argument(
+        "--catalogue",
+        action="store_true",
+        help="serve the catalogue API's writes read from Redis (withdrawn items left out, "
+        "added items retrieved), as the service does",
+    )
+    recommend.add_argument(
+        "--cold-start-exposure",
+        type=float,
+        default=_service_default("cold_start_exposure"),
+        help="as RECSERVE_COLD_START_EXPOSURE",
+    )
+    recommend.add_argument(
+        "--deployment",
+        help="as RECSERVE_DEPLOYMENT (default: derived from --models-dir, as the service does)",
+    )
+    recommend.add_argument(
         "--redis-url", default=_service_default("redis_url"), help="as RECSERVE_REDIS_URL"
     )
     recommend.add_argument(
@@ -297,13 +313,20 @@ def _batch_recommend(args) -> int:
             f"(it has {', '.join(bundle.retrievers)})"
         )
     data = _sequences(args)
+    served = asyncio.run(_served_catalogue(args, bundle)) if args.catalogue else None
     stats = batch_recommend(
-        bundle, data, args.out, encoder=args.encoder, k=args.k, history=args.history
+        bundle,
+        data,
+        args.out,
+        encoder=args.encoder,
+        k=args.k,
+        history=args.history,
+        served=served,
     )
     print(
         f"{stats['users']} users, {stats['rows']} rows in {stats['seconds']:.1f}s "
         f"({stats['users_per_second']:.0f} users/s) with {stats['encoder']} of "
-        f"{stats['bundle']} -> {args.out}"
+        f"{stats['bundle']} at catalogue version {stats['catalogue_version']} -> {args.out}"
     )
     if args.warm_cache:
         from service.cache import RedisBehaviourCache
@@ -323,6 +346,28 @@ def _batch_recommend(args) -> int:
         warmed = asyncio.run(warm())
         print(f"warmed the cache at {args.redis_url} for {warmed['users_warmed']} users")
     return 0
+
+
+async def _served_catalogue(args, bundle):
+    """The catalogue the service serves: the bundle with the catalogue API's writes."""
+    import redis.asyncio as aioredis
+
+    from service.catalogue_store import CatalogueStore
+    from service.errors import StoreUnavailable
+    from service.live_catalogue import ServedCatalogue
+    from service.reload_signals import deployment_of
+
+    client = aioredis.Redis.from_url(args.redis_url, socket_connect_timeout=5, socket_timeout=5)
+    store = CatalogueStore(client, args.key_prefix, deployment_of(args.models_dir, args.deployment))
+    try:
+        version, records = await store.changes_since(0)
+    except StoreUnavailable as exc:
+        raise ConfigError(f"--catalogue: {exc} (at {args.redis_url})") from exc
+    finally:
+        await client.aclose()
+    return ServedCatalogue.of_records(
+        bundle, version, records, embed=True, exposure=args.cold_start_exposure
+    )
 
 
 def _evaluate(args) -> int:

@@ -10,6 +10,10 @@ comes next; ``test``: all but the last event, the offline evaluation's test hist
 masks the items already in that history and the items the catalogue marks unavailable,
 and writes ``user, rank, item, score`` to Parquet.
 
+``--catalogue`` serves the catalogue as the service does: the catalogue API's writes read
+from the deployment's Redis (``service.catalogue_store``), so withdrawn and unavailable
+items are never written and items added since the export are retrieved beside the index.
+
 ``--warm-cache`` also loads each user's history into Redis and stores the retrieval the
 service would compute for it, under the same key (bundle, encoder, digest of the encoder
 input), so the first ``/recommend`` with just the ``user_id`` is already a cache hit.
@@ -27,7 +31,8 @@ from service.bundle import Bundle
 from service.cache import BehaviourCache, history_digest
 from service.filters import drop_excluded, filtered_depth
 from service.histories import left_padded_window
-from service.pipeline import Query, encode_and_search
+from service.live_catalogue import ServedCatalogue
+from service.pipeline import Query, encode_and_search, with_added
 from training.console import progress_bar
 from training.data import SequenceData
 
@@ -52,23 +57,29 @@ def recommend_ranges(
     starts: np.ndarray,
     ends: np.ndarray,
     k: int,
+    served: ServedCatalogue | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (scores, bundle item ids) for histories ``items[start:end]`` (bundle ids).
+    """Top-k (scores, internal item ids) for histories ``items[start:end]`` (bundle ids).
 
     Items of the whole history are excluded, not just those inside the encoder's window,
     and so are the items the catalogue marks unavailable (as /recommend's default filter
-    excludes them).
+    excludes them); ``served`` (default: the bundle's own items) adds the catalogue API's
+    writes.
     """
+    served = served or ServedCatalogue.of_bundle(bundle)
     retriever = bundle.retrievers[encoder]
     ids, deltas = left_padded_window(items, timestamps, starts, ends, retriever.max_len)
     users = retriever.encoder.encode(ids, deltas)
     seen_counts = ends - starts
-    available = bundle.catalogue.eligible(None)
-    depth = filtered_depth(k + int(seen_counts.max(initial=0)), bundle.catalogue.n_items, available)
+    available = served.catalogue.eligible(None)
+    depth = filtered_depth(k + int(seen_counts.max(initial=0)), served.catalogue.n_items, available)
     scores, found = retriever.index.search(users, depth)
+    candidates = list(zip(found, scores, strict=True))
+    if len(served.added[encoder].ids):
+        candidates = with_added(served.added[encoder], users, candidates)
     kept, _ = drop_excluded(
-        list(found),
-        list(scores),
+        [row for row, _ in candidates],
+        [row for _, row in candidates],
         [items[start:end] for start, end in zip(starts, ends, strict=True)],
         [k] * len(starts),
         masks=[available.mask] * len(starts),
@@ -90,12 +101,15 @@ def batch_recommend(
     k: int = 10,
     history: str = "all",
     batch_size: int = 512,
+    served: ServedCatalogue | None = None,
 ) -> dict:
-    """Write top-k recommendations of every user to Parquet; returns counts and throughput."""
+    """Write top-k recommendations of every user to Parquet; returns counts and throughput.
+    ``served``: the catalogue as the service serves it (default: the bundle's items)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     encoder = encoder or bundle.default_encoder
+    served = served or ServedCatalogue.of_bundle(bundle)
     catalogue = bundle.catalogue
     # Translate the data's item ids into the bundle's through raw ids (0 = unknown).
     to_bundle = catalogue.internal_ids(data.item_map.raw.tolist())
@@ -107,13 +121,20 @@ def batch_recommend(
     for lo in progress_bar(range(0, len(users), batch_size), desc="recommending", unit="batch"):
         hi = lo + batch_size
         scores, ids = recommend_ranges(
-            bundle, encoder, items, data.timestamps, starts=starts[lo:hi], ends=ends[lo:hi], k=k
+            bundle,
+            encoder,
+            items,
+            data.timestamps,
+            starts=starts[lo:hi],
+            ends=ends[lo:hi],
+            k=k,
+            served=served,
         )
         valid = ids > 0
         rows, ranks = np.nonzero(valid)
         columns["user"].append(data.user_map.raw[users[lo:hi][rows] + 1])
         columns["rank"].append(ranks + 1)
-        columns["item"].append(catalogue.raw_ids[ids[valid]].astype(str))
+        columns["item"].append(served.catalogue.raw_ids[ids[valid]].astype(str))
         columns["score"].append(scores[valid])
     seconds = time.perf_counter() - started
     table = pa.table(
@@ -128,6 +149,7 @@ def batch_recommend(
         "users_per_second": len(users) / seconds if seconds else float("inf"),
         "encoder": encoder,
         "bundle": bundle.name,
+        "catalogue_version": served.version,
     }
 
 

@@ -17,6 +17,7 @@ from service.errors import (
     AdminDisabled,
     AdminTokenRequired,
     ApiKeyRequired,
+    CatalogueTokenRequired,
     MetricsTokenRequired,
 )
 from service.recommender import Recommender
@@ -101,6 +102,25 @@ async def is_admin(
     return admin_authorized(settings, authorization, x_api_key)
 
 
+async def require_catalogue_write(
+    settings: CurrentSettings,
+    authorization: Annotated[str | None, Header()] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+) -> None:
+    """Catalogue writes: the catalogue token, the admin token (or an admin key), or an
+    API key with the ``catalogue:write`` scope; never open to anyone, with or without
+    keys, unless admin is (dev mode without a token)."""
+    if admin_authorized(settings, authorization, x_api_key):
+        return
+    token = settings.catalogue_token.get_secret_value() if settings.catalogue_token else ""
+    if bearer_matches(authorization, token):
+        return
+    if settings.api_keys and x_api_key:
+        identify(settings, x_api_key).require("catalogue:write")
+        return
+    raise CatalogueTokenRequired()
+
+
 async def require_metrics_access(
     settings: CurrentSettings,
     authorization: Annotated[str | None, Header()] = None,
@@ -113,5 +133,6 @@ async def require_metrics_access(
 
 
 Admin = Depends(require_admin)
+CatalogueWrite = Depends(require_catalogue_write)
 IsAdmin = Annotated[bool, Depends(is_admin)]
 MetricsAccess = Depends(require_metrics_access)

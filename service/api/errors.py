@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect
 from service.api.headers import SECURITY_HEADERS
 from service.errors import (
     EXCERPT_CHARS,
+    CatalogueUnavailable,
     ComputeError,
     ComputeUnavailable,
     NotReady,
@@ -84,6 +85,8 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(StoreUnavailable)
     async def store_unavailable(request: Request, exc: StoreUnavailable):
         metrics.errors.labels(kind="redis").inc()
+        if isinstance(exc, CatalogueUnavailable):
+            return retry_later("catalogue store unavailable, nothing was written", seconds=1)
         return retry_later("behaviour store unavailable, retry shortly", seconds=1)
 
     @app.exception_handler(NotReady)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Annotated
 
 from pydantic import (
@@ -239,6 +240,7 @@ class CatalogueItem(BaseModel):
     )
     available: bool = Field(True, description="false: never served")
     popularity: int = Field(description="training events of the item in the bundle's data")
+    added: bool = Field(False, description="added by the catalogue API since the export")
 
 
 class ItemResponse(BaseModel):
@@ -268,7 +270,9 @@ class RetrieverInfo(BaseModel):
 class BundleInfo(BaseModel):
     name: str
     created_at: str | None = None
-    items: int
+    items: int = Field(description="items the bundle was exported with")
+    added_items: int = Field(0, description="items the catalogue API added since (withdrawn too)")
+    catalogue_version: int = Field(0, description="the catalogue API's writes served")
     titles: bool = Field(description="whether the catalogue has titles")
     default_encoder: str
     retrievers: list[RetrieverInfo]
@@ -278,3 +282,100 @@ class BundleInfo(BaseModel):
         "exclude_categories name) and their item counts, largest first; at most "
         "MAX_LISTED_CATEGORIES of them",
     )
+
+
+# --------------------------------------------------------------------------- catalogue writes
+
+MAX_ITEM_GENRES = 100
+MAX_ITEM_ATTRIBUTES = 100
+MAX_EMBEDDING_DIM = 4096
+Text = Annotated[str, StringConstraints(strict=True, max_length=1000)]
+Name = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=200)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class ItemWrite(BaseModel):
+    """An item's metadata as ``PUT /items/{item_id}`` writes it: it replaces whatever the
+    catalogue held of the item (what is not given is cleared)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "title": "Heat (1995)",
+                    "genres": ["Action", "Crime"],
+                    "numbers": {"price": 9.99},
+                    "available": True,
+                }
+            ]
+        },
+    )
+
+    title: Text | None = None
+    genres: list[Name] = Field(
+        default_factory=list,
+        max_length=MAX_ITEM_GENRES,
+        description="its categories (what a filter's categories name)",
+    )
+    attributes: dict[Name, Text] = Field(
+        default_factory=dict,
+        max_length=MAX_ITEM_ATTRIBUTES,
+        description="string attributes, each one the catalogue has",
+    )
+    numbers: dict[Name, Finite] = Field(
+        default_factory=dict,
+        max_length=MAX_ITEM_ATTRIBUTES,
+        description="numeric attributes, each one the catalogue has",
+    )
+    available: bool = Field(True, description="false: kept in the catalogue, never served")
+    year: int | None = Field(
+        None, strict=True, ge=1000, le=3000, description="else read from a title's '(1995)'"
+    )
+    embeddings: dict[Name, list[Finite]] | None = Field(
+        None,
+        max_length=64,
+        description="a ready vector per retriever, for an item the bundle does not have "
+        "(else the retriever's metadata encoder derives one)",
+    )
+
+    @field_validator("embeddings")
+    @classmethod
+    def _vectors_are_bounded(cls, value: dict | None) -> dict | None:
+        for name, vector in (value or {}).items():
+            if len(vector) > MAX_EMBEDDING_DIM:
+                raise ValueError(f"{name}: more than {MAX_EMBEDDING_DIM} values")
+        return value
+
+
+class BulkItem(ItemWrite):
+    item_id: Identifier
+
+
+class BulkWrite(BaseModel):
+    """Items to create or replace and items to withdraw, applied together or not at all."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    put: list[BulkItem] = Field(default_factory=list)
+    delete: list[Identifier] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _each_item_once(self) -> BulkWrite:
+        ids = [item.item_id for item in self.put] + list(self.delete)
+        if not ids:
+            raise ValueError("give items to put, to delete, or both")
+        counts = Counter(ids)
+        if len(counts) != len(ids):
+            twice = next(i for i, n in counts.items() if n > 1)
+            raise ValueError(f"item {twice!r} is named twice")
+        return self
+
+
+class CatalogueWriteResponse(BaseModel):
+    """A write served by the worker that answers; every other worker serves it within the
+    visibility bound (docs/ARCHITECTURE.md, "The living catalogue")."""
+
+    version: int = Field(description="the catalogue version the write made")
+    put: list[str] = Field(default_factory=list)
+    deleted: list[str] = Field(default_factory=list)

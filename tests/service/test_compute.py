@@ -92,7 +92,7 @@ def test_a_bundle_the_compute_process_cannot_load_is_refused_with_its_reason(hea
 def similar_queries(models) -> list:
     """One /items/{id}/similar query: a batch that needs no encoder (nor a worker)."""
     bundle = load_bundle(models, models=False)
-    return [similar_query(bundle.catalogue, bundle.retrievers["sasrec"], 3, 5)]
+    return [similar_query(bundle.catalogue, 3, 5)]
 
 
 def test_a_compute_process_that_dies_is_replaced_and_its_calls_retried_once(head_models):

@@ -23,6 +23,7 @@ from service.catalogue import (
 )
 from service.errors import BundleError, InvalidField
 from service.filters import drop_excluded, drop_seen, first_depth
+from service.live_catalogue import ServedCatalogue
 from service.pipeline import Query, compute_batch
 from service.retrieval import IndexSpec, ItemIndex, search_among
 
@@ -351,7 +352,9 @@ def test_on_an_exact_index_the_filtered_top_k_is_the_brute_force_top_k(
     for _ in range(25):
         queries = random_queries(rng, catalogue, 8)
         for query, ranked in zip(
-            queries, compute_batch(exact, None, queries, catalogue), strict=True
+            queries,
+            compute_batch(exact, ServedCatalogue.of(catalogue, [exact]), queries),
+            strict=True,
         ):
             expected = brute_force(vectors, catalogue, query)
             assert ranked.ids.tolist() == expected.tolist(), query.item_filter
@@ -370,7 +373,9 @@ def test_on_an_approximate_index_k_eligible_items_come_whenever_k_exist(
     for _ in range(25):
         queries = random_queries(rng, catalogue, 8)
         for query, ranked in zip(
-            queries, compute_batch(approximate, None, queries, catalogue), strict=True
+            queries,
+            compute_batch(approximate, ServedCatalogue.of(catalogue, [approximate]), queries),
+            strict=True,
         ):
             allowed = servable(catalogue, query)
             assert allowed[ranked.ids].all()
@@ -394,7 +399,7 @@ def test_a_filter_keeping_one_percent_still_gives_k_items(catalogue, request, re
         )  # fmt: skip
         for _ in range(16)
     ]
-    for ranked in compute_batch(searched, None, queries, catalogue):
+    for ranked in compute_batch(searched, ServedCatalogue.of(catalogue, [searched]), queries):
         assert len(ranked.ids) == 10
         assert (np.abs(catalogue.number_attributes["price"][ranked.ids] - 40.5) <= 0.5).all()
         assert ranked.filtered > 0
@@ -406,12 +411,14 @@ def test_a_cached_retrieval_is_filtered_like_a_fresh_one(catalogue, exact):
     rng = np.random.default_rng(6)
     for _ in range(10):
         fresh = random_queries(rng, catalogue, 4)
-        misses = compute_batch(exact, None, fresh, catalogue)
+        misses = compute_batch(exact, ServedCatalogue.of(catalogue, [exact]), fresh)
         hits = []
         for query, ranked in zip(fresh, misses, strict=True):
             assert isinstance(ranked.retrieval, CachedRetrieval)
             hits.append(replace_query(query, cached=ranked.retrieval, embedding=None))
-        for miss, hit in zip(misses, compute_batch(exact, None, hits, catalogue), strict=True):
+        for miss, hit in zip(
+            misses, compute_batch(exact, ServedCatalogue.of(catalogue, [exact]), hits), strict=True
+        ):
             assert hit.ids.tolist() == miss.ids.tolist()
             assert hit.filtered == miss.filtered and hit.retrieval is None
 
@@ -429,6 +436,6 @@ def test_an_unfiltered_query_is_served_as_before_filters_existed(catalogue, exac
     seen = np.array([1, 2, 3])
     query = query_of(plain, rng.standard_normal(DIM).astype(np.float32), None, keep=10, seen=seen)
     assert query.depth == 13 and query.excluded.size == 0
-    (ranked,) = compute_batch(exact, None, [query], plain)
+    (ranked,) = compute_batch(exact, ServedCatalogue.of(plain, [exact]), [query])
     assert ranked.filtered == 0
     assert ranked.ids.tolist() == brute_force(vectors, plain, query).tolist()

@@ -28,6 +28,8 @@ async def bundle_info(recommender: CurrentRecommender) -> BundleInfo:
         name=bundle.name,
         created_at=bundle.manifest.get("created_at"),
         items=bundle.catalogue.n_items,
+        added_items=len(recommender.served.catalogue.added_lookup),
+        catalogue_version=recommender.served.version,
         titles=bundle.catalogue.titles is not None,
         default_encoder=recommender.default_encoder,
         retrievers=[
@@ -45,7 +47,7 @@ async def bundle_info(recommender: CurrentRecommender) -> BundleInfo:
         ],
         categories=dict(
             sorted(
-                ((name, len(ids)) for name, ids in bundle.catalogue.categories.items()),
+                ((name, len(ids)) for name, ids in recommender.served.catalogue.categories.items()),
                 key=lambda pair: (-pair[1], pair[0]),
             )[:MAX_LISTED_CATEGORIES]
         ),
