@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench.catalogue import main
+from tests.service.conftest import shared_redis  # noqa: F401 (fixture)
 
 
-def test_catalogue_benchmark_times_serving_applying_and_the_write_api(
-    exported_bundle, shared_redis, tmp_path
-):
+@pytest.mark.usefixtures("shared_redis")  # the write API's server uses the shared Redis
+def test_catalogue_benchmark_times_serving_applying_and_the_write_api(exported_bundle, tmp_path):
     models_dir, _ = exported_bundle
     out = tmp_path / "catalogue.json"
     argv = ["--models-dir", str(models_dir), "--bundle", "tiny", "--added", "30"]
