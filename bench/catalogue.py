@@ -17,11 +17,14 @@ write, and the write API's throughput.
    (``ServedCatalogue.applied``) from the bundle and every record (a start or a reload),
    and for one more write on top of them (what each write costs each process), with and
    without the vectors (a worker in process mode builds none; its compute process does).
-3. **The write API** over HTTP (``--http``): a real server (one worker, its compute
-   process) on the bundle and the shared Redis under a private key prefix; single-item
-   PUTs from ``--writers`` concurrent clients, then bulk writes of 100 items; writes per
-   second and latency percentiles of the acknowledgement, which comes once the answering
-   worker serves the write.
+3. **The write API** over HTTP (``--http``): two replicas (real servers of one worker
+   and its compute process each, one deployment) on the bundle and the shared Redis under
+   a private key prefix. Single-item PUTs to the first from ``--writers`` concurrent
+   clients, then bulk writes of 100 items: writes per second and latency percentiles of
+   the acknowledgement, which comes once the answering worker serves the write. Then
+   visibility: ``--probes`` PUTs one after another to the first replica, each followed by
+   GETs of the item from the second every 2 ms until it answers 200 (its worker serves a
+   write only once its compute process has it): the seconds from the acknowledgement.
 """
 
 from __future__ import annotations
@@ -167,8 +170,10 @@ def applying(bundle, records: dict, repeats: int = 5) -> dict:
     return result
 
 
-def write_api(models_dir: Path, bundle, *, writes: int, writers: int, bulks: int) -> dict:
-    """Writes per second through a real server; see the module docstring."""
+def write_api(
+    models_dir: Path, bundle, *, writes: int, writers: int, bulks: int, probes: int
+) -> dict:
+    """Writes per second and visibility across replicas; see the module docstring."""
     import httpx
     import redis
 
@@ -176,8 +181,10 @@ def write_api(models_dir: Path, bundle, *, writes: int, writers: int, bulks: int
     from tests.service.conftest import ADMIN_TOKEN, SHARED_REDIS_URL, delete_prefix, server_settings
 
     prefix = f"bench{uuid.uuid4().hex[:12]}"
-    service = UvicornService(server_settings(models_dir, prefix))
+    settings = {**server_settings(models_dir, prefix), "RECSERVE_DEPLOYMENT": prefix}
+    service, replica = UvicornService(settings), UvicornService(settings)
     service.start(timeout=600)
+    replica.start(timeout=600)
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     vectors = {
         name: [float(v) for v in np.asarray(r.item_vectors[1])]
@@ -214,8 +221,10 @@ def write_api(models_dir: Path, bundle, *, writes: int, writers: int, bulks: int
                 if response.status_code != 200:
                     failures.append(response.text)
             bulk_seconds = time.perf_counter() - started
+            visible = [visibility(http, replica.url, f"v-{i}", vectors) for i in range(probes)]
     finally:
         service.stop()
+        replica.stop()
         client = redis.Redis.from_url(SHARED_REDIS_URL)
         delete_prefix(client, prefix)
         catalogue_keys = client.keys(f"{{{prefix}:catalogue:*")
@@ -236,8 +245,29 @@ def write_api(models_dir: Path, bundle, *, writes: int, writers: int, bulks: int
             "items_per_second": bulks * BULK / bulk_seconds,
             "p50_ms": float(np.median(bulk_latencies)),
         },
+        "visibility": {
+            "probes": probes,
+            "p50_s": float(np.median(visible)),
+            "p99_s": float(np.percentile(visible, 99)),
+            "max_s": float(max(visible)),
+        },
         "failures": failures[:5],
     }
+
+
+def visibility(http, other: str, item: str, vectors: dict) -> float:
+    """Seconds from a PUT's acknowledgement by one replica until ``other`` serves it."""
+    import httpx
+
+    response = http.put(f"/items/{item}", json={"embeddings": vectors})
+    response.raise_for_status()
+    acknowledged = time.perf_counter()
+    with httpx.Client(base_url=other, timeout=10) as probe:
+        while probe.get(f"/items/{item}").status_code != 200:
+            if time.perf_counter() - acknowledged > 30:
+                raise TimeoutError(f"{item} not visible on {other} after 30 s")
+            time.sleep(0.002)
+    return time.perf_counter() - acknowledged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--writes", type=int, default=2000)
     parser.add_argument("--writers", type=int, default=8)
     parser.add_argument("--bulks", type=int, default=20)
+    parser.add_argument("--probes", type=int, default=50)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -278,7 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.http:
         result["write_api"] = write_api(
-            args.models_dir, bundle, writes=args.writes, writers=args.writers, bulks=args.bulks
+            args.models_dir,
+            bundle,
+            writes=args.writes,
+            writers=args.writers,
+            bulks=args.bulks,
+            probes=args.probes,
         )
     print(json.dumps(result, indent=2))
     if args.out:

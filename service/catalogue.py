@@ -236,6 +236,10 @@ class Catalogue:
         masks = []
         if item_filter.available_only and self.available is not None:
             masks.append(self.available)
+        elif self.withdrawn:  # not even available_only=false brings a withdrawn item back
+            present = np.ones(self.n_items + 1, dtype=bool)
+            present[list(self.withdrawn)] = False
+            masks.append(present)
         if item_filter.include_categories is not None:
             masks.append(self._in_categories(item_filter.include_categories))
         if item_filter.exclude_categories:

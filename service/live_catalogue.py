@@ -12,7 +12,8 @@ What lives where (docs/ARCHITECTURE.md, "The living catalogue"):
   with rows for the added items, and per retriever the added items' vectors (the writer's
   own, when it supplied them for the served bundle; else the retriever's metadata encoder
   embeds the item's metadata, scaled by ``RECSERVE_COLD_START_EXPOSURE``) and the ones it
-  can search (served, with a vector).
+  searches (every one with a vector; withdrawn ones have none, unavailable ones are
+  filtered like any other).
 
 The worker owns the internal ids of added items (the bundle's N, then N + 1, ... in the
 order their writes arrived, never reused while the bundle serves) and hands them with
@@ -193,10 +194,9 @@ class ServedCatalogue:
             searchable = []
             for row, raw in enumerate(order):
                 vector = embedded.get(raw)
-                if vector is not None:
+                if vector is not None:  # withdrawn items have none
                     rows[row] = vector
-                    if catalogue.available[added[raw]]:
-                        searchable.append(row)
+                    searchable.append(row)
             served.embedded[name] = embedded
             served.vectors[name] = ItemVectors(retriever.item_vectors, rows)
             ids = np.array([added[order[row]] for row in searchable], dtype=np.int64)

@@ -16,7 +16,8 @@ def test_catalogue_benchmark_times_serving_applying_and_the_write_api(exported_b
     out = tmp_path / "catalogue.json"
     argv = ["--models-dir", str(models_dir), "--bundle", "tiny", "--added", "30"]
     argv += ["--withdrawn", "5", "--requests", "8", "--rounds", "2", "--http"]
-    argv += ["--writes", "12", "--writers", "3", "--bulks", "2", "--out", str(out)]
+    argv += ["--writes", "12", "--writers", "3", "--bulks", "2", "--probes", "3"]
+    argv += ["--out", str(out)]
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert set(result["serving"]) == {"bundle", "added", "added+withdrawn"}
@@ -29,3 +30,4 @@ def test_catalogue_benchmark_times_serving_applying_and_the_write_api(exported_b
     api = result["write_api"]
     assert api["failures"] == [] and api["single"]["writes_per_second"] > 0
     assert api["bulk"]["items_per_second"] > 0
+    assert 0 < api["visibility"]["p50_s"] <= api["visibility"]["max_s"] < 30

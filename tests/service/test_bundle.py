@@ -150,11 +150,11 @@ def test_warm_up_runs_the_serving_kernel_on_the_shapes_serving_gives_it(head_mod
     batches, searches, scores = [], [], []
     kernel = pipeline.compute_batch
 
-    def compute_batch(served, item_features, queries, catalogue):
-        assert served is retriever and item_features is bundle.item_features
-        assert catalogue is bundle.catalogue
+    def compute_batch(searched, served, queries):
+        assert searched is retriever and served.item_features is bundle.item_features
+        assert served.catalogue is bundle.catalogue
         batches.append([(q.window.shape, q.depth, q.keep, q.rerank, len(q.seen)) for q in queries])
-        return kernel(served, item_features, queries, catalogue)
+        return kernel(searched, served, queries)
 
     monkeypatch.setattr(pipeline, "compute_batch", compute_batch)
     index, head = retriever.index, retriever.ctr_head

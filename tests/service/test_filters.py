@@ -8,15 +8,18 @@ request gets ``k`` items whenever ``k`` eligible ones exist.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import service.pipeline as pipeline
-from service.bundle import Retriever
+from service.bundle import Bundle, Retriever
 from service.cache import CachedRetrieval
 from service.catalogue import (
     Catalogue,
     ItemFilter,
+    ItemRecord,
     TextAttribute,
     read_catalogue,
     write_items_table,
@@ -206,6 +209,7 @@ def test_the_items_table_carries_categories_attributes_and_availability(tmp_path
         "numbers": {"price": 1.0},
         "available": True,
         "popularity": 5,
+        "added": False,
     }
     described = catalogue.describe(2)
     assert described["attributes"] == {} and described["numbers"] == {}
@@ -361,6 +365,56 @@ def test_on_an_exact_index_the_filtered_top_k_is_the_brute_force_top_k(
             np.testing.assert_allclose(
                 ranked.scores, vectors[expected] @ query.embedding, rtol=1e-5, atol=1e-5
             )
+
+
+def overlaid(catalogue: Catalogue, retriever: Retriever, seed: int) -> ServedCatalogue:
+    """The catalogue after writes: 300 items added (random metadata and vectors a little
+    longer than the bundle's, so they compete), 100 bundle items withdrawn and 50 given new
+    categories, colours and prices."""
+    rng = np.random.default_rng(seed)
+    bundle = Bundle("b", Path("b"), {}, catalogue, {retriever.name: retriever})
+
+    def record(vector=None) -> ItemRecord:
+        return ItemRecord(
+            genres=tuple(rng.choice(CATEGORIES, rng.integers(0, 3), replace=False)),
+            attributes=(("colour", str(rng.choice(COLOURS))),) if rng.random() < 0.9 else (),
+            numbers=(("price", float(rng.uniform(0, 100))),) if rng.random() < 0.9 else (),
+            available=bool(rng.random() < 0.9),
+            vectors=() if vector is None else ((retriever.name, vector),),
+            vectors_bundle=None if vector is None else "b",
+        )
+
+    records = {
+        f"new-{i}": record(rng.standard_normal(DIM).astype(np.float32) * 1.2) for i in range(300)
+    }
+    for item in rng.choice(np.arange(1, N_ITEMS + 1), 150, replace=False)[:100]:
+        records[str(catalogue.raw_ids[item])] = ItemRecord(available=False, withdrawn=True)
+    for item in rng.choice(np.arange(1, N_ITEMS + 1), 50, replace=False):
+        records.setdefault(str(catalogue.raw_ids[item]), record())
+    return ServedCatalogue.of_records(bundle, 1, records, embed=True)
+
+
+@pytest.mark.parametrize("subset_limit", [pipeline.SUBSET_LIMIT, 0], ids=["subset", "deepen"])
+def test_with_items_added_changed_and_withdrawn_the_top_k_is_still_the_brute_force_top_k(
+    catalogue, exact, monkeypatch, subset_limit
+):
+    """The added items are searched beside the index and merged, on the first search and
+    on the deeper ones; every write's metadata and availability is what filters read."""
+    monkeypatch.setattr(pipeline, "SUBSET_LIMIT", subset_limit)
+    served = overlaid(catalogue, exact, seed=8)
+    live = served.catalogue
+    assert live.n_items == N_ITEMS + 300 and len(live.withdrawn) == 100
+    every = served.vectors[exact.name].take(np.arange(live.n_items + 1))
+    rng = np.random.default_rng(9)
+    added_served = 0
+    for _ in range(25):
+        queries = random_queries(rng, live, 8)
+        for query, ranked in zip(queries, compute_batch(exact, served, queries), strict=True):
+            expected = brute_force(every, live, query)
+            assert ranked.ids.tolist() == expected.tolist(), query.item_filter
+            assert not set(ranked.ids.tolist()) & live.withdrawn
+            added_served += int((ranked.ids > N_ITEMS).sum())
+    assert added_served > 0
 
 
 @pytest.mark.parametrize("subset_limit", [pipeline.SUBSET_LIMIT, 0], ids=["subset", "deepen"])
