@@ -40,11 +40,11 @@ async def readyz(state: State, admin: IsAdmin) -> JSONResponse:
         "encoders": list(recommender.bundle.retrievers) if recommender else [],
         "redis": "up" if redis_ok else "down",
         "reload_refused": state.last_error is not None,
-        # The catalogue API's writes this worker serves (docs/ARCHITECTURE.md).
-        "catalogue_version": recommender.served.version if recommender else 0,
     }
     if admin:
         body["placement"] = recommender.compute.placement if recommender else {}
+        # The catalogue API's writes this worker serves (docs/ARCHITECTURE.md).
+        body["catalogue_version"] = recommender.served.version if recommender else 0
         last_error = state.last_error
         if last_error is not None and len(last_error) > LAST_ERROR_CHARS:
             last_error = excerpt(last_error, LAST_ERROR_CHARS, quote=False)
