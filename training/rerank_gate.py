@@ -190,3 +190,14 @@ def gate_head(
     entry = {**decide(retrieval, reranked, config), "depth": int(depth)}
     LOG.info("rerank gate: %s", entry["reason"])
     return entry
+
+
+def verdict_on_test(rerank_by_default: bool, test_delta: float, test_ci: list[float]) -> str:
+    """Whether a gate's decision was right on the test events, for benchmarks (the gate
+    itself never sees them): right when it reranks and the rerank raised test NDCG@10, or
+    serves retrieval order and the rerank did not; "clearly" when the test's own interval
+    excludes zero, "within noise" when it does not."""
+    helped = test_delta > 0.0
+    right = rerank_by_default == helped
+    certain = test_ci[0] > 0.0 or test_ci[1] < 0.0
+    return f"{'right' if right else 'wrong'} ({'clearly' if certain else 'within noise'})"

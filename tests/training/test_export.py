@@ -207,3 +207,10 @@ def test_a_ctr_head_export_records_the_gate_decided_on_held_out_validation_users
     retriever = load_bundle(tmp_path, "gated", device="cpu", models=False).retrievers["sasrec"]
     assert retriever.rerank_default is gate["rerank_by_default"]
     assert retriever.rerank_reason == gate["reason"]
+    # The benchmark's table is read from this record.
+    from bench.rerank_gate import gate_rows
+
+    (row,) = gate_rows(path)
+    assert row["test_delta"] == quality["delta"] and row["valid_delta"] == gate["delta"]
+    helped = quality["delta"] > 0
+    assert row["verdict"].startswith("right" if gate["rerank_by_default"] == helped else "wrong")

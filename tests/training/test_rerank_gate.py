@@ -16,6 +16,7 @@ from training.rerank_gate import (
     gate_head,
     ndcg_per_user,
     paired_bootstrap,
+    verdict_on_test,
 )
 
 USERS, DEPTH, DIM = 400, 20, 4
@@ -137,3 +138,10 @@ def test_no_validation_users_means_no_rerank_by_default():
 def test_a_bad_gate_setting_is_refused_naming_it(options):
     with pytest.raises(ConfigError):
         GateConfig(**options)
+
+
+def test_a_decision_is_judged_on_the_test_difference_and_its_interval():
+    assert verdict_on_test(True, 0.01, [0.002, 0.02]) == "right (clearly)"
+    assert verdict_on_test(False, 0.01, [-0.001, 0.02]) == "wrong (within noise)"
+    assert verdict_on_test(False, -0.01, [-0.02, -0.001]) == "right (clearly)"
+    assert verdict_on_test(True, -0.01, [-0.02, 0.001]) == "wrong (within noise)"
