@@ -208,9 +208,13 @@ def test_a_ctr_head_export_records_the_gate_decided_on_held_out_validation_users
     assert retriever.rerank_default is gate["rerank_by_default"]
     assert retriever.rerank_reason == gate["reason"]
     # The benchmark's table is read from this record.
-    from bench.rerank_gate import gate_rows
+    from bench.rerank_gate import gate_rows, test_by_users
 
     (row,) = gate_rows(path)
     assert row["test_delta"] == quality["delta"] and row["valid_delta"] == gate["delta"]
     helped = quality["delta"] > 0
     assert row["verdict"].startswith("right" if gate["rerank_by_default"] == helped else "wrong")
+    # Its diagnostic draws the gate's users again, and the rest, from the same data.
+    split = test_by_users(path, "synthetic:users=300,items=120,mean_length=20,seed=1")
+    assert split["held_out"]["users"] == gate["validation_users"]
+    assert split["held_out"]["users"] + split["trained_on"]["users"] == quality["users"]
