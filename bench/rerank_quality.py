@@ -14,7 +14,11 @@ and check parity; then report, on the test events, NDCG@10 and Recall@10 of the 
 order and of the reranked order at each depth (default 100 and 200 candidates, seen items
 masked), AUC and log loss per task (held-out users' valid groups and test groups), and the
 head's median latency for one request of ``max(depths)`` candidates (onnxruntime, CPU, one
-thread), with and without building the features. Results go to a JSON file.
+thread), with and without building the features. Each head also meets the export's rerank
+gate (``training.rerank_gate``: its NDCG@10 effect on the held-out users' valid events at
+the training depth, a paired bootstrap interval, the decision) beside its effect on the
+test events at that depth with the same interval, and whether the decision was right on
+the test. Results go to a JSON file.
 """
 
 from __future__ import annotations
@@ -46,9 +50,10 @@ from training.ctr import (  # noqa: E402
 from training.data import build_sequences  # noqa: E402
 from training.datasets import load_dataset  # noqa: E402
 from training.errors import TrainingError  # noqa: E402
-from training.export import export_bundle  # noqa: E402
+from training.export import export_bundle, served_rerank_quality  # noqa: E402
 from training.onnx_export import check_head_parity, export_ctr_head  # noqa: E402
 from training.optimizers import OPTIMIZERS  # noqa: E402
+from training.rerank_gate import GateConfig, gate_head, verdict_on_test  # noqa: E402
 from training.trainer import train  # noqa: E402
 
 
@@ -149,6 +154,20 @@ def table(result: dict) -> str:
                     f"| {name} | {split} | {task} | {entry['auc']:.4f} | "
                     f"{entry['log_loss']:.4f} | {entry['retrieval_auc']:.4f} |"
                 )
+    lines += [
+        "",
+        "| head | validation difference (95% CI) | rerank by default | "
+        "test difference (95% CI) | right on test |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, head in result["heads"].items():
+        gate = head["gate"]
+        valid, test = gate["ci"], gate["test"]["ci"]
+        lines.append(
+            f"| {name} | {gate['delta']:+.4f} [{valid[0]:+.4f}, {valid[1]:+.4f}] | "
+            f"{'yes' if gate['rerank_by_default'] else 'no'} | {gate['test']['delta']:+.4f} "
+            f"[{test[0]:+.4f}, {test[1]:+.4f}] | {gate['verdict']} |"
+        )
     lines += ["", "| head | head p50 ms | features + head p50 ms |", "| --- | --- | --- |"]
     for name, head in result["heads"].items():
         latency = head["latency_ms"]
@@ -257,6 +276,16 @@ def run(args) -> int:
         session = CtrHead(path, device="cpu", threads=1, feature_names=report["features"])
         report["onnx_parity_max_abs_diff"] = parity
         report["ranking"] = rerank_quality(session.score, prepared.test, vectors, args.depths)
+        # The gate as the export runs it, and the test at the same depth to judge it by.
+        gate = gate_head(session.score, prepared.holdout_valid(), vectors, config.candidates)
+        served = served_rerank_quality(
+            session, prepared.test, vectors, config.candidates, GateConfig()
+        )
+        report["gate"] = {
+            **gate,
+            "test": served,
+            "verdict": verdict_on_test(gate["rerank_by_default"], served["delta"], served["ci"]),
+        }
         report["latency_ms"] = measure_latency(
             session, prepared, data, max(args.depths), args.latency_runs
         )

@@ -23,6 +23,11 @@ against the item vectors and the catalogue at load (``_load_models``), and
 ``service.pipeline.warm_up`` then runs the serving kernel itself before a bundle serves.
 No pickle is ever loaded (``allow_pickle=False``), and bundle names are plain names
 resolved inside the models directory, so CURRENT cannot point elsewhere.
+
+Whether a retriever's CTR head reranks a request that does not say is the bundle's to
+decide: the export's gate (``training.rerank_gate``) records it in ``ctr_head.gate``, read
+by :func:`rerank_policy` into ``Retriever.rerank_default`` and ``rerank_reason``; a head
+without a gate (an older bundle) reranks by default, as it always did.
 """
 
 from __future__ import annotations
@@ -55,6 +60,12 @@ MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 ITEMS = "items.parquet"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Why a retriever reranks by default or not where its manifest entry has no gate to say.
+NO_HEAD_REASON = "no CTR head: candidates are served in retrieval order"
+UNGATED_REASON = (
+    "the bundle was exported before the rerank gate: its CTR head reranks by default, "
+    "as such bundles always have"
+)
 
 
 def retriever_dir(encoder: str) -> str:
@@ -280,6 +291,10 @@ class Retriever:
     # models were not loaded); its vocabulary is read whenever the bundle has one.
     metadata_encoder: ItemMetadataEncoder | None = None
     metadata_vocabulary: MetadataVocabulary | None = None
+    # Whether a request that does not say ``rerank`` is reranked by the CTR head, and why
+    # (:func:`rerank_policy`: the export's gate, read from the manifest).
+    rerank_default: bool = False
+    rerank_reason: str = NO_HEAD_REASON
 
 
 @dataclass
@@ -307,6 +322,8 @@ class RetrieverEntry:
     spec: IndexSpec
     head_names: list[str] | None
     vocabulary: MetadataVocabulary | None = None
+    rerank_default: bool = False
+    rerank_reason: str = ""
 
 
 REQUIRED_FILES = ("user_encoder", "item_embeddings", "index")
@@ -358,7 +375,38 @@ def check_retriever_entry(root: Path, manifest: dict, encoder: str) -> Retriever
         if "metadata_vocabulary" not in files:
             raise BundleError(f"{manifest_path}: {where}.files has no 'metadata_vocabulary'")
         vocabulary = read_vocabulary(paths["metadata_vocabulary"])
-    return RetrieverEntry(paths, max_len, index_spec, head_names, vocabulary)
+    rerank_default, rerank_reason = rerank_policy(info, f"{manifest_path}: {where}")
+    return RetrieverEntry(
+        paths, max_len, index_spec, head_names, vocabulary, rerank_default, rerank_reason
+    )
+
+
+def rerank_policy(info: dict, where: str) -> tuple[bool, str]:
+    """Whether retriever entry ``info`` (named ``where`` in errors) reranks a request that
+    does not say ``rerank``, and why.
+
+    No head: never. A head with a ``gate`` (written by ``training.rerank_gate`` at export):
+    what the gate recorded, ``rerank_by_default`` and its ``reason``. A head without one
+    (a bundle exported before the gate existed): on, as such bundles have always served.
+    A gate that is not an object with a boolean ``rerank_by_default`` and a string
+    ``reason`` is refused with a BundleError naming the field.
+    """
+    head = info.get("ctr_head")
+    if head is None:
+        return False, NO_HEAD_REASON
+    if not isinstance(head, dict):
+        raise BundleError(f"{where}.ctr_head is not an object")
+    gate = head.get("gate")
+    if gate is None:
+        return True, UNGATED_REASON
+    if not isinstance(gate, dict):
+        raise BundleError(f"{where}.ctr_head.gate is not an object")
+    default, reason = gate.get("rerank_by_default"), gate.get("reason")
+    if not isinstance(default, bool):
+        raise BundleError(f"{where}.ctr_head.gate.rerank_by_default is {default!r}, not a bool")
+    if not isinstance(reason, str):
+        raise BundleError(f"{where}.ctr_head.gate.reason is {reason!r}, not a string")
+    return default, reason
 
 
 def optional_part(
@@ -473,6 +521,8 @@ def load_bundle(
             item_vectors=vectors,
             paths=entry.paths,
             metadata_vocabulary=entry.vocabulary,
+            rerank_default=entry.rerank_default,
+            rerank_reason=entry.rerank_reason,
         )
         if models:
             _load_models(

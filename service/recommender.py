@@ -247,7 +247,7 @@ class Recommender:
         encoder: str | None = None,
         exclude_seen: bool = True,
         candidates: int = _DEFAULTS["candidates"],
-        rerank: bool = True,
+        rerank: bool | None = None,
         cache: BehaviourCache | None = None,
         history_cap: int = _DEFAULTS["request_history_cap"],
         item_filter: ItemFilter | None = None,
@@ -255,11 +255,18 @@ class Recommender:
     ) -> Recommendation:
         """The best ``k`` items after ``events`` (raw item id, unix seconds) that
         ``item_filter`` keeps (None: available items), ranked as of ``at`` (unix seconds;
-        None: now), the time the CTR head's recency features measure to. InvalidField for
-        a filter on an attribute the catalogue does not have."""
+        None: now), the time the CTR head's recency features measure to. ``rerank``: True
+        reranks with the retriever's CTR head where it has one, False serves retrieval
+        order, None the bundle's default for the retriever (``Retriever.rerank_default``).
+        InvalidField for a filter on an attribute the catalogue does not have."""
         started = time.perf_counter()
         retriever = self.retriever(encoder)
         served = self.served
+        # Resolved before anything is keyed on it, so that the memo holds one answer per
+        # ranking actually computed: a request that leaves the choice to the bundle shares
+        # the answer of one that asks for the same thing, never one that asks otherwise.
+        if rerank is None:
+            rerank = retriever.rerank_default
         keep = max(candidates, k)
         asked = None
         if self.answers is not None:

@@ -4,6 +4,8 @@ python -m training quickstart --data synthetic --out runs/quickstart --models-di
 python -m training generate --out data/synthetic.parquet [--users 5000 --items 2000]
 python -m training train --data synthetic --model sasrec --out runs/default
 python -m training train --data ml-1m:../shared/data/ml-1m --max-len 200 --out runs/ml1m
+python -m training export --data synthetic --checkpoint runs/default/checkpoint.pt \
+    --ctr-head adam [--rerank-default auto|on|off]
 python -m training evaluate --checkpoint runs/default/checkpoint.pt --data synthetic
 
 Progress bars are drawn only on a terminal; training reports one line per epoch either
@@ -42,6 +44,7 @@ from training.evaluate import evaluate, model_scorer, popularity_scorer
 from training.export import DEFAULT_COLD_START, export_bundle
 from training.optimizers import OPTIMIZERS
 from training.quickstart import QuickstartConfig, run_quickstart, summary_table
+from training.rerank_gate import RERANK_DEFAULTS, GateConfig
 from training.synthetic import SyntheticConfig, generate
 from training.trainer import check_same_items, load_checkpoint, train
 
@@ -121,6 +124,14 @@ def _parser() -> argparse.ArgumentParser:
         "--ctr-head",
         choices=list(OPTIMIZERS),
         help="also train a CTR head per retriever, with this optimiser",
+    )
+    export.add_argument(
+        "--rerank-default",
+        choices=list(RERANK_DEFAULTS),
+        default="auto",
+        help="whether a CTR head reranks requests that do not say: auto (the gate: only "
+        "where it raises NDCG@10 on held-out validation users beyond a bootstrap interval), "
+        "on, or off (the gate's measurement is recorded either way)",
     )
 
     recommend = commands.add_parser(
@@ -297,6 +308,7 @@ def _export(args) -> int:
         make_current=not args.no_current,
         ctr=CtrConfig(optimizer=args.ctr_head) if args.ctr_head else None,
         cold_start=None if args.no_metadata_encoder else DEFAULT_COLD_START,
+        gate=GateConfig(rerank_default=args.rerank_default),
     )
     print(f"bundle written: {path}")
     return 0

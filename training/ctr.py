@@ -393,6 +393,11 @@ class PreparedCtr:
     holdout_users: np.ndarray  # ... that are only evaluated
     subsampled: bool
 
+    def holdout_valid(self) -> CandidateSet:
+        """The valid groups of the held-out users: neither trained on nor used to pick the
+        epoch (what ``training.rerank_gate`` decides on)."""
+        return self.valid.take(_rows_of(self.valid, self.holdout_users))
+
 
 def prepare_ctr_data(
     data: SequenceData, retriever_source, config: CtrConfig, test_depth: int = 0

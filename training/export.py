@@ -14,7 +14,10 @@ For each checkpoint (one retriever per encoder kind) it writes:
 - with a ``CtrConfig``, ``ctr_head.onnx``: a CTR head trained on what the exported encoder
   and index retrieve (``training.ctr``), checked against PyTorch the same way; its effect
   goes into the manifest as ``ctr_head.rerank_quality``: NDCG@10 and Recall@10 on the test
-  events in retrieval order and reranked by the exported head, at the head's depth.
+  events in retrieval order and reranked by the exported head, at the head's depth, with
+  a bootstrap interval of the NDCG@10 difference. Whether the head reranks by default is
+  decided on validation users it never trained on, never on the test events
+  (``training.rerank_gate``, ``--rerank-default auto|on|off``): ``ctr_head.gate``.
 - when the data has item metadata (titles, genres), ``metadata_encoder.onnx``: the
   retriever's item-metadata encoder (``training.cold_start``), which gives an item the
   retriever never saw a vector in its space, with its quality on held-out items and its
@@ -73,6 +76,7 @@ from training.onnx_export import (
     export_metadata_encoder,
     export_user_encoder,
 )
+from training.rerank_gate import GateConfig, gate_head, paired_bootstrap, per_user_ndcg
 from training.trainer import check_same_items, load_checkpoint
 
 LOG = logging.getLogger(__name__)
@@ -185,9 +189,18 @@ def export_retriever(
     return name, entry
 
 
-def add_ctr_head(writer: BundleWriter, entry: dict, data: SequenceData, config: CtrConfig) -> None:
+def add_ctr_head(
+    writer: BundleWriter,
+    entry: dict,
+    data: SequenceData,
+    config: CtrConfig,
+    gate: GateConfig | None = None,
+) -> None:
     """Train a CTR head on what this retriever's exported files retrieve; add it to the
-    bundle with the exported head's effect on the test events (``rerank_quality``)."""
+    bundle with the exported head's effect on the test events (``rerank_quality``) and
+    whether it reranks by default (``gate``: decided on the held-out users' valid events
+    by ``training.rerank_gate``, or forced by ``gate.rerank_default``)."""
+    gate = gate or GateConfig()
     started = time.perf_counter()
     files = entry["files"]
     vectors = np.load(writer.root / files["item_embeddings"], mmap_mode="r")
@@ -206,22 +219,45 @@ def add_ctr_head(writer: BundleWriter, entry: dict, data: SequenceData, config: 
     entry["ctr_head"] = head_manifest_entry(head, report, check_head_parity(head, path), relative)
     files["ctr_head"] = relative
     served = CtrHead(path, device="cpu", feature_names=report["features"])
-    quality = served_rerank_quality(served, prepared.test, parts.index.vectors, config.candidates)
+    # The exported graph decides, as it will serve: on the held-out users' valid groups,
+    # at the depth it was trained for (the service's default depth where the export
+    # follows the quickstart).
+    decision = gate_head(
+        served.score, prepared.holdout_valid(), parts.index.vectors, config.candidates, gate
+    )
+    entry["ctr_head"]["gate"] = decision
+    quality = served_rerank_quality(
+        served, prepared.test, parts.index.vectors, config.candidates, gate
+    )
     entry["ctr_head"]["rerank_quality"] = quality
     PROGRESS.info(
-        "%s: CTR head trained (test NDCG@10 %.4f in retrieval order, %.4f reranked) %.1fs",
+        "%s: CTR head trained (test NDCG@10 %.4f in retrieval order, %.4f reranked; "
+        "rerank by default: %s, by the %s) %.1fs",
         entry["model"],
         quality["retrieval"]["ndcg@10"],
         quality["reranked"]["ndcg@10"],
+        "yes" if decision["rerank_by_default"] else "no",
+        decision["decided_by"],
         time.perf_counter() - started,
     )
 
 
-def served_rerank_quality(head: CtrHead, test, vectors: np.ndarray, depth: int) -> dict:
+def served_rerank_quality(
+    head: CtrHead, test, vectors: np.ndarray, depth: int, gate: GateConfig | None = None
+) -> dict:
     """NDCG@10 and Recall@10 of the test events in retrieval order and reranked by the
-    exported head over ``depth`` candidates (``training.ctr.rerank_quality``), flat."""
+    exported head over ``depth`` candidates (``training.ctr.rerank_quality``), flat, with
+    the mean per-user NDCG difference and its paired bootstrap interval drawn as the gate
+    draws its own (``gate``), so the gate's decision can be checked against the test."""
+    gate = gate or GateConfig()
     quality = rerank_quality(head.score, test, vectors, depths=(depth,))
-    return {"split": "test", "users": quality["users"], "depth": depth, **quality[str(depth)]}
+    result = {"split": "test", "users": quality["users"], "depth": depth, **quality[str(depth)]}
+    retrieval, reranked = per_user_ndcg(head.score, test.first(depth), vectors, gate.cutoff)
+    if len(retrieval):
+        differences = reranked - retrieval
+        low, high = paired_bootstrap(differences, gate.resamples, gate.seed, gate.confidence)
+        result.update(delta=float(differences.mean()), ci=[low, high])
+    return result
 
 
 def head_manifest_entry(head: CtrHeadModel, report: dict, parity: float, relative: str) -> dict:
@@ -303,11 +339,13 @@ def export_bundle(
     ctr: CtrConfig | None = None,
     index_device: str = "auto",
     cold_start: ColdStartConfig | None = DEFAULT_COLD_START,
+    gate: GateConfig | None = None,
 ) -> Path:
     """Export every checkpoint into one new bundle and (by default) make it CURRENT.
 
     With ``ctr`` (a ``training.ctr.CtrConfig``) each retriever also gets a CTR head trained
-    on the candidates its exported encoder and index retrieve. Where the data has item
+    on the candidates its exported encoder and index retrieve, and ``gate`` (default: the
+    measurement decides) says whether it reranks by default. Where the data has item
     metadata each retriever gets a metadata encoder fitted with ``cold_start`` (None: none).
     """
     if not checkpoints:
@@ -340,7 +378,7 @@ def export_bundle(
         )
         if ctr is not None:
             for entry in retrievers.values():
-                add_ctr_head(writer, entry, data, ctr)
+                add_ctr_head(writer, entry, data, ctr, gate)
         if cold_start is not None and has_metadata(data):
             catalogue = catalogue_metadata(data, cold_start.min_count)
             writer.path(VOCABULARY).write_text(catalogue.vocabulary.to_json(), encoding="utf-8")

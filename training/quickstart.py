@@ -8,8 +8,9 @@ the two-tower retrievers, and the NextItNet-kind when the time budget has room f
 bundle with a CTR head per retriever (``training.export.export_bundle``; the SASRec-kind
 stays the bundle's default encoder) and returns what was measured: every retriever's test
 metrics beside popularity's, and each head's effect on the test events at the served
-depth (NDCG@10 in retrieval order vs reranked, the manifest's ``ctr_head.rerank_quality``).
-``summary_table`` puts them in one table.
+depth (NDCG@10 in retrieval order vs reranked, the manifest's ``ctr_head.rerank_quality``)
+and whether the head reranks by default (the gate of ``training.rerank_gate``, decided on
+held-out validation users: ``ctr_head.gate``). ``summary_table`` puts them in one table.
 
 The recipes' epochs are those after which valid NDCG@10 on the default data gains little
 more; each run also has a time limit, so a slow or busy machine gets a weaker model
@@ -135,6 +136,11 @@ class QuickstartResult:
                 for name, entry in retrievers.items()
                 if "ctr_head" in entry
             },
+            "rerank_gate": {
+                name: entry["ctr_head"].get("gate")
+                for name, entry in retrievers.items()
+                if "ctr_head" in entry
+            },
         }
 
 
@@ -202,20 +208,24 @@ def popularity_metrics(manifest: dict) -> dict:
 
 
 def summary_table(result: QuickstartResult) -> str:
-    """Per retriever its test metrics and its CTR head's NDCG@10 in retrieval order and
-    reranked, popularity last."""
-    header = ["retriever", *METRICS, "head: retrieval order", "reranked"]
+    """Per retriever its test metrics, its CTR head's NDCG@10 in retrieval order and
+    reranked, and whether the head reranks by default (the gate's decision); popularity
+    last."""
+    header = ["retriever", *METRICS, "head: retrieval order", "reranked", "rerank by default"]
     rows = []
     for name in result.stopped_by:  # the order they were trained in, the default first
         entry = result.manifest["retrievers"][name]
         test = entry["offline_metrics"]["model"]["test"]
-        quality = entry.get("ctr_head", {}).get("rerank_quality")
+        head_entry = entry.get("ctr_head", {})
+        quality = head_entry.get("rerank_quality")
         head = (
             [quality["retrieval"]["ndcg@10"], quality["reranked"]["ndcg@10"]]
             if quality
             else [None, None]
         )
-        rows.append([name, *(test[m] for m in METRICS), *head])
+        gate = head_entry.get("gate")
+        default = None if gate is None else ("yes" if gate["rerank_by_default"] else "no")
+        rows.append([name, *(test[m] for m in METRICS), *head, default])
     popularity = popularity_metrics(result.manifest)
-    rows.append(["popularity", *(popularity[m] for m in METRICS), None, None])
+    rows.append(["popularity", *(popularity[m] for m in METRICS), None, None, None])
     return text_table(header, rows)

@@ -143,7 +143,12 @@ class RecommendRequest(BaseModel):
     encoder: Identifier | None = None
     exclude_seen: bool = True
     candidates: int | None = Field(None, strict=True, ge=1, le=5000, description="retrieval depth")
-    rerank: bool = True
+    rerank: bool | None = Field(
+        None,
+        description="true: rerank with the retriever's CTR head (where it has one); false: "
+        "retrieval order; absent or null: the bundle's default for the retriever, which "
+        "GET /bundle and /readyz show with the reason the export recorded",
+    )
     at: Timestamp | None = Field(
         None,
         description="rank as of this time (Unix seconds; default: now): the time the CTR "
@@ -260,7 +265,17 @@ class RetrieverInfo(BaseModel):
     dim: int
     max_len: int = Field(description="history events the encoder reads")
     index: str = Field(description="the faiss index kind")
-    reranks: bool = Field(description="whether a CTR head reranks this retriever's candidates")
+    reranks: bool = Field(
+        description="whether this retriever has a CTR head, so that a request can ask for "
+        "its rerank"
+    )
+    rerank_by_default: bool = Field(
+        description="whether a request that does not say rerank is reranked by the head"
+    )
+    rerank_reason: str = Field(
+        description="why: the export's gate (the head's measured effect on NDCG@10 of "
+        "held-out validation users), the export's override, or no head"
+    )
     test_metrics: dict[str, float] = Field(
         default_factory=dict, description="offline test metrics recorded at export"
     )

@@ -70,6 +70,7 @@ function describeBundle(info) {
   const parts = [`bundle ${info.name}`, `${info.items.toLocaleString()} items`];
   if (info.created_at) parts.push(`exported ${info.created_at.slice(0, 16).replace("T", " ")}`);
   const retrievers = info.retrievers.map((r) => `${r.name}${r.reranks ? " + CTR head" : ""}`);
+  // Whether each head reranks by default, and why, is on its column's badge.
   parts.push(`retrievers: ${retrievers.join(", ")}`);
   return parts.join(" · ");
 }
@@ -250,7 +251,13 @@ function column(retriever) {
     [
       element("h3", {}, [
         element("span", { text: retriever.name }),
-        retriever.reranks ? element("span", { className: "badge", text: "CTR head" }) : null,
+        retriever.reranks
+          ? element("span", {
+              className: "badge",
+              text: `CTR head · rerank ${retriever.rerank_by_default ? "on" : "off"} by default`,
+              title: retriever.rerank_reason,
+            })
+          : null,
       ]),
       element("p", { className: "muted", text: `${retriever.index} · dim ${retriever.dim} · ${offline}` }),
       element("div", { className: "body" }),
@@ -280,6 +287,13 @@ function describeAnswer(answer) {
   ];
 }
 
+// What the rerank option asks: undefined leaves "rerank" out of the request, so each
+// retriever serves its bundle's default (GET /bundle: rerank_by_default and its reason).
+function rerankAsked() {
+  const choice = $("rerank").value;
+  return choice === "default" ? undefined : choice === "on";
+}
+
 function renderRecommendations() {
   if (!state.bundle) return;
   const generation = ++state.generation;
@@ -298,7 +312,7 @@ function renderRecommendations() {
       history,
       k: Number.isNaN(k) ? $("k").value : k,
       encoder,
-      rerank: $("rerank").checked,
+      rerank: rerankAsked(),
       filter,
     }).then(
       (answer) => {

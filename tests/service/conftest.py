@@ -77,24 +77,68 @@ def key_prefix(shared_redis):
     delete_prefix(shared_redis, prefix)
 
 
+# The tiny data's heads are too weakly measured for the gate to be predictable, so the
+# bundles below force the rerank on at export (the option under test in tests/training):
+# their tests are about serving a head. ``gated_off_models`` is the other case.
+FORCED_ON = {"rerank_default": "on"}
+GATE_SAYS_NO = "measured on validation users: no gain shown, retrieval order by default"
+
+
 @pytest.fixture(scope="session")
 def head_models(tiny_data, trained_run, tmp_path_factory):
-    """A models dir whose CURRENT bundle ("with-head") has a CTR head."""
+    """A models dir whose CURRENT bundle ("with-head") has a CTR head that reranks by
+    default."""
     from training.ctr import CtrConfig
     from training.export import export_bundle
+    from training.rerank_gate import GateConfig
 
     models = tmp_path_factory.mktemp("head-models")
     config = CtrConfig(candidates=30, epochs=2, encode_batch=128)
-    export_bundle([trained_run.checkpoint], tiny_data, models, name="with-head", ctr=config)
+    export_bundle(
+        [trained_run.checkpoint],
+        tiny_data,
+        models,
+        name="with-head",
+        ctr=config,
+        gate=GateConfig(**FORCED_ON),
+    )
     return models
+
+
+def with_gate(models: Path, destination: Path, gate: dict | None) -> Path:
+    """A copy of the models dir ``models`` whose CURRENT bundle's retrievers carry ``gate``
+    as their ``ctr_head.gate`` (None: no gate, as a bundle exported before it had)."""
+    from service.bundle import current_name
+    from tests.service.bundles import manifest_of, write_manifest
+
+    shutil.copytree(models, destination)
+    bundle = destination / current_name(destination)
+    manifest = manifest_of(bundle)
+    for entry in manifest["retrievers"].values():
+        entry["ctr_head"].pop("gate", None)
+        if gate is not None:
+            entry["ctr_head"]["gate"] = {**gate}
+    write_manifest(bundle, manifest)
+    return destination
+
+
+@pytest.fixture
+def gated_off_models(head_models, tmp_path) -> Path:
+    """The head bundle as the gate leaves a head that did not help: retrieval order by
+    default, with the gate's reason."""
+    return with_gate(
+        head_models, tmp_path / "gated-off", {"rerank_by_default": False, "reason": GATE_SAYS_NO}
+    )
 
 
 @pytest.fixture(scope="session")
 def two_retriever_models(tiny_data, trained_run, tmp_path_factory) -> Path:
     """A models dir whose CURRENT bundle ("two") holds the SASRec-kind and a two-tower
-    retriever, each with a CTR head: what the quickstart builds, in small."""
+    retriever, each with a CTR head that reranks by default: what the quickstart builds,
+    in small."""
     from training.ctr import CtrConfig
     from training.export import export_bundle
+    from training.rerank_gate import GateConfig
     from training.trainer import TrainConfig, train
 
     two_tower = train(
@@ -105,7 +149,12 @@ def two_retriever_models(tiny_data, trained_run, tmp_path_factory) -> Path:
     models = tmp_path_factory.mktemp("two-models")
     config = CtrConfig(candidates=30, epochs=2, encode_batch=128)
     export_bundle(
-        [trained_run.checkpoint, two_tower.checkpoint], tiny_data, models, name="two", ctr=config
+        [trained_run.checkpoint, two_tower.checkpoint],
+        tiny_data,
+        models,
+        name="two",
+        ctr=config,
+        gate=GateConfig(**FORCED_ON),
     )
     return models
 

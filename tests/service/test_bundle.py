@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 
 import numpy as np
@@ -431,3 +432,28 @@ def test_a_vocabulary_the_metadata_encoder_cannot_take_is_refused_at_load(models
     assert load_bundle(models_dir, device="cpu", models=False).name == "tiny"
     with pytest.raises(BundleError, match=r"metadata_encoder\.onnx: fails on the \d+ token ids"):
         load_bundle(models_dir, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("gate", "field"),
+    [
+        ("yes", "ctr_head.gate is not an object"),
+        ({"rerank_by_default": "false", "reason": "r"}, "ctr_head.gate.rerank_by_default"),
+        ({"rerank_by_default": 0, "reason": "r"}, "ctr_head.gate.rerank_by_default"),
+        ({"rerank_by_default": True}, "ctr_head.gate.reason"),
+    ],
+)
+def test_a_malformed_rerank_gate_is_refused_naming_the_field(gate, field):
+    from service.bundle import rerank_policy
+
+    with pytest.raises(BundleError, match=re.escape(f"retrievers.sasrec.{field}")):
+        rerank_policy({"ctr_head": {"gate": gate}}, "manifest.json: retrievers.sasrec")
+
+
+def test_the_rerank_default_follows_the_gate_and_older_heads_keep_reranking():
+    from service.bundle import NO_HEAD_REASON, UNGATED_REASON, rerank_policy
+
+    gate = {"rerank_by_default": False, "reason": "no gain shown"}
+    assert rerank_policy({"ctr_head": {"gate": gate}}, "m") == (False, "no gain shown")
+    assert rerank_policy({"ctr_head": {}}, "m") == (True, UNGATED_REASON)
+    assert rerank_policy({}, "m") == (False, NO_HEAD_REASON)

@@ -71,7 +71,9 @@ def test_recommendations_for_three_clicked_items_match_the_api(server, browser):
     for column in columns:
         assert column.get_attribute("data-state") == "ready", column.text
         shown = column_items(column)
-        answer = api_answer(server, column, history, rerank=True)
+        # The page leaves rerank to the bundle (whose heads rerank by default here).
+        answer = api_answer(server, column, history)
+        assert answer["reranked"] is True
         assert shown == [item["item_id"] for item in answer["items"]]
         assert len(shown) == 10
         # Titles, both scores, the move the rerank made, the cache and the timings.
@@ -83,8 +85,31 @@ def test_recommendations_for_three_clicked_items_match_the_api(server, browser):
         moved = answer["items"][0]["retrieval_rank"] - 1  # places the rerank lifted it
         assert cells[4] == (f"▲{moved}" if moved else "=")
         assert "reranked" in column.text and "cache " in column.text
+        badge = column.find_element("css selector", ".badge")
+        assert badge.text == "CTR head · rerank on by default"
+        assert badge.get_attribute("title").startswith("set on at export")
         assert "total" in column.find_element("css selector", ".timings").text
     assert not browser.find_element("id", "error").is_displayed()
+
+
+def test_the_rerank_option_can_ask_for_retrieval_order(server, browser):
+    from selenium.webdriver.support.ui import Select
+
+    history = build_history(browser, server.url, "item 1", clicks=2)
+    browser.find_element("css selector", "#options summary").click()
+    Select(browser.find_element("id", "rerank")).select_by_value("off")
+
+    def answered_in_retrieval_order(driver):
+        columns = columns_ready(driver, "recommendations")
+        if columns and all("retrieval order" in column.text for column in columns):
+            return columns
+        return None
+
+    columns = wait_for(browser, answered_in_retrieval_order, what="answers without the rerank")
+    for column in columns:
+        answer = api_answer(server, column, history, rerank=False)
+        assert answer["reranked"] is False
+        assert column_items(column) == [item["item_id"] for item in answer["items"]]
 
 
 def test_similar_items_match_the_api(server, browser):

@@ -177,3 +177,20 @@ def test_export_fits_metadata_encoders_unless_told_not_to(tmp_path, monkeypatch,
     assert main([*argv, *flag]) == 0
     assert (asked["cold_start"] == cli.DEFAULT_COLD_START) is fitted
     assert (asked["cold_start"] is None) is not fitted
+
+
+@pytest.mark.parametrize(("flag", "default"), [([], "auto"), (["--rerank-default", "off"], "off")])
+def test_export_passes_the_rerank_default_to_the_gate(tmp_path, monkeypatch, flag, default):
+    import training.__main__ as cli
+
+    asked = {}
+    monkeypatch.setattr(cli, "export_bundle", lambda *a, **kw: asked.update(kw) or tmp_path)
+    argv = ["export", "--data", TINY, "--checkpoint", "c.pt", "--models-dir", str(tmp_path)]
+    assert main([*argv, *flag]) == 0
+    assert asked["gate"].rerank_default == default
+
+
+def test_an_unknown_rerank_default_is_refused_naming_the_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--data", TINY, "--checkpoint", "c.pt", "--rerank-default", "maybe"])
+    assert "--rerank-default" in capsys.readouterr().err

@@ -71,4 +71,7 @@ def test_rerank_benchmark_runs_on_tiny_data(tiny_data, trained_run, tmp_path, ca
         assert result["ranking"]["30"]["reranked"]["ndcg@10"] >= 0.0
         assert result["onnx_parity_max_abs_diff"] <= 1e-4
         assert result["latency_ms"]["head_p50"] > 0
+        gate = result["gate"]
+        assert gate["depth"] == 30 and gate["validation_users"] == result["users"]["holdout"]
+        assert gate["test"]["split"] == "test" and gate["verdict"].startswith(("right", "wrong"))
     assert "NDCG@10" in capsys.readouterr().out

@@ -167,3 +167,54 @@ def test_index_is_chosen_for_where_the_service_will_search(
             cold_start=None,  # the index is the point here, not the metadata encoder
         )
     assert asked == [True, False]  # auto takes the GPU faiss sees; cpu never does
+
+
+@pytest.mark.slow
+def test_a_ctr_head_export_records_the_gate_decided_on_held_out_validation_users(
+    tiny_data, trained_run, tmp_path
+):
+    from training.ctr import CtrConfig, prepare_ctr_data
+    from training.export import export_bundle
+    from training.rerank_gate import GateConfig
+
+    config = CtrConfig(candidates=30, epochs=2, encode_batch=128)
+    path = export_bundle(
+        [trained_run.checkpoint],
+        tiny_data,
+        tmp_path,
+        name="gated",
+        ctr=config,
+        gate=GateConfig(resamples=300, seed=5),
+    )
+    head = read_manifest(path)["retrievers"]["sasrec"]["ctr_head"]
+    gate = head["gate"]
+    # Decided on the held-out users' valid events at the head's depth, never on the test.
+    held_out = prepare_ctr_data(tiny_data, path, config).holdout_users
+    assert gate["split"] == "valid" and gate["validation_users"] == len(held_out)
+    assert gate["depth"] == 30 and gate["resamples"] == 300 and gate["seed"] == 5
+    assert gate["delta"] == pytest.approx(gate["ndcg_reranked"] - gate["ndcg_retrieval"])
+    low, high = gate["ci"]
+    assert low <= gate["delta"] <= high
+    assert gate["rerank_by_default"] is (low > 0) and gate["decided_by"] == "gate"
+    assert gate["reason"]
+    # The test split's difference beside it, to check the decision against.
+    quality = head["rerank_quality"]
+    assert quality["delta"] == pytest.approx(
+        quality["reranked"]["ndcg@10"] - quality["retrieval"]["ndcg@10"]
+    )
+    assert quality["ci"][0] <= quality["delta"] <= quality["ci"][1]
+    # The service reads the decision.
+    retriever = load_bundle(tmp_path, "gated", device="cpu", models=False).retrievers["sasrec"]
+    assert retriever.rerank_default is gate["rerank_by_default"]
+    assert retriever.rerank_reason == gate["reason"]
+    # The benchmark's table is read from this record.
+    from bench.rerank_gate import gate_rows, test_by_users
+
+    (row,) = gate_rows(path)
+    assert row["test_delta"] == quality["delta"] and row["valid_delta"] == gate["delta"]
+    helped = quality["delta"] > 0
+    assert row["verdict"].startswith("right" if gate["rerank_by_default"] == helped else "wrong")
+    # Its diagnostic draws the gate's users again, and the rest, from the same data.
+    split = test_by_users(path, "synthetic:users=300,items=120,mean_length=20,seed=1")
+    assert split["held_out"]["users"] == gate["validation_users"]
+    assert split["held_out"]["users"] + split["trained_on"]["users"] == quality["users"]

@@ -66,6 +66,9 @@ def test_quickstart_exports_one_bundle_of_every_retriever_with_a_ctr_head(quicks
         for order in ("retrieval", "reranked"):
             assert 0.0 <= quality[order]["ndcg@10"] <= 1.0
             assert 0.0 <= quality[order]["recall@10"] <= 1.0
+        gate = manifest["retrievers"][name]["ctr_head"]["gate"]
+        assert gate["depth"] == 200 and gate["decided_by"] == "gate"
+        assert bundle.retrievers[name].rerank_default is gate["rerank_by_default"]
 
 
 @pytest.mark.slow
@@ -78,7 +81,11 @@ def test_quickstart_prints_one_table_of_every_retriever_beside_popularity(quicks
         # the first column is the measured test Recall@10, never a figure of its own
         assert float(rows[name][0]) == pytest.approx(summary["test"][name]["recall@10"], abs=1e-4)
     reranked = summary["rerank_quality"]["sasrec"]["reranked"]["ndcg@10"]
-    assert float(rows["sasrec"][-1]) == pytest.approx(reranked, abs=1e-4)
+    assert float(rows["sasrec"][-2]) == pytest.approx(reranked, abs=1e-4)
+    # The last column is the gate's decision as the manifest records it.
+    gate = summary["rerank_gate"]["sasrec"]
+    assert rows["sasrec"][-1] == ("yes" if gate["rerank_by_default"] else "no")
+    assert rows["popularity"][-1] == "-"
 
 
 @pytest.mark.slow

@@ -21,8 +21,9 @@ def _test_metrics(entry: dict, scorer: str) -> dict[str, float]:
 @router.get("/bundle", response_model=BundleInfo)
 async def bundle_info(recommender: CurrentRecommender) -> BundleInfo:
     """The served bundle: its name, catalogue size, default encoder, and per retriever its
-    size, index kind, whether a CTR head reranks it, and the offline test metrics recorded
-    at export. No file paths or provenance: those are for the operator (/readyz)."""
+    size, index kind, whether it has a CTR head and whether (and why) the head reranks
+    requests that do not say, and the offline test metrics recorded at export. No file
+    paths or provenance: those are for the operator (/readyz)."""
     bundle = recommender.bundle
     return BundleInfo(
         name=bundle.name,
@@ -40,6 +41,8 @@ async def bundle_info(recommender: CurrentRecommender) -> BundleInfo:
                 index=str(retriever.info["index"]["spec"]["factory"]),
                 # From the files: where a compute process serves, this worker loads no model.
                 reranks="ctr_head" in retriever.paths,
+                rerank_by_default=retriever.rerank_default,
+                rerank_reason=retriever.rerank_reason,
                 test_metrics=_test_metrics(retriever.info, "model"),
                 popularity_test_metrics=_test_metrics(retriever.info, "popularity"),
             )

@@ -24,8 +24,9 @@ async def healthz() -> dict:
 
 @router.get("/readyz")
 async def readyz(state: State, admin: IsAdmin) -> JSONResponse:
-    """Ready when a bundle is loaded; says which bundle and encoders, whether Redis answers,
-    and whether the last reload was refused.
+    """Ready when a bundle is loaded; says which bundle and encoders, whether each
+    encoder's CTR head reranks by default and why (``rerank``), whether Redis answers, and
+    whether the last reload was refused.
 
     Where each stage runs (``placement``) and why a reload was refused (``last_error``:
     file paths, a library's message) are shown only to a request with the admin token
@@ -40,6 +41,14 @@ async def readyz(state: State, admin: IsAdmin) -> JSONResponse:
         "encoders": list(recommender.bundle.retrievers) if recommender else [],
         "redis": "up" if redis_ok else "down",
         "reload_refused": state.last_error is not None,
+        # Per retriever, what a request that does not say rerank gets, and why: the
+        # export's gate decided it from numbers, not from anything secret.
+        "rerank": {
+            name: {"by_default": retriever.rerank_default, "reason": retriever.rerank_reason}
+            for name, retriever in recommender.bundle.retrievers.items()
+        }
+        if recommender
+        else {},
     }
     if admin:
         body["placement"] = recommender.compute.placement if recommender else {}
