@@ -32,7 +32,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -177,12 +180,20 @@ def write_api(
     import httpx
     import redis
 
+    from service.bundle import set_current
     from tests.servers import UvicornService
     from tests.service.conftest import ADMIN_TOKEN, SHARED_REDIS_URL, delete_prefix, server_settings
 
     prefix = f"bench{uuid.uuid4().hex[:12]}"
-    settings = {**server_settings(models_dir, prefix), "RECSERVE_DEPLOYMENT": prefix}
-    service, replica = UvicornService(settings), UvicornService(settings)
+    # The servers serve models/CURRENT: a directory of their own names this bundle, its
+    # files hard-linked (bundles refuse links that lead out of their folder).
+    served = Path(tempfile.mkdtemp(prefix="recserve-bench-", dir=models_dir.parent)) / "models"
+    shutil.copytree(bundle.path, served / bundle.name, copy_function=os.link)
+    set_current(served, bundle.name)
+    settings = {**server_settings(served, prefix), "RECSERVE_DEPLOYMENT": prefix}
+    logs = served.parent
+    service = UvicornService(settings, log_path=logs / "first.log")
+    replica = UvicornService(settings, log_path=logs / "second.log")
     service.start(timeout=600)
     replica.start(timeout=600)
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -225,6 +236,7 @@ def write_api(
     finally:
         service.stop()
         replica.stop()
+        shutil.rmtree(served.parent, ignore_errors=True)
         client = redis.Redis.from_url(SHARED_REDIS_URL)
         delete_prefix(client, prefix)
         catalogue_keys = client.keys(f"{{{prefix}:catalogue:*")
@@ -280,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--http", action="store_true", help="also time the write API")
+    parser.add_argument(
+        "--http-only", action="store_true", help="time the write API alone (with --http)"
+    )
     parser.add_argument("--writes", type=int, default=2000)
     parser.add_argument("--writers", type=int, default=8)
     parser.add_argument("--bulks", type=int, default=20)
@@ -290,23 +305,24 @@ def main(argv: list[str] | None = None) -> int:
     from service.bundle import load_bundle
 
     bundle = load_bundle(args.models_dir, args.bundle, device="cpu", threads=1)
-    added = added_records(bundle, args.added, args.seed)
     result = {
         "bundle": args.bundle,
         "items": bundle.catalogue.n_items,
         "added": args.added,
         "withdrawn": args.withdrawn,
-        "applying": applying(bundle, added),
     }
-    print(json.dumps(result["applying"]), flush=True)
-    cases = {
-        "bundle": {},
-        "added": added,
-        "added+withdrawn": {**added, **withdrawals(bundle, args.withdrawn)},
-    }
-    result["serving"] = serving(
-        bundle, cases, requests=args.requests, rounds=args.rounds, seed=args.seed
-    )
+    if not args.http_only:
+        added = added_records(bundle, args.added, args.seed)
+        result["applying"] = applying(bundle, added)
+        print(json.dumps(result["applying"]), flush=True)
+        cases = {
+            "bundle": {},
+            "added": added,
+            "added+withdrawn": {**added, **withdrawals(bundle, args.withdrawn)},
+        }
+        result["serving"] = serving(
+            bundle, cases, requests=args.requests, rounds=args.rounds, seed=args.seed
+        )
     if args.http:
         result["write_api"] = write_api(
             args.models_dir,

@@ -69,6 +69,8 @@ class ItemVectors:
         ids = np.asarray(ids, dtype=np.int64)
         if axis != 0:
             raise ValueError("item vectors are taken by rows")
+        if ids.size == 0 or ids.max() <= self.n_trained:  # the usual case: no added item
+            return np.take(self.trained, ids, axis=0)
         out = np.empty((*ids.shape, self.shape[1]), dtype=np.float32)
         mine = ids <= self.n_trained
         out[mine] = np.take(self.trained, ids[mine], axis=0)
@@ -88,17 +90,9 @@ class AddedItems:
     ids: np.ndarray  # (m,) int64
     vectors: np.ndarray  # (m, d) float32
 
-    def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-``depth`` by inner product: scores and ids (q, min(depth, m))."""
-        depth = min(depth, len(self.ids))
-        scores = np.asarray(queries, dtype=np.float32) @ self.vectors.T
-        if depth < len(self.ids):
-            best = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
-            scores = np.take_along_axis(scores, best, axis=1)
-        else:
-            best = np.broadcast_to(np.arange(len(self.ids)), scores.shape)
-        order = np.argsort(-scores, axis=1, kind="stable")
-        return np.take_along_axis(scores, order, 1), self.ids[np.take_along_axis(best, order, 1)]
+    def scores(self, queries: np.ndarray) -> np.ndarray:
+        """Exact inner products (q, m) of the queries with every added item."""
+        return np.asarray(queries, dtype=np.float32) @ self.vectors.T
 
 
 NO_ADDED = AddedItems(np.zeros(0, dtype=np.int64), np.zeros((0, 1), dtype=np.float32))

@@ -366,15 +366,27 @@ def with_added(
     embeddings: np.ndarray,
     candidates: list[tuple[np.ndarray, np.ndarray]],
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Each row's candidates (ids, scores, best first) merged with its best as many added
-    items (exact inner products, comparable with the index's scores)."""
-    depth = max(len(ids) for ids, _ in candidates)
-    scores, ids = added.search(embeddings, depth)
+    """Each row's candidates (ids, scores, best first) merged with the added items that
+    belong among them (exact inner products, comparable with the index's scores), as many
+    as the row had: only an added item scoring at least the row's last candidate can enter,
+    so most rows sort a handful, not every added item."""
+    scores = added.scores(embeddings)
     merged = []
     for row, (found, found_scores) in enumerate(candidates):
-        all_ids = np.concatenate([found, ids[row]])
-        all_scores = np.concatenate([found_scores, scores[row]]).astype(np.float32)
-        order = np.argsort(-all_scores, kind="stable")[: len(found)]
+        depth = len(found)
+        if depth == 0:
+            merged.append((found, found_scores))
+            continue
+        floor = found_scores[-1]  # -inf where the index had fewer items than asked
+        entering = np.flatnonzero(scores[row] >= floor)
+        if len(entering) > depth:
+            entering = entering[np.argpartition(-scores[row, entering], depth - 1)[:depth]]
+        if not len(entering):
+            merged.append((found, found_scores))
+            continue
+        all_ids = np.concatenate([found, added.ids[entering]])
+        all_scores = np.concatenate([found_scores, scores[row, entering]]).astype(np.float32)
+        order = np.argsort(-all_scores, kind="stable")[:depth]
         merged.append((all_ids[order], all_scores[order]))
     return merged
 
