@@ -90,23 +90,31 @@ def run_settings(args) -> dict:
         "eval_every": args.eval_every,
         "dropout": args.dropout,
         "loss_options": cli_options.loss_options(args),
+        "windows": args.windows,
+        "window_stride": args.window_stride,
     }
+
+
+# Settings added after the first rows were written, with the value those rows ran with.
+LEGACY_SETTINGS = {"windows": "last", "window_stride": 0}
 
 
 def already_run(rows: list[dict], cell: tuple[str, str, str, int], args) -> bool:
     """Whether ``rows`` hold ``cell`` (data source, encoder, loss, seed) with these settings."""
     settings = run_settings(args)
     return any(
-        (r["data"], r["encoder"], r["loss"], r["seed"]) == cell and r["config"] == settings
+        (r["data"], r["encoder"], r["loss"], r["seed"]) == cell
+        and {**LEGACY_SETTINGS, **r["config"]} == settings
         for r in rows
     )
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation over seeds per (data, encoder, loss, settings)."""
+    """Mean, standard deviation and median over seeds per (data, encoder, loss, settings)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        key = (row["data"], row["encoder"], row["loss"], json.dumps(row["config"], sort_keys=True))
+        config = {**LEGACY_SETTINGS, **row["config"]}
+        key = (row["data"], row["encoder"], row["loss"], json.dumps(config, sort_keys=True))
         groups.setdefault(key, []).append(row)
     summary = []
     for (data, encoder, loss, _), members in groups.items():
@@ -117,17 +125,25 @@ def summarise(rows: list[dict]) -> list[dict]:
             "loss": " ".join([loss, *(f"{k}={v}" for k, v in sorted(options.items()))]),
             "seeds": len(members),
             "max_len": members[0]["config"]["max_len"],
+            "windows": window_label({**LEGACY_SETTINGS, **members[0]["config"]}),
             "epochs_run": statistics.mean(m["epochs_run"] for m in members),
         }
         for metric in ("recall@10", "ndcg@10"):
             values = [m["test"][metric] for m in members]
             entry[metric] = statistics.mean(values)
             entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            entry[f"{metric}_median"] = statistics.median(values)
         entry["popularity_ndcg@10"] = members[0]["popularity_test"]["ndcg@10"]
         entry["popularity_recall@10"] = members[0]["popularity_test"]["recall@10"]
         entry["wall_seconds"] = statistics.mean(m["wall_seconds"] for m in members)
         summary.append(entry)
     return summary
+
+
+def window_label(config: dict) -> str:
+    """The window mode, with its stride where one was set."""
+    stride = config["window_stride"]
+    return f"{config['windows']}/{stride}" if stride else config["windows"]
 
 
 def fmt(entry: dict, metric: str) -> str:
@@ -137,16 +153,18 @@ def fmt(entry: dict, metric: str) -> str:
 
 
 def table(summary: list[dict]) -> str:
+    """One markdown row per group of seeds: mean ± std, the median, and mean wall time."""
     lines = [
-        "| data | encoder | loss | max len | seeds | epochs | Recall@10 | NDCG@10 "
-        "| popularity NDCG@10 | wall (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| data | encoder | loss | max len | windows | seeds | epochs | Recall@10 | NDCG@10 "
+        "| median Recall@10 | median NDCG@10 | popularity NDCG@10 | wall (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in summary:
         lines.append(
             f"| {s['data'].split(':')[0]} | {s['encoder']} | {s['loss']} | {s['max_len']} | "
-            f"{s['seeds']} | {s['epochs_run']:.0f} | "
-            f"{fmt(s, 'recall@10')} | {fmt(s, 'ndcg@10')} | {s['popularity_ndcg@10']:.4f} | "
+            f"{s['windows']} | {s['seeds']} | {s['epochs_run']:.0f} | "
+            f"{fmt(s, 'recall@10')} | {fmt(s, 'ndcg@10')} | {s['recall@10_median']:.4f} | "
+            f"{s['ndcg@10_median']:.4f} | {s['popularity_ndcg@10']:.4f} | "
             f"{s['wall_seconds']:.0f} |"
         )
     return "\n".join(lines)
@@ -160,7 +178,9 @@ def plot(summary: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{s['encoder']} / {s['loss']}" for s in summary]
+    labels = [
+        f"{s['encoder']} / {s['loss']} / {s['windows']} / len {s['max_len']}" for s in summary
+    ]
     values = [s["ndcg@10"] for s in summary]
     errors = [s["ndcg@10_std"] for s in summary]
     fig, ax = plt.subplots(figsize=(8, max(3, 0.32 * len(summary) + 1)))
@@ -194,6 +214,9 @@ def _parser() -> argparse.ArgumentParser:
         "--lr",
         "--patience",
         "--eval-every",
+        "--windows",
+        "--window-stride",
+        "--threads",
         "--device",
     )
     parser.set_defaults(epochs=200, eval_every=2, max_len=200)
