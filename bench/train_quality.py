@@ -92,11 +92,12 @@ def run_settings(args) -> dict:
         "loss_options": cli_options.loss_options(args),
         "windows": args.windows,
         "window_stride": args.window_stride,
+        "max_seconds": args.max_seconds,
     }
 
 
 # Settings added after the first rows were written, with the value those rows ran with.
-LEGACY_SETTINGS = {"windows": "last", "window_stride": 0}
+LEGACY_SETTINGS = {"windows": "last", "window_stride": 0, "max_seconds": 0.0}
 
 
 def already_run(rows: list[dict], cell: tuple[str, str, str, int], args) -> bool:
@@ -126,6 +127,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             "seeds": len(members),
             "max_len": members[0]["config"]["max_len"],
             "windows": window_label({**LEGACY_SETTINGS, **members[0]["config"]}),
+            "settings": settings_label({**LEGACY_SETTINGS, **members[0]["config"]}),
             "epochs_run": statistics.mean(m["epochs_run"] for m in members),
         }
         for metric in ("recall@10", "ndcg@10"):
@@ -133,9 +135,11 @@ def summarise(rows: list[dict]) -> list[dict]:
             entry[metric] = statistics.mean(values)
             entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
             entry[f"{metric}_median"] = statistics.median(values)
+            entry[f"{metric}_runs"] = values
         entry["popularity_ndcg@10"] = members[0]["popularity_test"]["ndcg@10"]
         entry["popularity_recall@10"] = members[0]["popularity_test"]["recall@10"]
         entry["wall_seconds"] = statistics.mean(m["wall_seconds"] for m in members)
+        entry["wall_seconds_runs"] = [m["wall_seconds"] for m in members]
         summary.append(entry)
     return summary
 
@@ -144,6 +148,14 @@ def window_label(config: dict) -> str:
     """The window mode, with its stride where one was set."""
     stride = config["window_stride"]
     return f"{config['windows']}/{stride}" if stride else config["windows"]
+
+
+def settings_label(config: dict) -> str:
+    """The settings a chart's bar is told apart by: windows, max length, lr, dropout."""
+    return (
+        f"{window_label(config)} / len {config['max_len']} / lr {config['lr']:g} / "
+        f"dropout {config['dropout']:g}"
+    )
 
 
 def fmt(entry: dict, metric: str) -> str:
@@ -171,27 +183,37 @@ def table(summary: list[dict]) -> str:
 
 
 def plot(summary: list[dict], path: Path) -> None:
-    """Horizontal bars of test NDCG@10 (seed standard deviation as error bars) with the
-    popularity baseline; horizontal so that long labels (loss options) stay readable."""
+    """Left: horizontal bars of the median test NDCG@10 over seeds, whiskers from the lowest
+    to the highest seed, the popularity baseline as a line (horizontal so that long labels
+    stay readable). Right: every run's NDCG@10 against its wall time, one colour per bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [
-        f"{s['encoder']} / {s['loss']} / {s['windows']} / len {s['max_len']}" for s in summary
+    labels = [f"{s['encoder']} / {s['loss']} / {s['settings']}" for s in summary]
+    medians = [s["ndcg@10_median"] for s in summary]
+    spread = [
+        [m - min(s["ndcg@10_runs"]) for m, s in zip(medians, summary, strict=True)],
+        [max(s["ndcg@10_runs"]) - m for m, s in zip(medians, summary, strict=True)],
     ]
-    values = [s["ndcg@10"] for s in summary]
-    errors = [s["ndcg@10_std"] for s in summary]
-    fig, ax = plt.subplots(figsize=(8, max(3, 0.32 * len(summary) + 1)))
-    positions = range(len(summary))[::-1]  # first row on top
-    ax.barh(list(positions), values, xerr=errors, capsize=3, color="tab:blue", label="model")
-    ax.set_yticks(list(positions), labels, fontsize=7)
+    fig, (ax, runs) = plt.subplots(
+        1, 2, figsize=(12, max(3, 0.32 * len(summary) + 1)), width_ratios=(3, 2)
+    )
+    positions = list(range(len(summary))[::-1])  # first row on top
+    colours = [plt.cm.tab10(i % 10) for i in range(len(summary))]
+    ax.barh(positions, medians, xerr=spread, capsize=3, color=colours)
+    ax.set_yticks(positions, labels, fontsize=7)
     if summary:
         ax.axvline(summary[0]["popularity_ndcg@10"], color="tab:red", ls="--", label="popularity")
         ax.set_title(summary[0]["data"].split(":")[0], fontsize=9)
-    ax.set_xlabel("test NDCG@10 (full ranking)")
-    ax.legend(fontsize=7)
+        ax.legend(fontsize=7)
+    ax.set_xlabel("test NDCG@10, median over seeds (whiskers: lowest, highest)")
+    for s, colour in zip(summary, colours, strict=True):
+        runs.scatter(s["wall_seconds_runs"], s["ndcg@10_runs"], color=colour, s=18)
+    runs.set_xlabel("wall time of a run (s)")
+    runs.set_ylabel("test NDCG@10")
+    runs.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -216,6 +238,7 @@ def _parser() -> argparse.ArgumentParser:
         "--eval-every",
         "--windows",
         "--window-stride",
+        "--max-seconds",
         "--threads",
         "--device",
     )
