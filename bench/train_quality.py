@@ -36,7 +36,7 @@ from training import cli_options  # noqa: E402
 from training.data import build_sequences  # noqa: E402
 from training.datasets import load_dataset  # noqa: E402
 from training.errors import TrainingError  # noqa: E402
-from training.trainer import train  # noqa: E402
+from training.trainer import default_windows, train  # noqa: E402
 
 # The suites pick encoder, loss and seed; each encoder's shape beyond the flags is fixed here.
 ENCODER_OPTIONS = {
@@ -74,12 +74,13 @@ def run_one(data, encoder: str, loss: str, seed: int, args) -> dict:
         "wall_seconds": time.perf_counter() - started,
         "test": metrics["model"]["test"],
         "popularity_test": metrics["popularity"]["test"],
-        "config": run_settings(args),
+        "config": run_settings(args, encoder),
     }
 
 
-def run_settings(args) -> dict:
-    """The settings that make two runs of the same cell comparable."""
+def run_settings(args, encoder: str) -> dict:
+    """The settings that make two runs of the same cell comparable (the window mode as
+    ``encoder`` trains with it when ``--windows`` is not given)."""
     return {
         "batch_size": args.batch_size,
         "max_len": args.max_len,
@@ -90,7 +91,7 @@ def run_settings(args) -> dict:
         "eval_every": args.eval_every,
         "dropout": args.dropout,
         "loss_options": cli_options.loss_options(args),
-        "windows": args.windows,
+        "windows": args.windows or default_windows(encoder),
         "window_stride": args.window_stride,
         "max_seconds": args.max_seconds,
     }
@@ -102,7 +103,7 @@ LEGACY_SETTINGS = {"windows": "last", "window_stride": 0, "max_seconds": 0.0}
 
 def already_run(rows: list[dict], cell: tuple[str, str, str, int], args) -> bool:
     """Whether ``rows`` hold ``cell`` (data source, encoder, loss, seed) with these settings."""
-    settings = run_settings(args)
+    settings = run_settings(args, cell[1])
     return any(
         (r["data"], r["encoder"], r["loss"], r["seed"]) == cell
         and {**LEGACY_SETTINGS, **r["config"]} == settings

@@ -27,7 +27,7 @@ from pathlib import Path
 from training.errors import ConfigError
 from training.losses import OBJECTIVES
 from training.models import ENCODERS, encoder_options
-from training.trainer import WINDOW_MODES, TrainConfig
+from training.trainer import DEFAULT_WINDOWS, WINDOW_MODES, TrainConfig
 
 DATA_FLAGS: dict[str, dict] = {
     "--data": dict(
@@ -78,11 +78,13 @@ TRAINING_FLAGS: dict[str, dict] = {
         help="stop after the epoch that passes this many seconds of training (0: no limit)",
     ),
     "--windows": dict(
-        default=TrainConfig.windows,
+        default=None,
         choices=WINDOW_MODES,
         help="which windows of each user's training events an epoch trains on: last (the "
         "newest max-len), crop (a random max-len of a longer history, new each epoch), "
-        "sliding (every event a target once per epoch)",
+        "sliding (every event a target once per epoch); default: "
+        + ", ".join(f"{mode} for {model}" for model, mode in DEFAULT_WINDOWS.items())
+        + ", last otherwise",
     ),
     "--window-stride": dict(
         type=int,

@@ -41,6 +41,15 @@ CHECKPOINT_FORMAT = 1
 
 # How an epoch covers each user's training events (see ``epoch_windows``).
 WINDOW_MODES = ("last", "crop", "sliding")
+# Each encoder's mode when none is named. Sliding windows score every training event and
+# beat the newest window alone on MovieLens-100k (docs/BENCHMARKS.md, "Windows per
+# epoch"); the two-tower model keeps the newest window until it is measured too.
+DEFAULT_WINDOWS = {"sasrec": "sliding", "nextitnet": "sliding"}
+
+
+def default_windows(model: str) -> str:
+    """The window mode ``model`` trains with when none is named."""
+    return DEFAULT_WINDOWS.get(model, "last")
 
 
 @dataclass
@@ -59,7 +68,7 @@ class TrainConfig:
     device: str = "cpu"
     threads: int = 0  # 0: torch's default
     max_seconds: float = 0.0  # stop after the epoch that passes this many seconds (0: none)
-    windows: str = "last"  # one of WINDOW_MODES
+    windows: str | None = None  # one of WINDOW_MODES; None: default_windows(model)
     # sliding: new targets per window (0: max_len). Below max_len each window also reads
     # max_len - stride earlier events as context without scoring them again.
     window_stride: int = 0
@@ -67,6 +76,8 @@ class TrainConfig:
     loss_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.windows is None:
+            self.windows = default_windows(self.model)
         check_windows(self.windows, self.window_stride)
 
 

@@ -40,16 +40,16 @@ def test_rows_written_before_window_modes_count_as_last_windows(tmp_path, capsys
         "--results", str(results), "--plot", str(tmp_path / "chart.png"),
         "--run-dir", str(tmp_path / "runs"),
     ]  # fmt: skip
-    assert main(argv) == 0
+    assert main([*argv, "--windows", "last"]) == 0
     rows = json.loads(results.read_text())
     for key in ("windows", "window_stride", "max_seconds"):  # as an older file holds it
         del rows[0]["config"][key]
     results.write_text(json.dumps(rows))
     capsys.readouterr()
 
-    assert main(argv) == 0  # the default mode is "last": the old row is this cell
+    assert main([*argv, "--windows", "last"]) == 0  # the old row is this cell
     assert "already in" in capsys.readouterr().out
-    assert main([*argv, "--windows", "sliding"]) == 0  # another mode: a new cell
+    assert main(argv) == 0  # SASRec-kind's default mode, sliding: a new cell
     rows = json.loads(results.read_text())
     assert [r["config"].get("windows", "last") for r in rows] == ["last", "sliding"]
     assert "| sliding |" in capsys.readouterr().out

@@ -161,10 +161,19 @@ def test_an_unknown_window_mode_or_stride_is_refused_naming_the_option():
         TrainConfig(windows="sliding", window_stride=-1)
 
 
+def test_sequential_encoders_default_to_sliding_windows_and_two_tower_to_the_last():
+    assert TrainConfig(model="sasrec").windows == "sliding"
+    assert TrainConfig(model="nextitnet").windows == "sliding"
+    assert TrainConfig(model="two_tower").windows == "last"
+    assert TrainConfig(model="two_tower", windows="crop").windows == "crop"
+
+
 def test_the_cli_sets_the_window_mode_and_refuses_an_unknown_one(capsys):
     argv = ["train", "--data", "synthetic", "--out", "run"]
-    config = train_config(cli_parser().parse_args([*argv, "--windows", "sliding"]))
-    assert (config.windows, config.window_stride) == ("sliding", 0)
+    config = train_config(cli_parser().parse_args([*argv, "--windows", "last"]))
+    assert (config.windows, config.window_stride) == ("last", 0)
+    config = train_config(cli_parser().parse_args([*argv, "--model", "two_tower"]))
+    assert config.windows == "last"
     config = train_config(cli_parser().parse_args([*argv, "--window-stride", "5"]))
     assert config.window_stride == 5
     with pytest.raises(SystemExit):
