@@ -216,7 +216,7 @@ def plot(summary: list[dict], path: Path) -> None:
     runs.set_ylabel("test NDCG@10")
     runs.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long labels would be cut at the left
     plt.close(fig)
 
 
