@@ -5,6 +5,9 @@
     .venv/bin/python bench/train_quality.py --suite ccl    --data ml-1m:../shared/data/ml-1m
     .venv/bin/python bench/train_quality.py --suite single --run sasrec:full_softmax \
         --data amazon:../shared/data/amazon-beauty-5core-seq
+    .venv/bin/python bench/train_quality.py --suite single --run sasrec:full_softmax:1 \
+        --windows last --max-len 50 --data ml-100k:../shared/data/ml-100k \
+        --results docs/train_quality_ml100k.json --plot docs/train_quality_ml100k.png
 
 Suites:
 - ``grid``: every encoder with every loss that applies to it (one seed);
