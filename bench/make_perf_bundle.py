@@ -170,6 +170,9 @@ def train_encoder(data: SequenceData, config: PerfBundleConfig, run_dir: Path):
         seed=config.seed,
         threads=config.threads,
         device=config.train_device,
+        # One window per user: the bundle is for serving speed, each step costs a dense
+        # update of a million-row table, and steps_per_epoch counts users.
+        windows="last",
         model_options=config.model_options(),
     )
     return train(data, train_config, run_dir)

@@ -5,6 +5,9 @@
     .venv/bin/python bench/train_quality.py --suite ccl    --data ml-1m:../shared/data/ml-1m
     .venv/bin/python bench/train_quality.py --suite single --run sasrec:full_softmax \
         --data amazon:../shared/data/amazon-beauty-5core-seq
+    .venv/bin/python bench/train_quality.py --suite single --run sasrec:full_softmax:1 \
+        --windows last --max-len 50 --data ml-100k:../shared/data/ml-100k \
+        --results docs/train_quality_ml100k.json --plot docs/train_quality_ml100k.png
 
 Suites:
 - ``grid``: every encoder with every loss that applies to it (one seed);
@@ -36,7 +39,7 @@ from training import cli_options  # noqa: E402
 from training.data import build_sequences  # noqa: E402
 from training.datasets import load_dataset  # noqa: E402
 from training.errors import TrainingError  # noqa: E402
-from training.trainer import train  # noqa: E402
+from training.trainer import default_windows, train  # noqa: E402
 
 # The suites pick encoder, loss and seed; each encoder's shape beyond the flags is fixed here.
 ENCODER_OPTIONS = {
@@ -74,12 +77,13 @@ def run_one(data, encoder: str, loss: str, seed: int, args) -> dict:
         "wall_seconds": time.perf_counter() - started,
         "test": metrics["model"]["test"],
         "popularity_test": metrics["popularity"]["test"],
-        "config": run_settings(args),
+        "config": run_settings(args, encoder),
     }
 
 
-def run_settings(args) -> dict:
-    """The settings that make two runs of the same cell comparable."""
+def run_settings(args, encoder: str) -> dict:
+    """The settings that make two runs of the same cell comparable (the window mode as
+    ``encoder`` trains with it when ``--windows`` is not given)."""
     return {
         "batch_size": args.batch_size,
         "max_len": args.max_len,
@@ -90,23 +94,32 @@ def run_settings(args) -> dict:
         "eval_every": args.eval_every,
         "dropout": args.dropout,
         "loss_options": cli_options.loss_options(args),
+        "windows": args.windows or default_windows(encoder),
+        "window_stride": args.window_stride,
+        "max_seconds": args.max_seconds,
     }
+
+
+# Settings added after the first rows were written, with the value those rows ran with.
+LEGACY_SETTINGS = {"windows": "last", "window_stride": 0, "max_seconds": 0.0}
 
 
 def already_run(rows: list[dict], cell: tuple[str, str, str, int], args) -> bool:
     """Whether ``rows`` hold ``cell`` (data source, encoder, loss, seed) with these settings."""
-    settings = run_settings(args)
+    settings = run_settings(args, cell[1])
     return any(
-        (r["data"], r["encoder"], r["loss"], r["seed"]) == cell and r["config"] == settings
+        (r["data"], r["encoder"], r["loss"], r["seed"]) == cell
+        and {**LEGACY_SETTINGS, **r["config"]} == settings
         for r in rows
     )
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation over seeds per (data, encoder, loss, settings)."""
+    """Mean, standard deviation and median over seeds per (data, encoder, loss, settings)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        key = (row["data"], row["encoder"], row["loss"], json.dumps(row["config"], sort_keys=True))
+        config = {**LEGACY_SETTINGS, **row["config"]}
+        key = (row["data"], row["encoder"], row["loss"], json.dumps(config, sort_keys=True))
         groups.setdefault(key, []).append(row)
     summary = []
     for (data, encoder, loss, _), members in groups.items():
@@ -117,17 +130,36 @@ def summarise(rows: list[dict]) -> list[dict]:
             "loss": " ".join([loss, *(f"{k}={v}" for k, v in sorted(options.items()))]),
             "seeds": len(members),
             "max_len": members[0]["config"]["max_len"],
+            "windows": window_label({**LEGACY_SETTINGS, **members[0]["config"]}),
+            "settings": settings_label({**LEGACY_SETTINGS, **members[0]["config"]}),
             "epochs_run": statistics.mean(m["epochs_run"] for m in members),
         }
         for metric in ("recall@10", "ndcg@10"):
             values = [m["test"][metric] for m in members]
             entry[metric] = statistics.mean(values)
             entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            entry[f"{metric}_median"] = statistics.median(values)
+            entry[f"{metric}_runs"] = values
         entry["popularity_ndcg@10"] = members[0]["popularity_test"]["ndcg@10"]
         entry["popularity_recall@10"] = members[0]["popularity_test"]["recall@10"]
         entry["wall_seconds"] = statistics.mean(m["wall_seconds"] for m in members)
+        entry["wall_seconds_runs"] = [m["wall_seconds"] for m in members]
         summary.append(entry)
     return summary
+
+
+def window_label(config: dict) -> str:
+    """The window mode, with its stride where one was set."""
+    stride = config["window_stride"]
+    return f"{config['windows']}/{stride}" if stride else config["windows"]
+
+
+def settings_label(config: dict) -> str:
+    """The settings a chart's bar is told apart by: windows, max length, lr, dropout."""
+    return (
+        f"{window_label(config)} / len {config['max_len']} / lr {config['lr']:g} / "
+        f"dropout {config['dropout']:g}"
+    )
 
 
 def fmt(entry: dict, metric: str) -> str:
@@ -137,43 +169,57 @@ def fmt(entry: dict, metric: str) -> str:
 
 
 def table(summary: list[dict]) -> str:
+    """One markdown row per group of seeds: mean ± std, the median, and mean wall time."""
     lines = [
-        "| data | encoder | loss | max len | seeds | epochs | Recall@10 | NDCG@10 "
-        "| popularity NDCG@10 | wall (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| data | encoder | loss | max len | windows | seeds | epochs | Recall@10 | NDCG@10 "
+        "| median Recall@10 | median NDCG@10 | popularity NDCG@10 | wall (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in summary:
         lines.append(
             f"| {s['data'].split(':')[0]} | {s['encoder']} | {s['loss']} | {s['max_len']} | "
-            f"{s['seeds']} | {s['epochs_run']:.0f} | "
-            f"{fmt(s, 'recall@10')} | {fmt(s, 'ndcg@10')} | {s['popularity_ndcg@10']:.4f} | "
+            f"{s['windows']} | {s['seeds']} | {s['epochs_run']:.0f} | "
+            f"{fmt(s, 'recall@10')} | {fmt(s, 'ndcg@10')} | {s['recall@10_median']:.4f} | "
+            f"{s['ndcg@10_median']:.4f} | {s['popularity_ndcg@10']:.4f} | "
             f"{s['wall_seconds']:.0f} |"
         )
     return "\n".join(lines)
 
 
 def plot(summary: list[dict], path: Path) -> None:
-    """Horizontal bars of test NDCG@10 (seed standard deviation as error bars) with the
-    popularity baseline; horizontal so that long labels (loss options) stay readable."""
+    """Left: horizontal bars of the median test NDCG@10 over seeds, whiskers from the lowest
+    to the highest seed, the popularity baseline as a line (horizontal so that long labels
+    stay readable). Right: every run's NDCG@10 against its wall time, one colour per bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{s['encoder']} / {s['loss']}" for s in summary]
-    values = [s["ndcg@10"] for s in summary]
-    errors = [s["ndcg@10_std"] for s in summary]
-    fig, ax = plt.subplots(figsize=(8, max(3, 0.32 * len(summary) + 1)))
-    positions = range(len(summary))[::-1]  # first row on top
-    ax.barh(list(positions), values, xerr=errors, capsize=3, color="tab:blue", label="model")
-    ax.set_yticks(list(positions), labels, fontsize=7)
+    labels = [f"{s['encoder']} / {s['loss']} / {s['settings']}" for s in summary]
+    medians = [s["ndcg@10_median"] for s in summary]
+    spread = [
+        [m - min(s["ndcg@10_runs"]) for m, s in zip(medians, summary, strict=True)],
+        [max(s["ndcg@10_runs"]) - m for m, s in zip(medians, summary, strict=True)],
+    ]
+    fig, (ax, runs) = plt.subplots(
+        1, 2, figsize=(12, max(3, 0.32 * len(summary) + 1)), width_ratios=(3, 2)
+    )
+    positions = list(range(len(summary))[::-1])  # first row on top
+    colours = [plt.cm.tab10(i % 10) for i in range(len(summary))]
+    ax.barh(positions, medians, xerr=spread, capsize=3, color=colours)
+    ax.set_yticks(positions, labels, fontsize=7)
     if summary:
         ax.axvline(summary[0]["popularity_ndcg@10"], color="tab:red", ls="--", label="popularity")
         ax.set_title(summary[0]["data"].split(":")[0], fontsize=9)
-    ax.set_xlabel("test NDCG@10 (full ranking)")
-    ax.legend(fontsize=7)
+        ax.legend(fontsize=7)
+    ax.set_xlabel("test NDCG@10, median over seeds (whiskers: lowest, highest)")
+    for s, colour in zip(summary, colours, strict=True):
+        runs.scatter(s["wall_seconds_runs"], s["ndcg@10_runs"], color=colour, s=18)
+    runs.set_xlabel("wall time of a run (s)")
+    runs.set_ylabel("test NDCG@10")
+    runs.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long labels would be cut at the left
     plt.close(fig)
 
 
@@ -194,6 +240,10 @@ def _parser() -> argparse.ArgumentParser:
         "--lr",
         "--patience",
         "--eval-every",
+        "--windows",
+        "--window-stride",
+        "--max-seconds",
+        "--threads",
         "--device",
     )
     parser.set_defaults(epochs=200, eval_every=2, max_len=200)

@@ -7,7 +7,8 @@ Four groups, each added by one function:
     model     --model, --max-len, --dim, --layers, --heads, --dropout, --no-time,
               --model-option
     training  --loss, --loss-option, --epochs, --batch-size, --lr, --weight-decay,
-              --patience, --eval-every, --max-seconds, --seed, --device, --threads
+              --patience, --eval-every, --max-seconds, --windows, --window-stride,
+              --seed, --device, --threads
     bundle    --models-dir, --index, --index-device, --nprobe, --rescore
 
 A script adds a group whole, or names the flags of it that it takes (a benchmark suite
@@ -26,7 +27,7 @@ from pathlib import Path
 from training.errors import ConfigError
 from training.losses import OBJECTIVES
 from training.models import ENCODERS, encoder_options
-from training.trainer import TrainConfig
+from training.trainer import DEFAULT_WINDOWS, WINDOW_MODES, TrainConfig
 
 DATA_FLAGS: dict[str, dict] = {
     "--data": dict(
@@ -75,6 +76,20 @@ TRAINING_FLAGS: dict[str, dict] = {
         type=float,
         default=0.0,
         help="stop after the epoch that passes this many seconds of training (0: no limit)",
+    ),
+    "--windows": dict(
+        default=None,
+        choices=WINDOW_MODES,
+        help="which windows of each user's training events an epoch trains on: last (the "
+        "newest max-len), crop (a random max-len of a longer history, new each epoch), "
+        "sliding (every event a target once per epoch); default: "
+        + ", ".join(f"{mode} for {model}" for model, mode in DEFAULT_WINDOWS.items())
+        + ", last otherwise",
+    ),
+    "--window-stride": dict(
+        type=int,
+        default=0,
+        help="sliding: new targets per window (0: max-len; less: the rest is context)",
     ),
     "--seed": dict(type=int, default=0),
     "--device": dict(default="cpu", help="torch device of training, e.g. cuda"),

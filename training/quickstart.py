@@ -53,12 +53,24 @@ def default_recipes() -> tuple[Recipe, ...]:
     (the bundle's default encoder). On the default data each recipe's valid NDCG@10 gains
     little after its epochs (a higher learning rate than the CLI's reaches that sooner); a
     time limit of about one and a half times a run's time on an idle 2-core machine keeps
-    a busy machine's start from running on."""
+    a busy machine's start from running on.
+
+    The SASRec-kind trains on sliding windows (every training event a target): on the
+    default data five such epochs cost about what six of the newest window did and reach
+    the same valid NDCG@10, and on data with longer histories they score events the newest
+    window never reaches. The NextItNet-kind keeps the newest window its recipe was tuned
+    with (``TrainConfig.windows``)."""
     return (
-        Recipe(TrainConfig(model="sasrec", epochs=6, lr=2e-3, patience=2, max_seconds=75)),
+        Recipe(
+            TrainConfig(
+                model="sasrec", epochs=5, lr=2e-3, patience=2, max_seconds=75, windows="sliding"
+            )
+        ),
         Recipe(TrainConfig(model="two_tower", epochs=6, lr=3e-3, patience=2, max_seconds=35)),
         Recipe(
-            TrainConfig(model="nextitnet", epochs=6, lr=5e-3, patience=2, max_seconds=60),
+            TrainConfig(
+                model="nextitnet", epochs=6, lr=5e-3, patience=2, max_seconds=60, windows="last"
+            ),
             optional=True,
         ),
     )

@@ -7,8 +7,11 @@ Run it through the CLI::
     python -m training train --data synthetic --model sasrec --out runs/default
     python -m training train --data ml-1m:../shared/data/ml-1m --max-len 200 --out runs/ml1m
 
-The sequential objective trains on every position: the state after each prefix of a
-user's training events predicts the next event.
+The sequential objective trains on every position of a window: the state after each
+prefix of the window predicts the next event. ``TrainConfig.windows`` says which windows of
+a user's training events an epoch covers (``epoch_windows``): ``last``, the newest
+``max_len`` events; ``crop``, a random ``max_len`` of a longer history, drawn again each
+epoch; ``sliding``, windows that make every training event a target exactly once.
 """
 
 from __future__ import annotations
@@ -36,6 +39,18 @@ LOG = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 
+# How an epoch covers each user's training events (see ``epoch_windows``).
+WINDOW_MODES = ("last", "crop", "sliding")
+# Each encoder's mode when none is named. Sliding windows score every training event and
+# beat the newest window alone on MovieLens-100k (docs/BENCHMARKS.md, "Windows per
+# epoch"); the two-tower model keeps the newest window until it is measured too.
+DEFAULT_WINDOWS = {"sasrec": "sliding", "nextitnet": "sliding"}
+
+
+def default_windows(model: str) -> str:
+    """The window mode ``model`` trains with when none is named."""
+    return DEFAULT_WINDOWS.get(model, "last")
+
 
 @dataclass
 class TrainConfig:
@@ -53,8 +68,17 @@ class TrainConfig:
     device: str = "cpu"
     threads: int = 0  # 0: torch's default
     max_seconds: float = 0.0  # stop after the epoch that passes this many seconds (0: none)
+    windows: str | None = None  # one of WINDOW_MODES; None: default_windows(model)
+    # sliding: new targets per window (0: max_len). Below max_len each window also reads
+    # max_len - stride earlier events as context without scoring them again.
+    window_stride: int = 0
     model_options: dict = field(default_factory=dict)
     loss_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.windows is None:
+            self.windows = default_windows(self.model)
+        check_windows(self.windows, self.window_stride)
 
 
 @dataclass
@@ -71,6 +95,85 @@ def training_windows(data: SequenceData) -> tuple[np.ndarray, np.ndarray]:
     return starts[keep], ends[keep]
 
 
+@dataclass
+class Windows:
+    """One epoch's training windows, one row each, as indices into ``SequenceData.items``.
+
+    A window reads the last ``max_len`` events of ``[start, end - 1)`` and predicts the
+    last ``max_len`` of ``[start + 1, end)``; only targets at ``first_target`` or later are
+    scored. ``start`` stays the user's first event so that the first event of a window
+    keeps the time gap to the event before it.
+    """
+
+    starts: np.ndarray  # int64 [W]
+    ends: np.ndarray  # int64 [W], at most the user's training end
+    first_targets: np.ndarray  # int64 [W]
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def targets(self) -> int:
+        """How many targets these windows score (padding and masked positions left out)."""
+        return int((self.ends - self.first_targets).sum())
+
+
+def check_windows(mode: str, stride: int = 0) -> None:
+    """Refuse an unknown window mode or a negative stride, naming the option."""
+    if mode not in WINDOW_MODES:
+        raise ConfigError(
+            f"windows (--windows) must be one of {', '.join(WINDOW_MODES)}, not {mode!r}"
+        )
+    if not isinstance(stride, int) or isinstance(stride, bool) or stride < 0:
+        raise ConfigError(
+            f"window_stride (--window-stride) must be 0 (max_len) or a positive count, "
+            f"not {stride!r}"
+        )
+
+
+def epoch_windows(
+    data: SequenceData,
+    mode: str,
+    max_len: int,
+    rng: np.random.Generator,
+    stride: int = 0,
+) -> Windows:
+    """The windows one epoch trains on, per user with at least one training transition.
+
+    - ``last``: the newest ``max_len`` targets of each user (earlier events are only
+      context, and of a history longer than ``max_len + 1`` never read at all);
+    - ``crop``: for a user with more than ``max_len`` targets, ``max_len`` consecutive
+      ones at a placement drawn uniformly from ``rng`` (so every event is a target in some
+      epochs, those within ``max_len`` of either end of the history less often than the
+      middle ones); shorter histories whole;
+    - ``sliding``: each user's targets cut into runs of ``stride`` (default ``max_len``)
+      from the newest back, one window per run, so every training event after a user's
+      first is a target exactly once per epoch. A window reads the ``max_len`` events
+      before its last target; with ``stride < max_len`` the earlier of those are context
+      only.
+
+    Only training events (``SequenceData.train_end``) are ever read.
+    """
+    check_windows(mode, stride)
+    starts, ends = training_windows(data)
+    targets = ends - starts - 1  # (U,) transitions per user, each >= 1
+    if mode == "last":
+        return Windows(starts, ends, np.maximum(starts + 1, ends - max_len))
+    if mode == "crop":
+        spare = np.maximum(targets - max_len, 0)  # how far back the window may start
+        # rng.integers(0, spare + 1) is uniform over the spare + 1 placements of each user.
+        back = rng.integers(0, spare + 1)
+        crop_ends = ends - back
+        return Windows(starts, crop_ends, np.maximum(starts + 1, crop_ends - max_len))
+    stride = min(stride or max_len, max_len)
+    runs = -(-targets // stride)  # (U,) windows per user
+    user = np.repeat(np.arange(len(starts)), runs)  # (W,)
+    # k-th window of its user, counted from the newest (0) back.
+    k = np.arange(len(user)) - np.repeat(np.cumsum(runs) - runs, runs)
+    window_ends = ends[user] - k * stride
+    first = np.maximum(starts[user] + 1, window_ends - stride)
+    return Windows(starts[user], window_ends, first)
+
+
 def batches(
     data: SequenceData,
     starts: np.ndarray,
@@ -79,14 +182,25 @@ def batches(
     *,
     batch_size: int,
     rng: np.random.Generator,
+    first_targets: np.ndarray | None = None,
 ):
-    """Shuffled batches of (item_ids, time_deltas, targets), each (b, L), left-padded."""
+    """Shuffled batches of (item_ids, time_deltas, targets), each (b, L), left-padded.
+
+    Row i reads the last ``max_len`` events of ``[starts[i], ends[i] - 1)`` and predicts
+    the next event at each position; a target before ``first_targets[i]`` (when given)
+    is set to padding, so the loss leaves it out.
+    """
     order = rng.permutation(len(starts))
     for lo in range(0, len(order), batch_size):
         chosen = order[lo : lo + batch_size]
         s, e = starts[chosen], ends[chosen]
         inputs, deltas = left_padded_window(data.items, data.timestamps, s, e - 1, max_len)
         targets, _ = left_padded_window(data.items, data.timestamps, s + 1, e, max_len)
+        if first_targets is not None:
+            width = targets.shape[1]
+            # Column c of row i predicts event e_i - width + c (padding columns are 0 already).
+            position = e[:, None] - width + np.arange(width)  # (b, L)
+            targets = np.where(position >= first_targets[chosen][:, None], targets, 0)
         yield (
             torch.from_numpy(inputs),
             torch.from_numpy(deltas),
@@ -124,13 +238,10 @@ def train(data: SequenceData, config: TrainConfig, out_dir: str | Path) -> Train
     optimizer = build_optimizer(
         "adam", model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
-    starts, ends = training_windows(data)
+    starts, _ = training_windows(data)
     if len(starts) == 0:
         raise ConfigError("no user has two training events: nothing to learn from")
-    n_batches = math.ceil(len(starts) / config.batch_size)
-    LOG.info(
-        "training %s on %d sequences, %d batches per epoch", config.model, len(starts), n_batches
-    )
+    LOG.info("training %s on %d sequences, windows: %s", config.model, len(starts), config.windows)
 
     history: list[dict] = []
     best = {"ndcg@10": -1.0, "epoch": 0, "state": None}
@@ -140,9 +251,18 @@ def train(data: SequenceData, config: TrainConfig, out_dir: str | Path) -> Train
     for epoch in range(1, config.epochs + 1):
         model.train()
         losses = []
+        windows = epoch_windows(data, config.windows, model.max_len, rng, config.window_stride)
         progress = progress_bar(
-            batches(data, starts, ends, model.max_len, batch_size=config.batch_size, rng=rng),
-            total=n_batches,
+            batches(
+                data,
+                windows.starts,
+                windows.ends,
+                model.max_len,
+                batch_size=config.batch_size,
+                rng=rng,
+                first_targets=windows.first_targets,
+            ),
+            total=math.ceil(len(windows) / config.batch_size),
             desc=f"{config.model} epoch {epoch}/{config.epochs}",
             unit="batch",
         )

@@ -30,3 +30,26 @@ def test_a_cell_already_in_the_results_is_not_trained_again(tmp_path, capsys):
     assert main([*argv, "--lr", "0.01"]) == 0  # other settings: a new cell
     rows = json.loads(results.read_text())
     assert len(rows) == 2 and rows[1]["config"]["lr"] == 0.01
+
+
+def test_rows_written_before_window_modes_count_as_last_windows(tmp_path, capsys):
+    results = tmp_path / "results.json"
+    argv = [
+        "--data", "synthetic:users=60,items=20,seed=3", "--suite", "single",
+        "--run", "sasrec:full_softmax", "--epochs", "1", "--max-len", "8", "--dim", "8",
+        "--results", str(results), "--plot", str(tmp_path / "chart.png"),
+        "--run-dir", str(tmp_path / "runs"),
+    ]  # fmt: skip
+    assert main([*argv, "--windows", "last"]) == 0
+    rows = json.loads(results.read_text())
+    for key in ("windows", "window_stride", "max_seconds"):  # as an older file holds it
+        del rows[0]["config"][key]
+    results.write_text(json.dumps(rows))
+    capsys.readouterr()
+
+    assert main([*argv, "--windows", "last"]) == 0  # the old row is this cell
+    assert "already in" in capsys.readouterr().out
+    assert main(argv) == 0  # SASRec-kind's default mode, sliding: a new cell
+    rows = json.loads(results.read_text())
+    assert [r["config"].get("windows", "last") for r in rows] == ["last", "sliding"]
+    assert "| sliding |" in capsys.readouterr().out

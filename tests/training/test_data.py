@@ -721,10 +721,11 @@ def leakage_data() -> tuple:
     return build_sequences(interactions(rows))
 
 
+@pytest.mark.parametrize("windows", ["last", "crop", "sliding"])
 @pytest.mark.parametrize("max_len", [3, 50])
-def test_training_batches_never_contain_valid_or_test_items(max_len):
+def test_training_batches_never_contain_valid_or_test_items(max_len, windows):
     torch = pytest.importorskip("torch")
-    from training.trainer import batches, training_windows
+    from training.trainer import batches, epoch_windows, training_windows
 
     data = leakage_data()
     lookup = internal_ids(data.item_map)
@@ -735,21 +736,30 @@ def test_training_batches_never_contain_valid_or_test_items(max_len):
     assert len(held_out) >= 20
 
     starts, ends = training_windows(data)
+    rng = np.random.default_rng(0)
     seen_inputs, seen_targets, n_targets = set(), set(), 0
-    for inputs, deltas, targets in batches(
-        data, starts, ends, max_len, batch_size=4, rng=np.random.default_rng(0)
-    ):
-        assert inputs.shape == deltas.shape == targets.shape
-        assert inputs.dtype == targets.dtype == torch.int64
-        seen_inputs |= set(inputs.unique().tolist())
-        seen_targets |= set(targets.unique().tolist())
-        n_targets += int((targets > 0).sum())
+    for _ in range(5):  # crop draws new windows each epoch
+        chosen = epoch_windows(data, windows, max_len, rng)
+        for inputs, deltas, targets in batches(
+            data,
+            chosen.starts,
+            chosen.ends,
+            max_len,
+            batch_size=4,
+            rng=rng,
+            first_targets=chosen.first_targets,
+        ):
+            assert inputs.shape == deltas.shape == targets.shape
+            assert inputs.dtype == targets.dtype == torch.int64
+            seen_inputs |= set(inputs.unique().tolist())
+            seen_targets |= set(targets.unique().tolist())
+            n_targets += int((targets > 0).sum())
 
     assert not held_out & seen_inputs
     assert not held_out & seen_targets
-    if max_len >= data.lengths.max():
-        # Untruncated, every training transition is a target exactly once.
-        assert n_targets == int((ends - starts - 1).sum())
+    if max_len >= data.lengths.max() or windows == "sliding":
+        # Untruncated, or sliding, every training transition is a target once per epoch.
+        assert n_targets == 5 * int((ends - starts - 1).sum())
     assert seen_targets - {PAD}  # the batches did train on something
 
 

@@ -1,0 +1,87 @@
+"""What one training epoch costs in each window mode (``TrainConfig.windows``).
+
+    .venv/bin/python bench/window_cost.py --data synthetic --max-len 50
+    .venv/bin/python bench/window_cost.py --data ml-100k:../shared/data/ml-100k --max-len 50
+
+Per mode: the windows and scored targets of an epoch, the positions the batches hold
+(padding included: what the encoder computes), and the process CPU seconds of one epoch of
+the SASRec-kind encoder with full softmax on one torch thread. CPU time, not wall time,
+because the machines these run on are shared: another job's load stretches the wall clock
+but not the work done. The modes see the same model and data; only the windows differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from training import cli_options  # noqa: E402
+from training.data import build_sequences  # noqa: E402
+from training.datasets import load_dataset  # noqa: E402
+from training.losses import build_objective  # noqa: E402
+from training.models import build_encoder  # noqa: E402
+from training.optimizers import build_optimizer  # noqa: E402
+from training.trainer import WINDOW_MODES, batches, epoch_windows, sequence_loss  # noqa: E402
+
+
+def epoch_cost(data, mode: str, args) -> dict:
+    """Windows, targets, positions and CPU seconds of one epoch in ``mode``."""
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    model = build_encoder("sasrec", data.n_items, max_len=args.max_len, dim=args.dim)
+    objective = build_objective("full_softmax", data.train_item_counts())
+    optimizer = build_optimizer("adam", model.parameters(), lr=1e-3)
+    windows = epoch_windows(data, mode, args.max_len, rng, args.window_stride)
+    positions = 0
+    started = time.process_time()
+    model.train()
+    for item_ids, deltas, targets in batches(
+        data,
+        windows.starts,
+        windows.ends,
+        args.max_len,
+        batch_size=args.batch_size,
+        rng=rng,
+        first_targets=windows.first_targets,
+    ):
+        positions += item_ids.numel()
+        loss = sequence_loss(model, objective, item_ids, deltas, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return {
+        "mode": mode,
+        "windows": len(windows),
+        "targets": windows.targets(),
+        "positions": positions,
+        "cpu_seconds": time.process_time() - started,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    cli_options.add_data_flags(parser)
+    cli_options.add_model_flags(parser, "--max-len", "--dim")
+    cli_options.add_training_flags(parser, "--batch-size", "--window-stride", "--seed")
+    parser.add_argument("--modes", nargs="+", choices=WINDOW_MODES, default=list(WINDOW_MODES))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # one thread: CPU time then measures the work, not the waiting
+    data = build_sequences(load_dataset(args.data, args.skip_malformed))
+    rows = [epoch_cost(data, mode, args) for mode in args.modes]
+    print(json.dumps({"data": data.source, "max_len": args.max_len, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
