@@ -142,6 +142,18 @@ def decode_retrieval(blob: bytes | None) -> CachedRetrieval | None:
     return CachedRetrieval(embedding, ids, scores)
 
 
+async def redis_call(operation):
+    """Await a redis-py call; every way Redis can be unreachable is ``StoreUnavailable``."""
+    import redis.exceptions
+
+    try:
+        return await operation
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+        raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
+    except redis.exceptions.BusyLoadingError as exc:
+        raise StoreUnavailable(f"Redis is loading: {exc}") from exc
+
+
 class RedisBehaviourCache(BehaviourCache):
     """Redis through redis-py's asyncio client (hiredis parser when installed), pooled."""
 
@@ -160,14 +172,7 @@ class RedisBehaviourCache(BehaviourCache):
         )
 
     async def _run(self, operation):
-        import redis.exceptions
-
-        try:
-            return await operation
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-            raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
-        except redis.exceptions.BusyLoadingError as exc:
-            raise StoreUnavailable(f"Redis is loading: {exc}") from exc
+        return await redis_call(operation)
 
     async def append_events(self, user_id: str, events: list[tuple[str, int]]) -> int:
         key = self.history_key(user_id)

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 
 import numpy as np
 
+from service.cache import redis_call
 from service.catalogue import ItemRecord
-from service.errors import StoreUnavailable
 
+LOG = logging.getLogger(__name__)
 RECORD_FORMAT = 1
 
 # KEYS: items, changes, version; ARGV: channel, then raw id and record pairs.
@@ -100,27 +102,17 @@ class CatalogueStore:
         self.channel = f"{tag}:announce"
         self._write = client.register_script(WRITE)
 
-    async def _run(self, operation):
-        import redis.exceptions
-
-        try:
-            return await operation
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-            raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
-        except redis.exceptions.BusyLoadingError as exc:
-            raise StoreUnavailable(f"Redis is loading: {exc}") from exc
-
     async def write(self, records: dict[str, ItemRecord]) -> int:
         """Store ``records`` (raw id -> record) as one write; the new version."""
         args = [self.channel]
         for raw, record in records.items():
             args += [raw, encode_record(record)]
         keys = [self.items_key, self.changes_key, self.version_key]
-        return int(await self._run(self._write(keys=keys, args=args)))
+        return int(await redis_call(self._write(keys=keys, args=args)))
 
     async def version(self) -> int:
         """The catalogue's current version (0: never written)."""
-        return int(await self._run(self.client.get(self.version_key)) or 0)
+        return int(await redis_call(self.client.get(self.version_key)) or 0)
 
     async def changes_since(self, version: int) -> tuple[int, dict[str, ItemRecord]]:
         """The version now and every record written after ``version`` (all of them for 0).
@@ -130,15 +122,20 @@ class CatalogueStore:
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.get(self.version_key)
             pipe.zrangebyscore(self.changes_key, f"({version}", "+inf")
-            now, changed = await self._run(pipe.execute())
+            now, changed = await redis_call(pipe.execute())
         now = int(now or 0)
         if not changed:
             return now, {}
-        stored = await self._run(self.client.hmget(self.items_key, changed))
+        stored = await redis_call(self.client.hmget(self.items_key, changed))
         records = {}
         for raw, text in zip(changed, stored, strict=True):
-            if text is not None:
-                records[raw.decode() if isinstance(raw, bytes) else raw] = decode_record(text)
+            raw = raw.decode() if isinstance(raw, bytes) else raw
+            if text is None:
+                continue
+            try:
+                records[raw] = decode_record(text)
+            except (ValueError, TypeError) as exc:  # written by something else: never served
+                LOG.error("catalogue record %r is unreadable (%s); skipped", raw, exc)
         return now, records
 
     async def listen(self, on_version) -> None:

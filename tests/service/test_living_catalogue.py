@@ -420,3 +420,23 @@ def test_the_batch_job_serves_the_catalogue_as_the_service_does(
     assert victim not in set(pq.read_table(tmp_path / "after.parquet").column("item").to_pylist())
     # A vector of 100s beats every trained item for any user whose embedding sums positive.
     assert firsts(tmp_path / "after.parquet").count("everyones") > len(first) // 4
+
+
+def test_an_unreadable_record_in_redis_is_skipped_not_served(app_client, make_settings, models):
+    import redis
+
+    from service.catalogue_store import CatalogueStore
+    from service.reload_signals import deployment_id
+
+    settings = make_settings(models_dir=models)
+    with app_client() as client:
+        assert client.put("/items/fine-1", headers=ADMIN, json={}).status_code == 200
+        sync = redis.Redis.from_url(settings.redis_url)
+        store = CatalogueStore(sync, settings.key_prefix, deployment_id(settings))
+        sync.hset(store.items_key, "broken-1", "{not json")
+        sync.zadd(store.changes_key, {"broken-1": 99})
+        sync.set(store.version_key, 99)
+        assert client.put("/items/fine-2", headers=ADMIN, json={}).json()["version"] == 100
+        assert client.get("/items/fine-2").status_code == 200
+        assert client.get("/items/broken-1").status_code == 404
+        sync.close()
