@@ -368,10 +368,12 @@ class Catalogue:
             titles = [*(self.titles or [None] * (n + 1)), *([None] * m)]
         if self.genres is not None or any(r.genres for r in written.values()):
             genres = [*(self.genres or [[]] * (n + 1)), *([[]] * m)]
-        available = (
-            np.ones(n + 1, dtype=bool) if self.available is None else self.available
-        ).copy()
-        available = np.concatenate([available, np.ones(m, dtype=bool)])
+        # A catalogue where every item may be served keeps no mask (the unfiltered path then
+        # compiles to none), until a write makes one unavailable or withdraws it.
+        available = None
+        if self.available is not None or not all(r.served for r in written.values()):
+            available = np.ones(n + 1, dtype=bool) if self.available is None else self.available
+            available = np.concatenate([available, np.ones(m, dtype=bool)])
         text = {
             name: TextAttribute(grown(attribute.codes, -1), dict(attribute.values))
             for name, attribute in self.text_attributes.items()
@@ -381,7 +383,8 @@ class Catalogue:
         joined: dict[str, list[int]] = {}
         for internal, record in written.items():
             rewritten[internal] = True
-            available[internal] = record.served
+            if available is not None:
+                available[internal] = record.served
             if titles is not None:
                 titles[internal] = record.title
             if genres is not None:
@@ -399,7 +402,8 @@ class Catalogue:
             given = dict(record.numbers)
             for name, values in numbers.items():
                 values[internal] = given.get(name, np.nan)
-        available[0] = False
+        if available is not None:
+            available[0] = False
         categories = {}
         for name in self.categories.keys() | joined.keys():
             ids = self.categories.get(name, NO_ITEMS)
