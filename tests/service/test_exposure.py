@@ -39,6 +39,10 @@ def test_an_excerpt_is_bounded_escaped_and_says_what_it_left_out():
 
 def test_readyz_tells_anyone_whether_it_is_ready_and_no_more(client):
     body = client.get("/readyz").json()
+    # What a request that does not say rerank gets, and why (the export's gate: numbers).
+    rerank = body.pop("rerank")
+    assert list(rerank) == ["sasrec"] and set(rerank["sasrec"]) == {"by_default", "reason"}
+    assert isinstance(rerank["sasrec"]["reason"], str) and rerank["sasrec"]["reason"]
     assert body == {
         "ready": True,
         "bundle": "tiny",
