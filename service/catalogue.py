@@ -107,6 +107,13 @@ class ItemRecord:
         """Whether the item may be served at all."""
         return self.available and not self.withdrawn
 
+    def vector_for(self, bundle: str, retriever: str) -> np.ndarray | None:
+        """The writer's own vector for ``retriever`` of bundle ``bundle`` (None: not given
+        for that bundle's item space)."""
+        if self.vectors_bundle != bundle:
+            return None
+        return dict(self.vectors).get(retriever)
+
     def metadata(self) -> dict:
         """What the metadata encoder reads (``service.item_metadata``)."""
         return {"title": self.title, "genres": list(self.genres), "year": self.year}
@@ -270,18 +277,27 @@ class Catalogue:
     def _check(self, item_filter: ItemFilter) -> None:
         """InvalidField for an attribute the catalogue does not have (an unknown category
         or value is no error: no item has it)."""
-        for name, _ in item_filter.attributes:
-            if name not in self.text_attributes:
-                raise InvalidField(
-                    f"filter.attributes.{excerpt(name, quote=False)}: "
-                    + self.no_attribute(name, "string", "filter.ranges")
-                )
-        for name, _, _ in item_filter.ranges:
-            if name not in self.number_attributes:
-                raise InvalidField(
-                    f"filter.ranges.{excerpt(name, quote=False)}: "
-                    + self.no_attribute(name, "numeric", "filter.attributes")
-                )
+        self.check_attributes(
+            [name for name, _ in item_filter.attributes],
+            [name for name, _, _ in item_filter.ranges],
+            strings="filter.attributes",
+            numbers="filter.ranges",
+        )
+
+    def check_attributes(self, text: list[str], numeric: list[str], *, strings: str, numbers: str):
+        """InvalidField located under ``strings`` (or ``numbers``) for a name of ``text``
+        (``numeric``) that is not a string (numeric) attribute of the catalogue; what a
+        filter names and what a catalogue write gives are checked alike."""
+        for names, known, kind, located, other in (
+            (text, self.text_attributes, "string", strings, numbers),
+            (numeric, self.number_attributes, "numeric", numbers, strings),
+        ):
+            for name in names:
+                if name not in known:
+                    raise InvalidField(
+                        f"{located}.{excerpt(name, quote=False)}: "
+                        + self.no_attribute(name, kind, other)
+                    )
 
     def no_attribute(self, name: str, kind: str, other: str) -> str:
         """Why ``name`` is not a ``kind`` ("string" or "numeric") attribute of the catalogue,

@@ -172,7 +172,7 @@ class ServedCatalogue:
         order = sorted(added, key=added.__getitem__)
         features = bundle.item_features
         if features is not None and order:
-            features = features.with_added([list(_record(records, raw).genres) for raw in order])
+            features = features.with_added([list(records[raw].genres) for raw in order])
         served = ServedCatalogue.of(catalogue, bundle.retrievers.values(), features)
         served.version, served.records = change.version, records
         if not embed or not order:
@@ -198,10 +198,6 @@ class ServedCatalogue:
         return served
 
 
-def _record(records: dict[str, ItemRecord], raw: str) -> ItemRecord:
-    return records.get(raw) or ItemRecord()
-
-
 def embed_records(
     bundle: Bundle, retriever: str, records: list[tuple[str, ItemRecord]], exposure: float
 ) -> dict[str, np.ndarray | None]:
@@ -211,11 +207,11 @@ def embed_records(
     vectors: dict[str, np.ndarray | None] = {}
     derived = []
     for raw, record in records:
-        given = dict(record.vectors) if record.vectors_bundle == bundle.name else {}
+        given = record.vector_for(bundle.name, retriever)
         if record.withdrawn:
             vectors[raw] = None
-        elif retriever in given:
-            vectors[raw] = np.asarray(given[retriever], dtype=np.float32)
+        elif given is not None:
+            vectors[raw] = np.asarray(given, dtype=np.float32)
         else:
             vectors[raw] = None
             derived.append((raw, record))
@@ -254,18 +250,12 @@ def checked_record(
     the catalogue lacks or of the other kind, a vector for an unknown retriever, of the
     wrong width, or for an item the bundle has, and for an added item that some retriever
     could not retrieve (no vector given and no metadata encoder to derive one)."""
-    for name in attributes or {}:
-        if name not in catalogue.text_attributes:
-            raise InvalidField(
-                f"{where}.attributes.{excerpt(name, quote=False)}: "
-                + catalogue.no_attribute(name, "string", "numbers")
-            )
-    for name in numbers or {}:
-        if name not in catalogue.number_attributes:
-            raise InvalidField(
-                f"{where}.numbers.{excerpt(name, quote=False)}: "
-                + catalogue.no_attribute(name, "numeric", "attributes")
-            )
+    catalogue.check_attributes(
+        list(attributes or {}),
+        list(numbers or {}),
+        strings=f"{where}.attributes",
+        numbers=f"{where}.numbers",
+    )
     in_bundle = item_id in bundle.catalogue.lookup
     vectors = []
     if embeddings:

@@ -459,9 +459,7 @@ class Recommender:
     def embeds(self, retriever: Retriever, record: ItemRecord) -> bool:
         """Whether ``retriever`` has a vector for added item ``record``: the writer's own
         for this bundle, or one its metadata encoder derives."""
-        supplied = record.vectors_bundle == self.bundle.name and retriever.name in dict(
-            record.vectors
-        )
+        supplied = record.vector_for(self.bundle.name, retriever.name) is not None
         return supplied or "metadata_encoder" in retriever.paths
 
 
