@@ -4,6 +4,7 @@ RecserveError                 everything the service raises on purpose
 ├── BundleError               a bundle is missing, malformed or fails its checksums
 │   └── ReloadRefused         /admin/reload could not serve the new bundle (409)
 ├── DeviceError               an accelerator was asked for but is not available
+├── ExperimentError           the experiment cannot be served (no start-up; a reload is refused)
 ├── StoreUnavailable          the behaviour store (Redis) is unreachable (503, Retry-After)
 ├── NotReady                  no bundle is loaded yet (503, Retry-After)
 ├── ComputeError              a computation failed in the compute process (500)
@@ -47,6 +48,11 @@ class ReloadRefused(BundleError):
 
 class DeviceError(RecserveError):
     """An accelerator was requested explicitly but cannot be used."""
+
+
+class ExperimentError(RecserveError):
+    """The experiment (RECSERVE_EXPERIMENT_FILE) cannot be served; the message names the
+    file and the field, or the arm and what the bundle lacks."""
 
 
 class StoreUnavailable(RecserveError):

@@ -80,6 +80,31 @@ class Metrics:
             ["operation", "outcome"],
             registry=self.registry,
         )
+        self.impressions = Counter(
+            "recserve_impressions_total",
+            "Impressions logged (forced arms not counted)",
+            ["experiment", "arm"],
+            registry=self.registry,
+        )
+        self.impressions_dropped = Counter(
+            "recserve_impressions_dropped_total",
+            "Impressions not logged: queue_full, redis (unreachable) or error",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.outcomes = Counter(
+            "recserve_experiment_outcomes_total",
+            "Impressions that earned an outcome: their first attributed event of a type, or "
+            "a hit (a later event among their first hit_k items); divide by impressions",
+            ["experiment", "arm", "outcome"],
+            registry=self.registry,
+        )
+        self.attributed_events = Counter(
+            "recserve_attributed_events_total",
+            "Distinct items of an impression an event type was attributed to",
+            ["experiment", "arm", "type"],
+            registry=self.registry,
+        )
 
         # The children /recommend touches on every request, resolved once.
         self._cache_outcomes = {

@@ -28,7 +28,8 @@ import sys
 
 from pydantic import ValidationError
 
-from service.errors import EXCERPT_CHARS, excerpt
+from service.errors import EXCERPT_CHARS, ExperimentError, excerpt
+from service.experiments import load_experiment
 from service.settings import Settings
 
 APP = "service.main:create_app"
@@ -97,6 +98,11 @@ def main(argv: list[str] | None = None) -> None:
         for error in exc.errors():
             where = ".".join(str(part) for part in error["loc"]) or "settings"
             sys.stderr.write(f"recserve: invalid setting {where}: {error['msg']}\n")
+        raise SystemExit(2) from None
+    try:
+        load_experiment(settings.experiment_file)
+    except ExperimentError as exc:
+        sys.stderr.write(f"recserve: {exc}\n")
         raise SystemExit(2) from None
     args = parse_args(argv, settings)
     import uvicorn

@@ -9,6 +9,7 @@ Settings are validated at start-up: an admin endpoint without a token is refused
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -16,10 +17,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.feedback_store import HIT, IMPRESSIONS
+
 # What an API key may do (service/api/access.py): "recommend" for /recommend with a
 # history in the body and /items/{id}/similar; "history:read" also for /recommend from a
 # user's stored history; "events:write" for /events; "catalogue:write" for catalogue
 # writes; "admin" for /admin/* (as the admin token).
+# Names the experiment's counts use for themselves, so no event type may take them.
+RESERVED_OUTCOMES = (HIT, IMPRESSIONS)
 Scope = Literal["recommend", "history:read", "events:write", "catalogue:write", "admin"]
 
 
@@ -104,6 +109,23 @@ class Settings(BaseSettings):
     # inner products, so it sets how much exposure a new item gets until the next training
     # learns it (docs/BENCHMARKS.md, "Cold start", measures the trade-off).
     cold_start_exposure: float = Field(1.0, gt=0, le=10)
+    # -- experiments and feedback (service/experiments.py, service/attribution.py)
+    # A JSON file of arms and weights, read at start-up and on every reload; None: none.
+    experiment_file: Path | None = None
+    # Log what each /recommend answer showed to a Redis stream, for attribution and the
+    # experiment's counts (off: no impressions, /events attributes nothing).
+    impressions_enabled: bool = True
+    impressions_stream_cap: int = Field(100_000, ge=1000, le=100_000_000)  # entries, about
+    # Impressions awaiting Redis per worker; more are dropped (and counted), never waited for.
+    impressions_queue: int = Field(10_000, ge=1, le=1_000_000)
+    # How long after an impression an event may still answer it (and Redis keeps it).
+    attribution_window_seconds: int = Field(3600, ge=1, le=30 * 86_400)
+    # How far an event's time may lie before the impression it answers (client clocks).
+    attribution_clock_skew_seconds: int = Field(60, ge=0, le=3600)
+    # The event types /events accepts; "click" feeds the click-through rate, the rest are
+    # counted alike (impressions with one, and distinct items).
+    event_types: list[str] = ["view", "click", "purchase"]
+    hit_k: int = Field(10, ge=1, le=1000)  # hit rate at k: the first k items shown
     # -- how the server is started (service/serve.py, the one entry point of every start path)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -142,6 +164,18 @@ class Settings(BaseSettings):
         secrets = [key.key.get_secret_value() for key in self.api_keys]
         if len(set(secrets)) != len(secrets):
             raise ValueError("RECSERVE_API_KEYS: two keys are the same")
+        return self
+
+    @model_validator(mode="after")
+    def _event_types_are_names(self) -> Settings:
+        for name in self.event_types:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", name) or name in RESERVED_OUTCOMES:
+                raise ValueError(
+                    f"RECSERVE_EVENT_TYPES: {name!r} is not a type name (1-32 of A-Z a-z 0-9 "
+                    f"_ . -, not {' or '.join(RESERVED_OUTCOMES)})"
+                )
+        if len(set(self.event_types)) != len(self.event_types):
+            raise ValueError("RECSERVE_EVENT_TYPES: a type is listed twice")
         return self
 
     @model_validator(mode="after")

@@ -29,6 +29,7 @@ from functools import partial
 
 from starlette.concurrency import run_in_threadpool
 
+from service.attribution import AttributionRules
 from service.bundle import current_name, load_bundle, settle_heap
 from service.cache import BehaviourCache
 from service.catalogue import ItemRecord
@@ -42,6 +43,9 @@ from service.errors import (
     NotReady,
     StoreUnavailable,
 )
+from service.experiments import Experiment, load_experiment
+from service.feedback_store import FeedbackStore
+from service.impressions import ImpressionLog
 from service.metrics import Metrics
 from service.pipeline import warm_up
 from service.recommender import Recommender
@@ -53,6 +57,18 @@ LOG = logging.getLogger(__name__)
 STOP_ATTEMPTS = 5  # cancellations sent to a background task at shutdown
 STOP_WAIT_SECONDS = 1.0  # how long each one is given
 IGNORED_LOG_SECONDS = 60.0  # at most one warning per this long about ignored signals
+
+
+def check_experiment(experiment: Experiment | None, recommender: Recommender | None) -> None:
+    """ExperimentError if ``recommender``'s bundle cannot serve every arm of
+    ``experiment``."""
+    if experiment is None or recommender is None:
+        return
+    heads = {
+        name: "ctr_head" in retriever.paths
+        for name, retriever in recommender.bundle.retrievers.items()
+    }
+    experiment.check_against(heads, recommender.default_encoder)
 
 
 class AppState:
@@ -74,6 +90,32 @@ class AppState:
             CatalogueStore(client, settings.key_prefix, deployment_id(settings))
             if client is not None
             else None
+        )
+        # The running experiment (ExperimentError here stops the start-up; on a reload it
+        # refuses the reload), and where impressions and their outcomes go.
+        self.experiment: Experiment | None = load_experiment(settings.experiment_file)
+        # Marks and lookups outlive the window by the clock skew an event may have.
+        kept = settings.attribution_window_seconds + settings.attribution_clock_skew_seconds
+        self.feedback = (
+            FeedbackStore(
+                client,
+                settings.key_prefix,
+                deployment_id(settings),
+                window=kept,
+                stream_cap=settings.impressions_stream_cap,
+            )
+            if client is not None and settings.impressions_enabled
+            else None
+        )
+        self.impressions = (
+            ImpressionLog(self.feedback, capacity=settings.impressions_queue, metrics=metrics)
+            if self.feedback is not None
+            else None
+        )
+        self.attribution = AttributionRules(
+            window=settings.attribution_window_seconds,
+            skew=settings.attribution_clock_skew_seconds,
+            hit_k=settings.hit_k,
         )
         # Every catalogue record read from Redis, and the version they make up.
         self.catalogue_version = 0
@@ -105,8 +147,13 @@ class AppState:
         """Load bundle ``name`` (default: CURRENT) and serve it; BundleError if refused."""
         async with self._lock:
             try:
+                # Every reload re-reads the experiment: editing the file, then a reload, is
+                # how an experiment starts, changes or ends.
+                experiment = load_experiment(self.settings.experiment_file)
                 name = name or current_name(self.settings.models_dir)
                 if name == self.bundle_name:
+                    check_experiment(experiment, self.recommender)
+                    self.experiment = experiment
                     # CURRENT is back on what is served: an earlier refusal no longer applies.
                     self.last_error = None
                     self._failed_name = None
@@ -140,8 +187,10 @@ class AppState:
                 recommender = Recommender.from_settings(
                     bundle, settings, compute=compute, on_batch=self.metrics.batch_size.observe
                 )
-                # Refuse a bundle that lacks the configured default encoder up front.
+                # Refuse a bundle that lacks the configured default encoder, or what the
+                # experiment's arms ask for, up front.
                 recommender.retriever(None)
+                check_experiment(experiment, recommender)
                 await recommender.start()
                 await self._catalogue_lock.acquire()
                 try:
@@ -162,6 +211,7 @@ class AppState:
                     raise
                 raise BundleError(str(exc)) from exc
             retired, self.recommender = self.recommender, recommender
+            self.experiment = experiment
             self._catalogue_lock.release()
             if retired is not None:
                 # Requests that took it just before the swap still finish on it; once they
@@ -333,6 +383,8 @@ class AppState:
             await asyncio.sleep(1.0)
 
     def start_background(self) -> None:
+        if self.impressions is not None:
+            self._tasks.append(asyncio.create_task(self.impressions.run()))
         if self.settings.reload_poll_seconds > 0:
             self._tasks.append(asyncio.create_task(self._poll_current()))
         self._tasks.append(asyncio.create_task(self._listen()))
@@ -355,6 +407,8 @@ class AppState:
         # redis-py uses to send commands) swallows one that races with the send completing,
         # and the listener then blocks for ever. So cancel again while a task is still running
         # and never wait unboundedly: shutdown must not hang.
+        if self.impressions is not None:
+            await self.impressions.flush()  # bounded: what Redis cannot take is dropped
         pending = set(self._tasks)
         for _ in range(STOP_ATTEMPTS):
             if not pending:

@@ -55,3 +55,31 @@ def exported_bundle(tiny_data, trained_run, tmp_path_factory):
     models_dir = tmp_path_factory.mktemp("models")
     path = export_bundle([trained_run.checkpoint], tiny_data, models_dir, name="tiny")
     return models_dir, path
+
+
+# The tiny data's heads are too weakly measured for the gate to be predictable, so the
+# tests' head bundles force the rerank on at export (the option under test in
+# tests/training): their tests are about serving a head. ``gated_off_models``
+# (tests/service) is the other case.
+FORCED_ON = {"rerank_default": "on"}
+
+
+@pytest.fixture(scope="session")
+def head_models(tiny_data, trained_run, tmp_path_factory):
+    """A models dir whose CURRENT bundle ("with-head") has a CTR head that reranks by
+    default."""
+    from training.ctr import CtrConfig
+    from training.export import export_bundle
+    from training.rerank_gate import GateConfig
+
+    models = tmp_path_factory.mktemp("head-models")
+    config = CtrConfig(candidates=30, epochs=2, encode_batch=128)
+    export_bundle(
+        [trained_run.checkpoint],
+        tiny_data,
+        models,
+        name="with-head",
+        ctr=config,
+        gate=GateConfig(**FORCED_ON),
+    )
+    return models

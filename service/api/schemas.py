@@ -157,6 +157,11 @@ class RecommendRequest(BaseModel):
     filter: Filter | None = Field(
         None, description="which items may be served (default: available items only)"
     )
+    arm: Identifier | None = Field(
+        None,
+        description="serve this arm of the running experiment instead of the user's own "
+        "(debugging: the answer is logged as forced and never counted in the experiment)",
+    )
 
     @model_validator(mode="after")
     def _needs_user_or_history(self) -> RecommendRequest:
@@ -205,22 +210,54 @@ class RecommendResponse(BaseModel):
         "too few and the eligible items were searched on their own"
     )
     timings_ms: Timings
+    request_id: str = Field(
+        description="this answer's id: send it with the events that answer it (/events)"
+    )
+    experiment: str = Field(description="the running experiment ('none' without one)")
+    arm: str = Field(
+        description="the experiment's arm that served the answer ('none' without one); an "
+        "arm's retriever, rerank and depth win over the request's"
+    )
 
 
 class Event(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"user_id": "42", "item_id": "7", "ts": 1700000000}]},
+        json_schema_extra={
+            "examples": [
+                {"user_id": "42", "item_id": "7", "ts": 1700000000},
+                {
+                    "user_id": "42",
+                    "item_id": "7",
+                    "ts": 1700000000,
+                    "type": "click",
+                    "request_id": "3f2a9c0d8e7b4a1f9c2d3e4f5a6b7c8d",
+                },
+            ]
+        },
     )
 
     user_id: Identifier
     item_id: Identifier
     ts: Timestamp
+    type: Identifier | None = Field(
+        None,
+        description="what the user did (one of RECSERVE_EVENT_TYPES: view, click, purchase "
+        "by default); typed events are attributed to the impression that showed the item",
+    )
+    request_id: Identifier | None = Field(
+        None,
+        description="the /recommend answer this event answers; without it, the user's "
+        "impressions within the attribution window",
+    )
 
 
 class EventsResponse(BaseModel):
     received: int
     added: int = Field(description="events that were new (a retried event adds nothing)")
+    attributed: int = Field(
+        0, description="typed events that answer an impression (retried ones too)"
+    )
 
 
 class SimilarResponse(BaseModel):

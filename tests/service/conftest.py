@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import FORCED_ON
 from tests.servers import RedisProcess, free_port, wait_until  # noqa: F401 (re-exported)
 
 ADMIN_TOKEN = "test-admin-token-" + "x" * 20
@@ -64,7 +65,12 @@ def shared_redis():
 
 
 def delete_prefix(client, prefix: str) -> None:
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    """Delete the prefix's keys, those under a hash tag (``{prefix:...}``) too."""
+    keys = [
+        key
+        for pattern in (f"{prefix}:*", f"{{{prefix}:*")
+        for key in client.scan_iter(match=pattern, count=1000)
+    ]
     if keys:
         client.delete(*keys)
 
@@ -77,32 +83,7 @@ def key_prefix(shared_redis):
     delete_prefix(shared_redis, prefix)
 
 
-# The tiny data's heads are too weakly measured for the gate to be predictable, so the
-# bundles below force the rerank on at export (the option under test in tests/training):
-# their tests are about serving a head. ``gated_off_models`` is the other case.
-FORCED_ON = {"rerank_default": "on"}
 GATE_SAYS_NO = "measured on validation users: no gain shown, retrieval order by default"
-
-
-@pytest.fixture(scope="session")
-def head_models(tiny_data, trained_run, tmp_path_factory):
-    """A models dir whose CURRENT bundle ("with-head") has a CTR head that reranks by
-    default."""
-    from training.ctr import CtrConfig
-    from training.export import export_bundle
-    from training.rerank_gate import GateConfig
-
-    models = tmp_path_factory.mktemp("head-models")
-    config = CtrConfig(candidates=30, epochs=2, encode_batch=128)
-    export_bundle(
-        [trained_run.checkpoint],
-        tiny_data,
-        models,
-        name="with-head",
-        ctr=config,
-        gate=GateConfig(**FORCED_ON),
-    )
-    return models
 
 
 def with_gate(models: Path, destination: Path, gate: dict | None) -> Path:

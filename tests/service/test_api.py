@@ -210,13 +210,13 @@ def test_events_are_stored_and_a_retry_adds_nothing(client):
     ]
     first = client.post("/events", json=events)
     retry = client.post("/events", json=events)
-    assert first.status_code == 200 and first.json() == {"received": 2, "added": 2}
-    assert retry.status_code == 200 and retry.json() == {"received": 2, "added": 0}
+    assert first.status_code == 200 and first.json() == {"received": 2, "added": 2, "attributed": 0}
+    assert retry.status_code == 200 and retry.json() == {"received": 2, "added": 0, "attributed": 0}
 
 
 def test_a_single_event_object_is_accepted(client):
     response = client.post("/events", json={"user_id": "u1", "item_id": "3", "ts": 1_700_000_000})
-    assert response.json() == {"received": 1, "added": 1}
+    assert response.json() == {"received": 1, "added": 1, "attributed": 0}
 
 
 def test_events_become_the_users_history(client, history):

@@ -41,7 +41,7 @@ def test_events_then_recommendations_over_http(server, tiny_data):
             assert (stages["encoder"], stages["index"]) == ("CPUExecutionProvider", "cpu")
         stored = client.post("/events", json=[{"user_id": "u-1", **e} for e in history])
         assert stored.status_code == 200
-        assert stored.json() == {"received": len(history), "added": len(history)}
+        assert stored.json() == {"received": len(history), "added": len(history), "attributed": 0}
 
         first = client.post("/recommend", json={"user_id": "u-1", "k": 5})
         second = client.post("/recommend", json={"user_id": "u-1", "k": 5})

@@ -1,4 +1,5 @@
-"""POST /events: append behaviour to users' histories in Redis."""
+"""POST /events: append behaviour to users' histories in Redis, and attribute it to the
+impressions it answers (``service.attribution``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from fastapi import APIRouter, Depends
 from service.api.access import require
 from service.api.deps import CurrentSettings, State
 from service.api.schemas import Event, EventsResponse
-from service.errors import InvalidField, StoreUnavailable
+from service.attribution import Feedback, attribute
+from service.errors import InvalidField, StoreUnavailable, excerpt
 
 router = APIRouter(tags=["events"], dependencies=[Depends(require("events:write"))])
 
@@ -23,6 +25,10 @@ async def post_events(
 ) -> EventsResponse:
     """Store one event or a list of events; a retried event (same item and ts) adds nothing.
 
+    A typed event (``type``) is also attributed to the impression that showed its item,
+    named by ``request_id`` or found in the user's recent impressions; every event may
+    make an impression a hit. Attribution is idempotent too: a retry counts nothing twice.
+
     Redis unreachable: 503 with Retry-After, and nothing is acknowledged that was not stored.
     """
     events = body if isinstance(body, list) else [body]
@@ -30,9 +36,14 @@ async def post_events(
         raise InvalidField(f"body: at most {settings.max_events_per_request} events per request")
     latest = time.time() + FUTURE_TOLERANCE_SECONDS
     for position, event in enumerate(events):
+        where = f"body[{position}]" if isinstance(body, list) else "body"
         if event.ts > latest:
-            where = f"body[{position}].ts" if isinstance(body, list) else "body.ts"
-            raise InvalidField(f"{where}: {event.ts} lies more than a day in the future")
+            raise InvalidField(f"{where}.ts: {event.ts} lies more than a day in the future")
+        if event.type is not None and event.type not in settings.event_types:
+            known = ", ".join(settings.event_types)
+            raise InvalidField(
+                f"{where}.type: {excerpt(event.type)} is not one of {known} (RECSERVE_EVENT_TYPES)"
+            )
     if state.cache is None:
         raise StoreUnavailable("no behaviour store configured")
     per_user: dict[str, list[tuple[str, int]]] = defaultdict(list)
@@ -43,4 +54,11 @@ async def post_events(
         added += await state.cache.append_events(user_id, user_events)
     state.metrics.events.labels(outcome="added").inc(added)
     state.metrics.events.labels(outcome="duplicate").inc(len(events) - added)
-    return EventsResponse(received=len(events), added=added)
+    attributed = 0
+    if state.feedback is not None:
+        feedback = [
+            Feedback(e.user_id, e.item_id, e.ts, type=e.type, request_id=e.request_id)
+            for e in events
+        ]
+        attributed = await attribute(state.feedback, feedback, state.attribution, state.metrics)
+    return EventsResponse(received=len(events), added=added, attributed=attributed)

@@ -54,6 +54,15 @@ async def readyz(state: State, admin: IsAdmin) -> JSONResponse:
         body["placement"] = recommender.compute.placement if recommender else {}
         # The catalogue API's writes this worker serves (docs/ARCHITECTURE.md).
         body["catalogue_version"] = recommender.served.version if recommender else 0
+        experiment = state.experiment
+        body["experiment"] = (
+            {
+                "name": experiment.name,
+                "arms": {arm.name: round(experiment.share(arm), 6) for arm in experiment.arms},
+            }
+            if experiment is not None
+            else None
+        )
         last_error = state.last_error
         if last_error is not None and len(last_error) > LAST_ERROR_CHARS:
             last_error = excerpt(last_error, LAST_ERROR_CHARS, quote=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
@@ -14,6 +15,7 @@ from service.api.deps import State
 from service.api.lean_route import LeanRoute
 from service.api.schemas import RecommendRequest, RecommendResponse
 from service.errors import Forbidden, NoHistory, StoreUnavailable, excerpt
+from service.experiments import assign
 
 LOG = logging.getLogger(__name__)
 
@@ -30,10 +32,22 @@ async def recommend(
     A history in the request is used as is (and never stored: send events to /events).
     Without one, the user's history is read from Redis; if Redis is down the popularity
     fallback is served and flagged rather than failing the request.
+
+    With an experiment running, the user's arm (``service.experiments``) sets what it
+    sets of the retriever, the rerank and the depth. What the answer showed is logged
+    behind it (``service.impressions``) under its ``request_id``.
     """
     caller.require("recommend")
     recommender = state.require_recommender()
     settings = state.settings
+    request_id = uuid.uuid4().hex
+    assignment = assign(state.experiment, body.user_id or request_id, body.arm)
+    arm = assignment.arm
+    encoder, rerank, candidates = body.encoder, body.rerank, body.candidates
+    if arm is not None:
+        encoder = arm.encoder or encoder
+        rerank = rerank if arm.rerank is None else arm.rerank
+        candidates = arm.candidates or candidates
     outage = False
     if body.history is not None:
         events = [(event.item_id, event.ts) for event in body.history]
@@ -56,10 +70,10 @@ async def recommend(
     result = await recommender.recommend(
         events,
         k=body.k,
-        encoder=body.encoder,
+        encoder=encoder,
         exclude_seen=body.exclude_seen,
-        candidates=body.candidates or settings.candidates,
-        rerank=body.rerank,
+        candidates=candidates or settings.candidates,
+        rerank=rerank,
         cache=None if outage else state.cache,
         history_cap=settings.request_history_cap,
         item_filter=body.filter.item_filter() if body.filter is not None else None,
@@ -81,5 +95,12 @@ async def recommend(
         "filtered": result.filtered,
         "at": result.at,
         "timings_ms": result.timings_ms,
+        "request_id": request_id,
+        "experiment": assignment.experiment,
+        "arm": assignment.arm_name,
     }
+    if state.impressions is not None:
+        state.impressions.record(
+            request_id=request_id, user=body.user_id, assignment=assignment, answer=payload
+        )
     return Response(to_json(payload), media_type="application/json")
