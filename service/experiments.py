@@ -7,7 +7,8 @@ on every reload (``POST /admin/reload``, a reload signal, a new CURRENT)::
      "arms": [{"name": "control", "weight": 1, "rerank": false},
               {"name": "head", "weight": 1, "rerank": true}]}
 
-An arm sets any of the retriever (``encoder``), the rerank and the retrieval depth
+An arm sets any of the bundle (``bundle``: another bundle of the models dir, served beside
+CURRENT's), the retriever (``encoder``), the rerank and the retrieval depth
 (``candidates``); what it sets wins over the request's own fields, so that a client that
 always sends ``rerank`` cannot leave the experiment. What it leaves unset the request (or
 the bundle's default) decides.
@@ -42,6 +43,11 @@ class Arm(BaseModel):
 
     name: str = Field(pattern=NAME)
     weight: float = Field(gt=0, le=1e6, allow_inf_nan=False)
+    bundle: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$",
+        description="a bundle of the models dir (default: the one CURRENT names)",
+    )
     encoder: str | None = Field(None, min_length=1, max_length=256, description="the retriever")
     rerank: bool | None = None
     candidates: int | None = Field(None, ge=1, le=5000, description="retrieval depth")
@@ -90,22 +96,22 @@ class Experiment(BaseModel):
             f"(arms: {', '.join(a.name for a in self.arms)})"
         )
 
-    def check_against(self, heads: dict[str, bool], default: str) -> None:
-        """ExperimentError unless every arm's retriever is in the bundle and every arm
-        that asks for the rerank has a retriever with a CTR head; ``heads``: retriever ->
-        whether it has one, ``default`` the retriever of a request that names none."""
-        for arm in self.arms:
-            retriever = arm.encoder or default
-            if retriever not in heads:
-                raise ExperimentError(
-                    f"experiment {self.name}, arm {arm.name}: the bundle has no retriever "
-                    f"{excerpt(retriever)}"
-                )
-            if arm.rerank and not heads[retriever]:
-                raise ExperimentError(
-                    f"experiment {self.name}, arm {arm.name}: rerank asked, but retriever "
-                    f"{excerpt(retriever)} has no CTR head"
-                )
+    def bundles(self) -> list[str]:
+        """The bundles the arms name, in order, each once."""
+        return list(dict.fromkeys(arm.bundle for arm in self.arms if arm.bundle is not None))
+
+
+def check_arm(arm: Arm, heads: dict[str, bool], default: str) -> None:
+    """ExperimentError unless ``arm``'s retriever is in its bundle and, if it asks for the
+    rerank, has a CTR head; ``heads``: the bundle's retrievers -> whether each has one,
+    ``default`` the retriever of a request that names none."""
+    retriever = arm.encoder or default
+    if retriever not in heads:
+        raise ExperimentError(f"arm {arm.name}: the bundle has no retriever {excerpt(retriever)}")
+    if arm.rerank and not heads[retriever]:
+        raise ExperimentError(
+            f"arm {arm.name}: rerank asked, but retriever {excerpt(retriever)} has no CTR head"
+        )
 
 
 @dataclass(frozen=True)

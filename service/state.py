@@ -40,10 +40,11 @@ from service.errors import (
     BundleError,
     CatalogueUnavailable,
     ComputeError,
+    ExperimentError,
     NotReady,
     StoreUnavailable,
 )
-from service.experiments import Experiment, load_experiment
+from service.experiments import Arm, Experiment, check_arm, load_experiment
 from service.feedback_store import FeedbackStore
 from service.impressions import ImpressionLog
 from service.metrics import Metrics
@@ -59,16 +60,25 @@ STOP_WAIT_SECONDS = 1.0  # how long each one is given
 IGNORED_LOG_SECONDS = 60.0  # at most one warning per this long about ignored signals
 
 
-def check_experiment(experiment: Experiment | None, recommender: Recommender | None) -> None:
-    """ExperimentError if ``recommender``'s bundle cannot serve every arm of
-    ``experiment``."""
-    if experiment is None or recommender is None:
+def check_experiment(
+    experiment: Experiment | None, recommenders: dict[str, Recommender], current: str
+) -> None:
+    """ExperimentError naming the experiment and arm if an arm's bundle (``current`` for
+    an arm that names none; ``recommenders`` by bundle name) cannot serve it."""
+    if experiment is None:
         return
-    heads = {
-        name: "ctr_head" in retriever.paths
-        for name, retriever in recommender.bundle.retrievers.items()
-    }
-    experiment.check_against(heads, recommender.default_encoder)
+    for arm in experiment.arms:
+        recommender = recommenders[arm.bundle or current]
+        heads = {
+            name: "ctr_head" in retriever.paths
+            for name, retriever in recommender.bundle.retrievers.items()
+        }
+        try:
+            check_arm(arm, heads, recommender.default_encoder)
+        except ExperimentError as exc:
+            raise ExperimentError(
+                f"experiment {experiment.name}, {exc} {recommender.bundle.name}"
+            ) from None
 
 
 class AppState:
@@ -77,6 +87,8 @@ class AppState:
         self.cache = cache
         self.metrics = metrics
         self.recommender: Recommender | None = None
+        # The bundles the experiment's arms name besides CURRENT's, by name.
+        self.arm_recommenders: dict[str, Recommender] = {}
         self.last_error: str | None = None
         self._failed_name: str | None = None
         self._lock = asyncio.Lock()
@@ -133,76 +145,62 @@ class AppState:
             initargs=(settings.native_threads,),
         )
 
-    def require_recommender(self) -> Recommender:
+    def require_recommender(self, arm: Arm | None = None) -> Recommender:
+        """What serves a request of ``arm`` (None: CURRENT's bundle); NotReady before the
+        first bundle."""
         recommender = self.recommender
         if recommender is None:
             raise NotReady(self.last_error or "no bundle loaded")
+        if arm is not None and arm.bundle is not None and arm.bundle != recommender.bundle.name:
+            # The experiment and these are swapped together, so its arms' bundles are here.
+            return self.arm_recommenders[arm.bundle]
         return recommender
+
+    def serving(self) -> list[Recommender]:
+        """Every recommender serving requests: CURRENT's and the arms' bundles'."""
+        main = [self.recommender] if self.recommender is not None else []
+        return main + list(self.arm_recommenders.values())
 
     @property
     def bundle_name(self) -> str | None:
         return self.recommender.bundle.name if self.recommender else None
 
     async def reload(self, name: str | None = None) -> str:
-        """Load bundle ``name`` (default: CURRENT) and serve it; BundleError if refused."""
+        """Serve bundle ``name`` (default: CURRENT) and the experiment's file as they are
+        now; BundleError if refused, and then everything served before keeps serving.
+
+        Every reload re-reads the experiment: editing the file, then a reload, is how an
+        experiment starts, changes or ends. The bundles its arms name are loaded beside
+        CURRENT's (kept where already served) and swapped in with it."""
         async with self._lock:
+            opened: list[Recommender] = []
             try:
-                # Every reload re-reads the experiment: editing the file, then a reload, is
-                # how an experiment starts, changes or ends.
                 experiment = load_experiment(self.settings.experiment_file)
                 name = name or current_name(self.settings.models_dir)
-                if name == self.bundle_name:
-                    check_experiment(experiment, self.recommender)
-                    self.experiment = experiment
-                    # CURRENT is back on what is served: an earlier refusal no longer applies.
-                    self.last_error = None
-                    self._failed_name = None
-                    return name
-                settings = self.settings
-                in_process = settings.compute == "process"
-                # With a compute process the models are loaded there, not here.
-                bundle = await run_in_threadpool(
-                    partial(
-                        load_bundle,
-                        settings.models_dir,
-                        name,
-                        device=settings.device,
-                        threads=settings.onnx_threads,
-                        models=not in_process,
-                        index_device=settings.index_device,
-                    )
-                )
-                if in_process:
-                    compute = ProcessCompute(
-                        ComputeConfig.from_settings(settings, name),
-                        call_timeout=settings.compute_timeout_seconds,
-                        stall_seconds=settings.compute_stall_seconds,
-                    )
-                else:
-                    compute = ThreadCompute(bundle, self.executor)
-                    # On the executor that computes the batches, under its native-thread limits.
-                    await asyncio.get_running_loop().run_in_executor(
-                        self.executor, warm_up, bundle, settings.max_batch, settings.candidates
-                    )
-                recommender = Recommender.from_settings(
-                    bundle, settings, compute=compute, on_batch=self.metrics.batch_size.observe
-                )
-                # Refuse a bundle that lacks the configured default encoder, or what the
-                # experiment's arms ask for, up front.
-                recommender.retriever(None)
-                check_experiment(experiment, recommender)
-                await recommender.start()
-                await self._catalogue_lock.acquire()
-                try:
-                    if self.catalogue_records:
-                        await recommender.apply_catalogue(
-                            self.catalogue_version, dict(self.catalogue_records)
-                        )
-                except BaseException:
-                    self._catalogue_lock.release()
+                wanted = [name] + (experiment.bundles() if experiment is not None else [])
+                held = {r.bundle.name: r for r in self.serving()}
+                fresh: dict[str, Recommender] = {}
+                for bundle_name in dict.fromkeys(wanted):
+                    if bundle_name not in held:
+                        opened.append(await self._open(bundle_name))
+                    fresh[bundle_name] = held.get(bundle_name) or opened[-1]
+                check_experiment(experiment, fresh, name)
+                if opened:
+                    await self._catalogue_lock.acquire()
+                    try:
+                        if self.catalogue_records:
+                            for recommender in opened:
+                                await recommender.apply_catalogue(
+                                    self.catalogue_version, dict(self.catalogue_records)
+                                )
+                    except BaseException:
+                        self._catalogue_lock.release()
+                        raise
+            except BaseException as exc:
+                for recommender in opened:
                     await recommender.close()
-                    raise
-            except Exception as exc:
+                if not isinstance(exc, Exception):
+                    raise  # cancelled: nothing to report
                 self.last_error = f"reload refused: {exc}"
                 self._failed_name = name
                 self.metrics.reloads.labels(outcome="refused").inc()
@@ -210,23 +208,65 @@ class AppState:
                 if isinstance(exc, BundleError):
                     raise
                 raise BundleError(str(exc)) from exc
-            retired, self.recommender = self.recommender, recommender
+            retired = [r for r in self.serving() if r not in fresh.values()]
+            changed = self.bundle_name != name
+            self.recommender = fresh.pop(name)
+            self.arm_recommenders = fresh
             self.experiment = experiment
-            self._catalogue_lock.release()
-            if retired is not None:
+            if opened:
+                self._catalogue_lock.release()
+            for recommender in retired:
                 # Requests that took it just before the swap still finish on it; once they
                 # have, its bundle is collected with the heap settled anew.
-                closing = asyncio.create_task(retired.close())
+                closing = asyncio.create_task(recommender.close())
                 closing.add_done_callback(lambda _: settle_heap())
                 self._retiring.add(closing)
-                self._retiring = {task for task in self._retiring if not task.done()}
-            settle_heap()
+            self._retiring = {task for task in self._retiring if not task.done()}
+            # A refusal before no longer applies: what is named is what is served.
             self.last_error = None
             self._failed_name = None
-            self.metrics.reloads.labels(outcome="loaded").inc()
-            self.metrics.serving(bundle.name)
-            LOG.info("serving bundle %s", bundle.name)
-            return bundle.name
+            if changed:
+                settle_heap()
+                self.metrics.reloads.labels(outcome="loaded").inc()
+                self.metrics.serving(name)
+                LOG.info("serving bundle %s", name)
+            return name
+
+    async def _open(self, name: str) -> Recommender:
+        """Bundle ``name`` loaded, verified, warmed up and started (not yet serving)."""
+        settings = self.settings
+        in_process = settings.compute == "process"
+        # With a compute process the models are loaded there, not here.
+        bundle = await run_in_threadpool(
+            partial(
+                load_bundle,
+                settings.models_dir,
+                name,
+                device=settings.device,
+                threads=settings.onnx_threads,
+                models=not in_process,
+                index_device=settings.index_device,
+            )
+        )
+        if in_process:
+            compute = ProcessCompute(
+                ComputeConfig.from_settings(settings, name),
+                call_timeout=settings.compute_timeout_seconds,
+                stall_seconds=settings.compute_stall_seconds,
+            )
+        else:
+            compute = ThreadCompute(bundle, self.executor)
+            # On the executor that computes the batches, under its native-thread limits.
+            await asyncio.get_running_loop().run_in_executor(
+                self.executor, warm_up, bundle, settings.max_batch, settings.candidates
+            )
+        recommender = Recommender.from_settings(
+            bundle, settings, compute=compute, on_batch=self.metrics.batch_size.observe
+        )
+        # Refuse a bundle that lacks the configured default encoder up front.
+        recommender.retriever(None)
+        await recommender.start()
+        return recommender
 
     async def _poll_current(self) -> None:
         while True:
@@ -326,9 +366,8 @@ class AppState:
             elif not records:
                 self.catalogue_version = version
                 return True
-            recommender = self.recommender
-            if recommender is not None:
-                # Before the version moves on: if this fails, the next read returns them.
+            # Before the version moves on: if this fails, the next read returns them.
+            for recommender in self.serving():
                 await recommender.apply_catalogue(version, records)
             self.catalogue_records.update(records)
             self.catalogue_version = version
@@ -396,8 +435,8 @@ class AppState:
     async def close(self) -> None:
         """Stop serving: the current and the retiring recommenders finish what they have in
         flight and stop their compute; then the compute thread goes."""
-        if self.recommender is not None:
-            await self.recommender.close()
+        for recommender in self.serving():
+            await recommender.close()
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
         self.executor.shutdown(cancel_futures=True)

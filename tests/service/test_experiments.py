@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections import Counter
 
@@ -11,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from service.attribution import AttributionRules, Feedback, marks_for
 from service.errors import ExperimentError, InvalidField
-from service.experiments import Experiment, assign, load_experiment
+from service.experiments import Arm, Experiment, assign, check_arm, load_experiment
 from service.feedback_store import Shown
 from service.main import create_app
 from service.report import Rate, arm_figures, difference, table, wilson
@@ -92,14 +93,13 @@ def test_a_bad_experiment_file_is_refused_naming_the_file_and_field(tmp_path, te
 
 
 def test_an_arm_needs_what_it_asks_of_the_bundle():
-    experiment = experiment_of(
-        {"name": "x", "arms": [{"name": "a", "weight": 1, "encoder": "gone"}]}
-    )
+    gone = Arm(name="a", weight=1, encoder="gone")
     with pytest.raises(ExperimentError, match="arm a: the bundle has no retriever 'gone'"):
-        experiment.check_against({"sasrec": True}, "sasrec")
-    headless = experiment_of({"name": "x", "arms": [{"name": "a", "weight": 1, "rerank": True}]})
+        check_arm(gone, {"sasrec": True}, "sasrec")
+    headless = Arm(name="a", weight=1, rerank=True)
     with pytest.raises(ExperimentError, match="has no CTR head"):
-        headless.check_against({"sasrec": False}, "sasrec")
+        check_arm(headless, {"sasrec": False}, "sasrec")
+    check_arm(headless, {"sasrec": True}, "sasrec")
 
 
 # --------------------------------------------------------------------------- attribution
@@ -334,7 +334,11 @@ def test_a_bad_experiment_refuses_the_reload_and_the_old_one_keeps_serving(
         body = client.post("/recommend", json={"user_id": "u", "history": history}).json()
         assert body["experiment"] == "second"
         ready = client.get("/readyz", headers=admin).json()
-        assert ready["experiment"] == {"name": "second", "arms": {"control": 0.5, "head": 0.5}}
+        assert ready["experiment"] == {
+            "name": "second",
+            "arms": {"control": 0.5, "head": 0.5},
+            "bundles": [],
+        }
         assert "experiment" not in client.get("/readyz").json()
 
 
@@ -353,3 +357,36 @@ def test_the_start_refuses_a_bad_experiment_file_in_one_line(
     assert capsys.readouterr().err == (
         f"recserve: {path}: arms.0.weight: Input should be greater than 0\n"
     )
+
+
+def test_an_arm_may_serve_another_bundle_beside_current(
+    make_settings, served_models, second_bundle, tmp_path, history
+):
+    shutil.copytree(second_bundle, served_models / second_bundle.name)
+    path = tmp_path / "bundles.json"
+    arms = [{"name": "old", "weight": 1}, {"name": "new", "weight": 1, "bundle": "tiny-v2"}]
+    path.write_text(json.dumps({"name": "bundles", "arms": arms}))
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with TestClient(create_app(make_settings(experiment_file=path))) as client:
+        served = {}
+        for i in range(30):
+            body = client.post("/recommend", json={"user_id": f"u{i}", "history": history})
+            served.setdefault(body.json()["arm"], set()).add(body.json()["bundle"])
+        assert served == {"old": {"tiny"}, "new": {"tiny-v2"}}
+        assert client.get("/readyz", headers=admin).json()["experiment"]["bundles"] == ["tiny-v2"]
+        state = client.app.state.recserve
+        second = state.arm_recommenders["tiny-v2"]
+        # A reload keeps what it still serves, and a bundle no arm names any more goes.
+        assert client.post("/admin/reload", headers=admin).status_code == 200
+        assert state.arm_recommenders["tiny-v2"] is second
+        path.write_text(json.dumps({**RERANK_ARMS, "arms": [{"name": "only", "weight": 1}]}))
+        assert client.post("/admin/reload", headers=admin).status_code == 200
+        assert state.arm_recommenders == {} and second not in state.serving()
+        body = client.post("/recommend", json={"user_id": "u1", "history": history}).json()
+        assert (body["arm"], body["bundle"]) == ("only", "tiny")
+        # An arm naming a bundle the models dir lacks refuses the reload, naming it.
+        arms[1]["bundle"] = "missing"
+        path.write_text(json.dumps({"name": "bundles", "arms": arms}))
+        refused = client.post("/admin/reload", headers=admin)
+        assert refused.status_code == 409 and "missing" in refused.text
+        assert client.post("/recommend", json={"history": history}).json()["arm"] == "only"

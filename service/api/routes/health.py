@@ -59,6 +59,7 @@ async def readyz(state: State, admin: IsAdmin) -> JSONResponse:
             {
                 "name": experiment.name,
                 "arms": {arm.name: round(experiment.share(arm), 6) for arm in experiment.arms},
+                "bundles": sorted(state.arm_recommenders),
             }
             if experiment is not None
             else None

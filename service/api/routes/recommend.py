@@ -38,11 +38,11 @@ async def recommend(
     behind it (``service.impressions``) under its ``request_id``.
     """
     caller.require("recommend")
-    recommender = state.require_recommender()
     settings = state.settings
     request_id = uuid.uuid4().hex
     assignment = assign(state.experiment, body.user_id or request_id, body.arm)
     arm = assignment.arm
+    recommender = state.require_recommender(arm)
     encoder, rerank, candidates = body.encoder, body.rerank, body.candidates
     if arm is not None:
         encoder = arm.encoder or encoder
