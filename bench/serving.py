@@ -52,7 +52,8 @@ local function random_body()
     ts = ts + math.random(60, 86400)
     events[e] = string.format('{"item_id":"%%d","ts":%%d}', math.random(1, n_items), ts)
   end
-  return '{"k":10,"history":[' .. table.concat(events, ",") .. ']}'
+  local user = %(with_users)s and string.format('"user_id":"u%%d",', math.random(1, 1000000)) or ''
+  return '{' .. user .. '"k":10,"history":[' .. table.concat(events, ",") .. ']}'
 end
 request = function()
   local body
@@ -246,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         help="RECSERVE_INDEX_DEVICE of the server and of the floor: where faiss searches, "
         "when not on --device (e.g. --device cpu --index-device gpu)",
     )
+    parser.add_argument(
+        "--user-ids",
+        action="store_true",
+        help="give each fresh request a random user id (of a million) beside its history, "
+        "as a client that logs impressions per user does",
+    )
     parser.add_argument("--server-log", type=Path, help="write the server's output to FILE")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "serving.json")
     args = parser.parse_args(argv)
@@ -295,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
         "index_device": args.index_device or args.device,
         "settings": extra_settings(args.setting),
+        "user_ids": args.user_ids,
         "runs": [],
     }
     quoted = ",".join(json.dumps(body) for body in bodies[: args.repeat])
@@ -304,7 +312,12 @@ def main(argv: list[str] | None = None) -> int:
         # Every wrk run draws its fresh histories from its own seed: with one seed for all,
         # each run would replay the previous runs' "fresh" histories as cache hits.
         lua = served / "bodies.lua"
-        values = {"bodies": quoted, "n_items": n_items, "repeat_share": args.repeat_share}
+        values = {
+            "bodies": quoted,
+            "n_items": n_items,
+            "repeat_share": args.repeat_share,
+            "with_users": "true" if args.user_ids else "false",
+        }
         lua.write_text(LUA % {**values, "seed": next(seeds)})
         return lua
 
