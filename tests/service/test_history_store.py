@@ -22,6 +22,8 @@ from service.history_store import (
     pack_history,
     pack_records,
 )
+from service.migrate_histories import main as migrate_main
+from service.migrate_histories import migrate
 from tests.servers import REPO
 from tests.service.conftest import SHARED_REDIS_URL
 
@@ -334,3 +336,45 @@ def test_a_malformed_old_member_is_dropped_with_a_warning(shared_redis, key_pref
 
     assert run_with(key_prefix, scenario) == ([("a", 10)], [("a", 10), ("b", 20)])
     assert "malformed" in caplog.text
+
+
+def test_migrate_converts_every_old_history_once(shared_redis, key_prefix):
+    names = InMemoryBehaviourCache(key_prefix)
+    expected = {}
+    old_events = 0
+    for n in range(60):
+        events = [(f"item-{(n * k) % 13}", 100 * k + n) for k in range(1, n % 7 + 2)]
+        legacy_write(shared_redis, names.legacy_history_key(f"user-{n}"), events)
+        expected[f"user-{n}"] = sorted(events, key=lambda e: e[1])
+        old_events += len(events) if n else 0
+
+    async def scenario(cache):
+        await cache.append_events("user-0", [("new", 1)])  # converted already
+        expected["user-0"].insert(0, ("new", 1))
+        counted = await migrate(cache, dry_run=True, log=lambda _: None)
+        converted = await migrate(cache, concurrency=8, log=lambda _: None)
+        again = await migrate(cache, log=lambda _: None)
+        histories = {user: await cache.history(user) for user in expected}
+        return counted, converted, again, histories
+
+    counted, converted, again, histories = run_with(key_prefix, scenario)
+    assert (counted["users"], counted["events"]) == (59, old_events)
+    assert (converted["users"], converted["events"]) == (59, old_events)
+    assert (again["users"], again["events"]) == (0, 0)
+    assert histories == expected
+    assert not list(shared_redis.scan_iter(match=f"{key_prefix}:hist:*"))
+
+
+def test_the_migration_command_reads_the_service_settings(
+    shared_redis, key_prefix, monkeypatch, capsys, clean_recserve_environment
+):
+    names = InMemoryBehaviourCache(key_prefix)
+    legacy_write(shared_redis, names.legacy_history_key("u"), [("a", 1), ("b", 2)])
+    monkeypatch.setenv("RECSERVE_REDIS_URL", SHARED_REDIS_URL)
+    monkeypatch.setenv("RECSERVE_KEY_PREFIX", key_prefix)
+    assert migrate_main([]) == 0
+    assert "converted: 1 users, 2 events" in capsys.readouterr().out
+    assert shared_redis.type(names.history_key("u")) == b"string"
+    monkeypatch.setenv("RECSERVE_REDIS_URL", "redis://127.0.0.1:1/0")
+    assert migrate_main([]) == 1
+    assert "Redis unavailable" in capsys.readouterr().err
