@@ -382,31 +382,50 @@ class RedisBehaviourCache(BehaviourCache):
             return []
         timestamps, codes = unpack_records(stored[HEADER.size :])
         known = self.codes
+        events = None
+        if generation == known.generation:
+            item_of = known.item_of
+            try:  # the usual read: this worker knows every code
+                events = [(item_of[code], ts) for ts, code in zip(timestamps, codes, strict=True)]
+            except KeyError:
+                pass
+        if events is None:
+            events = await self._resolve(generation, timestamps, codes)
+        if len(set(timestamps)) < len(timestamps):
+            # The records order ties by code; readers are promised item order.
+            events.sort(key=lambda event: (event[1], event[0]))
+        return events
+
+    async def _resolve(
+        self, generation: int, timestamps: list[int], codes: list[int]
+    ) -> list[tuple[str, int]]:
+        """The events of records whose codes this worker does not all know: the missing
+        ones are asked of the dictionary, which must still be of ``generation``."""
+        known = self.codes
         cached = known.item_of if generation == known.generation else {}
         unique = set(codes)
         item_of = {code: cached[code] for code in unique if code in cached}
         missing = sorted(unique.difference(item_of))
-        if missing:
-            reply = await self._run(
-                self.client.hmget(
-                    self.item_dictionary_key(), ["gen", *(f"#{code}" for code in missing)]
-                )
+        reply = await self._run(
+            self.client.hmget(
+                self.item_dictionary_key(), ["gen", *(f"#{code}" for code in missing)]
             )
-            current = None if reply[0] is None else int(reply[0])
-            if current is not None:
-                known.start(current)
-            if current != generation:
-                LOG.warning(
-                    "a history of item dictionary generation %d is read as empty: the "
-                    "dictionary is now of generation %s",
-                    generation,
-                    current,
-                )
-                return []
-            for code, raw in zip(missing, reply[1:], strict=True):
-                if raw is not None:
-                    item_of[code] = _decode_item(raw)
-                    known.remember(item_of[code], code)
+        )
+        current = None if reply[0] is None else int(reply[0])
+        if current is not None:
+            known.start(current)
+        if current != generation:
+            LOG.warning(
+                "a history of item dictionary generation %d is read as empty: the "
+                "dictionary is now of generation %s",
+                generation,
+                current,
+            )
+            return []
+        for code, raw in zip(missing, reply[1:], strict=True):
+            if raw is not None:
+                item_of[code] = _decode_item(raw)
+                known.remember(item_of[code], code)
         events = [(item_of.get(code), ts) for ts, code in zip(timestamps, codes, strict=True)]
         known_events = [event for event in events if event[0] is not None]
         if len(known_events) < len(events):
@@ -414,11 +433,7 @@ class RedisBehaviourCache(BehaviourCache):
                 "%d events name codes the item dictionary lacks; they are left out",
                 len(events) - len(known_events),
             )
-            events = known_events
-        if any(a[1] == b[1] for a, b in zip(events, events[1:], strict=False)):
-            # The records order ties by code; readers are promised item order.
-            events.sort(key=lambda event: (event[1], event[0]))
-        return events
+        return known_events
 
     async def get_retrievals(self, keys: list[str]) -> list[CachedRetrieval | None]:
         if not keys:
