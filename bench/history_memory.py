@@ -23,8 +23,10 @@ everything it writes is under a fresh key prefix, deleted afterwards).
    ``new, codes not remembered`` (``item_code_cache=0``: every append asks the item
    dictionary first and every read asks it for all the codes; what a worker pays while
    its memory lacks the items, e.g. a catalogue larger than ``RECSERVE_ITEM_CODE_CACHE``).
-   With the private Redis, also the server's own CPU time per call (``INFO cpu`` before
-   and after): what a call costs Redis's one thread, whatever the client's machine does.
+   Also the CPU time per call of the client (this process, ``time.process_time``) and,
+   with the private Redis, of the server (``INFO cpu`` before and after): what a call
+   costs each side, which a loaded machine's scheduling does not inflate as it does the
+   wall-clock latency.
    Rounds alternate the order of the layouts; the summary is the median over rounds.
 3. **Migration**: ``--users`` old-layout users at the cap converted by
    ``service.migrate_histories.migrate``: users and events per second.
@@ -172,25 +174,31 @@ async def time_layout(
     picks = rng.integers(0, len(users), size=ops)
     items = rng.integers(0, 1000, size=ops)
     cpu = await redis_cpu_seconds(client) if client else 0.0
+    own = time.process_time()
     for pick, item in zip(picks, items, strict=True):
         user = users[pick]
         next_ts[user] += 1
         started = time.perf_counter()
         await layout.append_events(user, [(f"item-{int(item)}", next_ts[user])])
         appends.append(time.perf_counter() - started)
+    mine = {"append": (time.process_time() - own) / ops * 1e6}
     if client:
         server["append"] = (await redis_cpu_seconds(client) - cpu) / ops * 1e6
         cpu = await redis_cpu_seconds(client)
+    own = time.process_time()
     for pick in rng.integers(0, len(users), size=ops):
         started = time.perf_counter()
         history = await layout.history(users[pick])
         reads.append(time.perf_counter() - started)
         assert len(history) == CAP
+    mine["read"] = (time.process_time() - own) / ops * 1e6
     if client:
         server["read"] = (await redis_cpu_seconds(client) - cpu) / ops * 1e6
     result = {"append": percentiles(appends), "read": percentiles(reads)}
-    for op, microseconds in server.items():
-        result[op]["redis_us"] = round(microseconds, 1)
+    for op in result:
+        result[op]["client_cpu_us"] = round(mine[op], 1)
+        if op in server:
+            result[op]["redis_us"] = round(server[op], 1)
     return result
 
 
@@ -239,7 +247,7 @@ async def measure_latency(
         summary[label] = {
             op: {
                 stat: round(statistics.median(r[op][stat] for r in results), 1)
-                for stat in ("p50_us", "p99_us", "redis_us")
+                for stat in ("p50_us", "p99_us", "client_cpu_us", "redis_us")
                 if stat in results[0][op]
             }
             for op in ("append", "read")
@@ -294,17 +302,17 @@ def table(result: dict) -> str:
         f"Item dictionary: {dictionary['items']:,} items, {dictionary['bytes']:,} bytes "
         f"({dictionary['bytes_per_item']} per item).",
         "",
-        "| layout | append p50 / p99 us | Redis CPU per append us | read p50 / p99 us "
-        "| Redis CPU per read us |",
+        "| layout | append p50 / p99 us | append CPU us: client, Redis "
+        "| read p50 / p99 us | read CPU us: client, Redis |",
         "| --- | --- | --- | --- | --- |",
     ]
     for label, row in result["latency"].items():
-        lines.append(
-            f"| {label} | {row['append']['p50_us']} / {row['append']['p99_us']} "
-            f"| {row['append'].get('redis_us', '-')} "
-            f"| {row['read']['p50_us']} / {row['read']['p99_us']} "
-            f"| {row['read'].get('redis_us', '-')} |"
-        )
+        cells = [
+            f"{row[op]['p50_us']} / {row[op]['p99_us']} "
+            f"| {row[op]['client_cpu_us']}, {row[op].get('redis_us', '-')}"
+            for op in ("append", "read")
+        ]
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
     migration = result["migration"]
     lines += [
         "",
