@@ -52,6 +52,7 @@ from service.history_store import (
     ItemCodes,
     merge_records,
     pack_history,
+    pack_members,
     pack_records,
     unpack_records,
 )
@@ -293,7 +294,7 @@ class RedisBehaviourCache(BehaviourCache):
                         -1 if legacy is None else len(members),
                         pack_records([(ts, code_of[item]) for item, ts in legacy_events]),
                         pack_records([(ts, code_of[item]) for item, ts in events]),
-                        *members,
+                        pack_members(members),
                     ],
                 )
             )

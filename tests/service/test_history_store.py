@@ -20,6 +20,7 @@ from service.history_store import (
     RECORD_SIZE,
     merge_records,
     pack_history,
+    pack_members,
     pack_records,
 )
 from service.migrate_histories import main as migrate_main
@@ -70,12 +71,12 @@ def test_the_script_merges_as_merge_records_says(shared_redis, key_prefix):
         shared_redis.delete(key, legacy_key)
         if stored:
             shared_redis.set(key, pack_history(5, stored))
-        members = [f"m{i}" for i in range(len(legacy) // RECORD_SIZE)]
+        members = [b"m%d" % i for i in range(len(legacy) // RECORD_SIZE)]
         if members:
             shared_redis.zadd(legacy_key, dict.fromkeys(members, 0))
         reply = script(
             keys=[key, legacy_key],
-            args=[5, cap, "", len(members) if members else -1, legacy, new, *members],
+            args=[5, cap, "", len(members) if members else -1, legacy, new, pack_members(members)],
         )
         body, added = merge_records(stored, legacy, new, cap)
         assert reply == [added], case
@@ -95,7 +96,10 @@ def test_the_script_answers_without_writing_when_it_needs_more(shared_redis, key
     shared_redis.zadd(legacy_key, {"1:a": 1, "3:b": 3})
     assert script(keys=[key, legacy_key], args=[5, 10, "", -1, b"", new]) == [-1]
     legacy = pack_records([(1, 3)])
-    assert script(keys=[key, legacy_key], args=[5, 10, "", 1, legacy, new, "1:a"]) == [-1]
+    read_before = pack_members([b"1:a"])
+    assert script(keys=[key, legacy_key], args=[5, 10, "", 1, legacy, new, read_before]) == [-1]
+    read_now = pack_members([b"1:a", b"3:c"])  # as many members, not the same
+    assert script(keys=[key, legacy_key], args=[5, 10, "", 2, legacy, new, read_now]) == [-1]
     assert shared_redis.get(key) == pack_history(5, pack_records([(1, 1)]))
     assert shared_redis.zcard(legacy_key) == 2
     assert script(keys=[key, legacy_key], args=[6, 10, "5", -1, b"", new]) == [-1]
