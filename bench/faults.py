@@ -218,19 +218,20 @@ def _finish(thread: threading.Thread, holder: dict, timeout: float) -> dict:
 
 def missing_events(redis_url: str, prefix: str, events: list[tuple[str, str, int]]) -> int:
     """How many acknowledged (user, item, ts) events are not in the users' Redis histories."""
-    import redis
+    from service.cache import RedisBehaviourCache
 
-    from service.cache import BehaviourCache, history_member
+    async def count() -> int:
+        # The cap only trims at a write; reading back needs none of it.
+        cache = RedisBehaviourCache(
+            redis_url, prefix, history_cap=100_000, ttl_seconds=1, timeout=5.0
+        )
+        try:
+            stored = {user: set(await cache.history(user)) for user in {u for u, _, _ in events}}
+        finally:
+            await cache.close()
+        return sum((item, ts) not in stored[user] for user, item, ts in events)
 
-    keys = BehaviourCache(prefix, history_cap=1, ttl_seconds=1)  # key names only
-    client = redis.Redis.from_url(redis_url)
-    try:
-        pipe = client.pipeline(transaction=False)
-        for user, item, ts in events:
-            pipe.zscore(keys.history_key(user), history_member(item, ts))
-        return sum(score is None for score in pipe.execute())
-    finally:
-        client.close()
+    return asyncio.run(count())
 
 
 def _hit_ratio(rows: list[dict]) -> float | None:

@@ -2,10 +2,17 @@
 
 Keys (prefix ``p`` from settings):
 
-- ``{p}:hist:{sha256(user)}`` — a sorted set of the user's events, score = timestamp,
-  member = ``"{ts}:{item}"``. Adding an event that is already there adds nothing, so a
-  retried ``POST /events`` is harmless; the set is trimmed to the newest ``history_cap``.
-  User ids are hashed, so no id (with ``:``, ``*``, spaces...) can name another key.
+- ``{p}:hp:{{p}:hist:{sha256(user)}}`` — the user's history: one string holding a record
+  per event, ordered by time (``service.history_store`` has the layout). Adding an event
+  that is already there adds nothing, so a retried ``POST /events`` is harmless; the
+  history is trimmed to the newest ``history_cap``. User ids are hashed, so no id (with
+  ``:``, ``*``, spaces...) can name another key. The braces hold the old layout's key of
+  the same user as a Redis Cluster hash tag, so that both share a slot and one script may
+  convert the one into the other.
+- ``{p}:hist:{sha256(user)}`` — the old layout (a sorted set of ``"{ts}:{item}"``
+  members, score = timestamp): still read, merged into the new key on the user's next
+  write or by ``python -m service.migrate_histories``.
+- ``{p}:itemcodes`` — the item dictionary: each item id's code in the histories, and back.
 - ``{p}:ret:{bundle}:{encoder}:{digest}`` — one string holding the user embedding and the
   retrieved candidates (ids and scores) for exactly the encoder input whose digest is in
   the key, with a TTL. A changed history has another digest, so it never meets an old
@@ -25,12 +32,30 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import struct
 from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import StoreUnavailable
+from service.errors import InvalidField, StoreUnavailable
+from service.history_store import (
+    APPEND_SCRIPT,
+    ASSIGN_SCRIPT,
+    FORMAT_VERSION,
+    GENERATION_MISMATCH,
+    HEADER,
+    MAX_CODE,
+    MAX_TS,
+    NEEDS_LEGACY,
+    READ_SCRIPT,
+    ItemCodes,
+    merge_records,
+    pack_history,
+    pack_members,
+    pack_records,
+    unpack_records,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -57,13 +82,46 @@ def user_key_part(user_id: str) -> str:
 
 
 def history_member(item: str, ts: int) -> str:
+    """A member of the old layout's sorted set (``{p}:hist:...``)."""
     return f"{ts}:{item}"
 
 
-def _parse_member(member: str | bytes) -> tuple[str, int]:
+def parse_history_member(member: str | bytes) -> tuple[str, int]:
+    """The (item, ts) of a member of the old layout's sorted set."""
     text = member.decode() if isinstance(member, bytes) else member
     ts, _, item = text.partition(":")
     return item, int(ts)
+
+
+def _encode_item(item: str) -> bytes:
+    # surrogatepass: an id that JSON gave with a lone surrogate is still one id to store.
+    return item.encode("utf-8", "surrogatepass")
+
+
+def _decode_item(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogatepass")
+
+
+def _check_timestamps(events: list[tuple[str, int]]) -> None:
+    for position, (_, ts) in enumerate(events):
+        if not 0 <= ts <= MAX_TS:
+            raise InvalidField(f"events[{position}].ts: {ts} lies outside 0..2**48-1")
+
+
+def _legacy_events(key: str, members: list[bytes]) -> list[tuple[str, int]]:
+    """The events of the old layout's members; a malformed one is left out, with a warning."""
+    events = []
+    for member in members:
+        try:
+            events.append(parse_history_member(member))
+        except ValueError:
+            LOG.warning("dropping a malformed member of %s: %r", key, member[:80])
+    return events
+
+
+def _in_order(events: list[tuple[str, int]], cap: int) -> list[tuple[str, int]]:
+    """Events oldest first, ties by item id, the newest ``cap`` of them."""
+    return sorted(events, key=lambda event: (event[1], event[0]))[-cap:]
 
 
 class BehaviourCache:
@@ -75,7 +133,21 @@ class BehaviourCache:
         self.ttl_seconds = ttl_seconds
 
     def history_key(self, user_id: str) -> str:
+        """The key of the user's history."""
+        return self.packed_key(self.legacy_history_key(user_id))
+
+    def legacy_history_key(self, user_id: str) -> str:
+        """The user's key in the old layout (a sorted set), read until converted."""
         return f"{self.prefix}:hist:{user_key_part(user_id)}"
+
+    @staticmethod
+    def packed_key(legacy_key: str) -> str:
+        """The history key of the user whose old layout's key is ``legacy_key``."""
+        prefix = legacy_key.partition(":")[0]
+        return f"{prefix}:hp:{{{legacy_key}}}"
+
+    def item_dictionary_key(self) -> str:
+        return f"{self.prefix}:itemcodes"
 
     def retrieval_key(self, bundle: str, encoder: str, digest: str) -> str:
         return f"{self.prefix}:ret:{bundle}:{encoder}:{digest}"
@@ -142,6 +214,11 @@ def decode_retrieval(blob: bytes | None) -> CachedRetrieval | None:
     return CachedRetrieval(embedding, ids, scores)
 
 
+# Tries of one append: each retry follows a history that changed under it (a worker of the
+# old layout writing it, the item dictionary replaced), which takes a rare coincidence.
+APPEND_ATTEMPTS = 5
+
+
 async def redis_call(operation):
     """Await a redis-py call; every way Redis can be unreachable is ``StoreUnavailable``."""
     import redis.exceptions
@@ -158,7 +235,14 @@ class RedisBehaviourCache(BehaviourCache):
     """Redis through redis-py's asyncio client (hiredis parser when installed), pooled."""
 
     def __init__(
-        self, url: str, prefix: str, history_cap: int, ttl_seconds: int, timeout: float = 0.25
+        self,
+        url: str,
+        prefix: str,
+        history_cap: int,
+        ttl_seconds: int,
+        timeout: float = 0.25,
+        *,
+        item_code_cache: int = 100_000,
     ):
         super().__init__(prefix, history_cap, ttl_seconds)
         import redis.asyncio as aioredis
@@ -170,26 +254,187 @@ class RedisBehaviourCache(BehaviourCache):
             health_check_interval=30,
             max_connections=256,
         )
+        self.codes = ItemCodes(item_code_cache)
+        self._assign_script = self.client.register_script(ASSIGN_SCRIPT)
+        self._append_script = self.client.register_script(APPEND_SCRIPT)
+        self._read_script = self.client.register_script(READ_SCRIPT)
 
     async def _run(self, operation):
         return await redis_call(operation)
 
     async def append_events(self, user_id: str, events: list[tuple[str, int]]) -> int:
-        key = self.history_key(user_id)
-        members = {history_member(item, ts): ts for item, ts in events}
-        names = list(members)
-        # One transaction: which members were there, add, trim, which are there now.
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.zmscore(key, names)
-            pipe.zadd(key, members)
-            pipe.zremrangebyrank(key, 0, -(self.history_cap + 1))
-            pipe.zmscore(key, names)
-            before, _, _, after = await self._run(pipe.execute())
-        return sum(b is None and a is not None for b, a in zip(before, after, strict=True))
+        if not events:
+            return 0
+        _check_timestamps(events)
+        return await self._append(self.legacy_history_key(user_id), events)
+
+    async def _append(
+        self,
+        legacy_key: str,
+        events: list[tuple[str, int]],
+        legacy: tuple[list[bytes], list[tuple[str, int]]] | None = None,
+    ) -> int:
+        """Merge ``events`` (and the old layout's history, which the script asks for when
+        it exists) into the history of the user whose old key is ``legacy_key``."""
+        key = self.packed_key(legacy_key)
+        discard = ""
+        refresh = False
+        for _ in range(APPEND_ATTEMPTS):
+            members, legacy_events = legacy or ([], [])
+            items = [item for item, _ in events] + [item for item, _ in legacy_events]
+            generation, code_of = await self._codes(items, refresh)
+            refresh = False
+            reply = await self._run(
+                self._append_script(
+                    keys=[key, legacy_key],
+                    args=[
+                        generation,
+                        self.history_cap,
+                        discard,
+                        -1 if legacy is None else len(members),
+                        pack_records([(ts, code_of[item]) for item, ts in legacy_events]),
+                        pack_records([(ts, code_of[item]) for item, ts in events]),
+                        pack_members(members),
+                    ],
+                )
+            )
+            status = int(reply[0])
+            if status >= 0:
+                return status
+            if status == NEEDS_LEGACY:
+                legacy = await self._read_legacy(legacy_key)
+            elif status == GENERATION_MISMATCH:
+                stored = int(reply[1])
+                current, _ = await self._codes([], refresh=True)
+                if current != stored:
+                    # Written from codes of a dictionary that is gone: nothing can read it.
+                    LOG.warning(
+                        "history %s was written under item dictionary generation %d, which "
+                        "no longer exists (now %d); it is replaced",
+                        key,
+                        stored,
+                        current,
+                    )
+                    discard = str(stored)
+                refresh = True
+        raise StoreUnavailable("a history kept changing while it was converted; try again")
+
+    async def _read_legacy(self, legacy_key: str) -> tuple[list[bytes], list[tuple[str, int]]]:
+        """The members of the old layout's key and the events they hold."""
+        members = await self._run(self.client.zrange(legacy_key, 0, -1))
+        return members, _legacy_events(legacy_key, members)
+
+    async def _codes(self, items: list[str], refresh: bool = False) -> tuple[int, dict[str, int]]:
+        """The dictionary's generation and the codes of ``items``, assigned where new; from
+        this worker's memory when it holds them all and the generation was confirmed
+        lately (``refresh``: confirm it now)."""
+        known = self.codes
+        wanted = list(dict.fromkeys(items))
+        if not refresh and known.fresh():
+            code_of = {item: known.code_of.get(item) for item in wanted}
+            missing = [item for item, code in code_of.items() if code is None]
+            if not missing:
+                return known.generation, code_of
+        else:
+            code_of, missing = {}, wanted
+        reply = await self._run(
+            self._assign_script(
+                keys=[self.item_dictionary_key()],
+                args=[secrets.randbelow(MAX_CODE) + 1, *map(_encode_item, missing)],
+            )
+        )
+        generation = int(reply[0])
+        if generation != known.generation and len(missing) < len(wanted):
+            # The codes remembered belong to a dictionary that is gone: ask for them all.
+            known.start(generation)
+            return await self._codes(items, refresh=True)
+        known.start(generation)
+        for item, code in zip(missing, reply[1:], strict=True):
+            code_of[item] = int(code)
+            known.remember(item, int(code))
+        return generation, code_of
+
+    async def convert_legacy(self, legacy_key: str) -> int:
+        """Move one user's history from the old layout's key ``legacy_key`` into the new
+        layout (merged with whatever the new key holds); returns how many events the old
+        key held, 0 where there was none."""
+        legacy = await self._read_legacy(legacy_key)
+        if not legacy[0]:
+            return 0
+        await self._append(legacy_key, [], legacy)
+        return len(legacy[0])
 
     async def history(self, user_id: str) -> list[tuple[str, int]]:
-        members = await self._run(self.client.zrange(self.history_key(user_id), 0, -1))
-        return [_parse_member(m) for m in members]
+        legacy_key = self.legacy_history_key(user_id)
+        reply = await self._run(self._read_script(keys=[self.packed_key(legacy_key), legacy_key]))
+        events = await self._decode(reply[0]) if reply[0] else []
+        if len(reply) > 1:
+            # The old layout's key is still there (not yet converted, or written meanwhile
+            # by a worker of the old release): both together are the history.
+            legacy = _legacy_events(legacy_key, reply[1])
+            return _in_order(list(set(legacy).union(events)), self.history_cap)
+        return events
+
+    async def _decode(self, stored: bytes) -> list[tuple[str, int]]:
+        """The events of a stored history, oldest first (ties by item id)."""
+        version, generation = HEADER.unpack_from(stored)
+        if version != FORMAT_VERSION:
+            LOG.warning("a history of unknown format %d is read as empty", version)
+            return []
+        timestamps, codes = unpack_records(stored[HEADER.size :])
+        known = self.codes
+        events = None
+        if generation == known.generation:
+            item_of = known.item_of
+            try:  # the usual read: this worker knows every code
+                events = [(item_of[code], ts) for ts, code in zip(timestamps, codes, strict=True)]
+            except KeyError:
+                pass
+        if events is None:
+            events = await self._resolve(generation, timestamps, codes)
+        if len(set(timestamps)) < len(timestamps):
+            # The records order ties by code; readers are promised item order.
+            events.sort(key=lambda event: (event[1], event[0]))
+        return events
+
+    async def _resolve(
+        self, generation: int, timestamps: list[int], codes: list[int]
+    ) -> list[tuple[str, int]]:
+        """The events of records whose codes this worker does not all know: the missing
+        ones are asked of the dictionary, which must still be of ``generation``."""
+        known = self.codes
+        cached = known.item_of if generation == known.generation else {}
+        unique = set(codes)
+        item_of = {code: cached[code] for code in unique if code in cached}
+        missing = sorted(unique.difference(item_of))
+        reply = await self._run(
+            self.client.hmget(
+                self.item_dictionary_key(), ["gen", *(f"#{code}" for code in missing)]
+            )
+        )
+        current = None if reply[0] is None else int(reply[0])
+        if current is not None:
+            known.start(current)
+        if current != generation:
+            LOG.warning(
+                "a history of item dictionary generation %d is read as empty: the "
+                "dictionary is now of generation %s",
+                generation,
+                current,
+            )
+            return []
+        for code, raw in zip(missing, reply[1:], strict=True):
+            if raw is not None:
+                item_of[code] = _decode_item(raw)
+                known.remember(item_of[code], code)
+        events = [(item_of.get(code), ts) for ts, code in zip(timestamps, codes, strict=True)]
+        known_events = [event for event in events if event[0] is not None]
+        if len(known_events) < len(events):
+            LOG.warning(
+                "%d events name codes the item dictionary lacks; they are left out",
+                len(events) - len(known_events),
+            )
+        return known_events
 
     async def get_retrievals(self, keys: list[str]) -> list[CachedRetrieval | None]:
         if not keys:
@@ -220,9 +465,13 @@ class RedisBehaviourCache(BehaviourCache):
 class InMemoryBehaviourCache(BehaviourCache):
     """The same contract in a dict, for unit tests; ``available=False`` simulates an outage."""
 
+    GENERATION = 1
+
     def __init__(self, prefix: str = "test", history_cap: int = 200, ttl_seconds: int = 60):
         super().__init__(prefix, history_cap, ttl_seconds)
-        self.histories: dict[str, dict[str, int]] = {}
+        self.histories: dict[str, bytes] = {}  # history key -> stored history
+        self.code_of: dict[str, int] = {}  # the item dictionary
+        self.item_of: dict[int, str] = {}
         self.retrievals: dict[str, bytes] = {}
         self.available = True
         self.published: list[tuple[str, bytes]] = []
@@ -231,20 +480,34 @@ class InMemoryBehaviourCache(BehaviourCache):
         if not self.available:
             raise StoreUnavailable("in-memory store marked unavailable")
 
+    def _code(self, item: str) -> int:
+        if item not in self.code_of:
+            self.code_of[item] = len(self.code_of) + 1
+            self.item_of[self.code_of[item]] = item
+        return self.code_of[item]
+
     async def append_events(self, user_id: str, events: list[tuple[str, int]]) -> int:
         self._check()
-        stored = self.histories.setdefault(self.history_key(user_id), {})
-        members = {history_member(item, ts): ts for item, ts in events}
-        new = [m for m in members if m not in stored]
-        stored.update(members)
-        for member in sorted(stored, key=lambda m: (stored[m], m))[: -self.history_cap]:
-            del stored[member]
-        return sum(m in stored for m in new)
+        if not events:
+            return 0
+        _check_timestamps(events)
+        key = self.history_key(user_id)
+        stored = self.histories.get(key, HEADER.pack(FORMAT_VERSION, self.GENERATION))
+        new = pack_records([(ts, self._code(item)) for item, ts in events])
+        body, added = merge_records(stored[HEADER.size :], b"", new, self.history_cap)
+        self.histories[key] = pack_history(self.GENERATION, body)
+        return added
 
     async def history(self, user_id: str) -> list[tuple[str, int]]:
         self._check()
-        stored = self.histories.get(self.history_key(user_id), {})
-        return [_parse_member(m) for m in sorted(stored, key=lambda m: (stored[m], m))]
+        stored = self.histories.get(self.history_key(user_id))
+        if stored is None:
+            return []
+        timestamps, codes = unpack_records(stored[HEADER.size :])
+        return _in_order(
+            [(self.item_of[code], ts) for ts, code in zip(timestamps, codes, strict=True)],
+            self.history_cap,
+        )
 
     async def get_retrievals(self, keys: list[str]) -> list[CachedRetrieval | None]:
         self._check()

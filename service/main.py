@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.history_cap,
             settings.cache_ttl_seconds,
             settings.redis_timeout_seconds,
+            item_code_cache=settings.item_code_cache,
         )
         state = AppState(settings, cache, metrics)
         app.state.recserve = state

@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     # an item), so it stays bounded whatever k the requests ask for.
     answer_cache_items: int = Field(200_000, ge=1, le=100_000_000)
     history_cap: int = Field(200, ge=1, le=100_000)  # events kept per user in Redis
+    # Item ids whose history codes a worker keeps in memory (both ways; about 200 bytes
+    # each for short ids): a read or write naming only those asks Redis nothing more.
+    item_code_cache: int = Field(100_000, ge=0, le=100_000_000)
     request_history_cap: int = Field(1000, ge=1, le=100_000)  # events read from a request
     max_events_per_request: int = Field(1000, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024)

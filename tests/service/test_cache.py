@@ -16,7 +16,7 @@ from service.cache import (
     history_digest,
     user_key_part,
 )
-from service.errors import StoreUnavailable
+from service.errors import InvalidField, StoreUnavailable
 from tests.service.conftest import SHARED_REDIS_URL, free_port
 
 AWKWARD_USER_IDS = [
@@ -139,6 +139,79 @@ def test_item_ids_with_colons_survive_the_round_trip(store):
     assert store(scenario) == [("shop:42:red", 7), ("ü 1", 8)]
 
 
+AWKWARD_ITEM_IDS = [
+    "x" * 256,
+    "ünïcødé",
+    "商品-42",
+    "🙂🙃",
+    "a:b:c",
+    "{tag}",
+    "=7",  # the dictionary's own field spellings are just ids too
+    "#1",
+    "gen",
+    "next",
+    " ",
+    "tab\tnew\nline",
+    "nul\x00byte",
+    "lone \ud800 surrogate",
+]
+
+
+def test_awkward_and_long_item_ids_come_back_exactly(store):
+    events = [(item, 1000 + n) for n, item in enumerate(AWKWARD_ITEM_IDS)]
+
+    async def scenario(cache):
+        first = await cache.append_events("u", events[::2])
+        second = await cache.append_events("u", events[1::2])
+        retried = await cache.append_events("u", events)
+        return first + second, retried, await cache.history("u")
+
+    added, retried, history = store(scenario)
+    assert (added, retried) == (len(events), 0)
+    assert history == events
+
+
+def test_ties_are_read_in_item_order_whatever_order_they_arrived_in(store):
+    async def scenario(cache):
+        await cache.append_events("u", [("b", 10)])
+        await cache.append_events("u", [("c", 10), ("a", 10)])
+        await cache.append_events("u", [("a", 5), ("b", 20)])
+        return await cache.history("u")
+
+    assert store(scenario) == [("a", 5), ("a", 10), ("b", 10), ("c", 10), ("b", 20)]
+
+
+def test_at_the_cap_a_tie_drops_the_item_stored_first(store):
+    """Which of two events at the cut's timestamp is dropped: the one whose item the
+    deployment stored first (its code is older). The old layout dropped the smaller id."""
+
+    async def scenario(cache):
+        await cache.append_events("v", [("b", 1)])  # "b" gets its code before "a"
+        await cache.append_events("u", [("b", 10), ("c", 20)])
+        added = await cache.append_events("u", [("a", 10)])
+        return added, await cache.history("u")
+
+    assert store(scenario, history_cap=2) == (1, [("a", 10), ("c", 20)])
+
+
+def test_timestamps_outside_the_stored_range_are_refused(store):
+    async def scenario(cache):
+        for ts in (-1, 2**48):
+            with pytest.raises(InvalidField, match=r"events\[1\]\.ts"):
+                await cache.append_events("u", [("a", 1), ("b", ts)])
+        await cache.append_events("u", [("a", 2**40), ("b", 2**48 - 1), ("c", 0)])
+        return await cache.history("u")
+
+    assert store(scenario) == [("c", 0), ("a", 2**40), ("b", 2**48 - 1)]
+
+
+def test_no_events_add_nothing(store):
+    async def scenario(cache):
+        return await cache.append_events("u", []), await cache.history("u")
+
+    assert store(scenario) == (0, [])
+
+
 def test_awkward_user_ids_each_get_their_own_history(store):
     async def scenario(cache):
         for n, user in enumerate(AWKWARD_USER_IDS):
@@ -154,23 +227,26 @@ def test_user_ids_map_to_distinct_hashed_keys():
     cache = InMemoryBehaviourCache("p")
     keys = [cache.history_key(user) for user in AWKWARD_USER_IDS]
     assert len(set(keys)) == len(keys)
-    pattern = re.compile(r"^p:hist:[0-9a-f]{40}$")
+    # The old layout's key of the same user is the hash tag: one Redis Cluster slot.
+    pattern = re.compile(r"^p:hp:\{p:hist:[0-9a-f]{40}\}$")
     for user, key in zip(AWKWARD_USER_IDS, keys, strict=True):
         assert pattern.match(key), (user, key)
+        assert key == f"p:hp:{{{cache.legacy_history_key(user)}}}"
     # No id can name another user's key, even one spelled like that key.
     assert cache.history_key(keys[0]) != keys[0]
     assert cache.history_key("alice") not in keys[1:]
 
 
-def test_redis_holds_one_history_key_per_user(redis_store, shared_redis):
+def test_redis_holds_one_history_key_per_user_and_one_item_dictionary(redis_store, shared_redis):
     async def scenario(cache):
         for user in AWKWARD_USER_IDS:
             await cache.append_events(user, [("x", 1)])
 
     redis_store(scenario)
     keys = {k.decode() for k in shared_redis.scan_iter(match=f"{redis_store.prefix}:*")}
-    expected = {InMemoryBehaviourCache(redis_store.prefix).history_key(u) for u in AWKWARD_USER_IDS}
-    assert keys == expected
+    names = InMemoryBehaviourCache(redis_store.prefix)
+    expected = {names.history_key(u) for u in AWKWARD_USER_IDS}
+    assert keys == expected | {names.item_dictionary_key()}
 
 
 def _retrieval(depth: int = 5, dim: int = 4, seed: int = 0) -> CachedRetrieval:

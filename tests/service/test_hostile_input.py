@@ -7,6 +7,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
+from service.history_store import HEADER, RECORD_SIZE
 from service.main import create_app
 from tests.service.conftest import ADMIN_TOKEN
 
@@ -29,12 +30,15 @@ def test_user_ids_with_key_syntax_get_only_their_own_history(
     assert stored.status_code == 200 and stored.json()["added"] == 3
 
     keys = sorted(k.decode() for k in shared_redis.scan_iter(f"{key_prefix}:*"))
-    history_keys = [k for k in keys if ":hist:" in k]
+    history_keys = [k for k in keys if ":hp:" in k]
     assert len(history_keys) == 2  # one per user, whatever the id held
+    assert set(keys) - set(history_keys) == {f"{key_prefix}:itemcodes"}
     for key in history_keys:
-        suffix = key.removeprefix(f"{key_prefix}:hist:")
+        assert key.startswith(f"{key_prefix}:hp:{{{key_prefix}:hist:") and key.endswith("}")
+        suffix = key.removeprefix(f"{key_prefix}:hp:{{{key_prefix}:hist:")[:-1]
         assert len(suffix) == 40 and all(c in "0123456789abcdef" for c in suffix), key
-    assert shared_redis.zcard(history_keys[0]) + shared_redis.zcard(history_keys[1]) == 4
+    stored = sum(shared_redis.strlen(key) - HEADER.size for key in history_keys)
+    assert stored == 4 * RECORD_SIZE
 
     mine = client.post("/recommend", json={"user_id": user_id, "k": 5, "exclude_seen": True})
     assert mine.status_code == 200
