@@ -93,15 +93,27 @@ def experiment_arms(bundle, kind: str) -> list[dict]:
     return [{"name": n, "weight": 1, "encoder": n} for n in names[:2]]
 
 
+def post(client: httpx.Client, path: str, body: dict, attempts: int = 5) -> httpx.Response:
+    """POST as a client should: a 503 (Redis briefly slow on a loaded machine) is retried
+    after its Retry-After; /recommend and /events are both safe to repeat."""
+    for _ in range(attempts - 1):
+        response = client.post(path, json=body)
+        if response.status_code != 503:
+            break
+        time.sleep(float(response.headers.get("retry-after", 1)))
+    else:
+        response = client.post(path, json=body)
+    response.raise_for_status()
+    return response
+
+
 def replay(url: str, cases: list[dict]) -> dict[str, dict]:
     """Ask for every case and click the held-out item where shown; per user: arm, shown."""
     served = {}
     with httpx.Client(base_url=url, timeout=30) as client:
         for case in cases:
             asked = {"user_id": case["user_id"], "history": case["history"], "k": K}
-            answer = client.post("/recommend", json={**asked, "at": case["at"]})
-            answer.raise_for_status()
-            body = answer.json()
+            body = post(client, "/recommend", {**asked, "at": case["at"]}).json()
             shown = [item["item_id"] for item in body["items"]]
             if case["target"] in shown:
                 click = {
@@ -111,7 +123,7 @@ def replay(url: str, cases: list[dict]) -> dict[str, dict]:
                     "type": "click",
                     "request_id": body["request_id"],
                 }
-                client.post("/events", json=click).raise_for_status()
+                post(client, "/events", click)
             served[case["user_id"]] = {"arm": body["arm"], "hit": case["target"] in shown}
     return served
 
