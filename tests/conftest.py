@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED_REDIS_URL = os.environ.get("RECSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def real_data_dir() -> Path:
@@ -83,3 +84,17 @@ def head_models(tiny_data, trained_run, tmp_path_factory):
         gate=GateConfig(**FORCED_ON),
     )
     return models
+
+
+@pytest.fixture(scope="session")
+def shared_redis():
+    """A sync client of the shared Redis; skips the test when it is not running."""
+    import redis
+
+    client = redis.Redis.from_url(SHARED_REDIS_URL, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except redis.exceptions.RedisError as exc:
+        pytest.skip(f"no Redis at {SHARED_REDIS_URL} ({exc}); set RECSERVE_TEST_REDIS_URL")
+    yield client
+    client.close()

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FORCED_ON
+from tests.conftest import FORCED_ON, SHARED_REDIS_URL
 from tests.servers import RedisProcess, free_port, wait_until  # noqa: F401 (re-exported)
 
 ADMIN_TOKEN = "test-admin-token-" + "x" * 20
-SHARED_REDIS_URL = os.environ.get("RECSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def server_settings(models_dir: Path, key_prefix: str) -> dict[str, str]:
@@ -48,20 +47,6 @@ def history_events(data, user: int, end: int | None = None) -> list[dict]:
 def history(tiny_data) -> list[dict]:
     """One user's whole history as request events (user 2: twenty-odd known items)."""
     return history_events(tiny_data, 2)
-
-
-@pytest.fixture(scope="session")
-def shared_redis():
-    """A sync client of the shared Redis; skips the test when it is not running."""
-    import redis
-
-    client = redis.Redis.from_url(SHARED_REDIS_URL, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.exceptions.RedisError as exc:
-        pytest.skip(f"no Redis at {SHARED_REDIS_URL} ({exc}); set RECSERVE_TEST_REDIS_URL")
-    yield client
-    client.close()
 
 
 def delete_prefix(client, prefix: str) -> None:
