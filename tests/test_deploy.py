@@ -342,3 +342,26 @@ def test_sync_keeps_the_newest_bundles_and_always_the_served_one(sync_script, tm
     assert sync(sync_script, source, models, KEEP_BUNDLES="1").returncode == 0
     assert current_name(models) == "b2"
     assert sorted(p.name for p in models.iterdir()) == ["CURRENT", "b2"]
+
+
+@pytest.mark.skipif(not shutil.which("sh"), reason="no POSIX shell")
+def test_the_sidecar_outlives_an_unreachable_store(sync_script, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    process = subprocess.Popen(
+        ["sh", str(sync_script)],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "BUNDLE_SOURCE": str(tmp_path / "absent"),
+            "MODELS_DIR": str(models),
+            "SYNC_INTERVAL_SECONDS": "1",
+        },
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            process.wait(timeout=2.5)  # two failed rounds, still looping
+    finally:
+        process.kill()
+    assert process.stderr.read().count("cannot read") >= 2
