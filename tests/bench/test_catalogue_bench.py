@@ -7,7 +7,6 @@ import json
 import pytest
 
 from bench.catalogue import main
-from tests.service.conftest import shared_redis  # noqa: F401 (fixture)
 
 
 @pytest.mark.usefixtures("shared_redis")  # the write API's server uses the shared Redis
