@@ -178,8 +178,15 @@ class SampledSoftmax(Objective):
         return loss
 
 
+# The next-item probability above which CCL lifts an item past the margin (see
+# CosineContrastiveLoss): below the probability a trained encoder gives its likelier next
+# items on MovieLens, so that those are ranked; a smaller one lets a state pull up so many
+# items that their order is lost again (measured in docs/BENCHMARKS.md, CCL).
+CCL_ITEM_WEIGHT = 0.003
+
+
 class CosineContrastiveLoss(Objective):
-    """SimpleX's cosine contrastive loss (CCL), Mao et al., CIKM'21.
+    """SimpleX's cosine contrastive loss (CCL), Mao et al., CIKM'21, set for next-item targets.
 
     With cos the cosine similarity of the state u with an item vector::
 
@@ -190,8 +197,27 @@ class CosineContrastiveLoss(Objective):
     its mean), plus the batch's targets with ``in_batch``. Uniform as in SimpleX: only
     negatives already closer than the margin count, so the loss itself picks the hard ones
     out of many cheap uniform draws, and tail items get pushed away as often as popular
-    ones. Defaults are SimpleX's published configuration (margin 0.9, weight 150, 1000
-    negatives); the weight is large because most of the 1000 hinge terms are zero.
+    ones.
+
+    Why the defaults are not SimpleX's (margin 0.9, weight 150). In expectation over the
+    uniform draws the hinge weighs every item of the catalogue by ``w / N`` for every state
+    (the number of draws only sets the variance), while the positive term weighs an item
+    by its probability of being the state's next item. So for one state and one item the
+    loss is lowest with the item at cosine 1 when that probability exceeds ``w / N``, and
+    at exactly the margin when it is positive but below: the loss ranks nothing below the
+    threshold. SimpleX's weight was tuned for collaborative filtering on catalogues of
+    tens of thousands of items, where each of a user's items is a likely positive. A next
+    item is far less certain, and at ``w / N`` of that size no item clears the threshold
+    for any history: every item is then held at the margin for every state, which an encoder meets
+    most cheaply by giving every history the same state, with the items on a cone around
+    it (a high margin makes that cone narrow). ``bench/ccl_diagnostics.py`` shows the
+    collapse; docs/BENCHMARKS.md has the measurements.
+
+    Hence ``negative_weight`` defaults to ``item_weight * N``: the next-item probability
+    above which an item is lifted past the margin stays ``item_weight`` whatever the size
+    of the catalogue. The margin defaults to 0, so that the items held at it lie
+    orthogonal to a state rather than on a cone around it. ``negative_weight`` set
+    explicitly keeps SimpleX's meaning (the weight of the mean over the draws).
     """
 
     cosine = True
@@ -200,14 +226,19 @@ class CosineContrastiveLoss(Objective):
         self,
         n_items: int,
         *,
-        margin: float = 0.9,
-        negative_weight: float = 150.0,
+        margin: float = 0.0,
+        negative_weight: float | None = None,
+        item_weight: float = CCL_ITEM_WEIGHT,
         n_negatives: int = 1000,
         in_batch: bool = False,
     ):
         super().__init__()
         if not -1.0 < margin < 1.0:
             raise ConfigError(f"margin must lie in (-1, 1), not {margin}")
+        if negative_weight is None:
+            if item_weight <= 0:
+                raise ConfigError(f"item_weight must be positive, not {item_weight}")
+            negative_weight = item_weight * n_items
         self.n_items = n_items
         self.margin = margin
         self.negative_weight = negative_weight

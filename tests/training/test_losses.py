@@ -3,9 +3,10 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from training.errors import ConfigError
-from training.losses import OBJECTIVES, CrossBatchNegatives, build_objective
+from training.losses import CCL_ITEM_WEIGHT, OBJECTIVES, CrossBatchNegatives, build_objective
 from training.models import build_encoder
 from training.trainer import batches, training_windows
 
@@ -104,6 +105,58 @@ def test_cosine_contrastive_loss_adds_the_batch_targets_as_negatives_on_request(
         with_batch(states, targets, table, negative_ids=negatives),
         explicit(states, targets, table, negative_ids=torch.cat([negatives, targets])),
     )
+
+
+def test_cosine_contrastive_weight_defaults_to_a_per_item_weight_times_the_catalogue():
+    small = build_objective("ccl", np.ones(101, dtype=np.int64))
+    large = build_objective("ccl", np.ones(10_001, dtype=np.int64))
+    assert small.negative_weight == pytest.approx(CCL_ITEM_WEIGHT * 100)
+    assert large.negative_weight == pytest.approx(CCL_ITEM_WEIGHT * 10_000)
+    assert build_objective("ccl", np.ones(101), item_weight=0.01).negative_weight == 1.0
+    assert build_objective("ccl", np.ones(101), negative_weight=150).negative_weight == 150
+    with pytest.raises(ConfigError, match="item_weight"):
+        build_objective("ccl", np.ones(101), item_weight=0.0)
+
+
+def next_item_recall(seed: int = 0, **options) -> float:
+    """Recall@k of free states and items trained by CCL on graded next-item targets.
+
+    Each of 20 contexts has k likely next items, drawn half of the time; the other half the
+    next item is any item. So every item has some probability after every context, as in
+    real sequences, and only the k likely ones are worth ranking first.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n_items, n_contexts, k, dim, batch = 400, 20, 10, 16, 256
+    likely = torch.stack(
+        [torch.randperm(n_items, generator=gen)[:k] + 1 for _ in range(n_contexts)]
+    )
+    states = torch.nn.Parameter(0.1 * torch.randn(n_contexts, dim, generator=gen))
+    table = torch.nn.Parameter(0.1 * torch.randn(n_items + 1, dim, generator=gen))
+    objective = build_objective("ccl", np.ones(n_items + 1, dtype=np.int64), **options)
+    optimizer = torch.optim.Adam([states, table], lr=0.03)
+    torch.manual_seed(seed)  # the objective's uniform draws
+    for _ in range(120):
+        context = torch.randint(0, n_contexts, (batch,), generator=gen)
+        own = likely[context, torch.randint(0, k, (batch,), generator=gen)]
+        anywhere = torch.randint(1, n_items + 1, (batch,), generator=gen)
+        targets = torch.where(torch.rand(batch, generator=gen) < 0.5, own, anywhere)
+        loss = objective(states[context], targets, table)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        scores = F.normalize(states, dim=-1) @ F.normalize(table[1:], dim=-1).T
+        top = scores.topk(k, dim=-1).indices + 1  # (contexts, k)
+        return (top[:, :, None] == likely[:, None, :]).any(-1).float().mean().item()
+
+
+def test_cosine_contrastive_defaults_rank_the_likely_next_items_first():
+    # A likely item here has probability 1/20 + 1/800 after its context: far below
+    # SimpleX's per-item hinge weight 150/400, so at SimpleX's settings every item is held
+    # at the margin for every context and the likely ones are not told apart (chance is
+    # 10/400); the defaults' per-item weight lies below it, so they are lifted.
+    assert next_item_recall() > 0.8
+    assert next_item_recall(margin=0.9, negative_weight=150.0) < 0.5
 
 
 def test_cross_batch_memory_is_a_bounded_fifo_of_detached_entries():
