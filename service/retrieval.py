@@ -205,6 +205,7 @@ class ItemIndex:
             )
         else:
             index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
+        _skip_polysemous_training(index)
         if not index.is_trained:
             rng = np.random.default_rng(seed)
             size = min(len(items), spec.train_size)
@@ -430,6 +431,19 @@ def _train_l2_partitioned(index, sample: np.ndarray, seed: int) -> None:
         ivf.by_residual = True
     ivf.train(sample)
     index.is_trained = True
+
+
+def _skip_polysemous_training(index) -> None:
+    """faiss's factory turns on polysemous training for 8-bit PQ codes: simulated annealing
+    that renumbers each sub-quantizer's centroids so that Hamming distances between codes
+    track real ones. Only polysemous search (``polysemous_ht``) uses that order, and the
+    service never searches that way; the renumbering leaves every score and result as it
+    was, yet it cost seconds per sub-quantizer, most of an 8-bit PQ's training time: 13.5 s
+    against 0.2 s without it for IVF16,PQ4x8 on 2,000 vectors, 67 s against 5 s for
+    IVF32,PQ20x8 on 4,000, on one core."""
+    base = _base_index(index)
+    if hasattr(base, "do_polysemous_training"):
+        base.do_polysemous_training = False
 
 
 def _augment_items(items: np.ndarray, spec: IndexSpec) -> np.ndarray:

@@ -10,6 +10,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_REDIS_URL = os.environ.get("RECSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
+# One native thread for the tests' own training, exports and index builds (torch's intra-op
+# pool, faiss's OpenMP, BLAS), and for the processes they start, unless set outside. Their
+# work is tiny, and with a thread per core the threads spin-wait for each other whenever
+# something else holds a core (the tests' servers, other jobs): on a busy 2-core machine
+# an export's 100-step metadata-encoder fit took 17-23 s with two threads, 0.2 s with one.
+# The service sets its own thread counts (RECSERVE_NATIVE_THREADS, RECSERVE_ONNX_THREADS).
+for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
 
 def real_data_dir() -> Path:
     """Where the real datasets live: $RECSERVE_DATA_DIR or ../shared/data beside the repo."""

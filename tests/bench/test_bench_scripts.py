@@ -21,7 +21,7 @@ from bench.index import (
 from bench.make_perf_bundle import PerfBundleConfig, make_perf_bundle
 from bench.make_perf_bundle import main as make_perf_bundle_main
 from bench.processes import ServiceProcess
-from service.bundle import CURRENT, load_bundle, read_manifest
+from service.bundle import CURRENT, FORMAT_VERSION, MANIFEST, load_bundle, read_manifest
 
 
 def tiny_config(**overrides) -> PerfBundleConfig:
@@ -49,18 +49,34 @@ def test_perf_bundle_is_marked_perf_only_and_records_index_quality(tmp_path):
     assert load_bundle(tmp_path / "models", "perf-tiny", device="cpu").name == "perf-tiny"
 
 
+def stand_in_bundle(models_dir, name: str, perf_only: bool) -> None:
+    """A bundle folder holding only its manifest: all that decides whether the perf
+    bundle's CLI may replace it."""
+    path = models_dir / name
+    path.mkdir(parents=True)
+    manifest = {"format_version": FORMAT_VERSION, "perf_only": perf_only}
+    (path / MANIFEST).write_text(json.dumps({**manifest, "files": {}, "retrievers": {}}))
+
+
 @pytest.mark.slow
 def test_perf_bundle_cli_builds_a_compressed_index_and_replaces_only_perf_bundles(tmp_path, capsys):
+    # Stand-ins for the bundles already there: one build instead of two (15-20 s each),
+    # as the manifest alone decides; the test above checks that a build is marked perf-only.
+    stand_in_bundle(tmp_path / "models", "perf-ivf", perf_only=True)
+    stand_in_bundle(tmp_path / "models", "kept", perf_only=False)
     argv = [
         "--models-dir", str(tmp_path / "models"), "--name", "perf-ivf",
         "--run-dir", str(tmp_path / "run"), "--items", "2000", "--users", "200",
         "--dim", "16", "--batch-size", "64", "--eval-users", "50", "--quiet",
         "--index", "IVF16,PQ4x8", "--nprobe", "8", "--rescore", "200", "--ctr-users", "0",
     ]  # fmt: skip
-    assert make_perf_bundle_main(argv) == 0
-    assert "bytes/vector" in capsys.readouterr().out
-    assert make_perf_bundle_main(argv) == 2  # exists: refused without --replace
+    assert make_perf_bundle_main(argv) == 2
+    assert "pass --replace to rebuild" in capsys.readouterr().err
+    assert make_perf_bundle_main([*argv, "--name", "kept", "--replace"]) == 2
+    assert "not a perf-only bundle" in capsys.readouterr().err
+    assert read_manifest(tmp_path / "models" / "kept")["perf_only"] is False  # still there
     assert make_perf_bundle_main([*argv, "--replace"]) == 0
+    assert "bytes/vector" in capsys.readouterr().out
     index = read_manifest(tmp_path / "models" / "perf-ivf")["retrievers"]["two_tower"]["index"]
     assert index["spec"]["factory"] == "IVF16,PQ4x8" and index["spec"]["rescore"] == 200
     assert index["compression"] > 1.0

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -88,12 +90,14 @@ def with_gate(models: Path, destination: Path, gate: dict | None) -> Path:
     return destination
 
 
-@pytest.fixture
-def gated_off_models(head_models, tmp_path) -> Path:
+@pytest.fixture(scope="module")
+def gated_off_models(head_models, tmp_path_factory) -> Path:
     """The head bundle as the gate leaves a head that did not help: retrieval order by
-    default, with the gate's reason."""
+    default, with the gate's reason (tests serve copies of it)."""
     return with_gate(
-        head_models, tmp_path / "gated-off", {"rerank_by_default": False, "reason": GATE_SAYS_NO}
+        head_models,
+        tmp_path_factory.mktemp("gated") / "gated-off",
+        {"rerank_by_default": False, "reason": GATE_SAYS_NO},
     )
 
 
@@ -135,35 +139,46 @@ def served_models(exported_bundle, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def second_bundle(tiny_data, trained_run, tmp_path_factory) -> Path:
-    """Another bundle of the same checkpoint, named "tiny-v2", exported on its own."""
-    from training.export import export_bundle
+def second_bundle(exported_bundle, tmp_path_factory) -> Path:
+    """Another bundle of the same checkpoint, named "tiny-v2": the tiny bundle's files
+    under another name, which is all an export of its own would change that its tests
+    read (and it cost an export's 5-10 s)."""
+    from tests.service.bundles import manifest_of, write_manifest
 
-    out = tmp_path_factory.mktemp("second")
-    return export_bundle(
-        [trained_run.checkpoint], tiny_data, out, name="tiny-v2", make_current=False
-    )
+    _, tiny = exported_bundle
+    out = tmp_path_factory.mktemp("second") / "tiny-v2"
+    shutil.copytree(tiny, out)
+    manifest = manifest_of(out)
+    manifest["name"] = out.name
+    write_manifest(out, manifest)
+    return out
+
+
+def app_settings(models_dir: Path, key_prefix: str, **overrides):
+    """Settings of a test app: ``models_dir`` served, the shared Redis under ``key_prefix``."""
+    from service.settings import Settings
+
+    values = {
+        "models_dir": models_dir,
+        "redis_url": SHARED_REDIS_URL,
+        "key_prefix": key_prefix,
+        "reload_poll_seconds": 0,
+        "admin_token": ADMIN_TOKEN,
+        "device": "cpu",
+        # A compute process per test app would add seconds to each; tests/service/
+        # test_compute.py and the real-server tests run the default process mode.
+        "compute": "thread",
+        **overrides,
+    }
+    return Settings(**values)
 
 
 @pytest.fixture
 def make_settings(served_models, key_prefix):
     """Settings of a test app: the served copy, the shared Redis under a unique prefix."""
-    from service.settings import Settings
 
     def make(**overrides):
-        values = {
-            "models_dir": served_models,
-            "redis_url": SHARED_REDIS_URL,
-            "key_prefix": key_prefix,
-            "reload_poll_seconds": 0,
-            "admin_token": ADMIN_TOKEN,
-            "device": "cpu",
-            # A compute process per test app would add seconds to each; tests/service/
-            # test_compute.py and the real-server tests run the default process mode.
-            "compute": "thread",
-            **overrides,
-        }
-        return Settings(**values)
+        return app_settings(**{"models_dir": served_models, "key_prefix": key_prefix, **overrides})
 
     return make
 
@@ -176,6 +191,38 @@ def client(make_settings):
     from service.main import create_app
 
     with TestClient(create_app(make_settings())) as test_client:
+        yield test_client
+
+
+@contextmanager
+def shared_app(models_dir: Path, tmp_path_factory, redis_client) -> Iterator:
+    """A TestClient of an app serving a copy of ``models_dir``, under a key prefix of its
+    own (deleted afterwards), for the tests of a module that only read.
+
+    Every app start runs the service's full garbage collection
+    (``service.bundle.settle_heap``), which walks the whole heap of the test process, torch
+    and the ONNX exporter included: half a second a start. Tests whose requests change
+    nothing a later request could see (refused input, reads, recommendations for a history
+    sent along, no assertion about caches or counters) share one app instead.
+    """
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+
+    copy = tmp_path_factory.mktemp("shared-app") / "models"
+    shutil.copytree(models_dir, copy)
+    prefix = f"t{uuid.uuid4().hex[:20]}"
+    try:
+        with TestClient(create_app(app_settings(copy, prefix))) as test_client:
+            yield test_client
+    finally:
+        delete_prefix(redis_client, prefix)
+
+
+@pytest.fixture(scope="module")
+def reader(exported_bundle, tmp_path_factory, shared_redis):
+    """One app serving the tiny bundle for a module's read-only tests (``shared_app``)."""
+    with shared_app(exported_bundle[0], tmp_path_factory, shared_redis) as test_client:
         yield test_client
 
 

@@ -25,8 +25,8 @@ def assert_no_stack_trace(response) -> None:
 # --------------------------------------------------------------------------- /recommend
 
 
-def test_a_history_gets_k_recommendations_from_the_bundle(client, history):
-    response = client.post("/recommend", json={"history": history, "k": 5})
+def test_a_history_gets_k_recommendations_from_the_bundle(reader, history):
+    response = reader.post("/recommend", json={"history": history, "k": 5})
     assert response.status_code == 200
     body = response.json()
     assert body["bundle"] == "tiny" and body["encoder"] == "sasrec"
@@ -58,13 +58,13 @@ def test_a_repeated_request_is_a_cache_hit(client, history):
     assert item_ids(second) == item_ids(first)
 
 
-def test_unknown_items_in_a_history_are_counted(client, history):
-    response = client.post("/recommend", json={"history": [*history, {"item_id": "?", "ts": 1}]})
+def test_unknown_items_in_a_history_are_counted(reader, history):
+    response = reader.post("/recommend", json={"history": [*history, {"item_id": "?", "ts": 1}]})
     assert response.status_code == 200 and response.json()["unknown_items"] == 1
 
 
-def test_a_history_of_only_unknown_items_gets_the_popularity_fallback(client):
-    response = client.post("/recommend", json={"history": [{"item_id": "?", "ts": 1}], "k": 4})
+def test_a_history_of_only_unknown_items_gets_the_popularity_fallback(reader):
+    response = reader.post("/recommend", json={"history": [{"item_id": "?", "ts": 1}], "k": 4})
     assert response.status_code == 200
     assert response.json()["fallback"] == "popularity" and len(response.json()["items"]) == 4
 
@@ -97,14 +97,14 @@ def test_a_history_longer_than_the_cap_is_served_and_flagged(make_settings, hist
     assert item_ids(long) == item_ids(short)
 
 
-def test_a_user_with_no_history_is_not_found(client):
-    response = client.post("/recommend", json={"user_id": "nobody-at-all"})
+def test_a_user_with_no_history_is_not_found(reader):
+    response = reader.post("/recommend", json={"user_id": "nobody-at-all"})
     assert response.status_code == 404
     assert "nobody-at-all" in response.json()["detail"]
 
 
-def test_an_unknown_encoder_is_refused_naming_it(client, history):
-    response = client.post("/recommend", json={"history": history, "encoder": "nope"})
+def test_an_unknown_encoder_is_refused_naming_it(reader, history):
+    response = reader.post("/recommend", json={"history": history, "encoder": "nope"})
     assert response.status_code == 422
     assert "'nope'" in response.json()["detail"] and "sasrec" in response.json()["detail"]
 
@@ -136,50 +136,50 @@ def test_an_unknown_encoder_is_refused_naming_it(client, history):
         ({"user_id": "u", "exclude_seen": "maybe"}, "exclude_seen"),
     ],
 )
-def test_malformed_recommend_requests_are_422_naming_the_field(client, body, field):
-    response = client.post("/recommend", json=body)
+def test_malformed_recommend_requests_are_422_naming_the_field(reader, body, field):
+    response = reader.post("/recommend", json=body)
     assert response.status_code == 422, response.text
     assert field in response.json()["detail"]
     assert_no_stack_trace(response)
 
 
-def test_a_request_that_is_not_an_object_is_422(client):
-    response = client.post("/recommend", json=[1, 2, 3])
+def test_a_request_that_is_not_an_object_is_422(reader):
+    response = reader.post("/recommend", json=[1, 2, 3])
     assert response.status_code == 422 and "body" in response.json()["detail"]
 
 
-def test_malformed_json_is_422(client):
-    response = client.post("/recommend", content=b'{"user_id": ', headers=JSON)
+def test_malformed_json_is_422(reader):
+    response = reader.post("/recommend", content=b'{"user_id": ', headers=JSON)
     assert response.status_code == 422
     assert_no_stack_trace(response)
 
 
-def test_a_huge_body_is_413(client):
-    response = client.post("/recommend", content=b" " * 2_000_000, headers=JSON)
+def test_a_huge_body_is_413(reader):
+    response = reader.post("/recommend", content=b" " * 2_000_000, headers=JSON)
     assert response.status_code == 413 and "body" in response.json()["detail"]
 
 
-def test_a_huge_streamed_body_without_a_length_is_413(client):
+def test_a_huge_streamed_body_without_a_length_is_413(reader):
     def chunks():
         for _ in range(25):
             yield b" " * 100_000
 
-    response = client.post("/recommend", content=chunks(), headers=JSON)
+    response = reader.post("/recommend", content=chunks(), headers=JSON)
     assert response.status_code == 413 and "body" in response.json()["detail"]
 
 
-def test_invalid_utf8_is_refused_without_a_server_error(client):
-    response = client.post("/recommend", content=b'{"user_id": "\xff\xfe"}', headers=JSON)
+def test_invalid_utf8_is_refused_without_a_server_error(reader):
+    response = reader.post("/recommend", content=b'{"user_id": "\xff\xfe"}', headers=JSON)
     assert response.status_code == 422
     assert "body" in response.json()["detail"]
     assert_no_stack_trace(response)
 
 
 @pytest.mark.parametrize("depth", [900, 100_000])
-def test_deeply_nested_json_is_refused_without_a_server_error(client, depth):
+def test_deeply_nested_json_is_refused_without_a_server_error(reader, depth):
     for prefix, suffix in [(b"", b""), (b'{"user_id": ', b"}"), (b'{"history": ', b"}")]:
         body = prefix + b"[" * depth + b"]" * depth + suffix
-        response = client.post("/recommend", content=body, headers=JSON)
+        response = reader.post("/recommend", content=body, headers=JSON)
         assert response.status_code == 422, (prefix, response.status_code)
         assert "body" in response.json()["detail"]
         assert_no_stack_trace(response)
@@ -262,8 +262,8 @@ def test_an_event_within_a_day_of_clock_skew_is_accepted(client):
         ([{"user_id": "u", "item_id": "3", "ts": 1}, {"user_id": "u", "item_id": "4"}], "ts"),
     ],
 )
-def test_malformed_events_are_422_naming_the_field(client, body, field):
-    response = client.post("/events", json=body)
+def test_malformed_events_are_422_naming_the_field(reader, body, field):
+    response = reader.post("/events", json=body)
     assert response.status_code == 422, response.text
     assert field in response.json()["detail"]
 
@@ -278,26 +278,26 @@ def test_too_many_events_in_one_request_are_refused(make_settings):
 # --------------------------------------------------------------------------- items, health
 
 
-def test_similar_items_of_a_known_item(client):
-    response = client.get("/items/1/similar", params={"k": 3})
+def test_similar_items_of_a_known_item(reader):
+    response = reader.get("/items/1/similar", params={"k": 3})
     assert response.status_code == 200
     body = response.json()
     assert body["bundle"] == "tiny" and body["item_id"] == "1"
     assert len(body["items"]) == 3 and "1" not in item_ids(response)
 
 
-def test_similar_items_of_an_unknown_item_are_404(client):
-    response = client.get("/items/no-such-item/similar")
+def test_similar_items_of_an_unknown_item_are_404(reader):
+    response = reader.get("/items/no-such-item/similar")
     assert response.status_code == 404 and "no-such-item" in response.json()["detail"]
 
 
-def test_similar_items_with_an_unknown_encoder_are_422(client):
-    response = client.get("/items/1/similar", params={"encoder": "nope"})
+def test_similar_items_with_an_unknown_encoder_are_422(reader):
+    response = reader.get("/items/1/similar", params={"encoder": "nope"})
     assert response.status_code == 422 and "nope" in response.json()["detail"]
 
 
-def test_the_catalogue_is_searched_by_title_most_popular_first(client):
-    body = client.get("/items", params={"q": "ITEM 1", "limit": 5}).json()
+def test_the_catalogue_is_searched_by_title_most_popular_first(reader):
+    body = reader.get("/items", params={"q": "ITEM 1", "limit": 5}).json()
     assert body["bundle"] == "tiny" and body["query"] == "ITEM 1"
     assert len(body["items"]) == 5 and body["matched"] > 5
     assert all("item 1" in item["title"].lower() for item in body["items"])
@@ -305,24 +305,24 @@ def test_the_catalogue_is_searched_by_title_most_popular_first(client):
     assert counts == sorted(counts, reverse=True)
 
 
-def test_an_item_id_finds_that_item_first(client):
+def test_an_item_id_finds_that_item_first(reader):
     # "12" is item 12's id and part of the titles "Item 112", "Item 120", ...
-    body = client.get("/items", params={"q": "12", "limit": 100}).json()
+    body = reader.get("/items", params={"q": "12", "limit": 100}).json()
     assert body["items"][0]["item_id"] == "12"
     assert [i["item_id"] for i in body["items"]].count("12") == 1
 
 
-def test_a_blank_search_lists_the_most_popular_items(client):
-    body = client.get("/items", params={"limit": 3}).json()
+def test_a_blank_search_lists_the_most_popular_items(reader):
+    body = reader.get("/items", params={"limit": 3}).json()
     assert body["matched"] == 120 and len(body["items"]) == 3
-    everything = client.get("/items", params={"limit": 100}).json()["items"]
+    everything = reader.get("/items", params={"limit": 100}).json()["items"]
     assert body["items"] == everything[:3]
     assert everything[0]["popularity"] == max(item["popularity"] for item in everything)
 
 
-def test_an_item_is_described_as_the_catalogue_holds_it(client):
-    body = client.get("/items/7").json()
-    found = client.get("/items", params={"q": "7", "limit": 1}).json()["items"][0]
+def test_an_item_is_described_as_the_catalogue_holds_it(reader):
+    body = reader.get("/items/7").json()
+    found = reader.get("/items", params={"q": "7", "limit": 1}).json()["items"][0]
     assert body["bundle"] == "tiny" and body["item"] == found
     item = body["item"]
     assert item["item_id"] == "7" and item["title"] == "Item 7" and item["available"] is True
@@ -330,25 +330,25 @@ def test_an_item_is_described_as_the_catalogue_holds_it(client):
     assert item["attributes"] == {} and item["numbers"] == {}
 
 
-def test_an_unknown_item_is_404_naming_it(client):
-    response = client.get("/items/no-such-item")
+def test_an_unknown_item_is_404_naming_it(reader):
+    response = reader.get("/items/no-such-item")
     assert response.status_code == 404 and "no-such-item" in response.json()["detail"]
 
 
-def test_a_search_that_matches_nothing_is_an_empty_list(client):
-    assert client.get("/items", params={"q": "no such title"}).json()["items"] == []
+def test_a_search_that_matches_nothing_is_an_empty_list(reader):
+    assert reader.get("/items", params={"q": "no such title"}).json()["items"] == []
 
 
 @pytest.mark.parametrize(
     "params, field", [({"limit": 0}, "query.limit"), ({"q": "x" * 201}, "query.q")]
 )
-def test_bad_search_parameters_are_422_naming_the_field(client, params, field):
-    response = client.get("/items", params=params)
+def test_bad_search_parameters_are_422_naming_the_field(reader, params, field):
+    response = reader.get("/items", params=params)
     assert response.status_code == 422 and field in response.json()["detail"]
 
 
-def test_bundle_describes_the_served_retrievers(client):
-    body = client.get("/bundle").json()
+def test_bundle_describes_the_served_retrievers(reader):
+    body = reader.get("/bundle").json()
     assert body["name"] == "tiny" and body["items"] == 120 and body["titles"] is True
     assert body["default_encoder"] == "sasrec"
     (retriever,) = body["retrievers"]
@@ -361,18 +361,18 @@ def test_bundle_describes_the_served_retrievers(client):
     assert counts == sorted(counts, reverse=True) and sum(counts) >= 120  # every item has one
     genres = {
         g
-        for item in client.get("/items", params={"limit": 100}).json()["items"]
+        for item in reader.get("/items", params={"limit": 100}).json()["items"]
         for g in item["genres"]
     }
     assert genres <= set(body["categories"])
 
 
-def test_healthz_answers(client):
-    assert client.get("/healthz").json() == {"status": "ok"}
+def test_healthz_answers(reader):
+    assert reader.get("/healthz").json() == {"status": "ok"}
 
 
-def test_readyz_names_the_bundle(client):
-    response = client.get("/readyz")
+def test_readyz_names_the_bundle(reader):
+    response = reader.get("/readyz")
     assert response.status_code == 200
     body = response.json()
     assert body["ready"] is True and body["bundle"] == "tiny"

@@ -37,8 +37,8 @@ def test_an_excerpt_is_bounded_escaped_and_says_what_it_left_out():
 # --------------------------------------------------------------------------- /readyz
 
 
-def test_readyz_tells_anyone_whether_it_is_ready_and_no_more(client):
-    body = client.get("/readyz").json()
+def test_readyz_tells_anyone_whether_it_is_ready_and_no_more(reader):
+    body = reader.get("/readyz").json()
     # What a request that does not say rerank gets, and why (the export's gate: numbers).
     rerank = body.pop("rerank")
     assert list(rerank) == ["sasrec"] and set(rerank["sasrec"]) == {"by_default", "reason"}
@@ -52,11 +52,11 @@ def test_readyz_tells_anyone_whether_it_is_ready_and_no_more(client):
     }
 
 
-def test_readyz_adds_placement_and_the_last_error_for_the_admin(client):
-    body = client.get("/readyz", headers=ADMIN).json()
+def test_readyz_adds_placement_and_the_last_error_for_the_admin(reader):
+    body = reader.get("/readyz", headers=ADMIN).json()
     assert body["placement"]["sasrec"]["index"] == "cpu"
     assert body["last_error"] is None
-    wrong = client.get("/readyz", headers={"authorization": "Bearer " + "w" * 30}).json()
+    wrong = reader.get("/readyz", headers={"authorization": "Bearer " + "w" * 30}).json()
     assert "placement" not in wrong and "last_error" not in wrong
 
 
@@ -97,16 +97,16 @@ def test_no_bundle_answers_503_without_saying_where_it_looked(make_settings, ser
 # --------------------------------------------------------------------------- client input
 
 
-def test_an_unexpected_key_is_named_in_the_answer_only_as_an_excerpt(client):
+def test_an_unexpected_key_is_named_in_the_answer_only_as_an_excerpt(reader):
     key = "k" * 500_000  # within the body limit
-    answer = client.post("/recommend", json={"history": [], key: 1})
+    answer = reader.post("/recommend", json={"history": [], key: 1})
     assert answer.status_code == 422 and len(answer.text) < 2000
     assert "extra" in answer.json()["detail"].lower()
     assert answer.json()["errors"][0]["loc"][1].startswith("'kkk")
 
 
-def test_a_user_id_with_control_characters_is_escaped_in_the_404(client):
-    answer = client.post("/recommend", json={"user_id": "nobody\r\nX-Injected: 1"})
+def test_a_user_id_with_control_characters_is_escaped_in_the_404(reader):
+    answer = reader.post("/recommend", json={"user_id": "nobody\r\nX-Injected: 1"})
     assert answer.status_code == 404
     assert "\\r\\n" in answer.json()["detail"] and "\r" not in answer.json()["detail"]
 
@@ -116,19 +116,19 @@ def test_a_user_id_with_control_characters_is_escaped_in_the_404(client):
 
 @pytest.mark.parametrize("path", ["/recommend", "/events"])
 @pytest.mark.parametrize("content_type", ["text/plain", None, "application/x-www-form-urlencoded"])
-def test_a_body_that_is_not_declared_json_is_415_on_every_route(client, path, content_type):
+def test_a_body_that_is_not_declared_json_is_415_on_every_route(reader, path, content_type):
     body = (
         b'{"history": []}' if path == "/recommend" else b'{"user_id": "u", "item_id": "1", "ts": 1}'
     )
     headers = {"content-type": content_type} if content_type else {}
-    answer = client.post(path, content=body, headers=headers)
+    answer = reader.post(path, content=body, headers=headers)
     assert answer.status_code == 415, answer.text
     assert "application/json" in answer.json()["detail"]
 
 
 @pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "Application/JSON"])
-def test_json_with_parameters_or_in_capitals_is_json(client, content_type):
-    answer = client.post(
+def test_json_with_parameters_or_in_capitals_is_json(reader, content_type):
+    answer = reader.post(
         "/recommend", content=b'{"history": []}', headers={"content-type": content_type}
     )
     assert answer.status_code == 200
@@ -153,20 +153,20 @@ def assert_secure(response, csp: bool = True) -> None:
         assert "content-security-policy" not in headers
 
 
-def test_every_api_answer_carries_the_security_headers(client):
+def test_every_api_answer_carries_the_security_headers(reader):
     answers = [
-        client.post("/recommend", json={"history": [], "k": 2}),
-        client.post("/recommend", json={"history": [], "k": 0}),
-        client.post("/recommend", content=b"{}", headers={"content-type": "text/plain"}),
-        client.post(
+        reader.post("/recommend", json={"history": [], "k": 2}),
+        reader.post("/recommend", json={"history": [], "k": 0}),
+        reader.post("/recommend", content=b"{}", headers={"content-type": "text/plain"}),
+        reader.post(
             "/recommend", content=b"x" * 2_000_000, headers={"content-type": "application/json"}
         ),
-        client.get("/healthz"),
-        client.get("/readyz"),
-        client.get("/metrics"),
-        client.get("/no-such-path"),
-        client.post("/admin/reload"),
-        client.get("/openapi.json"),
+        reader.get("/healthz"),
+        reader.get("/readyz"),
+        reader.get("/metrics"),
+        reader.get("/no-such-path"),
+        reader.post("/admin/reload"),
+        reader.get("/openapi.json"),
     ]
     assert [a.status_code for a in answers] == [200, 422, 415, 413, 200, 200, 200, 404, 401, 200]
     for answer in answers:
@@ -186,9 +186,9 @@ def test_an_internal_error_carries_the_security_headers(make_settings, monkeypat
     assert_secure(answer)
 
 
-def test_the_docs_pages_work_without_the_json_policy(client):
+def test_the_docs_pages_work_without_the_json_policy(reader):
     for path in ("/docs", "/redoc"):
-        page = client.get(path)
+        page = reader.get(path)
         assert page.status_code == 200 and "<html" in page.text.lower()
         assert_secure(page, csp=False)
 

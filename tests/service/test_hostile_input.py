@@ -46,53 +46,53 @@ def test_user_ids_with_key_syntax_get_only_their_own_history(
 
 
 @pytest.mark.parametrize("item_id", ["1:2", "*", " 3 ", "9\n"])
-def test_item_ids_with_key_syntax_are_just_unknown_items(client, item_id):
-    response = client.post("/recommend", json={"history": [{"item_id": item_id, "ts": 1}]})
+def test_item_ids_with_key_syntax_are_just_unknown_items(reader, item_id):
+    response = reader.post("/recommend", json={"history": [{"item_id": item_id, "ts": 1}]})
     assert response.status_code == 200
     assert response.json()["unknown_items"] == 1 and response.json()["fallback"] == "popularity"
 
 
-def test_an_empty_history_gets_the_popularity_fallback(client):
-    response = client.post("/recommend", json={"history": [], "k": 3})
+def test_an_empty_history_gets_the_popularity_fallback(reader):
+    response = reader.post("/recommend", json={"history": [], "k": 3})
     assert response.status_code == 200
     body = response.json()
     assert body["fallback"] == "popularity" and len(body["items"]) == 3
 
 
-def test_duplicate_events_in_a_history_are_served(client, history):
-    response = client.post("/recommend", json={"history": history + history, "k": 5})
+def test_duplicate_events_in_a_history_are_served(reader, history):
+    response = reader.post("/recommend", json={"history": history + history, "k": 5})
     assert response.status_code == 200 and len(response.json()["items"]) == 5
 
 
-def test_history_order_does_not_matter_because_events_are_sorted_by_time(client, history):
-    ordered = client.post("/recommend", json={"history": history, "k": 10, "rerank": False})
-    shuffled = client.post("/recommend", json={"history": history[::-1], "k": 10, "rerank": False})
+def test_history_order_does_not_matter_because_events_are_sorted_by_time(reader, history):
+    ordered = reader.post("/recommend", json={"history": history, "k": 10, "rerank": False})
+    shuffled = reader.post("/recommend", json={"history": history[::-1], "k": 10, "rerank": False})
     assert ordered.status_code == shuffled.status_code == 200
     assert ordered.json()["items"] == shuffled.json()["items"]
 
 
-def test_a_history_event_in_the_future_is_served(client, history):
+def test_a_history_event_in_the_future_is_served(reader, history):
     future = [{**history[-1], "ts": int(time.time()) + 10**7}]
-    response = client.post("/recommend", json={"history": history[:-1] + future, "k": 5})
+    response = reader.post("/recommend", json={"history": history[:-1] + future, "k": 5})
     assert response.status_code == 200
 
 
-def test_k_beyond_the_catalogue_returns_the_catalogue_and_huge_k_is_422(client, history):
-    capped = client.post("/recommend", json={"history": history, "k": 1000, "exclude_seen": False})
+def test_k_beyond_the_catalogue_returns_the_catalogue_and_huge_k_is_422(reader, history):
+    capped = reader.post("/recommend", json={"history": history, "k": 1000, "exclude_seen": False})
     assert capped.status_code == 200
     assert 0 < len(capped.json()["items"]) <= 120  # the tiny catalogue
-    huge = client.post("/recommend", json={"history": history, "k": 10**12})
+    huge = reader.post("/recommend", json={"history": history, "k": 10**12})
     assert huge.status_code == 422 and "k" in huge.json()["detail"]
 
 
 # --------------------------------------------------------------------------- CORS and secrets
 
 
-def test_cors_is_off_by_default(client, history):
+def test_cors_is_off_by_default(reader, history):
     origin = {"Origin": "https://elsewhere.example"}
-    response = client.post("/recommend", json={"history": history}, headers=origin)
+    response = reader.post("/recommend", json={"history": history}, headers=origin)
     assert "access-control-allow-origin" not in response.headers
-    preflight = client.options(
+    preflight = reader.options(
         "/recommend", headers={**origin, "Access-Control-Request-Method": "POST"}
     )
     assert "access-control-allow-origin" not in preflight.headers

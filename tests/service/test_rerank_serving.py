@@ -5,11 +5,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.main import create_app
+from tests.service.conftest import shared_app
 
 
-@pytest.fixture
-def head_client(make_settings, head_models):
-    with TestClient(create_app(make_settings(models_dir=head_models))) as test_client:
+@pytest.fixture(scope="module")
+def head_client(head_models, tmp_path_factory, shared_redis):
+    """One app serving the head bundle for the module's read-only tests."""
+    with shared_app(head_models, tmp_path_factory, shared_redis) as test_client:
         yield test_client
 
 
@@ -55,8 +57,8 @@ def test_each_item_says_where_retrieval_had_put_it(head_client, history):
     assert [i["retrieval_score"] for i in by_rank] == [i["retrieval_score"] for i in retrieved]
 
 
-def test_a_bundle_without_a_head_still_serves(client, history):
-    body = client.post("/recommend", json={"history": history, "k": 5}).json()
+def test_a_bundle_without_a_head_still_serves(reader, history):
+    body = reader.post("/recommend", json={"history": history, "k": 5}).json()
     assert body["reranked"] is False and len(body["items"]) == 5
 
 
@@ -75,8 +77,8 @@ def test_at_ranks_as_of_that_time_and_is_echoed(head_client, history):
     assert before <= now["at"] <= int(time.time())
 
 
-def test_a_negative_at_is_422_naming_it(client, history):
-    response = client.post("/recommend", json={"history": history, "at": -1})
+def test_a_negative_at_is_422_naming_it(reader, history):
+    response = reader.post("/recommend", json={"history": history, "at": -1})
     assert response.status_code == 422 and "body.at" in response.json()["detail"]
 
 
@@ -94,9 +96,10 @@ def test_the_answer_memo_keeps_answers_for_different_times_apart(make_settings, 
 # ------------------------------------------------------------------ the bundle's default
 
 
-@pytest.fixture
-def gated_off_client(make_settings, gated_off_models):
-    with TestClient(create_app(make_settings(models_dir=gated_off_models))) as test_client:
+@pytest.fixture(scope="module")
+def gated_off_client(gated_off_models, tmp_path_factory, shared_redis):
+    """One app serving the gated-off head bundle for the module's read-only tests."""
+    with shared_app(gated_off_models, tmp_path_factory, shared_redis) as test_client:
         yield test_client
 
 
@@ -143,11 +146,11 @@ def test_a_head_bundle_exported_before_the_gate_still_reranks_by_default(
     assert ready["rerank"]["sasrec"] == {"by_default": True, "reason": UNGATED_REASON}
 
 
-def test_a_bundle_without_a_head_says_so_and_never_reranks(client, history):
-    ready = client.get("/readyz").json()
+def test_a_bundle_without_a_head_says_so_and_never_reranks(reader, history):
+    ready = reader.get("/readyz").json()
     assert ready["rerank"]["sasrec"]["by_default"] is False
     assert "no CTR head" in ready["rerank"]["sasrec"]["reason"]
-    body = client.post("/recommend", json={"history": history, "k": 5, "rerank": True}).json()
+    body = reader.post("/recommend", json={"history": history, "k": 5, "rerank": True}).json()
     assert body["reranked"] is False and len(body["items"]) == 5
 
 
@@ -171,6 +174,6 @@ def test_the_answer_memo_keys_on_the_rerank_served_not_the_rerank_asked(
 
 
 @pytest.mark.parametrize("value", ["sometimes", 2, [True]])
-def test_a_rerank_that_is_not_a_boolean_is_422_naming_it(client, history, value):
-    response = client.post("/recommend", json={"history": history, "rerank": value})
+def test_a_rerank_that_is_not_a_boolean_is_422_naming_it(reader, history, value):
+    response = reader.post("/recommend", json={"history": history, "rerank": value})
     assert response.status_code == 422 and "body.rerank" in response.json()["detail"]

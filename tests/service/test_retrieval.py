@@ -71,6 +71,17 @@ def test_rescoring_is_what_recovers_recall():
     assert measure_recall(rescored, queries)["recall@10"] > plain_recall
 
 
+def test_pq_codes_are_trained_without_polysemous_renumbering():
+    # faiss's factory asks for it; no search here uses it, and it cost seconds per
+    # sub-quantizer of every 8-bit PQ built (service/retrieval.py).
+    from service.retrieval import _base_index
+
+    vectors = clustered_vectors(500, 8)
+    for spec in (IndexSpec("PQ2x4"), IndexSpec("IVF4,PQ3x4", mips_to_l2=True)):
+        index = ItemIndex.build(vectors, spec)
+        assert _base_index(index.index).do_polysemous_training is False, spec.factory
+
+
 def test_hnsw_option_reaches_high_recall():
     vectors = clustered_vectors(5_000, 16)
     index = ItemIndex.build(vectors, IndexSpec("HNSW32", ef_search=128))
