@@ -5,7 +5,7 @@ not train an encoder.
     OMP_NUM_THREADS=1 .venv/bin/python bench/ccl_diagnostics.py --data $ML --model sasrec \
         --loss ccl --epochs 10 --threads 1 --out runs/diag/sasrec-ccl.json
 
-The loop is the trainer's (``epoch_windows``, ``batches``, ``sequence_loss``'s selection
+The loop is the trainer's (``epoch_batches``, ``sequence_loss``'s selection
 of positions), with the same seeds, so a run here trains as ``python -m training train``
 would; it adds, per epoch, averages over every ``--probe-every``-th batch of:
 
@@ -51,7 +51,7 @@ from training.evaluate import evaluate, model_scorer  # noqa: E402
 from training.losses import CosineContrastiveLoss, build_objective  # noqa: E402
 from training.models import build_encoder  # noqa: E402
 from training.optimizers import build_optimizer  # noqa: E402
-from training.trainer import batches, epoch_windows  # noqa: E402
+from training.trainer import epoch_batches  # noqa: E402
 
 PROBE_NEGATIVES = 1000
 
@@ -117,19 +117,9 @@ def run(args) -> list[dict]:
     started = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         model.train()
-        windows = epoch_windows(data, config.windows, model.max_len, rng, config.window_stride)
         probes, losses = [], []
-        for step, (item_ids, deltas, targets) in enumerate(
-            batches(
-                data,
-                windows.starts,
-                windows.ends,
-                model.max_len,
-                batch_size=config.batch_size,
-                rng=rng,
-                first_targets=windows.first_targets,
-            )
-        ):
+        _, epoch_batch = epoch_batches(data, config, model.max_len, rng)
+        for step, (item_ids, deltas, targets) in enumerate(epoch_batch):
             states = model.hidden_states(item_ids, deltas)
             has_target = targets > 0
             states, targets = states[has_target], targets[has_target]

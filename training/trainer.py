@@ -174,6 +174,21 @@ def epoch_windows(
     return Windows(starts[user], window_ends, first)
 
 
+def epoch_batches(data: SequenceData, config: TrainConfig, max_len: int, rng: np.random.Generator):
+    """One epoch of ``config``'s windows (``epoch_windows``) as shuffled batches
+    (``batches``), and how many windows they hold."""
+    windows = epoch_windows(data, config.windows, max_len, rng, config.window_stride)
+    return len(windows), batches(
+        data,
+        windows.starts,
+        windows.ends,
+        max_len,
+        batch_size=config.batch_size,
+        rng=rng,
+        first_targets=windows.first_targets,
+    )
+
+
 def batches(
     data: SequenceData,
     starts: np.ndarray,
@@ -251,18 +266,10 @@ def train(data: SequenceData, config: TrainConfig, out_dir: str | Path) -> Train
     for epoch in range(1, config.epochs + 1):
         model.train()
         losses = []
-        windows = epoch_windows(data, config.windows, model.max_len, rng, config.window_stride)
+        count, epoch_batch = epoch_batches(data, config, model.max_len, rng)
         progress = progress_bar(
-            batches(
-                data,
-                windows.starts,
-                windows.ends,
-                model.max_len,
-                batch_size=config.batch_size,
-                rng=rng,
-                first_targets=windows.first_targets,
-            ),
-            total=math.ceil(len(windows) / config.batch_size),
+            epoch_batch,
+            total=math.ceil(count / config.batch_size),
             desc=f"{config.model} epoch {epoch}/{config.epochs}",
             unit="batch",
         )
