@@ -62,8 +62,8 @@ def corrupt_copy(served_models, name: str = "tiny-bad") -> str:
 # --------------------------------------------------------------------------- admin auth
 
 
-def test_reload_without_a_token_is_401(client):
-    response = client.post("/admin/reload")
+def test_reload_without_a_token_is_401(reader):
+    response = reader.post("/admin/reload")
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == "Bearer"
 
@@ -80,8 +80,8 @@ def test_reload_without_a_token_is_401(client):
         "Bearer ünïcødé".encode(),
     ],
 )
-def test_reload_with_a_wrong_token_is_401(client, authorization):
-    response = client.post("/admin/reload", headers={"authorization": authorization})
+def test_reload_with_a_wrong_token_is_401(reader, authorization):
+    response = reader.post("/admin/reload", headers={"authorization": authorization})
     assert response.status_code == 401
 
 
