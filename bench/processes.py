@@ -10,6 +10,7 @@ adds the service's processes by role, the uvicorn workers and their compute proc
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from tests.servers import UvicornService, wait_until
@@ -92,3 +93,29 @@ def _cpu(pid: int) -> float:
     except OSError:
         return 0.0
     return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+class PeerProcess(ServiceProcess):
+    """bench/plain_peer.py (the plain server a user would write) over ``bundle`` of
+    ``models_dir``, measured as the service is."""
+
+    def __init__(self, models_dir: Path, bundle: str, **kwargs):
+        super().__init__({}, **kwargs)
+        self.models_dir = Path(models_dir)
+        self.bundle = bundle
+
+    def command(self) -> list[str]:
+        """``python -m bench.plain_peer`` on 127.0.0.1."""
+        return [
+            sys.executable,
+            "-m",
+            "bench.plain_peer",
+            "--models-dir",
+            str(self.models_dir),
+            "--bundle",
+            self.bundle,
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self.workers),
+        ]
