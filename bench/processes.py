@@ -35,14 +35,20 @@ class ServiceProcess(UvicornService):
             return []
         if self.workers == 1:
             return [self.process.pid]
-        return _children(self.process.pid)
+        # uvicorn spawns its workers with multiprocessing; its resource tracker and the
+        # shared compute process are children too, and serve no request.
+        return [pid for pid in _children(self.process.pid) if b"spawn_main" in _cmdline(pid)]
 
     def pids_by_role(self) -> dict[str, list[int]]:
-        """The workers, and their compute processes (service.compute)."""
+        """The workers, and the compute processes (service.compute_host): each worker's
+        own, or the host's shared one (a child of the server process beside the workers)."""
         workers = self.worker_pids()
+        shared = []
+        if self.workers > 1 and self.process is not None:
+            shared = [pid for pid in _children(self.process.pid) if _is_compute(pid)]
         return {
             "workers": workers,
-            "compute": [child for worker in workers for child in _children(worker)],
+            "compute": shared + [child for worker in workers for child in _children(worker)],
         }
 
     def serving_pids(self) -> list[int]:
@@ -75,6 +81,17 @@ def _children(pid: int) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _is_compute(pid: int) -> bool:
+    return b"service.compute_host" in _cmdline(pid)
 
 
 def _rss(pid: int) -> int:

@@ -545,8 +545,8 @@ def forget_keys(url: str, prefix: str) -> int:
 
 
 # Leaf frames of waiting: an idle pool thread, the event loop in its poll, the compute
-# process blocked on its socket for the next batch.
-WAITING = ("Condition.wait", "Queue.get", "select", "_run_once", "_Inbox.take")
+# process in its poll for the next batch.
+WAITING = ("Condition.wait", "Queue.get", "select", "_run_once")
 
 
 def summarise_profile(path: Path, top: int = 25) -> dict:
