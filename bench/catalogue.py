@@ -106,9 +106,9 @@ def serving(bundle, cases: dict, *, requests: int, rounds: int, seed: int) -> di
     n = bundle.catalogue.n_items
     try:
         for recommender in recommenders.values():
-            time_requests(recommender, request_bodies(n, 20, HISTORY, K, seed), None)
+            time_requests(recommender, request_bodies(n, 20, HISTORY, k=K, seed=seed), None)
         for round_ in range(rounds):
-            bodies = request_bodies(n, requests, HISTORY, K, seed + 1 + round_)
+            bodies = request_bodies(n, requests, HISTORY, k=K, seed=seed + 1 + round_)
             for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
                 result = time_requests(recommenders[name], bodies, None)
                 runs[name].append(result)

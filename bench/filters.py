@@ -158,9 +158,13 @@ def run(
     names = list(filters)
     runs: dict[str, list[dict]] = {name: [] for name in names}
     try:
-        time_requests(recommender, request_bodies(catalogue.n_items, 20, HISTORY, K, seed), None)
+        time_requests(
+            recommender, request_bodies(catalogue.n_items, 20, HISTORY, k=K, seed=seed), None
+        )
         for round_ in range(rounds):
-            bodies = request_bodies(catalogue.n_items, requests, HISTORY, K, seed + 1 + round_)
+            bodies = request_bodies(
+                catalogue.n_items, requests, HISTORY, k=K, seed=seed + 1 + round_
+            )
             for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
                 runs[name].append(time_requests(recommender, bodies, filters[name]))
                 print(f"round {round_ + 1} {name}: {json.dumps(runs[name][-1])}", flush=True)

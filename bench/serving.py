@@ -84,7 +84,7 @@ end
 
 
 def request_bodies(
-    catalogue_size: int, count: int, length: int, k: int, seed: int, rerank: bool | None = None
+    catalogue_size: int, count: int, length: int, *, k: int, seed: int, rerank: bool | None = None
 ) -> list[str]:
     """Distinct JSON bodies: random histories of ``length`` events over the catalogue
     (``rerank``: the body's field; None leaves it out, the bundle's default)."""
