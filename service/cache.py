@@ -34,6 +34,7 @@ import hashlib
 import logging
 import secrets
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -219,16 +220,76 @@ def decode_retrieval(blob: bytes | None) -> CachedRetrieval | None:
 APPEND_ATTEMPTS = 5
 
 
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://``)."""
+    return url.partition("://")[0].lower() in CLUSTER_SCHEMES
+
+
+def connect_redis(url: str, *, timeout: float = 5.0, **options):
+    """redis-py's asyncio client of ``url``: one server for ``redis://`` and ``rediss://``
+    (TLS), a Redis Cluster for ``redis+cluster://`` and ``rediss+cluster://`` (the host and
+    port of any node; the client learns the others and follows failovers). Both clients
+    take the same commands; a cluster answers a command whose keys lie in several slots
+    with an error, so the stores keep what one command or script touches in one slot.
+
+    ``timeout`` bounds each connect and each reply; ``options`` go to the client (for a
+    cluster, ``max_connections`` counts per node)."""
+    scheme, _, rest = url.partition("://")
+    options = {"socket_timeout": timeout, "socket_connect_timeout": timeout, **options}
+    if scheme.lower() in CLUSTER_SCHEMES:
+        from redis.asyncio.cluster import RedisCluster
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ConstantBackoff
+
+        options.pop("health_check_interval", None)  # the cluster client has no such option
+        # redis-py's default (ten retries, backing off to a second) would hold a request
+        # for seconds while a primary is down; two tries a node timeout apart still follow
+        # a redirection or a topology refresh, and the caller's own answer (503, the
+        # popularity fallback) comes within a second.
+        options.setdefault("retry", Retry(ConstantBackoff(timeout), 2))
+        # Slots whose primary is down fail on their own; the others keep serving.
+        options.setdefault("require_full_coverage", False)
+        return RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}", **options)
+    import redis.asyncio as aioredis
+
+    return aioredis.Redis.from_url(url, **options)
+
+
 async def redis_call(operation):
     """Await a redis-py call; every way Redis can be unreachable is ``StoreUnavailable``."""
+    with redis_errors():
+        return await operation
+
+
+@contextmanager
+def redis_errors():
+    """Every way Redis (one server or a cluster) can be unreachable, raised inside the
+    block, becomes ``StoreUnavailable``."""
     import redis.exceptions
 
     try:
-        return await operation
+        yield
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
         raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
     except redis.exceptions.BusyLoadingError as exc:
         raise StoreUnavailable(f"Redis is loading: {exc}") from exc
+    except (
+        redis.exceptions.ClusterDownError,
+        redis.exceptions.SlotNotCoveredError,
+        redis.exceptions.TryAgainError,
+        redis.exceptions.ReadOnlyError,
+    ) as exc:
+        # A failover under way: the keys' primary is down or was just replaced.
+        raise StoreUnavailable(f"Redis cannot serve the keys now: {exc}") from exc
+    except redis.exceptions.RedisClusterException as exc:
+        unreachable = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+        if isinstance(exc.__cause__, unreachable):
+            # No node of the cluster answered the client's topology request.
+            raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
+        raise
 
 
 class RedisBehaviourCache(BehaviourCache):
@@ -245,14 +306,9 @@ class RedisBehaviourCache(BehaviourCache):
         item_code_cache: int = 100_000,
     ):
         super().__init__(prefix, history_cap, ttl_seconds)
-        import redis.asyncio as aioredis
-
-        self.client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            health_check_interval=30,
-            max_connections=256,
+        self.cluster = is_cluster_url(url)
+        self.client = connect_redis(
+            url, timeout=timeout, health_check_interval=30, max_connections=256
         )
         self.codes = ItemCodes(item_code_cache)
         self._assign_script = self.client.register_script(ASSIGN_SCRIPT)
@@ -439,7 +495,10 @@ class RedisBehaviourCache(BehaviourCache):
     async def get_retrievals(self, keys: list[str]) -> list[CachedRetrieval | None]:
         if not keys:
             return []
-        return [decode_retrieval(blob) for blob in await self._run(self.client.mget(keys))]
+        # A batch's entries lie in many slots: on a cluster, one MGET per slot, sent to
+        # each node in one pipeline, the nodes at once.
+        read = self.client.mget_nonatomic if self.cluster else self.client.mget
+        return [decode_retrieval(blob) for blob in await self._run(read(keys))]
 
     async def put_retrievals(self, entries: list[tuple[str, CachedRetrieval]]) -> None:
         if not entries:

@@ -117,9 +117,12 @@ class CatalogueStore:
     async def changes_since(self, version: int) -> tuple[int, dict[str, ItemRecord]]:
         """The version now and every record written after ``version`` (all of them for 0).
 
-        The version and the changed ids are read in one transaction; a record read after
-        it may be newer still, which is harmless: it is read again at the next version."""
-        async with self.client.pipeline(transaction=True) as pipe:
+        The version is read first, then the changed ids, in one round trip: every write up
+        to that version has completed (a write is one script), so its ids are among them.
+        Ids and records of writes made meanwhile may come too, which is harmless: they are
+        read again at the next version. (Nothing here needs MULTI, which the asyncio
+        cluster client of older redis-py releases lacks.)"""
+        async with self.client.pipeline(transaction=False) as pipe:
             pipe.get(self.version_key)
             pipe.zrangebyscore(self.changes_key, f"({version}", "+inf")
             now, changed = await redis_call(pipe.execute())
