@@ -30,11 +30,11 @@ Every Redis failure surfaces as ``StoreUnavailable``; callers decide how to degr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import secrets
 import struct
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -258,13 +258,28 @@ def connect_redis(url: str, *, timeout: float = 5.0, **options):
     return aioredis.Redis.from_url(url, **options)
 
 
+async def run_script(script, keys: list, args: list):
+    """Run a registered script (redis-py's ``register_script``) by its digest, and by its
+    text where the node lacks it (a promoted replica, a restarted or new node): EVAL
+    caches it on the node that runs it. (redis-py's own fallback loads it with SCRIPT
+    LOAD, which a cluster client sends to every primary and which fails while one is
+    down, even for keys that live elsewhere.)"""
+    import redis.exceptions
+
+    client = script.registered_client
+    try:
+        return await client.evalsha(script.sha, len(keys), *keys, *args)
+    except redis.exceptions.NoScriptError:
+        return await client.eval(script.script, len(keys), *keys, *args)
+
+
 async def redis_call(operation):
     """Await a redis-py call; every way Redis can be unreachable is ``StoreUnavailable``."""
     with redis_errors():
         return await operation
 
 
-@contextmanager
+@contextlib.contextmanager
 def redis_errors():
     """Every way Redis (one server or a cluster) can be unreachable, raised inside the
     block, becomes ``StoreUnavailable``."""
@@ -304,6 +319,8 @@ class RedisBehaviourCache(BehaviourCache):
         timeout: float = 0.25,
         *,
         item_code_cache: int = 100_000,
+        wait_replicas: int = 0,
+        wait_ms: int = 100,
     ):
         super().__init__(prefix, history_cap, ttl_seconds)
         self.cluster = is_cluster_url(url)
@@ -311,6 +328,10 @@ class RedisBehaviourCache(BehaviourCache):
             url, timeout=timeout, health_check_interval=30, max_connections=256
         )
         self.codes = ItemCodes(item_code_cache)
+        # History writes (and the item codes they use) acknowledged only once this many
+        # replicas hold them (Redis WAIT, at most ``wait_ms``); 0: once the primary does.
+        self.wait_replicas = wait_replicas
+        self.wait_ms = wait_ms
         self._assign_script = self.client.register_script(ASSIGN_SCRIPT)
         self._append_script = self.client.register_script(APPEND_SCRIPT)
         self._read_script = self.client.register_script(READ_SCRIPT)
@@ -340,19 +361,18 @@ class RedisBehaviourCache(BehaviourCache):
             items = [item for item, _ in events] + [item for item, _ in legacy_events]
             generation, code_of = await self._codes(items, refresh)
             refresh = False
-            reply = await self._run(
-                self._append_script(
-                    keys=[key, legacy_key],
-                    args=[
-                        generation,
-                        self.history_cap,
-                        discard,
-                        -1 if legacy is None else len(members),
-                        pack_records([(ts, code_of[item]) for item, ts in legacy_events]),
-                        pack_records([(ts, code_of[item]) for item, ts in events]),
-                        pack_members(members),
-                    ],
-                )
+            reply = await self._write(
+                self._append_script,
+                keys=[key, legacy_key],
+                args=[
+                    generation,
+                    self.history_cap,
+                    discard,
+                    -1 if legacy is None else len(members),
+                    pack_records([(ts, code_of[item]) for item, ts in legacy_events]),
+                    pack_records([(ts, code_of[item]) for item, ts in events]),
+                    pack_members(members),
+                ],
             )
             status = int(reply[0])
             if status >= 0:
@@ -375,6 +395,69 @@ class RedisBehaviourCache(BehaviourCache):
                 refresh = True
         raise StoreUnavailable("a history kept changing while it was converted; try again")
 
+    async def _write(self, script, keys: list[str], args: list):
+        """Run a script that writes; with ``wait_replicas``, acknowledged only once that
+        many replicas hold what it wrote. Otherwise StoreUnavailable: the write may be on
+        the primary alone, and a failover now would lose it (a retry adds nothing twice)."""
+        if not self.wait_replicas:
+            return await self._run(run_script(script, keys, args))
+        import redis.exceptions
+
+        try:
+            reply, replicas = await self._run(self._write_and_wait(script, keys, args))
+        except redis.exceptions.NoScriptError:  # as run_script does
+            reply, replicas = await self._run(self._write_and_wait(script, keys, args, True))
+        if replicas < self.wait_replicas:
+            raise StoreUnavailable(
+                f"a history write reached {replicas} of {self.wait_replicas} replicas "
+                f"within {self.wait_ms} ms (RECSERVE_HISTORY_WAIT_REPLICAS); try again"
+            )
+        return reply
+
+    async def _write_and_wait(
+        self, script, keys: list[str], args: list, by_text: bool = False
+    ) -> list:
+        """The script's reply and WAIT's count of replicas, sent on one connection to the
+        keys' primary (WAIT counts the writes of its own connection)."""
+        run = ("EVAL", script.script) if by_text else ("EVALSHA", script.sha)
+        commands = [
+            (*run, len(keys), *keys, *args),
+            ("WAIT", self.wait_replicas, self.wait_ms),
+        ]
+        if not self.cluster:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                return await pipe.execute()
+        # The cluster client's own pipeline would send WAIT to its default node (and on a
+        # retry lose the node it was given), so both go down one of the primary's
+        # connections, as that pipeline does it.
+        import redis.exceptions
+        from redis.asyncio.cluster import PipelineCommand
+
+        await self.client.initialize()
+        node = self.client.get_node_from_key(keys[0])
+        sent = [PipelineCommand(n, *command) for n, command in enumerate(commands)]
+        try:
+            await node.execute_pipeline(sent)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            await self._refresh_topology()
+            raise
+        for command in sent:
+            if isinstance(command.result, redis.exceptions.AskError):  # MOVED too
+                await self._refresh_topology()
+                raise StoreUnavailable(f"the history's slot moved (a failover): {command.result}")
+            if isinstance(command.result, Exception):
+                raise command.result
+        return [command.result for command in sent]
+
+    async def _refresh_topology(self) -> None:
+        """Have the cluster client ask again which node serves which slots."""
+        import redis.exceptions
+
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            await self.client.nodes_manager.initialize()
+
     async def _read_legacy(self, legacy_key: str) -> tuple[list[bytes], list[tuple[str, int]]]:
         """The members of the old layout's key and the events they hold."""
         members = await self._run(self.client.zrange(legacy_key, 0, -1))
@@ -393,11 +476,10 @@ class RedisBehaviourCache(BehaviourCache):
                 return known.generation, code_of
         else:
             code_of, missing = {}, wanted
-        reply = await self._run(
-            self._assign_script(
-                keys=[self.item_dictionary_key()],
-                args=[secrets.randbelow(MAX_CODE) + 1, *map(_encode_item, missing)],
-            )
+        reply = await self._write(
+            self._assign_script,
+            keys=[self.item_dictionary_key()],
+            args=[secrets.randbelow(MAX_CODE) + 1, *map(_encode_item, missing)],
         )
         generation = int(reply[0])
         if generation != known.generation and len(missing) < len(wanted):
@@ -422,7 +504,8 @@ class RedisBehaviourCache(BehaviourCache):
 
     async def history(self, user_id: str) -> list[tuple[str, int]]:
         legacy_key = self.legacy_history_key(user_id)
-        reply = await self._run(self._read_script(keys=[self.packed_key(legacy_key), legacy_key]))
+        keys = [self.packed_key(legacy_key), legacy_key]
+        reply = await self._run(run_script(self._read_script, keys, []))
         events = await self._decode(reply[0]) if reply[0] else []
         if len(reply) > 1:
             # The old layout's key is still there (not yet converted, or written meanwhile

@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from service.cache import redis_call
+from service.cache import redis_call, run_script
 from service.catalogue import ItemRecord
 
 LOG = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class CatalogueStore:
         for raw, record in records.items():
             args += [raw, encode_record(record)]
         keys = [self.items_key, self.changes_key, self.version_key]
-        return int(await redis_call(self._write(keys=keys, args=args)))
+        return int(await redis_call(run_script(self._write, keys, args)))
 
     async def version(self) -> int:
         """The catalogue's current version (0: never written)."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from service.cache import redis_call, user_key_part
+from service.cache import redis_call, run_script, user_key_part
 
 # KEYS: the stream, then per impression: its shown hash, its user's set, its experiment's
 # counts. ARGV: stream cap, window seconds, the impressions count's name, then 11 values
@@ -170,7 +170,7 @@ class FeedbackStore:
             args += [imp.request_id, imp.user, imp.experiment, imp.arm, int(imp.forced)]
             args += [repr(imp.time), imp.bundle, imp.encoder, int(imp.reranked), imp.items]
             args.append(imp.item_ids)
-        await redis_call(self._log(keys=keys, args=args))
+        await redis_call(run_script(self._log, keys, args))
 
     async def shown(self, request_ids: list[str]) -> list[Shown | None]:
         """The impressions of ``request_ids`` still within the window (None for others)."""
@@ -214,7 +214,7 @@ class FeedbackStore:
         for mark in marks:
             keys += [self.shown_key(mark.shown.request_id), self.counts_key(mark.shown.experiment)]
             args += [mark.field, mark.count or ""]
-        return [bool(flag) for flag in await redis_call(self._mark(keys=keys, args=args))]
+        return [bool(flag) for flag in await redis_call(run_script(self._mark, keys, args))]
 
     async def counts(self, experiment: str) -> dict[str, int]:
         """The experiment's counts (field -> count)."""

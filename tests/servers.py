@@ -234,8 +234,9 @@ class RedisClusterProcesses:
 
     @property
     def url(self) -> str:
-        """The service's URL of the cluster: any node seeds the client's view of it."""
-        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
+        """The service's URL of the cluster: any running node seeds the client's view of it
+        (a client started later cannot learn the cluster from a node that is down)."""
+        return f"redis+cluster://127.0.0.1:{self.running()[0].port}/0"
 
     def _node(self, index: int) -> RedisProcess:
         port = free_port()
@@ -324,6 +325,15 @@ class RedisClusterProcesses:
         """A running replica of ``primary``."""
         info = self._ask(primary, "INFO", "replication")
         return self.by_port(int(info["slave0"]["port"]))
+
+    def holds(self, node: RedisProcess, key: str) -> bool:
+        """Whether ``node`` itself (a replica too: READONLY) holds ``key``."""
+        client = self._client(node)
+        try:
+            client.execute_command("READONLY")  # the pool's one connection, reused below
+            return bool(client.exists(key))
+        finally:
+            client.close()
 
     def by_port(self, port: int) -> RedisProcess:
         return next(node for node in self.nodes if node.port == port)
