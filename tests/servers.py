@@ -220,7 +220,8 @@ class RedisClusterProcesses:
     ``node_timeout_ms`` is the cluster's failure-detection time: a primary unreachable for
     that long is marked failed and its replica promoted. Replicas are always eligible
     (``cluster-replica-validity-factor 0``), so a test's failover never waits on how long
-    ago a replica last heard its primary.
+    ago a replica last heard its primary; ``cluster-require-full-coverage no`` as in
+    production (docs/DEPLOYMENT.md).
     """
 
     def __init__(
@@ -252,6 +253,11 @@ class RedisClusterProcesses:
             str(free_port()),
             "--cluster-replica-validity-factor",
             "0",
+            # The other slots keep serving while one range has no primary (by default
+            # the whole cluster refuses every command from the failure until the
+            # promotion: docs/DEPLOYMENT.md recommends this setting).
+            "--cluster-require-full-coverage",
+            "no",
             # A replica's first sync at once, not after the default 5 s of waiting for more.
             "--repl-diskless-sync",
             "yes",
