@@ -20,12 +20,15 @@ Keys (prefix ``p`` from settings):
   string per entry lets a batch of requests read all its entries with one MGET and write
   them in one pipeline (a single HMGET cost many times an MGET slot in redis-py's
   asyncio client, docs/BENCHMARKS.md), and a value that is cut short or of another kind
-  reads as a miss.
+  reads as a miss. On a Redis Cluster the entries of a batch lie in many slots: the read
+  is one MGET per slot and the write a pipeline, both sent to the nodes at once.
 - ``{p}:reload:{deployment}`` — not a key but the pub/sub channel of reload signals:
   signed "re-read models/CURRENT" messages, one deployment's workers only
   (``service.reload_signals``).
 
-Every Redis failure surfaces as ``StoreUnavailable``; callers decide how to degrade.
+Every script and multi-key command touches one Redis Cluster slot, so the same code serves
+one Redis and a cluster (``connect_redis``). Every Redis failure surfaces as
+``StoreUnavailable``; callers decide how to degrade.
 """
 
 from __future__ import annotations
@@ -228,19 +231,29 @@ def is_cluster_url(url: str) -> bool:
     return url.partition("://")[0].lower() in CLUSTER_SCHEMES
 
 
+def _host_port(address: str) -> tuple[str, int]:
+    host, colon, port = address.rpartition(":")
+    if not colon or host.endswith(":"):  # no port, or a bare IPv6 address
+        return address.strip("[]"), 6379
+    return host.strip("[]"), int(port)
+
+
 def connect_redis(url: str, *, timeout: float = 5.0, **options):
     """redis-py's asyncio client of ``url``: one server for ``redis://`` and ``rediss://``
     (TLS), a Redis Cluster for ``redis+cluster://`` and ``rediss+cluster://`` (the host and
-    port of any node; the client learns the others and follows failovers). Both clients
-    take the same commands; a cluster answers a command whose keys lie in several slots
-    with an error, so the stores keep what one command or script touches in one slot.
+    port of a node, or of several separated by commas,
+    ``redis+cluster://:PASSWORD@h1:6379,h2:6379/0``: the client learns the whole cluster
+    from the first that answers, so a start succeeds while one of them is down, and
+    follows failovers). Both clients take the same commands; a cluster answers a command
+    whose keys lie in several slots with an error, so the stores keep what one command or
+    script touches in one slot.
 
     ``timeout`` bounds each connect and each reply; ``options`` go to the client (for a
     cluster, ``max_connections`` counts per node)."""
     scheme, _, rest = url.partition("://")
     options = {"socket_timeout": timeout, "socket_connect_timeout": timeout, **options}
     if scheme.lower() in CLUSTER_SCHEMES:
-        from redis.asyncio.cluster import RedisCluster
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
         from redis.asyncio.retry import Retry
         from redis.backoff import ConstantBackoff
 
@@ -252,7 +265,14 @@ def connect_redis(url: str, *, timeout: float = 5.0, **options):
         options.setdefault("retry", Retry(ConstantBackoff(timeout), 2))
         # Slots whose primary is down fail on their own; the others keep serving.
         options.setdefault("require_full_coverage", False)
-        return RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}", **options)
+        netloc, slash, path = rest.partition("/")
+        credentials, at, hosts = netloc.rpartition("@")
+        first, *others = hosts.split(",")
+        if others:
+            # Built again with the URL's credentials and TLS by the client.
+            options["startup_nodes"] = [ClusterNode(*_host_port(host)) for host in others]
+        seed = f"{CLUSTER_SCHEMES[scheme.lower()]}://{credentials}{at}{first}{slash}{path}"
+        return RedisCluster.from_url(seed, **options)
     import redis.asyncio as aioredis
 
     return aioredis.Redis.from_url(url, **options)

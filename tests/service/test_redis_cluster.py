@@ -20,7 +20,7 @@ import pytest
 
 from service.cache import InMemoryBehaviourCache, RedisBehaviourCache
 from service.errors import StoreUnavailable
-from tests.servers import UvicornService
+from tests.servers import UvicornService, free_port
 from tests.service.conftest import (
     SHARED_REDIS_URL,
     server_settings,
@@ -55,6 +55,17 @@ def test_a_waited_write_is_on_the_replica_when_acknowledged(redis_cluster):
     for key in [names.history_key(f"u{n}") for n in range(20)] + [names.item_dictionary_key()]:
         replica = redis_cluster.replica_of(redis_cluster.primary_of(key))
         assert redis_cluster.holds(replica, key), key
+
+
+def test_a_cluster_url_may_name_several_nodes_and_the_first_may_be_down(redis_cluster):
+    live = redis_cluster.running()[1].port
+    url = f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{live}/0"
+
+    async def scenario(cache):
+        await cache.append_events("u", [("a", 1)])
+        return await cache.history("u")
+
+    assert run_on(url, f"t{uuid.uuid4().hex[:20]}", scenario) == [("a", 1)]
 
 
 def test_a_write_no_replica_confirms_is_refused_not_acknowledged(shared_redis, key_prefix):
