@@ -259,9 +259,9 @@ def connect_redis(url: str, *, timeout: float = 5.0, **options):
 
         options.pop("health_check_interval", None)  # the cluster client has no such option
         # redis-py's default (ten retries, backing off to a second) would hold a request
-        # for seconds while a primary is down; two tries a node timeout apart still follow
-        # a redirection or a topology refresh, and the caller's own answer (503, the
-        # popularity fallback) comes within a second.
+        # for seconds while a primary is down; two retries ``timeout`` apart still follow a
+        # topology refresh, and the caller's own answer (503, the popularity fallback)
+        # comes within about a second.
         options.setdefault("retry", Retry(ConstantBackoff(timeout), 2))
         # Slots whose primary is down fail on their own; the others keep serving.
         options.setdefault("require_full_coverage", False)
@@ -445,7 +445,7 @@ class RedisBehaviourCache(BehaviourCache):
             ("WAIT", self.wait_replicas, self.wait_ms),
         ]
         if not self.cluster:
-            async with self.client.pipeline(transaction=False) as pipe:
+            async with self.client.pipeline(transaction=False) as pipe:  # the caller maps errors
                 for command in commands:
                     pipe.execute_command(*command)
                 return await pipe.execute()
@@ -606,10 +606,12 @@ class RedisBehaviourCache(BehaviourCache):
     async def put_retrievals(self, entries: list[tuple[str, CachedRetrieval]]) -> None:
         if not entries:
             return
-        async with self.client.pipeline(transaction=False) as pipe:
-            for key, value in entries:
-                pipe.set(key, encode_retrieval(value), ex=self.ttl_seconds)
-            await self._run(pipe.execute())
+        # Entering the pipeline may already ask a cluster for its layout.
+        with redis_errors():
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key, value in entries:
+                    pipe.set(key, encode_retrieval(value), ex=self.ttl_seconds)
+                await pipe.execute()
 
     async def ping(self) -> bool:
         try:

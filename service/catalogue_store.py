@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from service.cache import redis_call, run_script
+from service.cache import redis_call, redis_errors, run_script
 from service.catalogue import ItemRecord
 
 LOG = logging.getLogger(__name__)
@@ -122,10 +122,11 @@ class CatalogueStore:
         Ids and records of writes made meanwhile may come too, which is harmless: they are
         read again at the next version. (Nothing here needs MULTI, which the asyncio
         cluster client of older redis-py releases lacks.)"""
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.get(self.version_key)
-            pipe.zrangebyscore(self.changes_key, f"({version}", "+inf")
-            now, changed = await redis_call(pipe.execute())
+        with redis_errors():  # entering the pipeline may already ask a cluster its layout
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.get(self.version_key)
+                pipe.zrangebyscore(self.changes_key, f"({version}", "+inf")
+                now, changed = await pipe.execute()
         now = int(now or 0)
         if not changed:
             return now, {}

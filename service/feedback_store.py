@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from service.cache import redis_call, run_script, user_key_part
+from service.cache import redis_call, redis_errors, run_script, user_key_part
 
 # KEYS: the stream, then per impression: its shown hash, its user's set, its experiment's
 # counts. ARGV: stream cap, window seconds, the impressions count's name, then 11 values
@@ -176,10 +176,11 @@ class FeedbackStore:
         """The impressions of ``request_ids`` still within the window (None for others)."""
         if not request_ids:
             return []
-        async with self.client.pipeline(transaction=False) as pipe:
-            for rid in request_ids:
-                pipe.hmget(self.shown_key(rid), SHOWN_FIELDS)
-            rows = await redis_call(pipe.execute())
+        with redis_errors():  # entering the pipeline may already ask a cluster its layout
+            async with self.client.pipeline(transaction=False) as pipe:
+                for rid in request_ids:
+                    pipe.hmget(self.shown_key(rid), SHOWN_FIELDS)
+                rows = await pipe.execute()
         found: list[Shown | None] = []
         for rid, (user, exp, arm, forced, at, items) in zip(request_ids, rows, strict=True):
             if at is None:
@@ -200,10 +201,11 @@ class FeedbackStore:
 
     async def recent(self, users: list[str], since: float, until: float) -> list[list[str]]:
         """Each user's request ids shown between ``since`` and ``until`` (Unix seconds)."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            for user in users:
-                pipe.zrangebyscore(self.user_key(user), since, until)
-            rows = await redis_call(pipe.execute())
+        with redis_errors():
+            async with self.client.pipeline(transaction=False) as pipe:
+                for user in users:
+                    pipe.zrangebyscore(self.user_key(user), since, until)
+                rows = await pipe.execute()
         return [[_text(rid) for rid in row] for row in rows]
 
     async def mark(self, marks: list[Mark]) -> list[bool]:
@@ -224,8 +226,9 @@ class FeedbackStore:
     async def experiments(self) -> list[str]:
         """The names of the experiments with counts, sorted."""
         prefix = self.counts_key("")
-        names = [
-            _text(key)[len(prefix) :]
-            async for key in self.client.scan_iter(match=f"{prefix}*", count=1000)
-        ]
+        with redis_errors():  # on a cluster the scan walks every primary
+            names = [
+                _text(key)[len(prefix) :]
+                async for key in self.client.scan_iter(match=f"{prefix}*", count=1000)
+            ]
         return sorted(names)

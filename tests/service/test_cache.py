@@ -376,11 +376,12 @@ def test_an_unavailable_in_memory_store_raises_store_unavailable():
     asyncio.run(scenario())
 
 
-def test_unreachable_redis_raises_store_unavailable_quickly():
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
+def test_unreachable_redis_raises_store_unavailable_quickly(scheme):
     import time
 
     async def scenario():
-        cache = RedisBehaviourCache(f"redis://127.0.0.1:{free_port()}/0", "p", 10, 10)
+        cache = RedisBehaviourCache(f"{scheme}://127.0.0.1:{free_port()}/0", "p", 10, 10)
         try:
             started = time.perf_counter()
             with pytest.raises(StoreUnavailable):
