@@ -1,4 +1,5 @@
-"""Real servers for tests: a private redis-server and the service as deployed.
+"""Real servers for tests: a private redis-server, a private Redis Cluster, and the service
+as deployed.
 
 The HTTP tests start the service exactly as it is deployed (``python -m service.serve``,
 uvicorn configured by ``RECSERVE_*`` variables), and a redis-server of
@@ -318,7 +319,7 @@ class RedisClusterProcesses:
             info = self._ask(node, "CLUSTER", "INFO")
             if info is None or b"cluster_state:ok" not in info:
                 return False
-            replication = self._ask(node, "INFO", "replication")
+            replication = self._ask(node, "INFO", "replication") or {}
             if replication.get("role") == "slave" and replication.get("master_link_status") != "up":
                 return False
         return True

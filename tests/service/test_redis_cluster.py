@@ -138,16 +138,26 @@ EVERY_WAIT = [
 ]
 
 
+@pytest.fixture
+def own_cluster(tmp_path):
+    """A private cluster for a test that kills its nodes; always stopped."""
+    cluster = start_cluster(tmp_path / "cluster")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @pytest.mark.parametrize("wait_replicas", EVERY_WAIT)
 def test_a_killed_primary_fails_its_slots_clearly_and_loses_no_acknowledged_write(
-    exported_bundle, tmp_path, wait_replicas
+    exported_bundle, own_cluster, tmp_path, wait_replicas
 ):
     """With ``RECSERVE_HISTORY_WAIT_REPLICAS=1`` no acknowledged write may be lost; the
     promoted replica has no replica of its own, so its slots take writes again only once
     the failed node is back (as its replica). With 0 the slots take writes as soon as the
     replica is promoted, and what the primary had not yet sent it is lost: the test
     reports how much (usually nothing on loopback: the window is a fraction of a ms)."""
-    cluster = start_cluster(tmp_path / "cluster")
+    cluster = own_cluster
     deployment = "failover"
     prefix, victim = _prefix_sparing_one_primary(cluster, deployment)
     names = InMemoryBehaviourCache(prefix)
@@ -214,7 +224,6 @@ def test_a_killed_primary_fails_its_slots_clearly_and_loses_no_acknowledged_writ
 
     histories = run_on(cluster.url, prefix, stored)
     lost = [a for a in acknowledged if (a[1], a[2]) not in histories[a[0]]]
-    cluster.stop()
     first_back = min(
         a[5] for a in writer.answers if a[0] in on_victim and a[3] == 200 and a[5] > killed
     )
