@@ -41,8 +41,12 @@ def reload_channel_of(settings) -> str:
 
 
 def wait_for_listeners(redis_client, channel: str, count: int) -> None:
+    import redis
+
+    # A cluster client asks its default node alone unless told to ask (and sum) them all.
+    nodes = {"target_nodes": "all"} if isinstance(redis_client, redis.RedisCluster) else {}
     wait_until(
-        lambda: dict(redis_client.pubsub_numsub(channel)).get(channel.encode()) == count,
+        lambda: dict(redis_client.pubsub_numsub(channel, **nodes)).get(channel.encode()) == count,
         timeout=10,
         what=f"{count} worker(s) to listen on {channel}",
     )
