@@ -39,6 +39,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import redis.asyncio as aioredis
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -46,7 +47,8 @@ sys.path.insert(0, str(REPO))
 from service.bundle import current_name, load_bundle, read_manifest  # noqa: E402
 from service.feedback_store import HIT, FeedbackStore  # noqa: E402
 from service.recommender import Recommender  # noqa: E402
-from service.report import arm_figures, table, wilson  # noqa: E402
+from service.reload_signals import deployment_id  # noqa: E402
+from service.report import arm_figures, read_counts, table, wilson  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.servers import UvicornService  # noqa: E402
 from training.data import SequenceData, build_sequences  # noqa: E402
@@ -165,26 +167,6 @@ def export_recall(manifest: dict, arms: list[dict]) -> dict[str, float]:
     return found
 
 
-async def read_counts(settings: dict, experiment: str) -> dict[str, int]:
-    import redis.asyncio as aioredis
-
-    from service.reload_signals import deployment_id
-
-    resolved = Settings(
-        models_dir=Path(settings["RECSERVE_MODELS_DIR"]),
-        key_prefix=settings["RECSERVE_KEY_PREFIX"],
-        admin_enabled=False,
-    )
-    client = aioredis.Redis.from_url(settings["RECSERVE_REDIS_URL"])
-    store = FeedbackStore(
-        client, resolved.key_prefix, deployment_id(resolved), window=1, stream_cap=1
-    )
-    try:
-        return await store.counts(experiment)
-    finally:
-        await client.aclose()
-
-
 def simulate(
     data: SequenceData,
     models_dir: Path,
@@ -192,15 +174,46 @@ def simulate(
     arms_kind: str = "rerank",
     limit: int | None = None,
     redis_url: str = "redis://127.0.0.1:6379/0",
-    salt: str | None = None,
-) -> dict:
-    """Run the loop; the per-arm online and offline figures. ``salt`` draws another split
-    of the users (default: the experiment's name)."""
+    salts: list[str | None] = (None,),
+) -> list[dict]:
+    """Run the loop once per salt (each draws another split of the users; ``None``: the
+    experiment's name); per split, the per-arm online and offline figures. The offline
+    hits depend only on bundle, arms and users, so they are computed once."""
     models_dir = Path(models_dir).resolve()
     bundle = load_bundle(models_dir, current_name(models_dir), models=False)
     arms = experiment_arms(bundle, arms_kind)
     cases = test_cases(data, limit)
-    name = f"sim-{arms_kind}"
+    offline = asyncio.run(offline_hits(models_dir, arms, cases))
+    recorded = export_recall(read_manifest(models_dir / bundle.name), arms)
+    return [
+        _split(
+            models_dir,
+            name=f"sim-{arms_kind}",
+            bundle_name=bundle.name,
+            arms=arms,
+            cases=cases,
+            offline=offline,
+            recorded=recorded,
+            redis_url=redis_url,
+            salt=salt,
+        )
+        for salt in salts
+    ]
+
+
+def _split(
+    models_dir: Path,
+    *,
+    name: str,
+    bundle_name: str,
+    arms: list[dict],
+    cases: list[dict],
+    offline: dict,
+    recorded: dict,
+    redis_url: str,
+    salt: str | None,
+) -> dict:
+    """One split: serve the experiment, replay every case, read the report's counts."""
     prefix = f"sim{uuid.uuid4().hex[:12]}"
     with tempfile.TemporaryDirectory() as scratch:
         experiment_file = Path(scratch) / "experiment.json"
@@ -225,12 +238,17 @@ def simulate(
             time.sleep(1.0)  # the last impressions are written behind their answers
         finally:
             service.stop()
-        counts = asyncio.run(read_counts(settings, name))
-    offline = asyncio.run(offline_hits(models_dir, arms, cases))
-    recorded = export_recall(read_manifest(models_dir / bundle.name), arms)
+        store = FeedbackStore(
+            aioredis.Redis.from_url(redis_url),
+            prefix,
+            deployment_id(Settings(models_dir=models_dir, key_prefix=prefix, admin_enabled=False)),
+            window=1,
+            stream_cap=1,
+        )
+        counts = asyncio.run(read_counts(store, [name]))[name]
     figures = arm_figures(counts, ["click", HIT], [arm["name"] for arm in arms])
     result = {
-        "bundle": bundle.name,
+        "bundle": bundle_name,
         "experiment": name,
         "salt": salt or name,
         "arms": arms,
@@ -299,18 +317,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
     data = build_sequences(load_dataset(args.data))
-    results = []
-    for salt in args.salt or [None]:
-        result = simulate(
-            data,
-            args.models_dir,
-            arms_kind=args.arms,
-            limit=args.users,
-            redis_url=args.redis_url,
-            salt=salt,
-        )
+    results = simulate(
+        data,
+        args.models_dir,
+        arms_kind=args.arms,
+        limit=args.users,
+        redis_url=args.redis_url,
+        salts=args.salt or [None],
+    )
+    for result in results:
         sys.stdout.write(render(result) + "\n\n")
-        results.append(result)
     arms = [r for result in results for r in result["per_arm"].values()]
     within = sum(r["all_users_within_ci"] for r in arms)
     sys.stdout.write(

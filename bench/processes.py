@@ -10,6 +10,7 @@ adds the service's processes by role, the uvicorn workers and their compute proc
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from tests.servers import UvicornService, wait_until
@@ -34,14 +35,20 @@ class ServiceProcess(UvicornService):
             return []
         if self.workers == 1:
             return [self.process.pid]
-        return _children(self.process.pid)
+        # uvicorn spawns its workers with multiprocessing; its resource tracker and the
+        # shared compute process are children too, and serve no request.
+        return [pid for pid in _children(self.process.pid) if b"spawn_main" in _cmdline(pid)]
 
     def pids_by_role(self) -> dict[str, list[int]]:
-        """The workers, and their compute processes (service.compute)."""
+        """The workers, and the compute processes (service.compute_host): each worker's
+        own, or the host's shared one (a child of the server process beside the workers)."""
         workers = self.worker_pids()
+        shared = []
+        if self.workers > 1 and self.process is not None:
+            shared = [pid for pid in _children(self.process.pid) if _is_compute(pid)]
         return {
             "workers": workers,
-            "compute": [child for worker in workers for child in _children(worker)],
+            "compute": shared + [child for worker in workers for child in _children(worker)],
         }
 
     def serving_pids(self) -> list[int]:
@@ -76,6 +83,17 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _is_compute(pid: int) -> bool:
+    return b"service.compute_host" in _cmdline(pid)
+
+
 def _rss(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -92,3 +110,29 @@ def _cpu(pid: int) -> float:
     except OSError:
         return 0.0
     return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+class PeerProcess(ServiceProcess):
+    """bench/plain_peer.py (the plain server a user would write) over ``bundle`` of
+    ``models_dir``, measured as the service is."""
+
+    def __init__(self, models_dir: Path, bundle: str, **kwargs):
+        super().__init__({}, **kwargs)
+        self.models_dir = Path(models_dir)
+        self.bundle = bundle
+
+    def command(self) -> list[str]:
+        """``python -m bench.plain_peer`` on 127.0.0.1."""
+        return [
+            sys.executable,
+            "-m",
+            "bench.plain_peer",
+            "--models-dir",
+            str(self.models_dir),
+            "--bundle",
+            self.bundle,
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self.workers),
+        ]

@@ -10,6 +10,11 @@ In one run it measures:
   cores) at each concurrency: throughput, p50/p90/p99/max, errors, and the server's CPU
   milliseconds per request (from /proc of the server process);
 - the framework ceiling: /healthz of the same server under the same wrk settings.
+- with ``--peer``: the plain server a user would write instead (bench/plain_peer.py: the
+  same work request by request, no batching, cache or Redis) on the same bundle, driven by
+  the same request stream (the same wrk seed) right after recserve at each concurrency;
+  the ratios are printed (throughput, p50 above the peer's). ``--rerank on|off`` sets the
+  requests' rerank field for both.
 
 Over HTTP every request is a fresh random history over the bundle's catalogue (20 events,
 built by wrk's Lua script, seeded anew for every run), so every /recommend is a cache
@@ -39,7 +44,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.processes import ServiceProcess  # noqa: E402
+from bench.processes import PeerProcess, ServiceProcess  # noqa: E402
 
 LUA = """
 local bodies = {%(bodies)s}
@@ -53,7 +58,7 @@ local function random_body()
     events[e] = string.format('{"item_id":"%%d","ts":%%d}', math.random(1, n_items), ts)
   end
   local user = %(with_users)s and string.format('"user_id":"u%%d",', math.random(1, 1000000)) or ''
-  return '{' .. user .. '"k":10,"history":[' .. table.concat(events, ",") .. ']}'
+  return '{' .. user .. '"k":10,%(rerank)s"history":[' .. table.concat(events, ",") .. ']}'
 end
 request = function()
   local body
@@ -78,15 +83,19 @@ end
 """
 
 
-def request_bodies(catalogue_size: int, count: int, length: int, k: int, seed: int) -> list[str]:
-    """Distinct JSON bodies: random histories of ``length`` events over the catalogue."""
+def request_bodies(
+    catalogue_size: int, count: int, length: int, k: int, seed: int, rerank: bool | None = None
+) -> list[str]:
+    """Distinct JSON bodies: random histories of ``length`` events over the catalogue
+    (``rerank``: the body's field; None leaves it out, the bundle's default)."""
     rng = np.random.default_rng(seed)
     bodies = []
     for _ in range(count):
         items = rng.integers(1, catalogue_size + 1, length)
         stamps = 1_700_000_000 + np.cumsum(rng.integers(60, 86_400, length))
         history = [{"item_id": str(i), "ts": int(t)} for i, t in zip(items, stamps, strict=True)]
-        bodies.append(json.dumps({"history": history, "k": k}))
+        asked = {} if rerank is None else {"rerank": rerank}
+        bodies.append(json.dumps({"history": history, "k": k, **asked}))
     return bodies
 
 
@@ -121,7 +130,9 @@ def in_process_floor(
         request = json.loads(body)
         events = [(e["item_id"], e["ts"]) for e in request["history"]]
         started = time.perf_counter()
-        await recommender.recommend(events, k=request["k"], cache=cache)
+        await recommender.recommend(
+            events, k=request["k"], rerank=request.get("rerank"), cache=cache
+        )
         return (time.perf_counter() - started) * 1000
 
     async def measure() -> dict:
@@ -253,6 +264,20 @@ def main(argv: list[str] | None = None) -> int:
         help="give each fresh request a random user id (of a million) beside its history, "
         "as a client that logs impressions per user does",
     )
+    parser.add_argument(
+        "--rerank",
+        choices=["default", "on", "off"],
+        default="default",
+        help="the requests' rerank field (default: left out, the bundle's default)",
+    )
+    parser.add_argument(
+        "--peer",
+        action="store_true",
+        help="also measure bench/plain_peer.py (the plain FastAPI server a user would write) "
+        "on the same bundle and the same request stream, right after recserve at each "
+        "concurrency, and print the ratios",
+    )
+    parser.add_argument("--peer-workers", type=int, default=1)
     parser.add_argument("--server-log", type=Path, help="write the server's output to FILE")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "serving.json")
     args = parser.parse_args(argv)
@@ -264,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
 
     manifest = read_manifest(args.models_dir / args.bundle)
     n_items = manifest["dataset"]["items"]
-    bodies = request_bodies(n_items, max(args.floor_requests, args.repeat), 20, k=10, seed=0)
+    rerank = {"default": None, "on": True, "off": False}[args.rerank]
+    bodies = request_bodies(
+        n_items, max(args.floor_requests, args.repeat), 20, k=10, seed=0, rerank=rerank
+    )
     print("in-process floor ...", flush=True)
     floor = in_process_floor(
         args.models_dir,
@@ -303,45 +331,70 @@ def main(argv: list[str] | None = None) -> int:
         "index_device": args.index_device or args.device,
         "settings": extra_settings(args.setting),
         "user_ids": args.user_ids,
+        "rerank": args.rerank,
+        "peer_workers": args.peer_workers if args.peer else None,
         "runs": [],
     }
+    peer = (
+        PeerProcess(
+            served,
+            args.bundle,
+            workers=args.peer_workers,
+            log_path=args.server_log and args.server_log.with_suffix(".peer.log"),
+        )
+        if args.peer
+        else None
+    )
     quoted = ",".join(json.dumps(body) for body in bodies[: args.repeat])
     seeds = itertools.count(1)
 
-    def script() -> Path:
-        # Every wrk run draws its fresh histories from its own seed: with one seed for all,
-        # each run would replay the previous runs' "fresh" histories as cache hits.
+    def script(seed: int | None = None) -> Path:
+        # Every wrk run against recserve draws its fresh histories from its own seed: with
+        # one seed for all, each run would replay the previous runs' "fresh" histories as
+        # cache hits. The peer replays recserve's seed: the same request stream.
         lua = served / "bodies.lua"
         values = {
             "bodies": quoted,
             "n_items": n_items,
             "repeat_share": args.repeat_share,
             "with_users": "true" if args.user_ids else "false",
+            "rerank": "" if rerank is None else f'"rerank":{json.dumps(rerank)},',
         }
-        lua.write_text(LUA % {**values, "seed": next(seeds)})
+        lua.write_text(LUA % {**values, "seed": seed if seed is not None else next(seeds)})
         return lua
+
+    def measure(process: ServiceProcess, target: str, concurrency: int, lua: Path | None) -> dict:
+        before = process.cpu_seconds()
+        roles_before = process.cpu_by_role()
+        run = run_wrk(process.url + target, concurrency, args.duration, lua)
+        per_request = 1000 / max(run["requests"], 1)
+        run["cpu_ms_per_request"] = (process.cpu_seconds() - before) * per_request
+        run["cpu_ms_per_request_by_role"] = {
+            role: (seconds - roles_before.get(role, 0.0)) * per_request
+            for role, seconds in process.cpu_by_role().items()
+        }
+        run.update(target=target, concurrency=concurrency)
+        return run
 
     try:
         server.start()
+        if peer is not None:
+            peer.start(timeout=300)
         for concurrency in args.concurrency:
-            for target in ("/recommend", "/healthz"):
-                before, counts = server.cpu_seconds(), server_counts(server.url)
-                roles_before = server.cpu_by_role()
-                lua = script() if target == "/recommend" else None
-                run = run_wrk(server.url + target, concurrency, args.duration, lua)
-                per_request = 1000 / max(run["requests"], 1)
-                run["cpu_ms_per_request"] = (server.cpu_seconds() - before) * per_request
-                run["cpu_ms_per_request_by_role"] = {
-                    role: (seconds - roles_before.get(role, 0.0)) * per_request
-                    for role, seconds in server.cpu_by_role().items()
-                }
-                if target == "/recommend":
-                    new = {k: v - counts.get(k, 0) for k, v in server_counts(server.url).items()}
-                    outcomes = sum(new.get(k, 0) for k in ("hit", "miss", "bypass", "answer"))
-                    run["cache_hit_share"] = new.get("hit", 0) / max(outcomes, 1)
-                    run["answer_share"] = new.get("answer", 0) / max(outcomes, 1)
-                    run["mean_batch"] = new.get("batched", 0) / max(new.get("batches", 0), 1)
-                run.update(target=target, concurrency=concurrency)
+            seed = next(seeds)
+            counts = server_counts(server.url)
+            run = measure(server, "/recommend", concurrency, script(seed))
+            new = {k: v - counts.get(k, 0) for k, v in server_counts(server.url).items()}
+            outcomes = sum(new.get(k, 0) for k in ("hit", "miss", "bypass", "answer"))
+            run["cache_hit_share"] = new.get("hit", 0) / max(outcomes, 1)
+            run["answer_share"] = new.get("answer", 0) / max(outcomes, 1)
+            run["mean_batch"] = new.get("batched", 0) / max(new.get("batches", 0), 1)
+            runs = [run]
+            if peer is not None:
+                peer_run = measure(peer, "/recommend", concurrency, script(seed))
+                runs.append({**peer_run, "peer": True})
+            runs.append(measure(server, "/healthz", concurrency, None))
+            for run in runs:
                 results["runs"].append(run)
                 print(json.dumps(run), flush=True)
         if args.profile:
@@ -365,11 +418,15 @@ def main(argv: list[str] | None = None) -> int:
                 results["profile"][name] = summarise_profile(path)
     finally:
         server.stop()
+        if peer is not None:
+            peer.stop()
         shutil.rmtree(served, ignore_errors=True)
         forget_keys(os.environ.get("RECSERVE_REDIS_URL", default_redis_url()), prefix)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(table(results))
+    if peer is not None:
+        print(peer_table(results))
     return 0
 
 
@@ -385,10 +442,36 @@ def table(results: dict) -> str:
         hits = f"{run['cache_hit_share']:.0%}" if "cache_hit_share" in run else "-"
         batch = f"{run['mean_batch']:.1f}" if "mean_batch" in run else "-"
         answers = f"{run['answer_share']:.0%}" if "answer_share" in run else "-"
+        target = "peer /recommend" if run.get("peer") else run["target"]
         rows.append(
-            f"| {run['target']} | {run['concurrency']} | {run['rps']:.0f} | {run['p50_ms']:.2f} "
+            f"| {target} | {run['concurrency']} | {run['rps']:.0f} | {run['p50_ms']:.2f} "
             f"| {run['p99_ms']:.2f} | {run['max_ms']:.1f} | {run['errors'] + run['non2xx']} "
             f"| {run['cpu_ms_per_request']:.2f} | {split} | {hits} | {answers} | {batch} |"
+        )
+    return "\n".join(rows)
+
+
+def peer_table(results: dict) -> str:
+    """recserve against the plain peer at each concurrency: throughput ratio, p50 and p99
+    differences."""
+    rows = [
+        "| concurrency | recserve req/s | p50 / p99 ms | peer req/s | p50 / p99 ms "
+        "| throughput ratio | p50 above peer ms |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    ours = {
+        r["concurrency"]: r
+        for r in results["runs"]
+        if r["target"] == "/recommend" and not r.get("peer")
+    }
+    for run in results["runs"]:
+        if not run.get("peer"):
+            continue
+        mine = ours[run["concurrency"]]
+        rows.append(
+            f"| {run['concurrency']} | {mine['rps']:.0f} | {mine['p50_ms']:.2f} / "
+            f"{mine['p99_ms']:.2f} | {run['rps']:.0f} | {run['p50_ms']:.2f} / {run['p99_ms']:.2f} "
+            f"| {mine['rps'] / max(run['rps'], 1e-9):.2f} | {mine['p50_ms'] - run['p50_ms']:+.2f} |"
         )
     return "\n".join(rows)
 
@@ -462,8 +545,8 @@ def forget_keys(url: str, prefix: str) -> int:
 
 
 # Leaf frames of waiting: an idle pool thread, the event loop in its poll, the compute
-# process blocked on its socket for the next batch.
-WAITING = ("Condition.wait", "Queue.get", "select", "_run_once", "_Inbox.take")
+# process in its poll for the next batch.
+WAITING = ("Condition.wait", "Queue.get", "select", "_run_once")
 
 
 def summarise_profile(path: Path, top: int = 25) -> dict:

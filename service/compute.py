@@ -1,53 +1,58 @@
-"""Where a worker's batches are computed: a thread of its own, or a child process.
+"""Where a worker's batches are computed: a thread of its own, a child process of its
+own, or the host's shared compute process.
 
 The kernel (``service.pipeline.compute_batch``: ONNX encoder, faiss search, CTR head)
 runs in native code that releases the GIL, but the numpy work around it takes the GIL
 back dozens of times per batch, and a busy event loop holds it for up to
 ``sys.getswitchinterval()`` at each of those points, so beside a busy loop a batch takes
 many times its own compute time (docs/BENCHMARKS.md, "where batches are computed"). A
-worker under load therefore gets most of its throughput from ``ProcessCompute``: a child
-process that holds its own copy of the bundle's models (the item vectors are
-memory-mapped, so their pages are shared) and computes batches sent over a socket pair,
-while the worker's event loop only parses, queues and answers. ``ThreadCompute`` keeps
-everything in the worker (no second copy of the models, nothing to spawn): the choice
-for tests and for light load.
+worker under load therefore gets most of its throughput from a compute process
+(``service.compute_host``) that holds the bundle's models (the item vectors are
+memory-mapped, so their pages are shared) while the worker's event loop only parses,
+queues and answers:
 
-The protocol is length-prefixed pickle frames over a Unix socket pair, both directions
-read and written by the event loop itself (no helper threads that would queue for the
-GIL). The child is started as ``python -m service.compute --fd N``; the worker's first
-frame is its :class:`ComputeConfig` (JSON, validated by the child), and once the bundle is
-loaded the child answers with where it runs each stage, or why it could not load the
-bundle. Then requests ``(id, op, args)`` get answers ``(id, ok, value)``: ``batch``
-(compute a batch of queries) and ``catalogue`` (apply the catalogue API's writes, a
-``service.live_catalogue.CatalogueChange``, with the ids the worker gave the added items;
-a new child gets everything applied so far first). The child computes with one-thread
-native kernels, merging the batch requests that queued up while it was busy into one
-computation and answering each apart.
+- ``ProcessCompute``: a child of the worker, over a socket pair (one worker per host);
+- ``SharedCompute``: one process for all the workers of a host, over its Unix socket
+  (one copy of the models, batches merged across workers), started by
+  ``python -m service.serve`` when it runs several workers (``RECSERVE_COMPUTE``).
+
+``ThreadCompute`` keeps everything in the worker (no second copy of the models, nothing to
+spawn): the choice for tests and for light load.
+
+The protocol is length-prefixed pickle frames over a Unix socket, both directions read and
+written by the event loop itself (no helper threads that would queue for the GIL). The
+worker's first frame is its :class:`ComputeConfig` (JSON, validated by the compute
+process), and once the bundle is loaded the process answers with where it runs each stage
+and its pid, or why it could not load the bundle. Then requests ``(id, op, args)`` get
+answers ``(id, ok, value)``: ``batch`` (compute a batch of queries) and ``catalogue``
+(apply the catalogue API's writes, a ``service.live_catalogue.CatalogueChange``, with the
+ids the worker gave the added items; a new process gets everything applied so far first).
+The process computes with one-thread native kernels, merging the batch requests that
+queued up while it was busy into one computation and answering each apart.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import pickle
+import signal
 import socket
 import struct
 import sys
-import threading
 from concurrent.futures import Executor
 from functools import partial
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.bundle import Bundle, load_bundle, placement, settle_heap
-from service.devices import limit_native_threads
+from service.bundle import Bundle, placement
 from service.errors import BundleError, ComputeError, ComputeUnavailable
 from service.live_catalogue import CatalogueChange, ServedCatalogue
-from service.pipeline import Query, Ranked, compute_batch, warm_up
+from service.pipeline import Query, Ranked, compute_batch
 from service.settings import Settings
 
 LOG = logging.getLogger(__name__)
@@ -89,6 +94,23 @@ class ComputeConfig(BaseModel):
             heartbeat_seconds=min(0.1, settings.compute_stall_seconds / 5),
             cold_start_exposure=settings.cold_start_exposure,
         )
+
+
+def compute_mode(settings: Settings) -> str:
+    """Where this worker's batches are computed: ``thread``, ``process`` (a child of its
+    own) or ``shared`` (the host's process at ``compute_socket``). ``auto`` is shared where
+    service.serve started one for its workers, else a child per worker. ComputeError for
+    ``shared`` without a socket to reach it."""
+    if settings.compute == "thread":
+        return "thread"
+    if settings.compute_socket is not None and settings.compute in ("auto", "shared"):
+        return "shared"
+    if settings.compute == "shared":
+        raise ComputeError(
+            "RECSERVE_COMPUTE=shared needs the shared compute process that "
+            "python -m service.serve starts (RECSERVE_COMPUTE_SOCKET is not set)"
+        )
+    return "process"
 
 
 class ThreadCompute:
@@ -180,6 +202,7 @@ class ProcessCompute:
         # Where the child runs each stage (service.bundle.placement), as it said when ready.
         self.placement: dict[str, dict] = {}
         self.replaced = 0  # children replaced after dying or stalling
+        self.pid: int | None = None  # of the compute process, as it said when ready
         self._process: asyncio.subprocess.Process | None = None
         self._frames: _Frames | None = None
         self._ready: asyncio.Future | None = None
@@ -193,8 +216,7 @@ class ProcessCompute:
     @property
     def running(self) -> bool:
         return (
-            self._process is not None
-            and self._process.returncode is None
+            self._alive()
             and self._frames is not None
             and self._ready is not None
             and self._ready.done()
@@ -208,6 +230,9 @@ class ProcessCompute:
     def available(self) -> bool:
         """A child is running and has been heard from within the stall bound."""
         return self.running and not self._stalled()
+
+    def _alive(self) -> bool:
+        return self._process is not None and self._process.returncode is None
 
     def _stalled(self) -> bool:
         silent = asyncio.get_running_loop().time() - self._frames.heard
@@ -223,22 +248,11 @@ class ProcessCompute:
         return self.running and self._stalled()
 
     async def start(self) -> None:
-        """Spawn the child and wait until its bundle is loaded; BundleError with its
-        reason when it cannot load it."""
+        """Start (or reach) the compute process and wait until its bundle is loaded;
+        BundleError with its reason when it cannot load it."""
         self._closed = False
         loop = asyncio.get_running_loop()
-        ours, theirs = socket.socketpair()
-        try:
-            self._process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "service.compute",
-                "--fd",
-                str(theirs.fileno()),
-                pass_fds=(theirs.fileno(),),
-            )
-        finally:
-            theirs.close()
+        ours = await self._open()
         self._ready = ready = loop.create_future()
         # Each connection's callbacks know their own ready future: a retired child's
         # connection, lost after its replacement started, must not touch the new one.
@@ -262,13 +276,30 @@ class ProcessCompute:
             await self._call_once("catalogue", self._catalogue, started=False)
         if self._watchdog is None or self._watchdog.done():
             self._watchdog = asyncio.create_task(self._watch())
-        LOG.info("compute process %d serves bundle %s", self._process.pid, self.bundle)
+        LOG.info("compute process %d serves bundle %s", self.pid, self.bundle)
+
+    async def _open(self) -> socket.socket:
+        """This worker's end of a socket pair to a new child of its own."""
+        ours, theirs = socket.socketpair()
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "service.compute_host",
+                "--fd",
+                str(theirs.fileno()),
+                pass_fds=(theirs.fileno(),),
+            )
+        finally:
+            theirs.close()
+        return ours
 
     def _on_frame(self, ready: asyncio.Future, value) -> None:
-        if not ready.done():  # the first frame: (loaded, its placement or why not)
+        if not ready.done():  # the first frame: (loaded, {placement, pid} or why not)
             ok, message = value
             if ok:
-                ready.set_result(message)
+                self.pid = message["pid"]
+                ready.set_result(message["placement"])
             else:
                 ready.set_exception(BundleError(message))
             return
@@ -324,11 +355,11 @@ class ProcessCompute:
             silent = asyncio.get_running_loop().time() - self._frames.heard
             LOG.error(
                 "compute process %d for %s silent for %.1f s; replacing it",
-                self._process.pid,
+                self.pid,
                 self.bundle,
                 silent,
             )
-            self._process.kill()
+            self._kill()
             self._fail_pending(
                 ComputeUnavailable(
                     f"compute process for {self.bundle} stalled ({silent:.1f} s silent)"
@@ -364,8 +395,7 @@ class ProcessCompute:
                 self.bundle,
                 self.call_timeout,
             )
-            if self._process is not None and self._process.returncode is None:
-                self._process.kill()
+            self._kill()
             raise ComputeError(
                 f"compute process for {self.bundle} did not answer in {self.call_timeout:.0f} s"
             ) from None
@@ -394,6 +424,11 @@ class ProcessCompute:
             self._watchdog = None
         await self._stop_child()
 
+    def _kill(self) -> None:
+        """Kill a child that no longer answers (its replacement is started by the caller)."""
+        if self._alive():
+            self._process.kill()
+
     async def _stop_child(self) -> None:
         if self._frames is not None and self._frames.transport is not None:
             self._frames.transport.close()
@@ -405,6 +440,50 @@ class ProcessCompute:
                 self._process.kill()
                 await self._process.wait()
             self._process = None
+
+
+class SharedCompute(ProcessCompute):
+    """Batches computed by the host's shared compute process (``service.compute_host``,
+    kept running by ``python -m service.serve``), reached over its Unix socket: one copy of
+    the models for all workers, and their batches merged.
+
+    As with a child of its own, a process that went away fails what it held with
+    ``ComputeUnavailable`` and the call is retried once, on the connection to its
+    successor (the socket is the server's, so the connection waits in its backlog while
+    the successor starts); one that stopped talking is killed, and the server starts
+    another.
+    """
+
+    def __init__(self, config: ComputeConfig, socket_path: Path, **kwargs):
+        super().__init__(config, **kwargs)
+        self.socket_path = Path(socket_path)
+
+    def _alive(self) -> bool:
+        # Not this worker's process: its connection and heartbeats say whether it serves.
+        return True
+
+    async def _open(self) -> socket.socket:
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        connection.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(connection, str(self.socket_path))
+        except OSError as exc:
+            connection.close()
+            raise BundleError(
+                f"no shared compute process at {self.socket_path} ({exc}); it is started by "
+                "python -m service.serve"
+            ) from exc
+        return connection
+
+    def _kill(self) -> None:
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    async def _stop_child(self) -> None:
+        if self._frames is not None and self._frames.transport is not None:
+            self._frames.transport.close()
+        self._frames = None
 
 
 def frame(value) -> bytes:
@@ -430,182 +509,3 @@ def take_frame(buffer: bytearray):
     value = pickle.loads(memoryview(buffer)[FRAME.size : end]) if length else BEAT
     del buffer[:end]
     return value
-
-
-class _Outbox:
-    """The child's writes to the worker: replies from the main thread and heartbeats from
-    a thread of their own, one whole frame group at a time.
-
-    The heartbeat goes on while a batch computes (its native kernels release the GIL), so
-    the worker can tell a slow batch from a child that is stopped or wedged.
-    """
-
-    def __init__(self, connection: socket.socket, beat_seconds: float):
-        self.connection = connection
-        self._lock = threading.Lock()
-        self._stopped = threading.Event()
-        self._beats = threading.Thread(
-            target=self._beat, args=(beat_seconds,), name="recserve-heartbeat", daemon=True
-        )
-        self._beats.start()
-
-    def send(self, payload: bytes) -> None:
-        with self._lock:
-            self.connection.sendall(payload)
-
-    def _beat(self, seconds: float) -> None:
-        while not self._stopped.wait(seconds):
-            try:
-                self.send(BEAT_FRAME)
-            except OSError:  # the worker went away: the main thread ends the process
-                return
-
-    def close(self) -> None:
-        self._stopped.set()
-
-
-class _Inbox:
-    """The child's end of the socket pair: whole frames, waiting for one or taking only
-    what has already arrived."""
-
-    def __init__(self, connection: socket.socket):
-        self.connection = connection
-        self._buffer = bytearray()
-
-    def take(self, wait: bool):
-        """The next request; None when nothing more has arrived (``wait=False``).
-        EOFError once the worker has closed its end."""
-        # The socket stays blocking (the heartbeat thread writes to it too); a read that
-        # must not wait says so per call.
-        flags = 0 if wait else socket.MSG_DONTWAIT
-        while (value := take_frame(self._buffer)) is NO_FRAME:
-            try:
-                data = self.connection.recv(1 << 20, flags)
-            except BlockingIOError:
-                return None
-            if not data:
-                raise EOFError
-            self._buffer += data
-        return value
-
-
-def serve(connection: socket.socket) -> None:
-    """The child: read the configuration, load the bundle, then answer requests until the
-    socket closes.
-
-    The batches that queued up while one was computing are computed together, as one
-    batch, and answered one by one: sent as soon as the worker formed them, they keep the
-    process busy without a gap, and merged they cost less than one after the other.
-    """
-    inbox = _Inbox(connection)
-    try:
-        config = ComputeConfig.model_validate_json(inbox.take(wait=True))
-    except EOFError:
-        return
-    except Exception as exc:  # a configuration the child cannot read: the parent says why
-        connection.sendall(frame((False, f"compute configuration refused: {exc}")))
-        return
-    outbox = _Outbox(connection, config.heartbeat_seconds)
-    try:
-        _serve(inbox, outbox, config)
-    finally:
-        outbox.close()
-
-
-def _serve(inbox: _Inbox, outbox: _Outbox, config: ComputeConfig) -> None:
-    try:
-        limit_native_threads(config.native_threads)
-        # The parent verified the checksums of these very files before starting us.
-        bundle = load_bundle(
-            config.models_dir,
-            config.bundle,
-            device=config.device,
-            threads=config.onnx_threads,
-            verify=False,
-            index_device=config.index_device,
-        )
-        warm_up(bundle, config.warm_batch, config.warm_candidates)
-    except Exception as exc:  # every reason goes back to the parent, which refuses the bundle
-        outbox.send(frame((False, str(exc))))
-        return
-    settle_heap()
-    outbox.send(frame((True, placement(bundle))))
-    served = ServedCatalogue.of_bundle(bundle)
-
-    def apply(change: CatalogueChange) -> int:
-        """Serve the catalogue API's writes in ``change`` from the next batch on."""
-        nonlocal served
-        served = served.applied(bundle, change, embed=True, exposure=config.cold_start_exposure)
-        return served.version
-
-    def batches(retriever: str, requests: list) -> list:
-        """Each request's answers (or its exception), from one merged computation; if that
-        fails, each request alone, so one bad request fails only itself."""
-        merged = [query for _, (_, queries) in requests for query in queries]
-        try:
-            answers = compute_batch(bundle.retrievers[retriever], served, merged)
-        except Exception as exc:
-            if len(requests) == 1:
-                return [exc]
-            return [batches(retriever, [request])[0] for request in requests]
-        parts, start = [], 0
-        for _, (_, queries) in requests:
-            parts.append(answers[start : start + len(queries)])
-            start += len(queries)
-        return parts
-
-    while True:
-        try:
-            waiting = [inbox.take(wait=True)]
-            while (more := inbox.take(wait=False)) is not None:
-                waiting.append(more)
-        except EOFError:
-            return
-        replies = []
-        by_retriever: dict[str, list] = {}
-        for call_id, op, call_args in waiting:
-            if op == "batch":
-                by_retriever.setdefault(call_args[0], []).append((call_id, call_args))
-            elif op == "catalogue":
-                # Before this wake-up's batches: ids of added items only ever gain meaning,
-                # so a batch formed before the change is served right after it too.
-                replies.append(_reply(call_id, apply, *call_args))
-            else:
-                replies.append(_reply(call_id, _unknown, op))
-        for retriever, requests in by_retriever.items():
-            parts = batches(retriever, requests)
-            for (call_id, _), part in zip(requests, parts, strict=True):
-                replies.append(_reply(call_id, _unless_error, part))
-        outbox.send(b"".join(frame(reply) for reply in replies))
-
-
-def _unknown(op: str):
-    raise ValueError(f"unknown compute operation {op!r}")
-
-
-def _unless_error(part):
-    if isinstance(part, Exception):
-        raise part
-    return part
-
-
-def _reply(call_id: int, compute, *args) -> tuple:
-    try:
-        return call_id, True, compute(*args)
-    except Exception as exc:  # the batcher retries a failed batch request by request
-        # As a ComputeError with the original's name: any exception pickles that way.
-        return call_id, False, ComputeError(f"{type(exc).__name__}: {exc}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="recserve compute process (started by a worker)")
-    parser.add_argument("--fd", type=int, required=True, help="the socket to the worker")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    with socket.socket(fileno=args.fd) as connection:
-        serve(connection)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

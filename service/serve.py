@@ -16,15 +16,23 @@ between them. Host, port and workers come from ``RECSERVE_HOST``, ``RECSERVE_POR
 
 The environment is validated before uvicorn starts: a bad setting ends the start with one
 line naming it. The app itself is built by ``service.main:create_app`` in each worker.
+With several workers (or ``RECSERVE_COMPUTE=shared``) this process also keeps the host's
+shared compute process running (``service.compute_host.ComputeServer``), which all the
+workers compute in.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import logging
+import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -107,16 +115,40 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv, settings)
     import uvicorn
 
-    uvicorn.run(
-        APP,
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level=args.log_level,
-        access_log=args.access_log,
-        **uvicorn_options(settings),
-    )
+    with shared_compute(settings, args.workers):
+        uvicorn.run(
+            APP,
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_level=args.log_level,
+            access_log=args.access_log,
+            **uvicorn_options(settings),
+        )
+
+
+@contextlib.contextmanager
+def shared_compute(settings: Settings, workers: int):
+    """The host's shared compute process, for the duration of the server, where the
+    workers compute in one (``RECSERVE_COMPUTE=shared``, or ``auto`` with several
+    workers): its socket reaches the workers as ``RECSERVE_COMPUTE_SOCKET``."""
+    wanted = settings.compute == "shared" or (settings.compute == "auto" and workers > 1)
+    if not wanted or settings.compute_socket is not None:
+        yield None
+        return
+    from service.compute_host import ComputeServer
+
+    directory = Path(tempfile.mkdtemp(prefix="recserve-compute-"))
+    server = ComputeServer(directory / "compute.sock")
+    server.start()
+    os.environ["RECSERVE_COMPUTE_SOCKET"] = str(server.path)
+    try:
+        yield server
+    finally:
+        os.environ.pop("RECSERVE_COMPUTE_SOCKET", None)
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 if __name__ == "__main__":

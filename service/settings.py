@@ -58,9 +58,13 @@ class Settings(BaseSettings):
     onnx_threads: int = Field(1, ge=1, le=64)  # intra-op threads of each ONNX session
     native_threads: int = Field(1, ge=1, le=64)  # faiss OpenMP and BLAS threads
     # Where batches (ONNX, faiss, the head) are computed: a child process of the worker
-    # (its own GIL; the fastest under load) or a thread of the worker (no second copy of
-    # the models). See service/compute.py.
-    compute: str = Field("process", pattern="^(process|thread)$")
+    # (its own GIL; the fastest under load), one process shared by all the workers of the
+    # host (one copy of the models, batches merged across workers), or a thread of the
+    # worker (no second copy of the models). "auto": shared when service.serve runs
+    # several workers, else a child per worker. See service/compute.py.
+    compute: str = Field("auto", pattern="^(auto|process|shared|thread)$")
+    # The shared compute process's socket: set by service.serve for its workers.
+    compute_socket: Path | None = None
     compute_threads: int = Field(1, ge=1, le=64)  # threads running batches with "thread"
     compute_timeout_seconds: float = Field(30.0, gt=0)  # one compute call, at most
     # A compute process not heard from (it beats several times a second, busy or not) for

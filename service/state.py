@@ -34,7 +34,13 @@ from service.bundle import current_name, load_bundle, settle_heap
 from service.cache import BehaviourCache
 from service.catalogue import ItemRecord
 from service.catalogue_store import CatalogueStore
-from service.compute import ComputeConfig, ProcessCompute, ThreadCompute
+from service.compute import (
+    ComputeConfig,
+    ProcessCompute,
+    SharedCompute,
+    ThreadCompute,
+    compute_mode,
+)
 from service.devices import limit_native_threads
 from service.errors import (
     BundleError,
@@ -235,7 +241,7 @@ class AppState:
     async def _open(self, name: str) -> Recommender:
         """Bundle ``name`` loaded, verified, warmed up and started (not yet serving)."""
         settings = self.settings
-        in_process = settings.compute == "process"
+        mode = compute_mode(settings)
         # With a compute process the models are loaded there, not here.
         bundle = await run_in_threadpool(
             partial(
@@ -244,16 +250,19 @@ class AppState:
                 name,
                 device=settings.device,
                 threads=settings.onnx_threads,
-                models=not in_process,
+                models=mode == "thread",
                 index_device=settings.index_device,
             )
         )
-        if in_process:
-            compute = ProcessCompute(
-                ComputeConfig.from_settings(settings, name),
-                call_timeout=settings.compute_timeout_seconds,
-                stall_seconds=settings.compute_stall_seconds,
-            )
+        limits = {
+            "call_timeout": settings.compute_timeout_seconds,
+            "stall_seconds": settings.compute_stall_seconds,
+        }
+        config = ComputeConfig.from_settings(settings, name)
+        if mode == "shared":
+            compute = SharedCompute(config, settings.compute_socket, **limits)
+        elif mode == "process":
+            compute = ProcessCompute(config, **limits)
         else:
             compute = ThreadCompute(bundle, self.executor)
             # On the executor that computes the batches, under its native-thread limits.

@@ -6,7 +6,7 @@ from bench import experiment_sim
 
 
 def test_the_simulation_counts_what_the_offline_ranking_predicts(tiny_data, head_models):
-    result = experiment_sim.simulate(tiny_data, head_models, arms_kind="rerank", limit=120)
+    (result,) = experiment_sim.simulate(tiny_data, head_models, arms_kind="rerank", limit=120)
     arms = result["per_arm"]
     assert set(arms) == {"retrieval", "rerank"}
     assert sum(arm["impressions"] for arm in arms.values()) == 120

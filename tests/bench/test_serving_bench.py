@@ -75,12 +75,24 @@ def test_serving_benchmark_runs_against_a_real_server(exported_bundle, tmp_path,
 
 @pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("wrk"), reason="wrk not installed (apt-get install wrk)")
-def test_every_run_without_repeats_is_all_cache_misses(exported_bundle, tmp_path):
+def test_every_run_without_repeats_is_all_cache_misses_and_the_peer_runs_beside(
+    exported_bundle, tmp_path, capsys
+):
     models_dir, path = exported_bundle
     out = tmp_path / "serving.json"
     argv = ["--models-dir", str(models_dir), "--bundle", path.name, "--concurrency", "1", "2"]
     argv += ["--duration", "1", "--floor-requests", "5", "--out", str(out)]
+    argv += ["--peer", "--rerank", "off"]
     assert serving.main(argv) == 0
-    runs = [run for run in json.loads(out.read_text())["runs"] if run["target"] == "/recommend"]
+    result = json.loads(out.read_text())
+    assert result["rerank"] == "off" and result["peer_workers"] == 1
+    runs = [run for run in result["runs"] if run["target"] == "/recommend"]
+    ours = [run for run in runs if not run.get("peer")]
     # The second run does not replay the first one's histories.
-    assert [run["cache_hit_share"] for run in runs] == [0.0, 0.0]
+    assert [run["cache_hit_share"] for run in ours] == [0.0, 0.0]
+    peers = [run for run in runs if run.get("peer")]
+    assert [run["concurrency"] for run in peers] == [1, 2]
+    for run in peers:
+        assert run["requests"] > 0 and run["errors"] == 0 and run["non2xx"] == 0
+        assert run["cpu_ms_per_request"] > 0
+    assert "| throughput ratio |" in capsys.readouterr().out

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 
 from service.bundle import load_bundle, set_current
 from service.main import create_app
-from tests.servers import UvicornService
+from tests.servers import UvicornService, wait_until
 from tests.service.conftest import ADMIN_TOKEN, ON_BOTH_REDIS, history_events, server_settings
 from tests.service.test_filter_serving import attributed_models  # noqa: F401 (fixture)
 
@@ -311,7 +311,13 @@ def test_two_workers_serve_a_write_within_the_bound_under_load(
             threads = [threading.Thread(target=load, args=(seed,)) for seed in range(4)]
             for thread in threads:
                 thread.start()
-            time.sleep(1.0)
+            # Some answers for history 1 before any write (the first ones wait for both
+            # workers' first batches, which a busy machine can make take seconds).
+            wait_until(
+                lambda: sum(which == 1 for _, _, which, _ in answers) >= 3,
+                timeout=30,
+                what="answers before the writes",
+            )
             deleting = time.monotonic()
             withdrawn = {}
             for victim in served[:3]:
