@@ -20,16 +20,20 @@ Keys (prefix ``p`` from settings):
   string per entry lets a batch of requests read all its entries with one MGET and write
   them in one pipeline (a single HMGET cost many times an MGET slot in redis-py's
   asyncio client, docs/BENCHMARKS.md), and a value that is cut short or of another kind
-  reads as a miss.
+  reads as a miss. On a Redis Cluster the entries of a batch lie in many slots: the read
+  is one MGET per slot and the write a pipeline, both sent to the nodes at once.
 - ``{p}:reload:{deployment}`` — not a key but the pub/sub channel of reload signals:
   signed "re-read models/CURRENT" messages, one deployment's workers only
   (``service.reload_signals``).
 
-Every Redis failure surfaces as ``StoreUnavailable``; callers decide how to degrade.
+Every script and multi-key command touches one Redis Cluster slot, so the same code serves
+one Redis and a cluster (``connect_redis``). Every Redis failure surfaces as
+``StoreUnavailable``; callers decide how to degrade.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import secrets
@@ -219,16 +223,108 @@ def decode_retrieval(blob: bytes | None) -> CachedRetrieval | None:
 APPEND_ATTEMPTS = 5
 
 
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://``)."""
+    return url.partition("://")[0].lower() in CLUSTER_SCHEMES
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, colon, port = address.rpartition(":")
+    if not colon or host.endswith(":"):  # no port, or a bare IPv6 address
+        return address.strip("[]"), 6379
+    return host.strip("[]"), int(port)
+
+
+def connect_redis(url: str, *, timeout: float = 5.0, **options):
+    """redis-py's asyncio client of ``url``: one server for ``redis://`` and ``rediss://``
+    (TLS), a Redis Cluster for ``redis+cluster://`` and ``rediss+cluster://`` (the host and
+    port of a node, or of several separated by commas,
+    ``redis+cluster://:PASSWORD@h1:6379,h2:6379/0``: the client learns the whole cluster
+    from the first that answers, so a start succeeds while one of them is down, and
+    follows failovers). Both clients take the same commands; a cluster answers a command
+    whose keys lie in several slots with an error, so the stores keep what one command or
+    script touches in one slot.
+
+    ``timeout`` bounds each connect and each reply; ``options`` go to the client (for a
+    cluster, ``max_connections`` counts per node)."""
+    scheme, _, rest = url.partition("://")
+    options = {"socket_timeout": timeout, "socket_connect_timeout": timeout, **options}
+    if scheme.lower() in CLUSTER_SCHEMES:
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ConstantBackoff
+
+        options.pop("health_check_interval", None)  # the cluster client has no such option
+        # redis-py's default (ten retries, backing off to a second) would hold a request
+        # for seconds while a primary is down; two retries ``timeout`` apart still follow a
+        # topology refresh, and the caller's own answer (503, the popularity fallback)
+        # comes within about a second.
+        options.setdefault("retry", Retry(ConstantBackoff(timeout), 2))
+        # Slots whose primary is down fail on their own; the others keep serving.
+        options.setdefault("require_full_coverage", False)
+        netloc, slash, path = rest.partition("/")
+        credentials, at, hosts = netloc.rpartition("@")
+        first, *others = hosts.split(",")
+        if others:
+            # Built again with the URL's credentials and TLS by the client.
+            options["startup_nodes"] = [ClusterNode(*_host_port(host)) for host in others]
+        seed = f"{CLUSTER_SCHEMES[scheme.lower()]}://{credentials}{at}{first}{slash}{path}"
+        return RedisCluster.from_url(seed, **options)
+    import redis.asyncio as aioredis
+
+    return aioredis.Redis.from_url(url, **options)
+
+
+async def run_script(script, keys: list, args: list):
+    """Run a registered script (redis-py's ``register_script``) by its digest, and by its
+    text where the node lacks it (a promoted replica, a restarted or new node): EVAL
+    caches it on the node that runs it. (redis-py's own fallback loads it with SCRIPT
+    LOAD, which a cluster client sends to every primary and which fails while one is
+    down, even for keys that live elsewhere.)"""
+    import redis.exceptions
+
+    client = script.registered_client
+    try:
+        return await client.evalsha(script.sha, len(keys), *keys, *args)
+    except redis.exceptions.NoScriptError:
+        return await client.eval(script.script, len(keys), *keys, *args)
+
+
 async def redis_call(operation):
     """Await a redis-py call; every way Redis can be unreachable is ``StoreUnavailable``."""
+    with redis_errors():
+        return await operation
+
+
+@contextlib.contextmanager
+def redis_errors():
+    """Every way Redis (one server or a cluster) can be unreachable, raised inside the
+    block, becomes ``StoreUnavailable``."""
     import redis.exceptions
 
     try:
-        return await operation
+        yield
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
         raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
     except redis.exceptions.BusyLoadingError as exc:
         raise StoreUnavailable(f"Redis is loading: {exc}") from exc
+    except (
+        redis.exceptions.ClusterDownError,
+        redis.exceptions.SlotNotCoveredError,
+        redis.exceptions.TryAgainError,
+        redis.exceptions.ReadOnlyError,
+    ) as exc:
+        # A failover under way: the keys' primary is down or was just replaced.
+        raise StoreUnavailable(f"Redis cannot serve the keys now: {exc}") from exc
+    except redis.exceptions.RedisClusterException as exc:
+        unreachable = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+        if isinstance(exc.__cause__, unreachable):
+            # No node of the cluster answered the client's topology request.
+            raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
+        raise
 
 
 class RedisBehaviourCache(BehaviourCache):
@@ -243,18 +339,19 @@ class RedisBehaviourCache(BehaviourCache):
         timeout: float = 0.25,
         *,
         item_code_cache: int = 100_000,
+        wait_replicas: int = 0,
+        wait_ms: int = 100,
     ):
         super().__init__(prefix, history_cap, ttl_seconds)
-        import redis.asyncio as aioredis
-
-        self.client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            health_check_interval=30,
-            max_connections=256,
+        self.cluster = is_cluster_url(url)
+        self.client = connect_redis(
+            url, timeout=timeout, health_check_interval=30, max_connections=256
         )
         self.codes = ItemCodes(item_code_cache)
+        # History writes (and the item codes they use) acknowledged only once this many
+        # replicas hold them (Redis WAIT, at most ``wait_ms``); 0: once the primary does.
+        self.wait_replicas = wait_replicas
+        self.wait_ms = wait_ms
         self._assign_script = self.client.register_script(ASSIGN_SCRIPT)
         self._append_script = self.client.register_script(APPEND_SCRIPT)
         self._read_script = self.client.register_script(READ_SCRIPT)
@@ -284,19 +381,18 @@ class RedisBehaviourCache(BehaviourCache):
             items = [item for item, _ in events] + [item for item, _ in legacy_events]
             generation, code_of = await self._codes(items, refresh)
             refresh = False
-            reply = await self._run(
-                self._append_script(
-                    keys=[key, legacy_key],
-                    args=[
-                        generation,
-                        self.history_cap,
-                        discard,
-                        -1 if legacy is None else len(members),
-                        pack_records([(ts, code_of[item]) for item, ts in legacy_events]),
-                        pack_records([(ts, code_of[item]) for item, ts in events]),
-                        pack_members(members),
-                    ],
-                )
+            reply = await self._write(
+                self._append_script,
+                keys=[key, legacy_key],
+                args=[
+                    generation,
+                    self.history_cap,
+                    discard,
+                    -1 if legacy is None else len(members),
+                    pack_records([(ts, code_of[item]) for item, ts in legacy_events]),
+                    pack_records([(ts, code_of[item]) for item, ts in events]),
+                    pack_members(members),
+                ],
             )
             status = int(reply[0])
             if status >= 0:
@@ -319,6 +415,69 @@ class RedisBehaviourCache(BehaviourCache):
                 refresh = True
         raise StoreUnavailable("a history kept changing while it was converted; try again")
 
+    async def _write(self, script, keys: list[str], args: list):
+        """Run a script that writes; with ``wait_replicas``, acknowledged only once that
+        many replicas hold what it wrote. Otherwise StoreUnavailable: the write may be on
+        the primary alone, and a failover now would lose it (a retry adds nothing twice)."""
+        if not self.wait_replicas:
+            return await self._run(run_script(script, keys, args))
+        import redis.exceptions
+
+        try:
+            reply, replicas = await self._run(self._write_and_wait(script, keys, args))
+        except redis.exceptions.NoScriptError:  # as run_script does
+            reply, replicas = await self._run(self._write_and_wait(script, keys, args, True))
+        if replicas < self.wait_replicas:
+            raise StoreUnavailable(
+                f"a history write reached {replicas} of {self.wait_replicas} replicas "
+                f"within {self.wait_ms} ms (RECSERVE_HISTORY_WAIT_REPLICAS); try again"
+            )
+        return reply
+
+    async def _write_and_wait(
+        self, script, keys: list[str], args: list, by_text: bool = False
+    ) -> list:
+        """The script's reply and WAIT's count of replicas, sent on one connection to the
+        keys' primary (WAIT counts the writes of its own connection)."""
+        run = ("EVAL", script.script) if by_text else ("EVALSHA", script.sha)
+        commands = [
+            (*run, len(keys), *keys, *args),
+            ("WAIT", self.wait_replicas, self.wait_ms),
+        ]
+        if not self.cluster:
+            async with self.client.pipeline(transaction=False) as pipe:  # the caller maps errors
+                for command in commands:
+                    pipe.execute_command(*command)
+                return await pipe.execute()
+        # The cluster client's own pipeline would send WAIT to its default node (and on a
+        # retry lose the node it was given), so both go down one of the primary's
+        # connections, as that pipeline does it.
+        import redis.exceptions
+        from redis.asyncio.cluster import PipelineCommand
+
+        await self.client.initialize()
+        node = self.client.get_node_from_key(keys[0])
+        sent = [PipelineCommand(n, *command) for n, command in enumerate(commands)]
+        try:
+            await node.execute_pipeline(sent)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            await self._refresh_topology()
+            raise
+        for command in sent:
+            if isinstance(command.result, redis.exceptions.AskError):  # MOVED too
+                await self._refresh_topology()
+                raise StoreUnavailable(f"the history's slot moved (a failover): {command.result}")
+            if isinstance(command.result, Exception):
+                raise command.result
+        return [command.result for command in sent]
+
+    async def _refresh_topology(self) -> None:
+        """Have the cluster client ask again which node serves which slots."""
+        import redis.exceptions
+
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            await self.client.nodes_manager.initialize()
+
     async def _read_legacy(self, legacy_key: str) -> tuple[list[bytes], list[tuple[str, int]]]:
         """The members of the old layout's key and the events they hold."""
         members = await self._run(self.client.zrange(legacy_key, 0, -1))
@@ -337,11 +496,10 @@ class RedisBehaviourCache(BehaviourCache):
                 return known.generation, code_of
         else:
             code_of, missing = {}, wanted
-        reply = await self._run(
-            self._assign_script(
-                keys=[self.item_dictionary_key()],
-                args=[secrets.randbelow(MAX_CODE) + 1, *map(_encode_item, missing)],
-            )
+        reply = await self._write(
+            self._assign_script,
+            keys=[self.item_dictionary_key()],
+            args=[secrets.randbelow(MAX_CODE) + 1, *map(_encode_item, missing)],
         )
         generation = int(reply[0])
         if generation != known.generation and len(missing) < len(wanted):
@@ -366,7 +524,8 @@ class RedisBehaviourCache(BehaviourCache):
 
     async def history(self, user_id: str) -> list[tuple[str, int]]:
         legacy_key = self.legacy_history_key(user_id)
-        reply = await self._run(self._read_script(keys=[self.packed_key(legacy_key), legacy_key]))
+        keys = [self.packed_key(legacy_key), legacy_key]
+        reply = await self._run(run_script(self._read_script, keys, []))
         events = await self._decode(reply[0]) if reply[0] else []
         if len(reply) > 1:
             # The old layout's key is still there (not yet converted, or written meanwhile
@@ -439,15 +598,20 @@ class RedisBehaviourCache(BehaviourCache):
     async def get_retrievals(self, keys: list[str]) -> list[CachedRetrieval | None]:
         if not keys:
             return []
-        return [decode_retrieval(blob) for blob in await self._run(self.client.mget(keys))]
+        # A batch's entries lie in many slots: on a cluster, one MGET per slot, sent to
+        # each node in one pipeline, the nodes at once.
+        read = self.client.mget_nonatomic if self.cluster else self.client.mget
+        return [decode_retrieval(blob) for blob in await self._run(read(keys))]
 
     async def put_retrievals(self, entries: list[tuple[str, CachedRetrieval]]) -> None:
         if not entries:
             return
-        async with self.client.pipeline(transaction=False) as pipe:
-            for key, value in entries:
-                pipe.set(key, encode_retrieval(value), ex=self.ttl_seconds)
-            await self._run(pipe.execute())
+        # Entering the pipeline may already ask a cluster for its layout.
+        with redis_errors():
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key, value in entries:
+                    pipe.set(key, encode_retrieval(value), ex=self.ttl_seconds)
+                await pipe.execute()
 
     async def ping(self) -> bool:
         try:

@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from service.cache import redis_call
+from service.cache import redis_call, redis_errors, run_script
 from service.catalogue import ItemRecord
 
 LOG = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class CatalogueStore:
         for raw, record in records.items():
             args += [raw, encode_record(record)]
         keys = [self.items_key, self.changes_key, self.version_key]
-        return int(await redis_call(self._write(keys=keys, args=args)))
+        return int(await redis_call(run_script(self._write, keys, args)))
 
     async def version(self) -> int:
         """The catalogue's current version (0: never written)."""
@@ -117,12 +117,16 @@ class CatalogueStore:
     async def changes_since(self, version: int) -> tuple[int, dict[str, ItemRecord]]:
         """The version now and every record written after ``version`` (all of them for 0).
 
-        The version and the changed ids are read in one transaction; a record read after
-        it may be newer still, which is harmless: it is read again at the next version."""
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.get(self.version_key)
-            pipe.zrangebyscore(self.changes_key, f"({version}", "+inf")
-            now, changed = await redis_call(pipe.execute())
+        The version is read first, then the changed ids, in one round trip: every write up
+        to that version has completed (a write is one script), so its ids are among them.
+        Ids and records of writes made meanwhile may come too, which is harmless: they are
+        read again at the next version. (Nothing here needs MULTI, which the asyncio
+        cluster client of older redis-py releases lacks.)"""
+        with redis_errors():  # entering the pipeline may already ask a cluster its layout
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.get(self.version_key)
+                pipe.zrangebyscore(self.changes_key, f"({version}", "+inf")
+                now, changed = await pipe.execute()
         now = int(now or 0)
         if not changed:
             return now, {}

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from service.cache import redis_call, user_key_part
+from service.cache import redis_call, redis_errors, run_script, user_key_part
 
 # KEYS: the stream, then per impression: its shown hash, its user's set, its experiment's
 # counts. ARGV: stream cap, window seconds, the impressions count's name, then 11 values
@@ -170,16 +170,17 @@ class FeedbackStore:
             args += [imp.request_id, imp.user, imp.experiment, imp.arm, int(imp.forced)]
             args += [repr(imp.time), imp.bundle, imp.encoder, int(imp.reranked), imp.items]
             args.append(imp.item_ids)
-        await redis_call(self._log(keys=keys, args=args))
+        await redis_call(run_script(self._log, keys, args))
 
     async def shown(self, request_ids: list[str]) -> list[Shown | None]:
         """The impressions of ``request_ids`` still within the window (None for others)."""
         if not request_ids:
             return []
-        async with self.client.pipeline(transaction=False) as pipe:
-            for rid in request_ids:
-                pipe.hmget(self.shown_key(rid), SHOWN_FIELDS)
-            rows = await redis_call(pipe.execute())
+        with redis_errors():  # entering the pipeline may already ask a cluster its layout
+            async with self.client.pipeline(transaction=False) as pipe:
+                for rid in request_ids:
+                    pipe.hmget(self.shown_key(rid), SHOWN_FIELDS)
+                rows = await pipe.execute()
         found: list[Shown | None] = []
         for rid, (user, exp, arm, forced, at, items) in zip(request_ids, rows, strict=True):
             if at is None:
@@ -200,10 +201,11 @@ class FeedbackStore:
 
     async def recent(self, users: list[str], since: float, until: float) -> list[list[str]]:
         """Each user's request ids shown between ``since`` and ``until`` (Unix seconds)."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            for user in users:
-                pipe.zrangebyscore(self.user_key(user), since, until)
-            rows = await redis_call(pipe.execute())
+        with redis_errors():
+            async with self.client.pipeline(transaction=False) as pipe:
+                for user in users:
+                    pipe.zrangebyscore(self.user_key(user), since, until)
+                rows = await pipe.execute()
         return [[_text(rid) for rid in row] for row in rows]
 
     async def mark(self, marks: list[Mark]) -> list[bool]:
@@ -214,7 +216,7 @@ class FeedbackStore:
         for mark in marks:
             keys += [self.shown_key(mark.shown.request_id), self.counts_key(mark.shown.experiment)]
             args += [mark.field, mark.count or ""]
-        return [bool(flag) for flag in await redis_call(self._mark(keys=keys, args=args))]
+        return [bool(flag) for flag in await redis_call(run_script(self._mark, keys, args))]
 
     async def counts(self, experiment: str) -> dict[str, int]:
         """The experiment's counts (field -> count)."""
@@ -224,8 +226,9 @@ class FeedbackStore:
     async def experiments(self) -> list[str]:
         """The names of the experiments with counts, sorted."""
         prefix = self.counts_key("")
-        names = [
-            _text(key)[len(prefix) :]
-            async for key in self.client.scan_iter(match=f"{prefix}*", count=1000)
-        ]
+        with redis_errors():  # on a cluster the scan walks every primary
+            names = [
+                _text(key)[len(prefix) :]
+                async for key in self.client.scan_iter(match=f"{prefix}*", count=1000)
+            ]
         return sorted(names)

@@ -47,6 +47,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.cache_ttl_seconds,
             settings.redis_timeout_seconds,
             item_code_cache=settings.item_code_cache,
+            wait_replicas=settings.history_wait_replicas,
+            wait_ms=settings.history_wait_ms,
         )
         state = AppState(settings, cache, metrics)
         app.state.recserve = state

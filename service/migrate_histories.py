@@ -6,8 +6,8 @@ Safe to run while the service serves, and again after an interruption: each user
 converted by the same script that appends events (``service.history_store``), from exactly
 the members it read, so an event written meanwhile in either layout is kept. Users the
 service writes to are converted on their first write anyway; this command converts the
-rest, after which no old key is left for reads to merge in. On Redis Cluster, run it once
-per primary (``--redis-url`` of each): SCAN walks one node.
+rest, after which no old key is left for reads to merge in. On Redis Cluster
+(``redis+cluster://`` URL) one run walks every primary.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import asyncio
 import sys
 import time
 
-from service.cache import RedisBehaviourCache, redis_call
+from service.cache import RedisBehaviourCache, redis_call, redis_errors
 from service.errors import StoreUnavailable
 from service.settings import Settings
 
@@ -40,12 +40,10 @@ async def migrate(
             users += moved > 0
             events += moved
 
-    cursor = None
-    while cursor != 0:
-        cursor, keys = await redis_call(
-            cache.client.scan(cursor or 0, match=f"{cache.prefix}:hist:*", count=1000, _type="zset")
-        )
-        for key in keys:
+    # On a cluster the client's SCAN walks every primary in turn.
+    keys = cache.client.scan_iter(match=f"{cache.prefix}:hist:*", count=1000, _type="zset")
+    with redis_errors():
+        async for key in keys:
             scanned += 1
             if scanned % 100_000 == 0:
                 log(f"{scanned} old-layout keys seen, {users} users converted so far")

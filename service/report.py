@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.cache import connect_redis
 from service.errors import RecserveError
 from service.experiments import load_experiment
 from service.feedback_store import HIT, IMPRESSIONS, FeedbackStore
@@ -167,15 +168,13 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import redis.asyncio as aioredis
-
     try:
         # The report reads; the admin endpoints' rules do not concern it.
         settings = Settings(admin_enabled=False)
         args = _parser(settings).parse_args(argv)
         experiment = load_experiment(settings.experiment_file)
         names = args.experiment or ([experiment.name] if experiment else [])
-        client = aioredis.Redis.from_url(args.redis_url)
+        client = connect_redis(args.redis_url)
         store = FeedbackStore(client, args.key_prefix, args.deployment, window=1, stream_cap=1)
         counts = asyncio.run(read_counts(store, names))
         outcomes = [*settings.event_types, HIT]

@@ -42,7 +42,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RECSERVE_", extra="ignore")
 
     models_dir: Path = Path("models")
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    # One server (redis://, rediss:// for TLS) or a Redis Cluster (redis+cluster://,
+    # rediss+cluster://, any node's host and port): docs/DEPLOYMENT.md, "Redis Cluster".
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", pattern=r"^(rediss?|rediss?\+cluster|unix)://"
+    )
     key_prefix: str = Field("recserve", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     redis_timeout_seconds: float = Field(0.25, gt=0)
     default_encoder: str | None = None  # None: the bundle's default
@@ -78,6 +82,12 @@ class Settings(BaseSettings):
     # an item), so it stays bounded whatever k the requests ask for.
     answer_cache_items: int = Field(200_000, ge=1, le=100_000_000)
     history_cap: int = Field(200, ge=1, le=100_000)  # events kept per user in Redis
+    # A history write (and the item codes it uses) is acknowledged only once this many
+    # replicas of its primary hold it (Redis WAIT), so that a failover cannot lose it; 0:
+    # once the primary holds it (docs/DEPLOYMENT.md, "Redis Cluster", says what that risks).
+    history_wait_replicas: int = Field(0, ge=0, le=16)
+    # How long a write waits for those replicas; fewer by then: 503, the client retries.
+    history_wait_ms: int = Field(100, ge=1, le=10_000)
     # Item ids whose history codes a worker keeps in memory (both ways; about 200 bytes
     # each for short ids): a read or write naming only those asks Redis nothing more.
     item_code_cache: int = Field(100_000, ge=0, le=100_000_000)

@@ -362,14 +362,13 @@ def _batch_recommend(args) -> int:
 
 async def _served_catalogue(args, bundle):
     """The catalogue the service serves: the bundle with the catalogue API's writes."""
-    import redis.asyncio as aioredis
-
+    from service.cache import connect_redis
     from service.catalogue_store import CatalogueStore
     from service.errors import StoreUnavailable
     from service.live_catalogue import ServedCatalogue
     from service.reload_signals import deployment_of
 
-    client = aioredis.Redis.from_url(args.redis_url, socket_connect_timeout=5, socket_timeout=5)
+    client = connect_redis(args.redis_url, timeout=5)
     store = CatalogueStore(client, args.key_prefix, deployment_of(args.models_dir, args.deployment))
     try:
         version, records = await store.changes_since(0)

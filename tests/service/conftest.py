@@ -2,7 +2,10 @@
 
 Tests that talk to the shared Redis (``RECSERVE_TEST_REDIS_URL``, default
 127.0.0.1:6379) get a unique key prefix each, removed afterwards. Tests that need to stop
-Redis start their own ``redis-server`` on a free port (``redis_server``).
+Redis start their own ``redis-server`` on a free port (``redis_server``). Tests of the same
+behaviour on a Redis Cluster share one private cluster of the session (``redis_cluster``:
+three primaries with a replica each on loopback ports); tests that kill its nodes start
+their own.
 """
 
 from __future__ import annotations
@@ -17,7 +20,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FORCED_ON, SHARED_REDIS_URL
-from tests.servers import RedisProcess, free_port, wait_until  # noqa: F401 (re-exported)
+from tests.servers import (  # noqa: F401 (re-exported)
+    RedisClusterProcesses,
+    RedisProcess,
+    free_port,
+    wait_until,
+)
 
 ADMIN_TOKEN = "test-admin-token-" + "x" * 20
 
@@ -174,11 +182,48 @@ def app_settings(models_dir: Path, key_prefix: str, **overrides):
 
 
 @pytest.fixture
-def make_settings(served_models, key_prefix):
-    """Settings of a test app: the served copy, the shared Redis under a unique prefix."""
+def redis_url(request) -> str:
+    """The Redis of a test's app (``make_settings``): the shared one, or the session's Redis
+    Cluster for a test parametrized with ``ON_BOTH_REDIS``."""
+    if getattr(request, "param", "single") == "cluster":
+        return request.getfixturevalue("redis_cluster").url
+    return SHARED_REDIS_URL
+
+
+# Runs a test whose app uses ``make_settings`` (or ``client``) on one Redis and on a Redis
+# Cluster: the same behaviour is asked of both.
+ON_BOTH_REDIS = pytest.mark.parametrize("redis_url", ["single", "cluster"], indirect=True)
+
+
+def sync_client(url: str):
+    """redis-py's synchronous client of a service URL (one server, or a cluster for
+    ``redis+cluster://``), for tests that look at what the service stored."""
+    import redis
+
+    from service.cache import CLUSTER_SCHEMES
+
+    scheme, _, rest = url.partition("://")
+    if scheme in CLUSTER_SCHEMES:
+        return redis.RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme]}://{rest}")
+    return redis.Redis.from_url(url)
+
+
+@pytest.fixture
+def redis_client(redis_url):
+    """A synchronous client of the test app's Redis (``redis_url``)."""
+    client = sync_client(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def make_settings(served_models, key_prefix, redis_url):
+    """Settings of a test app: the served copy, the shared Redis (or ``redis_url``) under a
+    unique prefix."""
 
     def make(**overrides):
-        return app_settings(**{"models_dir": served_models, "key_prefix": key_prefix, **overrides})
+        values = {"models_dir": served_models, "key_prefix": key_prefix, "redis_url": redis_url}
+        return app_settings(**{**values, **overrides})
 
     return make
 
@@ -237,6 +282,27 @@ def redis_server(tmp_path):
         yield server
     finally:
         server.stop()
+
+
+def start_cluster(workdir: Path) -> RedisClusterProcesses:
+    """A private Redis Cluster (three primaries, a replica each), formed and in sync; a
+    skip when redis-server is not installed."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server and redis-cli are not installed")
+    cluster = RedisClusterProcesses(workdir)
+    cluster.start()
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory) -> Iterator[RedisClusterProcesses]:
+    """One private Redis Cluster for the session's tests that do not break it (each
+    under a key prefix of its own); ``.url`` is the service's ``redis+cluster://`` URL."""
+    cluster = start_cluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from service.api.schemas import RecommendResponse
 from service.main import create_app
+from tests.service.conftest import ON_BOTH_REDIS
 
 JSON = {"content-type": "application/json"}
 
@@ -51,6 +52,7 @@ def test_every_kind_of_recommend_response_is_what_the_schema_documents(client, h
         assert RecommendResponse.model_validate(answer).model_dump() == answer
 
 
+@ON_BOTH_REDIS
 def test_a_repeated_request_is_a_cache_hit(client, history):
     first = client.post("/recommend", json={"history": history})
     second = client.post("/recommend", json={"history": history})
@@ -69,6 +71,7 @@ def test_a_history_of_only_unknown_items_gets_the_popularity_fallback(reader):
     assert response.json()["fallback"] == "popularity" and len(response.json()["items"]) == 4
 
 
+@ON_BOTH_REDIS
 def test_cached_embedding_is_not_served_after_events_change_the_history(client, history):
     user = "user-stale"
     client.post("/events", json=[{"user_id": user, **event} for event in history])
@@ -203,6 +206,7 @@ def test_an_unexpected_error_is_500_without_a_stack_trace(make_settings, history
 # --------------------------------------------------------------------------- /events
 
 
+@ON_BOTH_REDIS
 def test_events_are_stored_and_a_retry_adds_nothing(client):
     events = [
         {"user_id": "user-retry", "item_id": "3", "ts": 1_700_000_000},
@@ -219,6 +223,7 @@ def test_a_single_event_object_is_accepted(client):
     assert response.json() == {"received": 1, "added": 1, "attributed": 0}
 
 
+@ON_BOTH_REDIS
 def test_events_become_the_users_history(client, history):
     client.post("/events", json=[{"user_id": "user-h", **event} for event in reversed(history)])
     by_user = client.post("/recommend", json={"user_id": "user-h"})

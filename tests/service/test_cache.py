@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import uuid
 
 import numpy as np
 import pytest
@@ -40,13 +41,14 @@ AWKWARD_USER_IDS = [
 ]
 
 
-def _runner(kind: str, prefix: str):
-    """Runs ``scenario(cache)`` against a fresh cache of ``kind``; returns its result."""
+def _runner(kind: str, prefix: str, url: str = SHARED_REDIS_URL):
+    """Runs ``scenario(cache)`` against a fresh cache of ``kind`` (Redis at ``url``);
+    returns its result."""
 
     def run(scenario, history_cap: int = 200, ttl_seconds: int = 60):
         async def main():
             if kind == "redis":
-                cache = RedisBehaviourCache(SHARED_REDIS_URL, prefix, history_cap, ttl_seconds)
+                cache = RedisBehaviourCache(url, prefix, history_cap, ttl_seconds)
             else:
                 cache = InMemoryBehaviourCache(prefix, history_cap, ttl_seconds)
             try:
@@ -60,11 +62,15 @@ def _runner(kind: str, prefix: str):
     return run
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def store(request):
-    """The contract holds for the in-memory twin and for real Redis alike."""
+    """The contract holds for the in-memory twin, for real Redis and for a Redis Cluster
+    alike."""
     if request.param == "redis":
         return _runner("redis", request.getfixturevalue("key_prefix"))
+    if request.param == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        return _runner("redis", f"t{uuid.uuid4().hex[:20]}", cluster.url)
     return _runner("memory", "test")
 
 
@@ -370,11 +376,12 @@ def test_an_unavailable_in_memory_store_raises_store_unavailable():
     asyncio.run(scenario())
 
 
-def test_unreachable_redis_raises_store_unavailable_quickly():
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
+def test_unreachable_redis_raises_store_unavailable_quickly(scheme):
     import time
 
     async def scenario():
-        cache = RedisBehaviourCache(f"redis://127.0.0.1:{free_port()}/0", "p", 10, 10)
+        cache = RedisBehaviourCache(f"{scheme}://127.0.0.1:{free_port()}/0", "p", 10, 10)
         try:
             started = time.perf_counter()
             with pytest.raises(StoreUnavailable):

@@ -16,7 +16,7 @@ from service.experiments import Arm, Experiment, assign, check_arm, load_experim
 from service.feedback_store import Shown
 from service.main import create_app
 from service.report import Rate, arm_figures, difference, table, wilson
-from tests.service.conftest import ADMIN_TOKEN, wait_until
+from tests.service.conftest import ADMIN_TOKEN, ON_BOTH_REDIS, wait_until
 
 RERANK_ARMS = {
     "name": "rerank-test",
@@ -205,14 +205,15 @@ def test_answers_carry_their_arm_and_the_arm_decides_the_rerank(served, history)
     assert bad.status_code == 422 and "body.arm" in bad.text
 
 
+@ON_BOTH_REDIS
 def test_clicks_are_attributed_by_request_id_and_by_window_once(
-    served, history, shared_redis, monkeypatch, capsys, tmp_path
+    served, history, redis_client, monkeypatch, capsys, tmp_path
 ):
     client, settings = served
     answer = client.post("/recommend", json={"user_id": "alice", "history": history}).json()
     arm, rid = answer["arm"], answer["request_id"]
     shown_ids = [item["item_id"] for item in answer["items"]]
-    wait_until(lambda: counts_of(shared_redis, settings).get(f"{arm}|impressions") == 1, 10)
+    wait_until(lambda: counts_of(redis_client, settings).get(f"{arm}|impressions") == 1, 10)
     now = int(time.time())
     click = {"user_id": "alice", "item_id": shown_ids[2], "ts": now, "type": "click"}
     first = client.post("/events", json={**click, "request_id": rid}).json()
@@ -230,7 +231,7 @@ def test_clicks_are_attributed_by_request_id_and_by_window_once(
     )
     mallory = {**click, "user_id": "mallory", "request_id": rid}
     assert client.post("/events", json=mallory).json()["attributed"] == 0
-    counts = counts_of(shared_redis, settings)
+    counts = counts_of(redis_client, settings)
     assert counts == {
         f"{arm}|impressions": 1,
         f"{arm}|click": 1,  # one impression was clicked ...

@@ -26,7 +26,7 @@ from service.history_store import (
 from service.migrate_histories import main as migrate_main
 from service.migrate_histories import migrate
 from tests.servers import REPO
-from tests.service.conftest import SHARED_REDIS_URL
+from tests.service.conftest import ON_BOTH_REDIS, SHARED_REDIS_URL
 
 
 def run_with(prefix: str, scenario, url: str = SHARED_REDIS_URL, caches: int = 1, **options):
@@ -342,13 +342,14 @@ def test_a_malformed_old_member_is_dropped_with_a_warning(shared_redis, key_pref
     assert "malformed" in caplog.text
 
 
-def test_migrate_converts_every_old_history_once(shared_redis, key_prefix):
+@ON_BOTH_REDIS
+def test_migrate_converts_every_old_history_once(redis_client, redis_url, key_prefix):
     names = InMemoryBehaviourCache(key_prefix)
     expected = {}
     old_events = 0
     for n in range(60):
         events = [(f"item-{(n * k) % 13}", 100 * k + n) for k in range(1, n % 7 + 2)]
-        legacy_write(shared_redis, names.legacy_history_key(f"user-{n}"), events)
+        legacy_write(redis_client, names.legacy_history_key(f"user-{n}"), events)
         expected[f"user-{n}"] = sorted(events, key=lambda e: e[1])
         old_events += len(events) if n else 0
 
@@ -361,12 +362,12 @@ def test_migrate_converts_every_old_history_once(shared_redis, key_prefix):
         histories = {user: await cache.history(user) for user in expected}
         return counted, converted, again, histories
 
-    counted, converted, again, histories = run_with(key_prefix, scenario)
+    counted, converted, again, histories = run_with(key_prefix, scenario, redis_url)
     assert (counted["users"], counted["events"]) == (59, old_events)
     assert (converted["users"], converted["events"]) == (59, old_events)
     assert (again["users"], again["events"]) == (0, 0)
     assert histories == expected
-    assert not list(shared_redis.scan_iter(match=f"{key_prefix}:hist:*"))
+    assert not list(redis_client.scan_iter(match=f"{key_prefix}:hist:*"))
 
 
 def test_the_migration_command_reads_the_service_settings(

@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from service.bundle import load_bundle, set_current
 from service.main import create_app
 from tests.servers import UvicornService, wait_until
-from tests.service.conftest import ADMIN_TOKEN, history_events, server_settings
+from tests.service.conftest import ADMIN_TOKEN, ON_BOTH_REDIS, history_events, server_settings
 from tests.service.test_filter_serving import attributed_models  # noqa: F401 (fixture)
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -66,6 +66,7 @@ def beating_vector(bundle, answer: dict, factor: float = 3.0) -> list[float]:
     return (np.asarray(vectors[best]) * factor).astype(float).tolist()
 
 
+@ON_BOTH_REDIS
 def test_an_added_item_is_retrieved_filtered_described_and_searched(app_client, bundle, tiny_data):
     history = history_events(tiny_data, 2)
     with app_client() as client:
@@ -226,6 +227,7 @@ def test_writes_need_a_token_with_the_right_scope(app_client):
         assert client.delete("/items/t-1", headers=wrong).status_code == 401
 
 
+@ON_BOTH_REDIS
 def test_a_new_app_and_a_reloaded_bundle_serve_every_write(
     app_client, bundle, tiny_data, second_bundle, models
 ):

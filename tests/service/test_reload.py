@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from service.bundle import CURRENT, set_current
 from service.main import create_app
 from tests.service.bundles import publish_mismatch
-from tests.service.conftest import ADMIN_TOKEN, wait_until
+from tests.service.conftest import ADMIN_TOKEN, ON_BOTH_REDIS, wait_until
 
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -41,8 +41,12 @@ def reload_channel_of(settings) -> str:
 
 
 def wait_for_listeners(redis_client, channel: str, count: int) -> None:
+    import redis
+
+    # A cluster client asks its default node alone unless told to ask (and sum) them all.
+    nodes = {"target_nodes": "all"} if isinstance(redis_client, redis.RedisCluster) else {}
     wait_until(
-        lambda: dict(redis_client.pubsub_numsub(channel)).get(channel.encode()) == count,
+        lambda: dict(redis_client.pubsub_numsub(channel, **nodes)).get(channel.encode()) == count,
         timeout=10,
         what=f"{count} worker(s) to listen on {channel}",
     )
@@ -115,15 +119,16 @@ def test_reload_serves_the_bundle_named_by_current(client, served_models, second
     assert 'recserve_bundle_info{bundle="tiny-v2"} 1.0' in client.get("/metrics").text
 
 
+@ON_BOTH_REDIS
 def test_a_reload_reaches_the_other_workers_over_redis(
-    make_settings, served_models, second_bundle, history, shared_redis
+    make_settings, served_models, second_bundle, history, redis_client
 ):
     # Two apps share this process's GIL, and each reload runs a full garbage collection,
     # which takes tens of milliseconds in a test process that holds torch: a Redis reply
     # can wait for it longer than the default timeout.
     settings = make_settings(redis_timeout_seconds=2.0)
     with TestClient(create_app(settings)) as first, TestClient(create_app(settings)) as second:
-        wait_for_listeners(shared_redis, reload_channel_of(settings), 2)
+        wait_for_listeners(redis_client, reload_channel_of(settings), 2)
         publish(served_models, second_bundle)
         response = first.post("/admin/reload", headers=ADMIN)
         assert response.json()["workers_notified"] == 2
