@@ -14,6 +14,10 @@ and writes ``user, rank, item, score`` to Parquet.
 from the deployment's Redis (``service.catalogue_store``), so withdrawn and unavailable
 items are never written and items added since the export are retrieved beside the index.
 
+``python -m training histories`` writes the histories (``histories_table``) as Parquet
+partitions, which ``--engine ray`` (``training.ray_engine``) reads: a pool of Ray actors
+that run ``recommendation_rows``, this engine's batch.
+
 ``--warm-cache`` also loads each user's history into Redis and stores the retrieval the
 service would compute for it, under the same key (bundle, encoder, digest of the encoder
 input), so the first ``/recommend`` with just the ``user_id`` is already a cache hit.
@@ -184,10 +188,6 @@ def batch_recommend(
     }
 
 
-# The histories dataset, the Ray engine's input: one row per user, its events in time order.
-HISTORY_COLUMNS = ("user", "items", "timestamps")
-
-
 def histories_table(data: SequenceData, history: str = "all"):
     """The histories ``batch_recommend`` recommends from, as a table of raw ids: ``user``
     (string), ``items`` (list of strings) and ``timestamps`` (list of int64 seconds), one
@@ -245,7 +245,7 @@ def empty_folder(path: str | Path) -> Path:
 
 
 def check_histories_schema(schema, where: str | Path) -> None:
-    """Refuse a histories dataset whose columns are not ``HISTORY_COLUMNS``' types."""
+    """Refuse a histories dataset without ``histories_table``'s columns and types."""
     import pyarrow.types as pat
 
     def is_list_of(field_type, check) -> bool:
