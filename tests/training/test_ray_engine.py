@@ -42,42 +42,60 @@ def sorted_rows(table: pa.Table) -> dict:
 
 
 def test_ray_engine_writes_the_in_process_engines_rows(
-    local_ray, exported_bundle, tiny_data, tmp_path, capsys
+    local_ray, exported_bundle, tiny_data, tmp_path
 ):
-    # The evaluation's histories (all but the last event) also test that the histories
-    # written are the ones the in-process engine recommends from ("all" has its own test
-    # of the written files below); batches of 64 users make five blocks for two actors.
-    history = "test"
+    """The evaluation's histories (all but the last event), so that the histories written
+    are also checked to be those the in-process engine recommends from ("all" has its own
+    test of the files below), and the catalogue API's writes (an item withdrawn, one added
+    with a vector that wins for many users), which every actor applies as the in-process
+    engine does; batches of 64 users make five blocks for the two actors."""
+    from service.bundle import load_bundle
+    from service.catalogue import ItemRecord
+    from service.live_catalogue import ServedCatalogue
+    from training.batch_recommend import batch_recommend
+    from training.ray_engine import ray_batch_recommend
+
     models_dir, _ = exported_bundle
+    bundle = load_bundle(models_dir, device="cpu")
+    withdrawn = str(bundle.catalogue.raw_ids[5])
+    huge = np.full(bundle.retrievers["sasrec"].item_vectors.shape[1], 100.0, np.float32)
+    records = {
+        withdrawn: ItemRecord(withdrawn=True),
+        "added": ItemRecord(title="added", vectors=(("sasrec", huge),), vectors_bundle="tiny"),
+    }
     histories = tmp_path / "histories"
     code = main(
-        ["histories", "--data", TINY_SPEC, "--out", str(histories), "--history", history,
+        ["histories", "--data", TINY_SPEC, "--out", str(histories), "--history", "test",
          "--rows-per-file", "200"]
     )  # fmt: skip
     assert code == 0
 
+    served = ServedCatalogue.of_records(bundle, 2, records, embed=True)
     expected_file = tmp_path / "inprocess.parquet"
-    code = main(
-        ["batch-recommend", "--data", TINY_SPEC, "--models-dir", str(models_dir),
-         "--out", str(expected_file), "--history", history, "--batch-size", "64"]
-    )  # fmt: skip
-    assert code == 0
-    out = tmp_path / "ray"
-    code = main(
-        ["batch-recommend", "--engine", "ray", "--histories", str(histories),
-         "--models-dir", str(models_dir), "--out", str(out),
-         "--ray-actors", "2", "--ray-cpus-per-actor", "0.5", "--batch-size", "64"]
-    )  # fmt: skip
-    assert code == 0, capsys.readouterr().err
-    assert "on Ray with 2 actors" in capsys.readouterr().out
+    batch_recommend(
+        bundle, tiny_data, expected_file, k=10, history="test", batch_size=64, served=served
+    )
+    stats = ray_batch_recommend(
+        models_dir,
+        histories,
+        tmp_path / "ray",
+        k=10,
+        batch_size=64,
+        actors=2,
+        cpus_per_actor=0.5,
+        catalogue=(2, records),
+    )
+    assert stats["actors"] == 2 and stats["catalogue_version"] == 2
 
     expected = sorted_rows(pq.read_table(expected_file))
-    got = sorted_rows(pq.read_table(out))
-    assert len(set(expected["user"])) == len(tiny_data.eval_users())
+    got = sorted_rows(pq.read_table(tmp_path / "ray"))
+    assert stats["users"] == len(set(expected["user"])) == len(tiny_data.eval_users())
+    assert stats["rows"] == len(expected["user"])
     assert got["user"] == expected["user"]
     assert got["rank"] == expected["rank"]
     assert got["item"] == expected["item"]
     np.testing.assert_allclose(got["score"], expected["score"], rtol=0, atol=1e-5)
+    assert "added" in got["item"] and withdrawn not in got["item"]
 
 
 def test_ray_engine_reports_a_malformed_history_as_one_error_line(
