@@ -24,6 +24,6 @@ else
   # A plain "torch" requirement resolves to a multi-GB CUDA build on Linux.
   pip install "torch==2.13.0" ${RECSERVE_TORCH_INDEX:+--index-url "$RECSERVE_TORCH_INDEX"}
 fi
-pip install -e ".[train,serve,$accel,dev]"
+pip install -e ".[train,serve,$accel,ray,dev]"
 echo "$want" >"$stamp"
 echo "recserve installed in .venv ($accel)"

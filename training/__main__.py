@@ -48,6 +48,9 @@ from training.rerank_gate import RERANK_DEFAULTS, GateConfig
 from training.synthetic import SyntheticConfig, generate
 from training.trainer import check_same_items, load_checkpoint, train
 
+# The histories batch-recommend can recommend from (training.batch_recommend.history_ranges).
+HISTORIES = ["all", "test", "valid"]
+
 
 def _service_default(setting: str):
     """The service's default of a setting (``service.settings.Settings``), so that what
@@ -137,17 +140,48 @@ def _parser() -> argparse.ArgumentParser:
     recommend = commands.add_parser(
         "batch-recommend", help="top-K for every user through a bundle, to Parquet"
     )
-    add_data_flags(recommend)
+    add_data_flags(recommend, required=False)
     add_bundle_flags(recommend, "--models-dir")
     recommend.add_argument("--bundle", help="bundle name (default: the one in CURRENT)")
     recommend.add_argument("--encoder", help="retriever to use (default: the bundle's)")
-    recommend.add_argument("--out", required=True, type=Path, help=".parquet")
+    recommend.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help=".parquet file (inprocess engine) or new folder of Parquet partitions (ray)",
+    )
     recommend.add_argument("-k", type=int, default=10)
+    recommend.add_argument("--batch-size", type=int, default=512, help="users per batch")
     recommend.add_argument(
         "--history",
-        default="all",
-        choices=["all", "test", "valid"],
-        help="all events (recommend what comes next) or the evaluation's history",
+        choices=HISTORIES,
+        help="all events (recommend what comes next, the default) or the evaluation's "
+        "history; the ray engine's histories are chosen when they are written",
+    )
+    recommend.add_argument(
+        "--engine",
+        default="inprocess",
+        choices=["inprocess", "ray"],
+        help="inprocess (reads --data) or ray: Ray Data actors over --histories (the ray extra)",
+    )
+    recommend.add_argument(
+        "--histories",
+        type=Path,
+        help="ray engine: folder of Parquet histories (python -m training histories)",
+    )
+    recommend.add_argument(
+        "--ray-address",
+        help="ray engine: the cluster (HOST:PORT, auto, ray://...; default: RAY_ADDRESS, "
+        "else a new local Ray)",
+    )
+    recommend.add_argument(
+        "--ray-actors",
+        type=int,
+        help="ray engine: actors, each loading the bundle once (default: as many as fit "
+        "beside one free CPU)",
+    )
+    recommend.add_argument(
+        "--ray-cpus-per-actor", type=float, default=1.0, help="ray engine: CPUs per actor"
     )
     recommend.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     recommend.add_argument(
@@ -185,6 +219,21 @@ def _parser() -> argparse.ArgumentParser:
         "--cache-ttl", type=int, default=_service_default("cache_ttl_seconds"), help="seconds"
     )
 
+    histories = commands.add_parser(
+        "histories",
+        help="write every user's history as Parquet partitions (batch-recommend --engine "
+        "ray reads them)",
+    )
+    add_data_flags(histories)
+    histories.add_argument("--out", required=True, type=Path, help="a new or empty folder")
+    histories.add_argument(
+        "--history",
+        default="all",
+        choices=HISTORIES,
+        help="as batch-recommend's: all events, or the evaluation's history",
+    )
+    histories.add_argument("--rows-per-file", type=int, default=100_000, help="users per file")
+
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on a dataset")
     add_data_flags(evaluate)
     evaluate.add_argument("--checkpoint", required=True, type=Path)
@@ -216,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args)
         if args.command == "batch-recommend":
             return _batch_recommend(args)
+        if args.command == "histories":
+            return _histories(args)
         return _evaluate(args)
     except (TrainingError, RecserveError) as exc:
         # One line naming the problem, never a traceback (some messages quote a library's
@@ -314,7 +365,33 @@ def _export(args) -> int:
     return 0
 
 
+def _check_engine_flags(args) -> None:
+    """Each engine's input and the flags only one of them takes."""
+    if args.engine == "inprocess":
+        if args.data is None:
+            raise ConfigError("batch-recommend needs --data (or --engine ray --histories DIR)")
+        ray_only = ["--histories", "--ray-address", "--ray-actors"]
+        given = [flag for flag in ray_only if getattr(args, flag[2:].replace("-", "_"))]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: only with --engine ray")
+        return
+    refused = {
+        "--data": "the ray engine reads --histories (python -m training histories --data ...)",
+        "--history": "choose the histories when writing them (python -m training histories "
+        "--history ...)",
+        "--warm-cache": "the ray engine writes no cache; warm it with the inprocess engine",
+    }
+    for flag, why in refused.items():
+        if getattr(args, flag[2:].replace("-", "_")):
+            raise ConfigError(f"{flag} is not taken by --engine ray: {why}")
+    if args.histories is None:
+        raise ConfigError("--engine ray needs --histories DIR (python -m training histories)")
+
+
 def _batch_recommend(args) -> int:
+    _check_engine_flags(args)
+    if args.engine == "ray":
+        return _ray_batch_recommend(args)
     # Only this command needs the serving side's recommender and Redis client.
     from training.batch_recommend import batch_recommend
 
@@ -332,14 +409,11 @@ def _batch_recommend(args) -> int:
         args.out,
         encoder=args.encoder,
         k=args.k,
-        history=args.history,
+        history=args.history or "all",
+        batch_size=args.batch_size,
         served=served,
     )
-    print(
-        f"{stats['users']} users, {stats['rows']} rows in {stats['seconds']:.1f}s "
-        f"({stats['users_per_second']:.0f} users/s) with {stats['encoder']} of "
-        f"{stats['bundle']} at catalogue version {stats['catalogue_version']} -> {args.out}"
-    )
+    _print_stats(stats, args.out)
     if args.warm_cache:
         from service.cache import RedisBehaviourCache
         from training.batch_recommend import warm_cache
@@ -360,12 +434,66 @@ def _batch_recommend(args) -> int:
     return 0
 
 
+def _print_stats(stats: dict, out: Path) -> None:
+    print(
+        f"{stats['users']} users, {stats['rows']} rows in {stats['seconds']:.1f}s "
+        f"({stats['users_per_second']:.0f} users/s) with {stats['encoder']} of "
+        f"{stats['bundle']} at catalogue version {stats['catalogue_version']} -> {out}"
+    )
+
+
+def _ray_batch_recommend(args) -> int:
+    from training.ray_engine import ray_batch_recommend
+
+    catalogue = asyncio.run(_catalogue_records(args)) if args.catalogue else None
+    stats = ray_batch_recommend(
+        args.models_dir,
+        args.histories,
+        args.out,
+        bundle=args.bundle,
+        encoder=args.encoder,
+        k=args.k,
+        batch_size=args.batch_size,
+        device=args.device,
+        actors=args.ray_actors,
+        cpus_per_actor=args.ray_cpus_per_actor,
+        address=args.ray_address,
+        catalogue=catalogue,
+        exposure=args.cold_start_exposure,
+    )
+    _print_stats(stats, args.out)
+    print(f"on Ray with {stats['actors']} actors")
+    return 0
+
+
+def _histories(args) -> int:
+    from training.batch_recommend import write_histories
+
+    counts = write_histories(
+        _sequences(args), args.out, history=args.history, rows_per_file=args.rows_per_file
+    )
+    print(
+        f"wrote the histories of {counts['users']} users ({counts['events']} events) in "
+        f"{counts['files']} files to {args.out}"
+    )
+    return 0
+
+
 async def _served_catalogue(args, bundle):
     """The catalogue the service serves: the bundle with the catalogue API's writes."""
+    from service.live_catalogue import ServedCatalogue
+
+    version, records = await _catalogue_records(args)
+    return ServedCatalogue.of_records(
+        bundle, version, records, embed=True, exposure=args.cold_start_exposure
+    )
+
+
+async def _catalogue_records(args) -> tuple:
+    """(version, records) of the catalogue API's writes, read from the deployment's Redis."""
     from service.cache import connect_redis
     from service.catalogue_store import CatalogueStore
     from service.errors import StoreUnavailable
-    from service.live_catalogue import ServedCatalogue
     from service.reload_signals import deployment_of
 
     client = connect_redis(args.redis_url, timeout=5)
@@ -376,9 +504,7 @@ async def _served_catalogue(args, bundle):
         raise ConfigError(f"--catalogue: {exc} (at {args.redis_url})") from exc
     finally:
         await client.aclose()
-    return ServedCatalogue.of_records(
-        bundle, version, records, embed=True, exposure=args.cold_start_exposure
-    )
+    return version, records
 
 
 def _evaluate(args) -> int:

@@ -14,6 +14,10 @@ and writes ``user, rank, item, score`` to Parquet.
 from the deployment's Redis (``service.catalogue_store``), so withdrawn and unavailable
 items are never written and items added since the export are retrieved beside the index.
 
+``python -m training histories`` writes the histories (``histories_table``) as Parquet
+partitions, which ``--engine ray`` (``training.ray_engine``) reads: a pool of Ray actors
+that run ``recommendation_rows``, this engine's batch.
+
 ``--warm-cache`` also loads each user's history into Redis and stores the retrieval the
 service would compute for it, under the same key (bundle, encoder, digest of the encoder
 input), so the first ``/recommend`` with just the ``user_id`` is already a cache hit.
@@ -29,12 +33,14 @@ import numpy as np
 
 from service.bundle import Bundle
 from service.cache import BehaviourCache, history_digest
+from service.catalogue import Catalogue
 from service.filters import drop_excluded, filtered_depth
 from service.histories import left_padded_window
 from service.live_catalogue import ServedCatalogue
 from service.pipeline import Query, encode_and_search, with_added
 from training.console import progress_bar
 from training.data import SequenceData
+from training.errors import ConfigError, DataFormatError
 
 LOG = logging.getLogger(__name__)
 
@@ -92,6 +98,38 @@ def recommend_ranges(
     return out_scores, out_ids
 
 
+# The output table of both engines: one row per recommended item, best first per user.
+RESULT_COLUMNS = ("user", "rank", "item", "score")
+
+
+def recommendation_rows(
+    bundle: Bundle,
+    encoder: str,
+    users: np.ndarray,
+    items: np.ndarray,
+    timestamps: np.ndarray,
+    *,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    k: int,
+    served: ServedCatalogue,
+) -> dict[str, np.ndarray]:
+    """The ``user, rank, item, score`` rows of the top-k of each history
+    ``items[start:end]`` (bundle ids) of the raw ``users``, in their order; a user whose
+    catalogue holds fewer than k eligible items gets fewer rows. Every engine's batch."""
+    scores, ids = recommend_ranges(
+        bundle, encoder, items, timestamps, starts=starts, ends=ends, k=k, served=served
+    )
+    valid = ids > 0
+    rows, ranks = np.nonzero(valid)
+    return {
+        "user": np.asarray(users)[rows],
+        "rank": ranks + 1,
+        "item": served.catalogue.raw_ids[ids[valid]].astype(str),
+        "score": scores[valid],
+    }
+
+
 def batch_recommend(
     bundle: Bundle,
     data: SequenceData,
@@ -116,13 +154,14 @@ def batch_recommend(
     to_bundle[0] = 0
     items = to_bundle[data.items]
     users, starts, ends = history_ranges(data, history)
-    columns: dict[str, list] = {"user": [], "rank": [], "item": [], "score": []}
+    columns: dict[str, list] = {name: [] for name in RESULT_COLUMNS}
     started = time.perf_counter()
     for lo in progress_bar(range(0, len(users), batch_size), desc="recommending", unit="batch"):
         hi = lo + batch_size
-        scores, ids = recommend_ranges(
+        batch = recommendation_rows(
             bundle,
             encoder,
+            data.user_map.raw[users[lo:hi] + 1],
             items,
             data.timestamps,
             starts=starts[lo:hi],
@@ -130,12 +169,8 @@ def batch_recommend(
             k=k,
             served=served,
         )
-        valid = ids > 0
-        rows, ranks = np.nonzero(valid)
-        columns["user"].append(data.user_map.raw[users[lo:hi][rows] + 1])
-        columns["rank"].append(ranks + 1)
-        columns["item"].append(served.catalogue.raw_ids[ids[valid]].astype(str))
-        columns["score"].append(scores[valid])
+        for name, values in batch.items():
+            columns[name].append(values)
     seconds = time.perf_counter() - started
     table = pa.table(
         {name: np.concatenate(parts) if parts else [] for name, parts in columns.items()}
@@ -151,6 +186,119 @@ def batch_recommend(
         "bundle": bundle.name,
         "catalogue_version": served.version,
     }
+
+
+def histories_table(data: SequenceData, history: str = "all"):
+    """The histories ``batch_recommend`` recommends from, as a table of raw ids: ``user``
+    (string), ``items`` (list of strings) and ``timestamps`` (list of int64 seconds), one
+    row per user in the data's user order, each history in time order."""
+    import pyarrow as pa
+
+    users, starts, ends = history_ranges(data, history)
+    lengths = ends - starts
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    # Event positions of every history, concatenated: start of its user + rank in it.
+    events = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+    offsets = pa.array(offsets, type=pa.int64())
+    return pa.table(
+        {
+            "user": pa.array(data.user_map.raw[users + 1].astype(str)),
+            "items": pa.LargeListArray.from_arrays(
+                offsets, pa.array(data.item_map.raw[data.items[events]].astype(str))
+            ),
+            "timestamps": pa.LargeListArray.from_arrays(
+                offsets, pa.array(data.timestamps[events], type=pa.int64())
+            ),
+        }
+    )
+
+
+def write_histories(
+    data: SequenceData, out: str | Path, *, history: str = "all", rows_per_file: int = 100_000
+) -> dict:
+    """Write ``histories_table`` as Parquet files ``part-NNNNN.parquet`` into the new or
+    empty folder ``out``; returns counts."""
+    import pyarrow.parquet as pq
+
+    if rows_per_file < 1:
+        raise ConfigError(f"rows per file must be at least 1, got {rows_per_file}")
+    out = empty_folder(out)
+    table = histories_table(data, history)
+    parts = range(0, max(table.num_rows, 1), rows_per_file)
+    for part, lo in enumerate(parts):
+        pq.write_table(table.slice(lo, rows_per_file), out / f"part-{part:05d}.parquet")
+    return {
+        "users": table.num_rows,
+        "events": len(table["items"].combine_chunks().flatten()),
+        "files": len(parts),
+    }
+
+
+def empty_folder(path: str | Path) -> Path:
+    """``path`` as a new or empty folder: files of an earlier run mixed into a dataset's
+    partitions would be read as part of it."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(f"{path}: exists and is not an empty folder")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_histories_schema(schema, where: str | Path) -> None:
+    """Refuse a histories dataset without ``histories_table``'s columns and types."""
+    import pyarrow.types as pat
+
+    def is_list_of(field_type, check) -> bool:
+        return (pat.is_list(field_type) or pat.is_large_list(field_type)) and check(
+            field_type.value_type
+        )
+
+    def is_text(field_type) -> bool:
+        return pat.is_string(field_type) or pat.is_large_string(field_type)
+
+    expected = {
+        "user": (is_text, "string"),
+        "items": (lambda t: is_list_of(t, is_text), "list of strings"),
+        "timestamps": (lambda t: is_list_of(t, pat.is_integer), "list of integers"),
+    }
+    names = list(schema.names)
+    for name, (check, wanted) in expected.items():
+        if name not in names:
+            raise DataFormatError(where, None, f"no column {name!r} (columns: {names})")
+        if not check(schema.field(name).type):
+            raise DataFormatError(
+                where, None, f"column {name!r} is {schema.field(name).type}, expected {wanted}"
+            )
+
+
+def history_batch(table, catalogue: Catalogue, where: str | Path):
+    """(users, items, timestamps, starts, ends) of a batch of the histories dataset: raw
+    users, bundle item ids (0: unknown to the bundle, as ``batch_recommend`` maps them) of
+    all histories concatenated, each history sorted by time (ties keep their order)."""
+    import pyarrow.compute as pc
+
+    users = table.column("user")
+    items = table.column("items").combine_chunks()
+    stamps = table.column("timestamps").combine_chunks()
+    for name, column in (("user", users), ("items", items), ("timestamps", stamps)):
+        if column.null_count:
+            raise DataFormatError(where, None, f"column {name!r} has nulls")
+    lengths = pc.list_value_length(items).to_numpy(zero_copy_only=False).astype(np.int64)
+    stamp_lengths = pc.list_value_length(stamps).to_numpy(zero_copy_only=False)
+    if (lengths != stamp_lengths).any():
+        row = int(np.flatnonzero(lengths != stamp_lengths)[0])
+        raise DataFormatError(
+            where,
+            None,
+            f"user {users[row]}: {lengths[row]} items but {stamp_lengths[row]} timestamps",
+        )
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    raw_items = items.flatten().to_numpy(zero_copy_only=False)
+    timestamps = stamps.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    order = np.lexsort((timestamps, np.repeat(np.arange(len(lengths)), lengths)))
+    ids = catalogue.internal_ids(raw_items[order].tolist())
+    return users.to_numpy(zero_copy_only=False), ids, timestamps[order], starts, ends
 
 
 async def warm_cache(

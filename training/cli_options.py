@@ -113,10 +113,14 @@ BUNDLE_FLAGS: dict[str, dict] = {
 
 
 def add_data_flags(
-    parser: argparse.ArgumentParser, *flags: str, default: str | None = None
+    parser: argparse.ArgumentParser,
+    *flags: str,
+    default: str | None = None,
+    required: bool = True,
 ) -> None:
-    """``--data`` (required unless a ``default`` spec is given) and ``--skip-malformed``."""
-    options = {"--data": {"required": True} if default is None else {"default": default}}
+    """``--data`` (required unless a ``default`` spec is given or ``required`` is false: the
+    command then checks it) and ``--skip-malformed``."""
+    options = {"--data": {"required": required} if default is None else {"default": default}}
     _add_group(parser, "data", DATA_FLAGS, flags, options)
 
 
