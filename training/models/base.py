@@ -13,15 +13,28 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def time_buckets(time_deltas: torch.Tensor, item_ids: torch.Tensor, n_buckets: int) -> torch.Tensor:
-    """Log2-bucketed gaps in seconds: 0 for padding, 1..n_buckets-1 otherwise.
+def log2_buckets(gaps: torch.Tensor, n_buckets: int) -> torch.Tensor:
+    """Gaps in seconds (negative read as 0) to buckets 1..n_buckets-1: floor(log2(gap + 1))
+    + 1, capped; bucket 0 is left for padding.
 
     Log buckets keep minutes, hours, days and months apart with few parameters; the
-    arithmetic stays inside the exported graph so the service passes raw seconds.
+    arithmetic stays inside the exported graph so the service passes raw seconds. The
+    floor is taken by counting the powers of two that gap + 1 reaches, which is exact in
+    any precision: onnxruntime computes log2 as ln(x) / ln(2) with ln(2) rounded to
+    float32, which in float64 floors a whole number of seconds just at a power of two
+    into the bucket below PyTorch's.
     """
-    gaps = torch.clamp(time_deltas, min=0.0)
-    bucket = torch.floor(torch.log2(gaps + 1.0)).to(torch.int64)  # 1 day -> 16, 1 year -> 24
-    bucket = torch.clamp(bucket, max=n_buckets - 2) + 1
+    reached = torch.clamp(gaps, min=0.0) + 1.0
+    bucket = torch.ones_like(reached, dtype=torch.int64)  # 1 day -> 17, 1 year -> 25
+    for power in range(1, n_buckets - 1):
+        bucket = bucket + (reached >= 2.0**power).to(torch.int64)
+    return bucket
+
+
+def time_buckets(time_deltas: torch.Tensor, item_ids: torch.Tensor, n_buckets: int) -> torch.Tensor:
+    """Each event's gap to the previous one, log2-bucketed (``log2_buckets``): 0 for
+    padding, 1..n_buckets-1 otherwise."""
+    bucket = log2_buckets(time_deltas, n_buckets)
     return torch.where(item_ids > 0, bucket, torch.zeros_like(bucket))
 
 
