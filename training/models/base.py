@@ -18,17 +18,18 @@ def log2_buckets(gaps: torch.Tensor, n_buckets: int) -> torch.Tensor:
     + 1, capped; bucket 0 is left for padding.
 
     Log buckets keep minutes, hours, days and months apart with few parameters; the
-    arithmetic stays inside the exported graph so the service passes raw seconds. The
-    floor is taken by counting the powers of two that gap + 1 reaches, which is exact in
-    any precision: onnxruntime computes log2 as ln(x) / ln(2) with ln(2) rounded to
-    float32, which in float64 floors a whole number of seconds just at a power of two
-    into the bucket below PyTorch's.
+    arithmetic stays inside the exported graph so the service passes raw seconds. A float
+    log2 gives the floor only to within one: onnxruntime computes it as ln(x) / ln(2) with
+    ln(2) rounded to float32, which in float64 puts a whole number of seconds just at a power
+    of two one below PyTorch's; comparing with the powers of two on either side (exact in
+    any precision) settles it.
     """
     reached = torch.clamp(gaps, min=0.0) + 1.0
-    bucket = torch.ones_like(reached, dtype=torch.int64)  # 1 day -> 17, 1 year -> 25
-    for power in range(1, n_buckets - 1):
-        bucket = bucket + (reached >= 2.0**power).to(torch.int64)
-    return bucket
+    guess = torch.floor(torch.log2(reached))
+    low = torch.pow(2.0, guess)
+    exponent = guess - (reached < low).to(guess.dtype) + (reached >= 2.0 * low).to(guess.dtype)
+    bucket = exponent.to(torch.int64)  # 1 day -> 16, 1 year -> 24
+    return torch.clamp(bucket, max=n_buckets - 2) + 1
 
 
 def time_buckets(time_deltas: torch.Tensor, item_ids: torch.Tensor, n_buckets: int) -> torch.Tensor:
