@@ -46,6 +46,7 @@ ENCODER_OPTIONS = {
     "sasrec": {"n_layers": 2, "n_heads": 2},
     "nextitnet": {},
     "two_tower": {},
+    "hstu": {"n_layers": 2, "n_heads": 2},
 }
 LOSSES = ["full_softmax", "sampled_softmax", "cbns_softmax", "ccl"]
 SUITES = {

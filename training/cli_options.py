@@ -43,9 +43,9 @@ MODEL_FLAGS: dict[str, dict] = {
     "--model": dict(default="sasrec", help=f"encoder: {', '.join(ENCODERS)}"),
     "--max-len": dict(type=int, default=50, help="events of history the encoder reads"),
     "--dim": dict(type=int, default=64, help="embedding width"),
-    # None: the model's own default; only SASRec has layers and heads.
-    "--layers": dict(type=int, default=None, help="sasrec: blocks (default 2)"),
-    "--heads": dict(type=int, default=None, help="sasrec: heads (default 2)"),
+    # None: the model's own default; only SASRec and HSTU have layers and heads.
+    "--layers": dict(type=int, default=None, help="sasrec, hstu: blocks (default 2)"),
+    "--heads": dict(type=int, default=None, help="sasrec, hstu: heads (default 2)"),
     "--dropout": dict(type=float, default=0.2),
     "--no-time": dict(action="store_true", help="ignore time intervals"),
     "--model-option": dict(

@@ -135,14 +135,20 @@ def parity_shapes(max_len: int) -> list[tuple[int, int]]:
 
 
 def encoder_parity_batches(model: UserEncoder, seed: int = 0) -> Iterator[ParityBatch]:
-    """Random ragged left-padded histories (item ids, time deltas) at ``parity_shapes``."""
+    """Random ragged left-padded histories (item ids, whole-second time deltas) at
+    ``parity_shapes``."""
     generator = torch.Generator().manual_seed(seed)
     n_items = model.item_embedding.num_embeddings - 1
     for batch, length in parity_shapes(model.max_len):
         ids = torch.randint(1, n_items + 1, (batch, length), generator=generator)
         pad = torch.randint(0, length, (batch,), generator=generator)
         ids[torch.arange(length)[None, :] < pad[:, None]] = 0  # ragged left padding
-        deltas = torch.rand(batch, length, generator=generator) * 1e6 * (ids > 0)
+        # Whole seconds, as the service sends them, half of them one short of a power of
+        # two: where a float log2 in a graph can floor a gap into the bucket below.
+        whole = torch.floor(torch.rand(batch, length, generator=generator) * 1e6)
+        powers = 2.0 ** torch.randint(0, 25, (batch, length), generator=generator) - 1.0
+        half = torch.rand(batch, length, generator=generator) < 0.5
+        deltas = torch.where(half, whole, powers) * (ids > 0)
         yield f"batch {batch}, length {length}", (ids.numpy(), deltas.numpy())
 
 

@@ -43,8 +43,9 @@ CHECKPOINT_FORMAT = 1
 WINDOW_MODES = ("last", "crop", "sliding")
 # Each encoder's mode when none is named. Sliding windows score every training event and
 # beat the newest window alone on MovieLens-100k (docs/BENCHMARKS.md, "Windows per
-# epoch"); the two-tower model keeps the newest window until it is measured too.
-DEFAULT_WINDOWS = {"sasrec": "sliding", "nextitnet": "sliding"}
+# epoch"); the HSTU-kind trains as the SASRec-kind it is measured against; the two-tower
+# model keeps the newest window until it is measured too.
+DEFAULT_WINDOWS = {"sasrec": "sliding", "nextitnet": "sliding", "hstu": "sliding"}
 
 
 def default_windows(model: str) -> str:

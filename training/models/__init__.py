@@ -6,6 +6,7 @@ from dataclasses import asdict, fields
 
 from training.errors import ConfigError
 from training.models.base import UserEncoder
+from training.models.hstu import HSTU, HSTUConfig
 from training.models.nextitnet import NextItNet, NextItNetConfig
 from training.models.sasrec import SASRec, SASRecConfig
 from training.models.two_tower import TwoTower, TwoTowerConfig
@@ -14,6 +15,7 @@ ENCODERS: dict[str, tuple[type[UserEncoder], type]] = {
     "sasrec": (SASRec, SASRecConfig),
     "nextitnet": (NextItNet, NextItNetConfig),
     "two_tower": (TwoTower, TwoTowerConfig),
+    "hstu": (HSTU, HSTUConfig),
 }
 
 

@@ -13,15 +13,29 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def time_buckets(time_deltas: torch.Tensor, item_ids: torch.Tensor, n_buckets: int) -> torch.Tensor:
-    """Log2-bucketed gaps in seconds: 0 for padding, 1..n_buckets-1 otherwise.
+def log2_buckets(gaps: torch.Tensor, n_buckets: int) -> torch.Tensor:
+    """Gaps in seconds (negative read as 0) to buckets 1..n_buckets-1: floor(log2(gap + 1))
+    + 1, capped; bucket 0 is left for padding.
 
     Log buckets keep minutes, hours, days and months apart with few parameters; the
-    arithmetic stays inside the exported graph so the service passes raw seconds.
+    arithmetic stays inside the exported graph so the service passes raw seconds. A float
+    log2 gives the floor only to within one: onnxruntime computes it as ln(x) / ln(2) with
+    ln(2) rounded to float32, which in float64 puts a whole number of seconds just at a power
+    of two one below PyTorch's; comparing with the powers of two on either side (exact in
+    any precision) settles it.
     """
-    gaps = torch.clamp(time_deltas, min=0.0)
-    bucket = torch.floor(torch.log2(gaps + 1.0)).to(torch.int64)  # 1 day -> 16, 1 year -> 24
-    bucket = torch.clamp(bucket, max=n_buckets - 2) + 1
+    reached = torch.clamp(gaps, min=0.0) + 1.0
+    guess = torch.floor(torch.log2(reached))
+    low = torch.pow(2.0, guess)
+    exponent = guess - (reached < low).to(guess.dtype) + (reached >= 2.0 * low).to(guess.dtype)
+    bucket = exponent.to(torch.int64)  # 1 day -> 16, 1 year -> 24
+    return torch.clamp(bucket, max=n_buckets - 2) + 1
+
+
+def time_buckets(time_deltas: torch.Tensor, item_ids: torch.Tensor, n_buckets: int) -> torch.Tensor:
+    """Each event's gap to the previous one, log2-bucketed (``log2_buckets``): 0 for
+    padding, 1..n_buckets-1 otherwise."""
+    bucket = log2_buckets(time_deltas, n_buckets)
     return torch.where(item_ids > 0, bucket, torch.zeros_like(bucket))
 
 
