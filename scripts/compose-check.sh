@@ -121,7 +121,9 @@ build() {
   local target=$1 tag=$2
   shift 2
   local t0=$SECONDS
-  podman build --file docker/Dockerfile --target "$target" --tag "$tag" "${build_args[@]}" "$@" . \
+  # --format docker: podman's default OCI format drops the Dockerfile's HEALTHCHECK
+  podman build --format docker --file docker/Dockerfile --target "$target" --tag "$tag" \
+    "${build_args[@]}" "$@" . \
     >"$work/build-$target.log" 2>&1 || {
     tail -n 30 "$work/build-$target.log" >&2
     fail "podman build --target $target failed"
