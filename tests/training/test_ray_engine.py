@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.training.test_cli import one_error_line
 from training.__main__ import main
 from training.batch_recommend import check_histories_schema, history_batch, write_histories
 from training.errors import ConfigError, DataFormatError
@@ -13,14 +14,6 @@ from training.ray_engine import pool_size
 
 # The spec of conftest's tiny_data, which the exported_bundle fixture was trained on.
 TINY_SPEC = "synthetic:users=300,items=120,mean_length=20,seed=1"
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

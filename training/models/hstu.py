@@ -46,18 +46,14 @@ from torch import nn
 
 from training.errors import ConfigError
 from training.models.base import UserEncoder, init_weights, log2_buckets
+from training.models.sasrec import SASRecConfig
 
 
 @dataclass
-class HSTUConfig:
-    n_items: int
-    max_len: int = 50
-    dim: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    dropout: float = 0.2
-    n_time_buckets: int = 32
-    use_time: bool = True
+class HSTUConfig(SASRecConfig):
+    """The SASRec-kind's settings, so that the two are swapped with one flag: the time
+    buckets bucket the gap between each pair of events here, not each event's gap to the
+    one before."""
 
 
 class HSTULayer(nn.Module):
