@@ -480,11 +480,6 @@ class SharedCompute(ProcessCompute):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
 
-    async def _stop_child(self) -> None:
-        if self._frames is not None and self._frames.transport is not None:
-            self._frames.transport.close()
-        self._frames = None
-
 
 def frame(value) -> bytes:
     """``value`` as one length-prefixed pickle frame."""
