@@ -19,6 +19,12 @@ queues and answers:
 ``ThreadCompute`` keeps everything in the worker (no second copy of the models, nothing to
 spawn): the choice for tests and for light load.
 
+``LoneInWorker`` joins the two for a worker with a child of its own: a batch arriving while
+nothing else computes (a lone request) runs in the worker's thread, where it pays neither
+the two process hops nor the framing of its query and answer; everything else goes to the
+child, so a busy worker keeps its event loop free. The worker then holds a copy of the
+models too (``RECSERVE_LONE_IN_WORKER``; docs/BENCHMARKS.md, "A lone request").
+
 The protocol is length-prefixed pickle frames over a Unix socket, both directions read and
 written by the event loop itself (no helper threads that would queue for the GIL). The
 worker's first frame is its :class:`ComputeConfig` (JSON, validated by the compute
@@ -113,8 +119,18 @@ def compute_mode(settings: Settings) -> str:
     return "process"
 
 
+def lone_in_worker(settings: Settings, mode: str) -> bool:
+    """Whether a worker computing in ``mode`` (see :func:`compute_mode`) also computes lone
+    batches itself (``LoneInWorker``)."""
+    if mode == "thread" or settings.lone_in_worker == "off":
+        return False
+    return settings.lone_in_worker == "on" or mode == "process"
+
+
 class ThreadCompute:
     """Batches computed in ``executor`` (default: the loop's) with this process's models."""
+
+    embeds = True  # added items' vectors are derived with this process's models
 
     def __init__(self, bundle: Bundle, executor: Executor | None = None):
         self.bundle = bundle
@@ -191,6 +207,8 @@ class ProcessCompute:
     side effects), so a crash or stall fails a request only when the replacement fails it
     too. ``call_timeout`` bounds one call whatever the heartbeat.
     """
+
+    embeds = False  # the process derives added items' vectors with its own models
 
     def __init__(
         self, config: ComputeConfig, call_timeout: float = 30.0, stall_seconds: float = 1.0
@@ -479,6 +497,53 @@ class SharedCompute(ProcessCompute):
         if self.pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
+
+
+class LoneInWorker:
+    """A batch that arrives while nothing else computes runs in the worker (``local``);
+    the others go to the compute process (``remote``)."""
+
+    embeds = True  # the worker's own models compute too: it derives the vectors itself
+
+    def __init__(self, local: ThreadCompute, remote: ProcessCompute, *, largest: int = 1):
+        self.local = local
+        self.remote = remote
+        self.largest = largest  # the largest batch the worker computes itself
+        self._computing = 0  # batches in either backend now
+
+    async def start(self) -> None:
+        """Start the compute process (the worker's models are loaded with its bundle)."""
+        await self.remote.start()
+
+    @property
+    def available(self) -> bool:
+        """The compute process serves (what takes the load is what readiness reports)."""
+        return self.remote.available
+
+    @property
+    def placement(self) -> dict[str, dict]:
+        """Where the compute process runs each stage."""
+        return self.remote.placement
+
+    async def update_catalogue(
+        self, change: CatalogueChange, everything: CatalogueChange, served: ServedCatalogue
+    ) -> None:
+        """Both backends compute with the change, before any batch that could name it."""
+        await self.local.update_catalogue(change, everything, served)
+        await self.remote.update_catalogue(change, everything, served)
+
+    async def batch(self, retriever: str, queries: list[Query]) -> list[Ranked]:
+        alone = self._computing == 0 and len(queries) <= self.largest
+        backend = self.local if alone else self.remote
+        self._computing += 1
+        try:
+            return await backend.batch(retriever, queries)
+        finally:
+            self._computing -= 1
+
+    async def close(self) -> None:
+        """Stop the compute process."""
+        await self.remote.close()
 
 
 def frame(value) -> bytes:

@@ -2,7 +2,8 @@
 
 ``/recommend`` hands each answer to :meth:`ImpressionLog.record`, which only queues it;
 one background task per worker writes what has queued in batches, one script per batch
-(``service.feedback_store``). An answer never waits for Redis and never fails for it: a
+(``service.feedback_store``), lingering briefly for company when traffic is light
+(``service.write_behind``). An answer never waits for Redis and never fails for it: a
 full queue (Redis slower than the traffic) or a failed batch (Redis down) drops those
 impressions and counts them in ``recserve_impressions_dropped_total``. The cost on the
 serving path is measured in docs/BENCHMARKS.md ("Impression logging").
@@ -10,8 +11,6 @@ serving path is measured in docs/BENCHMARKS.md ("Impression logging").
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 
@@ -21,6 +20,7 @@ from service.errors import StoreUnavailable
 from service.experiments import Assignment
 from service.feedback_store import FeedbackStore, LoggedImpression
 from service.metrics import Metrics
+from service.write_behind import WriteBehind
 
 LOG = logging.getLogger(__name__)
 
@@ -31,10 +31,14 @@ FLUSH_SECONDS = 1.0  # how long shutdown waits for the queue to drain
 class ImpressionLog:
     """The queue of one worker's impressions and the task that writes them."""
 
-    def __init__(self, store: FeedbackStore, *, capacity: int, metrics: Metrics):
+    def __init__(
+        self, store: FeedbackStore, *, capacity: int, metrics: Metrics, linger_seconds: float
+    ):
         self.store = store
         self.metrics = metrics
-        self._queue: asyncio.Queue[LoggedImpression] = asyncio.Queue(maxsize=capacity)
+        self._queue = WriteBehind(
+            self._write, capacity=capacity, max_batch=BATCH, linger_seconds=linger_seconds
+        )
 
     def record(
         self,
@@ -60,18 +64,8 @@ class ImpressionLog:
             items=to_json([[item["item_id"], item["score"]] for item in items]).decode(),
             item_ids=to_json([item["item_id"] for item in items]).decode(),
         )
-        try:
-            self._queue.put_nowait(impression)
-        except asyncio.QueueFull:
+        if not self._queue.put(impression):
             self.metrics.impressions_dropped.labels(reason="queue_full").inc()
-
-    async def run(self) -> None:
-        """Write queued impressions until cancelled."""
-        while True:
-            batch = [await self._queue.get()]
-            while len(batch) < BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            await self._write(batch)
 
     async def _write(self, batch: list[LoggedImpression]) -> None:
         try:
@@ -86,14 +80,14 @@ class ImpressionLog:
             for imp in batch:
                 if not imp.forced:
                     self.metrics.impressions.labels(experiment=imp.experiment, arm=imp.arm).inc()
-        finally:
-            for _ in batch:
-                self._queue.task_done()
 
     async def flush(self, timeout: float = FLUSH_SECONDS) -> bool:
-        """Wait until every impression queued so far is written or dropped; False if
-        ``timeout`` passed first."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._queue.join(), timeout)
-            return True
-        return False
+        """Write every impression queued so far without lingering and wait until each is
+        written or dropped; False if ``timeout`` passed first."""
+        return await self._queue.flush(timeout)
+
+    async def close(self, timeout: float = FLUSH_SECONDS) -> None:
+        """Write what is queued (at most ``timeout``; the rest is dropped), then stop."""
+        left = await self._queue.close(timeout)
+        if left:
+            self.metrics.impressions_dropped.labels(reason="shutdown").inc(left)

@@ -88,7 +88,7 @@ class Metrics:
         )
         self.impressions_dropped = Counter(
             "recserve_impressions_dropped_total",
-            "Impressions not logged: queue_full, redis (unreachable) or error",
+            "Impressions not logged: queue_full, redis (unreachable), error or shutdown",
             ["reason"],
             registry=self.registry,
         )

@@ -10,9 +10,16 @@ A request joins its retriever's micro-batch (``service.batching``), and the batc
    entry too shallow still saves the encoding);
 3. ``service.pipeline.compute_batch`` where ``service.compute`` runs it (a child process
    or a thread): encode, search, drop seen items and what the filter leaves out (searching
-   the eligible items where too few are left), rerank;
-4. the new entries are written behind the answers in one pipeline (a repeat that arrives
-   before they land is served from memory), and each request gets its best ``k``.
+   the eligible items where too few are left), rerank.
+
+   When nothing else is computing and recent reads mostly missed, steps 2 and 3 overlap
+   instead: the batch is computed whole while its entries are read, so a lone request
+   does not wait a Redis round trip before its computation starts. The compute would be
+   idle otherwise, so what a hit computed in vain costs no other request; the entries
+   read still decide hit or miss (what is written, what is reported);
+4. the new entries are written behind the answers, coalesced across batches
+   (``service.write_behind``; a repeat that arrives before they land is served from
+   memory), and each request gets its best ``k``.
 
 Per request, the event loop only parses, queues and answers. Several batches can be in
 flight: one computing while the next ones are prepared and read. A history with no known
@@ -31,6 +38,7 @@ its compute backend (a compute process builds its own, with the added items' vec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import marshal
 import time
@@ -45,7 +53,7 @@ from service.batching import MicroBatcher
 from service.bundle import Bundle, Retriever
 from service.cache import BehaviourCache, CachedRetrieval, history_digest
 from service.catalogue import ItemFilter, ItemRecord
-from service.compute import ProcessCompute, ThreadCompute
+from service.compute import LoneInWorker, ProcessCompute, ThreadCompute
 from service.errors import InvalidField, StoreUnavailable, UnknownEncoder, excerpt
 from service.filters import drop_excluded, filtered_depth
 from service.live_catalogue import CatalogueChange, ServedCatalogue
@@ -59,6 +67,13 @@ from service.pipeline import (
     similar_query,
 )
 from service.settings import Settings
+from service.write_behind import WriteBehind
+
+CACHE_WRITES_QUEUED = 10_000  # new cache entries awaiting Redis; more are not cached
+# Overlap the cache read with the computation while the share of recent reads that hit is
+# below this (an average over about HIT_SHARE_SPAN requests).
+SPECULATE_BELOW_HIT_SHARE = 0.5
+HIT_SHARE_SPAN = 20
 
 _DEFAULTS = {name: info.default for name, info in Settings.model_fields.items()}
 
@@ -117,10 +132,11 @@ class Recommender:
         max_batch: int = _DEFAULTS["max_batch"],
         max_wait_ms: float = _DEFAULTS["batch_wait_ms"],
         in_flight: int = _DEFAULTS["batches_in_flight"],
-        compute: ThreadCompute | ProcessCompute | None = None,
+        compute: ThreadCompute | ProcessCompute | LoneInWorker | None = None,
         answers: TTLCache | None = None,
         on_batch=None,
         exposure: float = _DEFAULTS["cold_start_exposure"],
+        write_linger_ms: float = _DEFAULTS["write_linger_ms"],
     ):
         self.bundle = bundle
         # The items served: the bundle's, then as the catalogue API's writes change them.
@@ -146,7 +162,14 @@ class Recommender:
         # Entries whose write is still in flight, served from here to a repeat request
         # that arrives before Redis has them: (cache, key) -> entry.
         self._unwritten: dict[tuple[BehaviourCache, str], CachedRetrieval] = {}
-        self._writes: set[asyncio.Task] = set()
+        self._computing = 0  # batches of this recommender in the compute backend now
+        self._hit_share = 0.0  # recent reads that were hits (a moving average)
+        self._writes = WriteBehind(
+            self._write_entries,
+            capacity=CACHE_WRITES_QUEUED,
+            max_batch=max_batch,
+            linger_seconds=write_linger_ms / 1000,
+        )
 
     @classmethod
     def from_settings(
@@ -154,7 +177,7 @@ class Recommender:
         bundle: Bundle,
         settings: Settings,
         *,
-        compute: ThreadCompute | ProcessCompute | None = None,
+        compute: ThreadCompute | ProcessCompute | LoneInWorker | None = None,
         on_batch=None,
     ) -> Recommender:
         """A recommender configured as the service's settings say."""
@@ -168,6 +191,7 @@ class Recommender:
             answers=answer_memo(settings),
             on_batch=on_batch,
             exposure=settings.cold_start_exposure,
+            write_linger_ms=settings.write_linger_ms,
         )
 
     def retriever(self, encoder: str | None) -> Retriever:
@@ -320,7 +344,7 @@ class Recommender:
         served catalogue is rebuilt off the event loop (with the added items' vectors where
         this process computes), and the compute backend gets the change before any batch
         that could name a new id."""
-        embed = isinstance(self.compute, ThreadCompute)
+        embed = self.compute.embeds
         change = CatalogueChange(version, records, self.served.assign(self.bundle, records))
         served = await run_in_threadpool(
             partial(self.served.applied, self.bundle, change, embed=embed, exposure=self.exposure)
@@ -338,7 +362,7 @@ class Recommender:
             await asyncio.sleep(0.05)
         for batcher in self.batchers.values():
             await batcher.close()
-        await self.drain()
+        await self._writes.close(grace_seconds)  # what Redis cannot take is not cached
         await self.compute.close()
 
     async def _run_batch(self, retriever: Retriever, batch: list[_Pending]) -> list[Recommendation]:
@@ -354,11 +378,13 @@ class Recommender:
                 pending.key = pending.cache.retrieval_key(self.bundle.name, retriever.name, digest)
         served = [pending for pending in batch if pending.query is not None]
         if served:
-            await self._look_up(served)
-            computed = iter(
-                await self.compute.batch(retriever.name, [pending.query for pending in served])
-            )
-        written: dict[BehaviourCache, list[tuple[str, CachedRetrieval]]] = {}
+            asking = self._remembered(served)
+            if asking and self._computing == 0 and self._hit_share < SPECULATE_BELOW_HIT_SHARE:
+                computed = iter(await self._compute_while_reading(retriever, served, asking))
+            else:
+                for pending, entry in await self._read(asking):
+                    _use(pending, entry)
+                computed = iter(await self._compute(retriever, served))
         recommendations = []
         for pending, history in zip(batch, histories, strict=True):
             recommendation = Recommendation(
@@ -385,14 +411,12 @@ class Recommender:
                 recommendation.timings_ms = dict(ranked.timings)
                 recommendation.filtered = ranked.filtered
                 if pending.outcome == "miss":
-                    written.setdefault(pending.cache, []).append((pending.key, ranked.retrieval))
+                    self._write_behind(pending.cache, pending.key, ranked.retrieval)
             recommendations.append(recommendation)
-        for cache, entries in written.items():
-            self._write_behind(cache, entries)
         return recommendations
 
-    async def _look_up(self, batch: list[_Pending]) -> None:
-        """Each request's cached entry and outcome; one read per cache for the batch."""
+    def _remembered(self, batch: list[_Pending]) -> dict[BehaviourCache, list[_Pending]]:
+        """Use the entries still on their way to Redis; the rest, by cache, to be read."""
         asking: dict[BehaviourCache, list[_Pending]] = {}
         for pending in batch:
             if pending.cache is None:
@@ -400,35 +424,83 @@ class Recommender:
             unwritten = self._unwritten.get((pending.cache, pending.key))
             if unwritten is not None:
                 _use(pending, unwritten)
+                self._note(pending.outcome)
             else:
                 asking.setdefault(pending.cache, []).append(pending)
+        return asking
+
+    async def _read(
+        self, asking: dict[BehaviourCache, list[_Pending]]
+    ) -> list[tuple[_Pending, CachedRetrieval | None]]:
+        """Each asking request's entry (None: not cached); one read per cache. A cache
+        that cannot be reached leaves its requests out (bypass: computed as if there were
+        no cache)."""
+        found = []
         for cache, group in asking.items():
             try:
-                found = await cache.get_retrievals([pending.key for pending in group])
+                entries = await cache.get_retrievals([pending.key for pending in group])
             except StoreUnavailable:
-                continue  # bypass: the answer is computed as if there were no cache
-            for pending, entry in zip(group, found, strict=True):
-                _use(pending, entry)
+                continue
+            found.extend(zip(group, entries, strict=True))
+        for pending, entry in found:
+            self._note(_outcome(pending, entry))
+        return found
 
-    def _write_behind(self, cache: BehaviourCache, entries: list[tuple[str, CachedRetrieval]]):
-        """Store a batch's new entries without making its requests wait for Redis."""
-        for key, value in entries:
+    def _note(self, outcome: str) -> None:
+        """Count a looked-up request into the recent share of hits."""
+        self._hit_share += ((outcome == "hit") - self._hit_share) / HIT_SHARE_SPAN
+
+    async def _compute(self, retriever: Retriever, served: list[_Pending]) -> list:
+        self._computing += 1
+        try:
+            return await self.compute.batch(retriever.name, [pending.query for pending in served])
+        finally:
+            self._computing -= 1
+
+    async def _compute_while_reading(
+        self,
+        retriever: Retriever,
+        served: list[_Pending],
+        asking: dict[BehaviourCache, list[_Pending]],
+    ) -> list:
+        """The batch computed whole while its entries are read; the entries found still
+        set each request's outcome (the computation equals what they hold)."""
+        reading = asyncio.create_task(self._read(asking))
+        try:
+            computed = await self._compute(retriever, served)
+        except BaseException:
+            reading.cancel()
+            with contextlib.suppress(BaseException):
+                await reading
+            raise
+        for pending, entry in await reading:
+            pending.outcome = _outcome(pending, entry)
+        return computed
+
+    def _write_behind(self, cache: BehaviourCache, key: str, value: CachedRetrieval) -> None:
+        """Store a new entry without making its request wait for Redis (a full queue: the
+        entry is not cached)."""
+        if self._writes.put((cache, key, value)):
             self._unwritten[(cache, key)] = value
-        task = asyncio.create_task(_cache_put(cache, entries))
-        self._writes.add(task)
 
-        def forget(done: asyncio.Task) -> None:
-            self._writes.discard(done)
-            for key, value in entries:
+    async def _write_entries(
+        self, queued: list[tuple[BehaviourCache, str, CachedRetrieval]]
+    ) -> None:
+        """One write per cache for what queued, then the entries are Redis's to serve."""
+        by_cache: dict[BehaviourCache, list[tuple[str, CachedRetrieval]]] = {}
+        for cache, key, value in queued:
+            by_cache.setdefault(cache, []).append((key, value))
+        try:
+            for cache, entries in by_cache.items():
+                await _cache_put(cache, entries)
+        finally:
+            for cache, key, value in queued:
                 if self._unwritten.get((cache, key)) is value:
                     del self._unwritten[(cache, key)]
 
-        task.add_done_callback(forget)
-
-    async def drain(self) -> None:
-        """Wait for the cache writes still in flight (before the cache is closed)."""
-        if self._writes:
-            await asyncio.gather(*self._writes, return_exceptions=True)
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Write the cache entries still queued (before the cache is closed)."""
+        await self._writes.flush(timeout)
 
     async def similar(
         self, item_id: str, k: int, encoder: str | None, item_filter: ItemFilter | None = None
@@ -479,15 +551,18 @@ def answer_size(recommendation: Recommendation) -> int:
     return max(1, len(recommendation.items))
 
 
+def _outcome(pending: _Pending, entry: CachedRetrieval | None) -> str:
+    """A found entry deep enough is a hit; none, or a shallower one, a miss."""
+    return "hit" if entry is not None and len(entry.ids) >= pending.query.depth else "miss"
+
+
 def _use(pending: _Pending, entry: CachedRetrieval | None) -> None:
-    """A found entry deep enough is a hit; a shallower one still saves the encoding."""
-    pending.outcome = "miss"
-    if entry is None:
-        return
-    if len(entry.ids) >= pending.query.depth:
-        pending.outcome = "hit"
+    """Compute from what was found: a hit from its candidates; a shallower entry still
+    saves the encoding."""
+    pending.outcome = _outcome(pending, entry)
+    if pending.outcome == "hit":
         pending.query.cached = entry
-    else:
+    elif entry is not None:
         pending.query.embedding = entry.embedding
 
 

@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     # worker (no second copy of the models). "auto": shared when service.serve runs
     # several workers, else a child per worker. See service/compute.py.
     compute: str = Field("auto", pattern="^(auto|process|shared|thread)$")
+    # A batch arriving while nothing else computes (a lone request) runs in the worker
+    # itself, which then holds a copy of the models too: no process hop on a quiet worker.
+    # "auto": with a compute child of the worker's own; not with the shared process (one
+    # copy of the models per host is its point). See service/compute.py, LoneInWorker.
+    lone_in_worker: str = Field("auto", pattern="^(auto|on|off)$")
     # The shared compute process's socket: set by service.serve for its workers.
     compute_socket: Path | None = None
     compute_threads: int = Field(1, ge=1, le=64)  # threads running batches with "thread"
@@ -74,6 +79,10 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(0.0, ge=0, le=100)  # 0: never wait for company
     batches_in_flight: int = Field(4, ge=1, le=16)  # batches prepared, read or computing at once
     cache_ttl_seconds: int = Field(3600, ge=1)
+    # Writes behind the answers (new cache entries, impressions) wait up to this long for
+    # company when traffic is light, so that they cost one Redis round trip per batch
+    # rather than one per answer (service/write_behind.py); 0: write each batch at once.
+    write_linger_ms: float = Field(20.0, ge=0, le=1000)
     # Reuse the whole answer to an identical request (same events and parameters) for this
     # long, per worker; 0: never. Repeats then skip batching and Redis entirely, at the
     # price of item-age and user-gap features up to this old (see service.recommender).

@@ -36,10 +36,12 @@ from service.catalogue import ItemRecord
 from service.catalogue_store import CatalogueStore
 from service.compute import (
     ComputeConfig,
+    LoneInWorker,
     ProcessCompute,
     SharedCompute,
     ThreadCompute,
     compute_mode,
+    lone_in_worker,
 )
 from service.devices import limit_native_threads
 from service.errors import (
@@ -126,7 +128,12 @@ class AppState:
             else None
         )
         self.impressions = (
-            ImpressionLog(self.feedback, capacity=settings.impressions_queue, metrics=metrics)
+            ImpressionLog(
+                self.feedback,
+                capacity=settings.impressions_queue,
+                metrics=metrics,
+                linger_seconds=settings.write_linger_ms / 1000,
+            )
             if self.feedback is not None
             else None
         )
@@ -242,7 +249,9 @@ class AppState:
         """Bundle ``name`` loaded, verified, warmed up and started (not yet serving)."""
         settings = self.settings
         mode = compute_mode(settings)
-        # With a compute process the models are loaded there, not here.
+        here = mode == "thread" or lone_in_worker(settings, mode)
+        # With a compute process the models are loaded there, and here only where this
+        # worker computes too.
         bundle = await run_in_threadpool(
             partial(
                 load_bundle,
@@ -250,10 +259,15 @@ class AppState:
                 name,
                 device=settings.device,
                 threads=settings.onnx_threads,
-                models=mode == "thread",
+                models=here,
                 index_device=settings.index_device,
             )
         )
+        if here:
+            # On the executor that computes the batches, under its native-thread limits.
+            await asyncio.get_running_loop().run_in_executor(
+                self.executor, warm_up, bundle, settings.max_batch, settings.candidates
+            )
         limits = {
             "call_timeout": settings.compute_timeout_seconds,
             "stall_seconds": settings.compute_stall_seconds,
@@ -265,10 +279,8 @@ class AppState:
             compute = ProcessCompute(config, **limits)
         else:
             compute = ThreadCompute(bundle, self.executor)
-            # On the executor that computes the batches, under its native-thread limits.
-            await asyncio.get_running_loop().run_in_executor(
-                self.executor, warm_up, bundle, settings.max_batch, settings.candidates
-            )
+        if mode != "thread" and here:
+            compute = LoneInWorker(ThreadCompute(bundle, self.executor), compute)
         recommender = Recommender.from_settings(
             bundle, settings, compute=compute, on_batch=self.metrics.batch_size.observe
         )
@@ -431,8 +443,6 @@ class AppState:
             await asyncio.sleep(1.0)
 
     def start_background(self) -> None:
-        if self.impressions is not None:
-            self._tasks.append(asyncio.create_task(self.impressions.run()))
         if self.settings.reload_poll_seconds > 0:
             self._tasks.append(asyncio.create_task(self._poll_current()))
         self._tasks.append(asyncio.create_task(self._listen()))
@@ -456,7 +466,7 @@ class AppState:
         # and the listener then blocks for ever. So cancel again while a task is still running
         # and never wait unboundedly: shutdown must not hang.
         if self.impressions is not None:
-            await self.impressions.flush()  # bounded: what Redis cannot take is dropped
+            await self.impressions.close()  # bounded: what Redis cannot take is dropped
         pending = set(self._tasks)
         for _ in range(STOP_ATTEMPTS):
             if not pending:

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.bundle import load_bundle, placement
-from service.compute import ComputeConfig, ProcessCompute, ThreadCompute
+from service.compute import ComputeConfig, LoneInWorker, ProcessCompute, ThreadCompute
 from service.errors import BundleError, ComputeError, ComputeUnavailable
 from service.main import create_app
 from service.pipeline import RankingRequest, prepare_queries, similar_query
@@ -156,7 +156,9 @@ def test_an_app_in_process_mode_serves_and_retires_the_old_process_on_reload(
     settings = make_settings(models_dir=models, compute="process")
     with TestClient(create_app(settings)) as client:
         state = client.app.state.recserve
-        first = state.recommender.compute
+        # Lone requests are computed in the worker too (RECSERVE_LONE_IN_WORKER=auto).
+        assert isinstance(state.recommender.compute, LoneInWorker)
+        first = state.recommender.compute.remote
         answer = client.post("/recommend", json={"history": history, "k": 5}).json()
         assert answer["reranked"] and len(answer["items"]) == 5
         (models / "CURRENT").write_text("with-head-2\n")
@@ -168,7 +170,7 @@ def test_an_app_in_process_mode_serves_and_retires_the_old_process_on_reload(
         again = client.post("/recommend", json={"history": history, "k": 5}).json()
         assert again["bundle"] == "with-head-2"
         assert [i["item_id"] for i in again["items"]] == [i["item_id"] for i in answer["items"]]
-        second = state.recommender.compute
+        second = state.recommender.compute.remote
         assert second is not first and second.running
         for _ in range(100):  # the old one stops once idle
             if not first.running:

@@ -11,6 +11,7 @@ from cachetools import TTLCache
 
 from service.bundle import load_bundle
 from service.cache import InMemoryBehaviourCache
+from service.compute import ThreadCompute
 from service.errors import UnknownEncoder
 from service.pipeline import prepare_histories
 from service.recommender import Recommender, answer_size
@@ -442,3 +443,66 @@ def test_a_request_gets_the_same_answer_and_cache_key_in_any_batch(bundle, tiny_
     assert [ids(a) for a in alone] == [ids(b) for b in together]
     # Windows of different lengths share a batch, yet each key is the one it has alone.
     assert set(alone_cache.retrievals) == set(batched_cache.retrievals)
+
+
+class WatchedCompute(ThreadCompute):
+    """The thread backend, noting for each batch which queries came with cached candidates."""
+
+    def __init__(self, bundle):
+        super().__init__(bundle)
+        self.batches: list[list[bool]] = []
+        self.called: asyncio.Event | None = None
+
+    async def batch(self, retriever, queries):
+        self.batches.append([query.cached is not None for query in queries])
+        if self.called is not None:
+            self.called.set()
+        return await super().batch(retriever, queries)
+
+
+class ReadAfterComputeCache(InMemoryBehaviourCache):
+    """Reads answer only once the compute backend has been called: a recommender that read
+    the cache before computing would wait here for ever."""
+
+    def __init__(self, called: asyncio.Event):
+        super().__init__()
+        self.called = called
+
+    async def get_retrievals(self, keys):
+        await asyncio.wait_for(self.called.wait(), 5)
+        return await super().get_retrievals(keys)
+
+
+def test_a_lone_miss_is_computed_while_its_entry_is_read(bundle, tiny_data):
+    compute = WatchedCompute(bundle)
+    recommender = Recommender(bundle, compute=compute, write_linger_ms=0)
+    events = user_events(tiny_data, 2)
+
+    async def scenario():
+        compute.called = asyncio.Event()
+        cache = ReadAfterComputeCache(compute.called)
+        answer = await recommender.recommend(
+            events, k=5, encoder=None, exclude_seen=True, candidates=50, rerank=False,
+            cache=cache, history_cap=1000,
+        )  # fmt: skip
+        await recommender.drain()
+        return answer, cache
+
+    answer, cache = asyncio.run(scenario())
+    assert answer.cache == "miss" and len(cache.retrievals) == 1  # still read, still written
+    assert ids(answer) == ids(recommend(Recommender(bundle), events, k=5, candidates=50))
+
+
+def test_once_reads_mostly_hit_the_cache_is_read_before_computing(bundle, tiny_data):
+    compute = WatchedCompute(bundle)
+    recommender = Recommender(bundle, compute=compute, write_linger_ms=0)
+    events = user_events(tiny_data, 3)
+    cache = InMemoryBehaviourCache()
+    first = recommend(recommender, events, k=5, candidates=50, cache=cache)
+    repeats = [recommend(recommender, events, k=5, candidates=50, cache=cache) for _ in range(30)]
+    assert first.cache == "miss" and {r.cache for r in repeats} == {"hit"}
+    assert {tuple(ids(r)) for r in repeats} == {tuple(ids(first))}
+    with_candidates = [cached for (cached,) in compute.batches]
+    # Computed whole while reads still mostly missed, then from the cached candidates only.
+    assert with_candidates[:2] == [False, False] and with_candidates[-10:] == [True] * 10
+    assert len(cache.retrievals) == 1  # hits are never written again
