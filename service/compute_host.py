@@ -225,11 +225,19 @@ class ComputeHost:
         for link, call_id, (retriever, queries) in batches:
             key = (id(link.loaded), retriever, id(link.served))
             groups.setdefault(key, []).append((link, call_id, queries))
+        self._send_all(replies)
         for (_, retriever, _), requests in groups.items():
             first = requests[0][0]
-            parts = _batches(first.loaded.bundle, first.served, retriever, requests)
-            for (link, call_id, _), part in zip(requests, parts, strict=True):
-                replies.setdefault(link, []).append(_reply(call_id, _unless_error, part))
+            for run in merge_runs(requests, first.loaded.config.merge_limit):
+                parts = _batches(first.loaded.bundle, first.served, retriever, run)
+                answered: dict[_Link, list] = {}
+                for (link, call_id, _), part in zip(run, parts, strict=True):
+                    answered.setdefault(link, []).append(_reply(call_id, _unless_error, part))
+                # Sent as soon as computed: the workers answer these requests while the
+                # next run computes, rather than host and workers working in turns.
+                self._send_all(answered)
+
+    def _send_all(self, replies: dict[_Link, list]) -> None:
         for link, answers in replies.items():
             self._send(link, b"".join(frame(answer) for answer in answers))
 
@@ -340,6 +348,21 @@ def _load(config: ComputeConfig) -> Bundle:
     warm_up(bundle, config.warm_batch, config.warm_candidates)
     settle_heap()
     return bundle
+
+
+def merge_runs(requests: list, limit: int) -> list[list]:
+    """``requests`` (each ``(link, call_id, queries)``) cut, in order, into runs of at most
+    ``limit`` queries, each run one merged computation (a request bigger than ``limit``
+    is a run of its own)."""
+    runs: list[list] = []
+    size = limit
+    for request in requests:
+        if size + len(request[2]) > limit:
+            runs.append([])
+            size = 0
+        runs[-1].append(request)
+        size += len(request[2])
+    return runs
 
 
 def _batches(bundle: Bundle, served: ServedCatalogue, retriever: str, requests: list) -> list:

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     # this long is killed and replaced; what it held is retried once on the new one.
     compute_stall_seconds: float = Field(1.0, ge=0.05, le=60)
     max_batch: int = Field(32, ge=1, le=1024)  # requests coalesced into one encoder call
+    # A compute process merges the batches that queued for it, up to this many queries
+    # per computation, and answers each computation at once (service/compute_host.py).
+    compute_merge_limit: int = Field(32, ge=1, le=4096)
     batch_wait_ms: float = Field(0.0, ge=0, le=100)  # 0: never wait for company
     batches_in_flight: int = Field(4, ge=1, le=16)  # batches prepared, read or computing at once
     cache_ttl_seconds: int = Field(3600, ge=1)

@@ -16,7 +16,7 @@ import pytest
 from bench.processes import ServiceProcess
 from service.bundle import load_bundle
 from service.compute import ComputeConfig, SharedCompute, ThreadCompute, compute_mode
-from service.compute_host import ComputeServer
+from service.compute_host import ComputeServer, merge_runs
 from service.errors import BundleError, ComputeError
 from service.settings import Settings
 from tests.servers import wait_until
@@ -45,8 +45,9 @@ def config(models) -> ComputeConfig:
     return ComputeConfig(models_dir=models, bundle="with-head", device="cpu")
 
 
+@pytest.mark.parametrize("merge_limit, computations", [(32, 1), (3, 3)])
 def test_the_workers_batches_are_merged_in_one_process_yet_each_answer_reaches_its_own(
-    server, head_models, tiny_data
+    server, head_models, tiny_data, merge_limit, computations
 ):
     bundle = load_bundle(head_models, device="cpu")
     groups = [
@@ -56,7 +57,8 @@ def test_the_workers_batches_are_merged_in_one_process_yet_each_answer_reaches_i
     alone = [asyncio.run(ThreadCompute(bundle).batch("sasrec", jobs)) for jobs in groups]
 
     async def scenario():
-        workers = [SharedCompute(config(head_models), server.path) for _ in range(2)]
+        merging = config(head_models).model_copy(update={"merge_limit": merge_limit})
+        workers = [SharedCompute(merging, server.path) for _ in range(2)]
         for worker in workers:
             await worker.start()
         try:
@@ -78,8 +80,26 @@ def test_the_workers_batches_are_merged_in_one_process_yet_each_answer_reaches_i
     for got, expected in zip(results, alone, strict=True):
         assert [a.ids.tolist() for a in got] == [a.ids.tolist() for a in expected]
         np.testing.assert_allclose([a.scores for a in got], [a.scores for a in expected], rtol=1e-5)
-    # Both workers' batches were one computation: they carry that computation's timings.
-    assert len({tuple(r.timings.values()) for batch in results for r in batch}) == 1
+    # Both workers' batches were merged, in computations of at most merge_limit queries
+    # (batches of 2, 1, 3 and 1 make three under a limit of 3, in any order they arrive):
+    # each answer carries its computation's timings.
+    assert len({tuple(r.timings.values()) for batch in results for r in batch}) == computations
+
+
+@pytest.mark.parametrize(
+    "sizes, limit, runs",
+    [
+        ([2, 1, 3, 1], 32, [[2, 1, 3, 1]]),
+        ([2, 1, 3, 1], 3, [[2, 1], [3], [1]]),
+        ([5, 1], 3, [[5], [1]]),  # bigger than the limit: a run of its own
+        ([1, 1, 1], 1, [[1], [1], [1]]),
+    ],
+)
+def test_queued_batches_are_merged_in_order_up_to_the_limit(sizes, limit, runs):
+    requests = [("link", call_id, ["query"] * size) for call_id, size in enumerate(sizes)]
+    got = merge_runs(requests, limit)
+    assert [[len(queries) for _, _, queries in run] for run in got] == runs
+    assert [request for run in got for request in run] == requests
 
 
 def test_a_crashed_shared_process_is_restarted_and_the_call_it_held_retried(server, head_models):
