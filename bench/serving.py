@@ -373,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
             role: (seconds - roles_before.get(role, 0.0)) * per_request
             for role, seconds in process.cpu_by_role().items()
         }
+        # Resident memory once the run is over: one copy of the models or several.
+        run["rss_mb_by_role"] = {role: size / 2**20 for role, size in process.rss_by_role().items()}
         run.update(target=target, concurrency=concurrency)
         return run
 
