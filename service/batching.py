@@ -4,12 +4,13 @@ one faiss search and one CTR head call.
 ``MicroBatcher.submit(item)`` queues an item and awaits its own result. A single worker
 task takes whatever is queued (at most ``max_batch`` items), waits at most ``max_wait_ms``
 for more, and awaits the batch function once for all of them. With ``max_wait_ms=0`` it
-never waits: a lone request goes straight through (no added latency at concurrency 1),
-while requests that arrive during a running batch form the next one, so batches grow with
-load. Up to ``in_flight`` batches run at once: the next batch is collected and starts (its
-cache read, say) while the previous one still computes, so the event loop and the compute
-work side by side instead of in turns (a compute process merges the batches that queue
-up for it, so several in flight never means small computations). The batch function is a
+never waits: a lone request (nothing queued, nothing running) is run by its caller as a
+batch of one, without the queue and tasks a batch passes through, while requests that
+arrive during a running batch form the next one, so batches grow with load. Up to
+``in_flight`` batches run at once: the next batch is collected and starts (its cache
+read, say) while the previous one still computes, so the event loop and the compute work
+side by side instead of in turns (a compute process merges the batches that queue up for
+it, so several in flight never means small computations). The batch function is a
 coroutine (``service.compute`` runs the blocking work off the loop).
 
 If the batch function raises, each item is retried alone, so one bad request fails only
@@ -52,17 +53,24 @@ class MicroBatcher(Generic[Item, Result]):
         self._worker: asyncio.Task | None = None
         self._slots: asyncio.Semaphore | None = None
         self._running: set[asyncio.Task] = set()
+        self._lone = 0  # lone batches their callers are running (see _alone)
 
     @property
     def busy(self) -> bool:
         """Requests are queued or a batch is running."""
-        return bool(self._running) or (self._queue is not None and not self._queue.empty())
+        return (
+            bool(self._running)
+            or self._lone > 0
+            or (self._queue is not None and not self._queue.empty())
+        )
 
     async def submit(self, item: Item) -> Result:
         """Queue ``item`` and wait for its result (or its own exception)."""
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._slots = asyncio.Semaphore(self.in_flight)
+        if self.max_wait == 0 and not self.busy:
+            return await self._alone(item)
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((item, future))
         # The worker exits once the queue is empty (no idle task holds a swapped-out bundle
@@ -71,6 +79,22 @@ class MicroBatcher(Generic[Item, Result]):
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._serve())
         return await future
+
+    async def _alone(self, item: Item) -> Result:
+        """A batch of one, run by the caller itself: nothing is queued or running, so it
+        would be a batch of one anyway, without the queue, the worker task and the batch
+        task it would pass through. It holds a slot and counts as busy, so requests
+        arriving meanwhile form the next batch as usual."""
+        await self._slots.acquire()  # free: nothing runs
+        self._lone += 1
+        try:
+            if self.on_batch is not None:
+                self.on_batch(1)
+            (result,) = await self.fn([item])
+            return result
+        finally:
+            self._lone -= 1
+            self._slots.release()
 
     async def _collect(self, first) -> list:
         batch = [first]

@@ -69,6 +69,32 @@ def test_a_lone_request_does_not_wait_when_max_wait_is_zero():
     assert run(main()) < 0.05
 
 
+def test_a_lone_request_is_run_by_its_caller_and_company_still_forms_batches():
+    ran_in: list = []
+    sizes: list[int] = []
+
+    async def batch(items):
+        ran_in.append(asyncio.current_task())
+        await asyncio.sleep(0.05)  # long enough for the others to queue
+        return [2 * x for x in items]
+
+    async def main():
+        batcher = MicroBatcher(batch, max_batch=32, max_wait_ms=0, on_batch=sizes.append)
+        caller = asyncio.current_task()
+        alone = await batcher.submit(1)
+        first = asyncio.ensure_future(batcher.submit(2))
+        await asyncio.sleep(0.01)  # the lone batch is running: these queue behind it
+        rest = [asyncio.ensure_future(batcher.submit(x)) for x in (3, 4, 5)]
+        answers = [alone, await first, *await asyncio.gather(*rest)]
+        await batcher.close()
+        return caller, answers
+
+    caller, answers = run(main())
+    assert answers == [2, 4, 6, 8, 10]
+    assert ran_in[0] is caller  # no queue, no worker task, no batch task
+    assert sizes == [1, 1, 3]  # the second lone request ran alone too; the rest together
+
+
 def test_the_wait_bound_holds():
     calls = []
 
@@ -133,32 +159,32 @@ def test_max_batch_must_be_positive():
 
 def test_with_two_in_flight_the_next_batch_starts_while_one_is_running():
     started = []
-    release = asyncio.Event()
+    gate: list[asyncio.Event] = []
 
     async def slow(items):
         started.append(list(items))
         if len(started) == 1:
-            await release.wait()  # the first batch holds on until the second has started
+            await gate[0].wait()  # the first batch holds on until the second has started
         return items
 
     async def main(in_flight):
         started.clear()
-        release.clear()
+        gate[:] = [asyncio.Event()]
         batcher = MicroBatcher(slow, max_batch=2, in_flight=in_flight)
-        first = asyncio.gather(*(batcher.submit(i) for i in range(2)))
+        first = asyncio.ensure_future(batcher.submit(0))  # alone: it holds on
         await asyncio.sleep(0.01)
-        second = asyncio.ensure_future(batcher.submit(2))
+        rest = asyncio.gather(*(batcher.submit(i) for i in (1, 2)))
         await asyncio.sleep(0.05)
-        overlapped = len(started) == 2
-        release.set()
-        results = await asyncio.gather(first, second)
+        before_release = [list(batch) for batch in started]
+        gate[0].set()
+        results = await asyncio.gather(first, rest)
         await batcher.close()
-        return overlapped, results
+        return before_release, results
 
-    overlapped, results = run(main(2))
-    assert overlapped and results == [[0, 1], 2]
-    overlapped, results = run(main(1))
-    assert not overlapped and results == [[0, 1], 2]
+    before_release, results = run(main(2))
+    assert before_release == [[0], [1, 2]] and results == [0, [1, 2]]
+    before_release, results = run(main(1))
+    assert before_release == [[0]] and results == [0, [1, 2]]
 
 
 def test_in_flight_must_be_positive():

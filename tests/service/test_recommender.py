@@ -498,8 +498,26 @@ def test_once_reads_mostly_hit_the_cache_is_read_before_computing(bundle, tiny_d
     recommender = Recommender(bundle, compute=compute, write_linger_ms=0)
     events = user_events(tiny_data, 3)
     cache = InMemoryBehaviourCache()
-    first = recommend(recommender, events, k=5, candidates=50, cache=cache)
-    repeats = [recommend(recommender, events, k=5, candidates=50, cache=cache) for _ in range(30)]
+
+    async def scenario():
+        answers = []
+        for _ in range(31):
+            answers.append(
+                await recommender.recommend(
+                    events,
+                    k=5,
+                    encoder=None,
+                    exclude_seen=True,
+                    candidates=50,
+                    rerank=False,
+                    cache=cache,
+                    history_cap=1000,
+                )  # fmt: skip
+            )
+            await recommender.drain()  # each repeat reads the entry from the cache
+        return answers
+
+    first, *repeats = asyncio.run(scenario())
     assert first.cache == "miss" and {r.cache for r in repeats} == {"hit"}
     assert {tuple(ids(r)) for r in repeats} == {tuple(ids(first))}
     with_candidates = [cached for (cached,) in compute.batches]
