@@ -41,8 +41,9 @@ def user_events(data, user: int) -> list[tuple[str, int]]:
     ]
 
 
-def recommend(recommender, events, **options):
-    values = {
+def request_options(**options) -> dict:
+    """Every keyword of Recommender.recommend, these tests' defaults overridden by ``options``."""
+    return {
         "k": 10,
         "encoder": None,
         "exclude_seen": True,
@@ -52,7 +53,10 @@ def recommend(recommender, events, **options):
         "history_cap": 1000,
         **options,
     }
-    return asyncio.run(recommender.recommend(events, **values))
+
+
+def recommend(recommender, events, **options):
+    return asyncio.run(recommender.recommend(events, **request_options(**options)))
 
 
 def ids(result) -> list[str]:
@@ -481,10 +485,8 @@ def test_a_lone_miss_is_computed_while_its_entry_is_read(bundle, tiny_data):
     async def scenario():
         compute.called = asyncio.Event()
         cache = ReadAfterComputeCache(compute.called)
-        answer = await recommender.recommend(
-            events, k=5, encoder=None, exclude_seen=True, candidates=50, rerank=False,
-            cache=cache, history_cap=1000,
-        )  # fmt: skip
+        options = request_options(k=5, candidates=50, cache=cache)
+        answer = await recommender.recommend(events, **options)
         await recommender.drain()
         return answer, cache
 
@@ -502,18 +504,8 @@ def test_once_reads_mostly_hit_the_cache_is_read_before_computing(bundle, tiny_d
     async def scenario():
         answers = []
         for _ in range(31):
-            answers.append(
-                await recommender.recommend(
-                    events,
-                    k=5,
-                    encoder=None,
-                    exclude_seen=True,
-                    candidates=50,
-                    rerank=False,
-                    cache=cache,
-                    history_cap=1000,
-                )  # fmt: skip
-            )
+            options = request_options(k=5, candidates=50, cache=cache)
+            answers.append(await recommender.recommend(events, **options))
             await recommender.drain()  # each repeat reads the entry from the cache
         return answers
 
