@@ -391,3 +391,20 @@ def test_an_arm_may_serve_another_bundle_beside_current(
         refused = client.post("/admin/reload", headers=admin)
         assert refused.status_code == 409 and "missing" in refused.text
         assert client.post("/recommend", json={"history": history}).json()["arm"] == "only"
+
+
+def test_impressions_lingering_at_shutdown_are_written(
+    make_settings, head_models, history, shared_redis
+):
+    settings = make_settings(models_dir=head_models, write_linger_ms=1000)  # the most allowed
+    with TestClient(create_app(settings)) as client:
+        started = time.monotonic()
+        for _ in range(3):
+            response = client.post("/recommend", json={"user_id": "erin", "history": history})
+            assert response.status_code == 200
+        lingering = counts_of(shared_redis, settings, experiment="none")
+        quick = time.monotonic() - started < 0.8
+    # Still lingering when counted (unless this machine took most of the linger to answer),
+    # and the shutdown wrote all three.
+    assert lingering == {} or not quick
+    assert counts_of(shared_redis, settings, experiment="none") == {"none|impressions": 3}

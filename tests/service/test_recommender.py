@@ -516,3 +516,20 @@ def test_once_reads_mostly_hit_the_cache_is_read_before_computing(bundle, tiny_d
     # Computed whole while reads still mostly missed, then from the cached candidates only.
     assert with_candidates[:2] == [False, False] and with_candidates[-10:] == [True] * 10
     assert len(cache.retrievals) == 1  # hits are never written again
+
+
+def test_entries_lingering_at_close_are_written(bundle, tiny_data):
+    recommender = Recommender(bundle, write_linger_ms=60_000)  # nothing leaves on its own
+    cache = InMemoryBehaviourCache()
+
+    async def scenario():
+        answer = await recommender.recommend(
+            user_events(tiny_data, 5), **request_options(k=5, candidates=50, cache=cache)
+        )
+        lingering = len(cache.retrievals)
+        await recommender.close()
+        return answer, lingering
+
+    answer, lingering = asyncio.run(scenario())
+    assert answer.cache == "miss" and lingering == 0
+    assert len(cache.retrievals) == 1  # written by the close, not lost
