@@ -408,3 +408,20 @@ def test_impressions_lingering_at_shutdown_are_written(
     # and the shutdown wrote all three.
     assert lingering == {} or not quick
     assert counts_of(shared_redis, settings, experiment="none") == {"none|impressions": 3}
+
+
+def test_an_event_right_after_its_answer_finds_the_lingering_impression(
+    make_settings, head_models, history, shared_redis
+):
+    settings = make_settings(models_dir=head_models, write_linger_ms=1000)
+    with TestClient(create_app(settings)) as client:
+        answer = client.post("/recommend", json={"user_id": "frank", "history": history}).json()
+        click = {
+            "user_id": "frank",
+            "item_id": answer["items"][0]["item_id"],
+            "ts": int(time.time()),
+            "type": "click",
+            "request_id": answer["request_id"],
+        }
+        # No waiting: the impression is still in the worker's queue when the click comes.
+        assert client.post("/events", json=click).json()["attributed"] == 1

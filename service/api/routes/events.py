@@ -56,6 +56,10 @@ async def post_events(
     state.metrics.events.labels(outcome="duplicate").inc(len(events) - added)
     attributed = 0
     if state.feedback is not None:
+        if state.impressions is not None:
+            # An impression this worker still holds (lingering for company) is written
+            # first, so that an event that follows its answer quickly still finds it.
+            await state.impressions.flush()
         feedback = [
             Feedback(e.user_id, e.item_id, e.ts, type=e.type, request_id=e.request_id)
             for e in events
