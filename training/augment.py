@@ -202,13 +202,17 @@ def _most_uniform_span(
     ``gaps`` (b, L) float64 holds the intervals, 0 where a position has none."""
     length = gaps.shape[1]
     position = torch.arange(length, device=gaps.device)
-    sums, squares = torch.cumsum(gaps, 1), torch.cumsum(gaps**2, 1)  # (b, L)
+    # Run sums are differences of running sums: in whole seconds and int64 they are exact,
+    # where float64 would lose a run of second-long gaps after one of years (squares 1e18).
+    # No overflow while a window spans less than 3e9 s (the squares sum below its square).
+    seconds = torch.round(gaps).long()
+    sums, squares = torch.cumsum(seconds, 1), torch.cumsum(seconds**2, 1)  # (b, L)
     start = position[None] - span[:, None] + 1  # (b, L): the run ending at each position
     inside = start >= (length - count)[:, None]
     before = start.clamp(min=0)
     # The run's intervals are those of its positions after its first.
-    total = sums - sums.gather(1, before)
-    square = squares - squares.gather(1, before)
+    total = (sums - sums.gather(1, before)).double()
+    square = (squares - squares.gather(1, before)).double()
     m = (span - 1).double()[:, None]
     cv2 = torch.where(total > 0, m * square / total.clamp(min=1e-300) ** 2 - 1, 0.0)
     cv2 = torch.where(inside, cv2.clamp(min=0), float("inf"))

@@ -267,3 +267,13 @@ def test_training_with_augment_runs_end_to_end(kind, tmp_path):
     assert report["train_config"]["augment_options"] == {"weight": 0.2}
     assert all(0 < epoch["augment_seconds"] < epoch["seconds"] for epoch in report["history"])
     assert np.isfinite([epoch["loss"] for epoch in report["history"]]).all()
+
+
+def test_crop_finds_the_even_run_of_seconds_after_a_gap_of_decades():
+    # Float64 running sums of squares (1e18 after the first gap) would lose the 1-3 s gaps.
+    times = [0, 1_000_000_000, 1_000_000_001, 1_000_000_004, 1_000_000_005, 1_000_000_006]
+    ids, deltas = window([1, 2, 3, 4, 5, 6], times, width=6)
+    deltas = deltas.double()  # float32 would round the gaps themselves
+    out_ids, _ = augmenter(rate=0.3).crop(ids, deltas)
+    # Drop one of six: of the runs 1..5 (a gap of decades) and 2..6 (1, 3, 1, 1 s), the latter.
+    assert out_ids[0].tolist() == [0, 2, 3, 4, 5, 6]
