@@ -13,8 +13,9 @@ Four groups, each added by one function:
 
 A script adds a group whole, or names the flags of it that it takes (a benchmark suite
 that picks the model itself leaves out ``--model``); it changes defaults with
-``parser.set_defaults``. ``train_config``, ``model_options``, ``loss_options``, ``augment_options``
-and ``index_options`` turn the parsed flags into what the trainer and the exporter take.
+``parser.set_defaults``. ``train_config``, ``model_options``, ``loss_options``,
+``augment_options`` and ``index_options`` turn the parsed flags into what the trainer and
+the exporter take.
 """
 
 from __future__ import annotations

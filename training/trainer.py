@@ -278,7 +278,7 @@ def train(data: SequenceData, config: TrainConfig, out_dir: str | Path) -> Train
     started = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         model.train()
-        losses = []
+        losses, contrastive_losses = [], []  # the latter: the part of losses --augment adds
         count, epoch_batch = epoch_batches(data, config, model.max_len, rng)
         progress = progress_bar(
             epoch_batch,
@@ -291,7 +291,9 @@ def train(data: SequenceData, config: TrainConfig, out_dir: str | Path) -> Train
                 model, objective, item_ids.to(device), deltas.to(device), targets.to(device)
             )
             if augmentation is not None:
-                loss = loss + augmentation.loss(model, item_ids, deltas, device)
+                contrastive = augmentation.loss(model, item_ids, deltas, device)
+                loss = loss + contrastive
+                contrastive_losses.append(contrastive.item())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -303,6 +305,7 @@ def train(data: SequenceData, config: TrainConfig, out_dir: str | Path) -> Train
             "seconds": time.perf_counter() - started,
         }
         if augmentation is not None:
+            record["contrastive_loss"] = float(np.mean(contrastive_losses))
             record["augment_seconds"] = augmentation.take_seconds()
         out_of_time = (
             bool(config.max_seconds)
