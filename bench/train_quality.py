@@ -5,6 +5,8 @@
     .venv/bin/python bench/train_quality.py --suite ccl    --data ml-1m:../shared/data/ml-1m
     .venv/bin/python bench/train_quality.py --suite single --run sasrec:full_softmax \
         --data amazon:../shared/data/amazon-beauty-5core-seq
+    .venv/bin/python bench/train_quality.py --suite single --run sasrec:full_softmax \
+        --augment ticoserec --data amazon:../shared/data/amazon-beauty-5core-seq
     .venv/bin/python bench/train_quality.py --suite single --run sasrec:full_softmax:1 \
         --windows last --max-len 50 --data ml-100k:../shared/data/ml-100k \
         --results docs/train_quality_ml100k.json --plot docs/train_quality_ml100k.png
@@ -98,11 +100,19 @@ def run_settings(args, encoder: str) -> dict:
         "windows": args.windows or default_windows(encoder),
         "window_stride": args.window_stride,
         "max_seconds": args.max_seconds,
+        "augmentation": args.augmentation,
+        "augment_options": cli_options.augment_options(args),
     }
 
 
 # Settings added after the first rows were written, with the value those rows ran with.
-LEGACY_SETTINGS = {"windows": "last", "window_stride": 0, "max_seconds": 0.0}
+LEGACY_SETTINGS = {
+    "windows": "last",
+    "window_stride": 0,
+    "max_seconds": 0.0,
+    "augmentation": None,
+    "augment_options": {},
+}
 
 
 def already_run(rows: list[dict], cell: tuple[str, str, str, int], args) -> bool:
@@ -124,15 +134,18 @@ def summarise(rows: list[dict]) -> list[dict]:
         groups.setdefault(key, []).append(row)
     summary = []
     for (data, encoder, loss, _), members in groups.items():
-        options = members[0]["config"].get("loss_options") or {}
+        config = {**LEGACY_SETTINGS, **members[0]["config"]}
+        options = config.get("loss_options") or {}
         entry = {
             "data": data,
             "encoder": encoder,
-            "loss": " ".join([loss, *(f"{k}={v}" for k, v in sorted(options.items()))]),
+            "loss": " ".join(
+                [loss, *(f"{k}={v}" for k, v in sorted(options.items())), *augment_label(config)]
+            ),
             "seeds": len(members),
             "max_len": members[0]["config"]["max_len"],
-            "windows": window_label({**LEGACY_SETTINGS, **members[0]["config"]}),
-            "settings": settings_label({**LEGACY_SETTINGS, **members[0]["config"]}),
+            "windows": window_label(config),
+            "settings": settings_label(config),
             "epochs_run": statistics.mean(m["epochs_run"] for m in members),
         }
         for metric in ("recall@10", "ndcg@10"):
@@ -147,6 +160,14 @@ def summarise(rows: list[dict]) -> list[dict]:
         entry["wall_seconds_runs"] = [m["wall_seconds"] for m in members]
         summary.append(entry)
     return summary
+
+
+def augment_label(config: dict) -> list[str]:
+    """``+ NAME`` and its options when a run trained with an augmentation (none otherwise)."""
+    if config["augmentation"] is None:
+        return []
+    options = sorted(config["augment_options"].items())
+    return [f"+ {config['augmentation']}", *(f"{k}={v}" for k, v in options)]
 
 
 def window_label(config: dict) -> str:
@@ -246,6 +267,8 @@ def _parser() -> argparse.ArgumentParser:
         "--max-seconds",
         "--threads",
         "--device",
+        "--augment",
+        "--augment-option",
     )
     parser.set_defaults(epochs=200, eval_every=2, max_len=200)
     parser.add_argument("--tag", default="q")

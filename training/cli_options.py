@@ -8,13 +8,14 @@ Four groups, each added by one function:
               --model-option
     training  --loss, --loss-option, --epochs, --batch-size, --lr, --weight-decay,
               --patience, --eval-every, --max-seconds, --windows, --window-stride,
-              --seed, --device, --threads
+              --seed, --device, --threads, --augment, --augment-option
     bundle    --models-dir, --index, --index-device, --nprobe, --rescore
 
 A script adds a group whole, or names the flags of it that it takes (a benchmark suite
 that picks the model itself leaves out ``--model``); it changes defaults with
-``parser.set_defaults``. ``train_config``, ``model_options``, ``loss_options`` and
-``index_options`` turn the parsed flags into what the trainer and the exporter take.
+``parser.set_defaults``. ``train_config``, ``model_options``, ``loss_options``,
+``augment_options`` and ``index_options`` turn the parsed flags into what the trainer and
+the exporter take.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+from training.augment import AUGMENTATIONS
 from training.errors import ConfigError
 from training.losses import OBJECTIVES
 from training.models import ENCODERS, encoder_options
@@ -94,6 +96,20 @@ TRAINING_FLAGS: dict[str, dict] = {
     "--seed": dict(type=int, default=0),
     "--device": dict(default="cpu", help="torch device of training, e.g. cuda"),
     "--threads": dict(type=int, default=0, help="torch threads (0: torch's default)"),
+    "--augment": dict(
+        dest="augmentation",
+        default=None,
+        choices=AUGMENTATIONS,
+        help="ticoserec: a contrastive term between two time-interval-aware augmented views "
+        "of each window beside the next-item loss (default: none)",
+    ),
+    "--augment-option": dict(
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the augmentation, e.g. --augment-option weight=0.2 (repeatable): "
+        "weight, temperature, rate, p_insert, p_replace, p_crop, p_reorder",
+    ),
 }
 
 BUNDLE_FLAGS: dict[str, dict] = {
@@ -166,7 +182,9 @@ def _add_group(
 # TrainConfig fields set by flags of the model and training groups (named alike); a
 # script's own flags must not use these names.
 TRAIN_FIELDS = tuple(
-    f.name for f in fields(TrainConfig) if f.name not in ("model_options", "loss_options")
+    f.name
+    for f in fields(TrainConfig)
+    if f.name not in ("model_options", "loss_options", "augment_options")
 )
 
 
@@ -182,6 +200,7 @@ def train_config(args: argparse.Namespace, **fixed) -> TrainConfig:
     model = values.get("model", TrainConfig.model)
     values.setdefault("model_options", model_options(args, model))
     values.setdefault("loss_options", loss_options(args))
+    values.setdefault("augment_options", augment_options(args))
     return TrainConfig(**values)
 
 
@@ -206,6 +225,11 @@ def model_options(args: argparse.Namespace, model: str) -> dict:
 def loss_options(args: argparse.Namespace) -> dict:
     """The ``--loss-option`` pairs (none when the parser has no such flag)."""
     return key_values(getattr(args, "loss_option", []), "--loss-option")
+
+
+def augment_options(args: argparse.Namespace) -> dict:
+    """The ``--augment-option`` pairs (none when the parser has no such flag)."""
+    return key_values(getattr(args, "augment_option", []), "--augment-option")
 
 
 def index_options(args: argparse.Namespace) -> dict:

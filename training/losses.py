@@ -19,6 +19,9 @@ vectors are then L2-normalised so that retrieval ranks as training scored.
   CIKM'21).
 
 Choose one with ``python -m training train --loss NAME --loss-option KEY=VALUE ...``.
+
+``nt_xent_loss`` is not a next-item objective: it is the contrastive term between two
+augmented views of each sequence that ``--augment`` adds beside one (``training.augment``).
 """
 
 from __future__ import annotations
@@ -266,6 +269,20 @@ class CosineContrastiveLoss(Objective):
         hinge = F.relu(negative - self.margin) * keep
         mean_hinge = hinge.sum(-1) / keep.sum(-1).clamp(min=1.0)  # (p,)
         return (1.0 - positive + self.negative_weight * mean_hinge).mean()
+
+
+def nt_xent_loss(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE between two views of a batch (NT-Xent, Chen et al., ICML'20): ``first`` and
+    ``second`` (b, d) are states of the same b sequences. Each of the 2b states scores every
+    other by cosine similarity over ``temperature``; its positive is the other view of its
+    sequence, the other 2b - 2 states are its negatives. Mean cross-entropy over the 2b."""
+    states = F.normalize(torch.cat([first, second]), dim=-1)  # (2b, d)
+    logits = states @ states.T / temperature  # (2b, 2b)
+    self_pair = torch.eye(len(states), dtype=torch.bool, device=states.device)
+    logits = logits.masked_fill(self_pair, float("-inf"))
+    b = len(first)
+    positive = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(states.device)
+    return F.cross_entropy(logits, positive)
 
 
 def cross_batch_softmax(

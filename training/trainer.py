@@ -12,6 +12,8 @@ prefix of the window predicts the next event. ``TrainConfig.windows`` says which
 a user's training events an epoch covers (``epoch_windows``): ``last``, the newest
 ``max_len`` events; ``crop``, a random ``max_len`` of a longer history, drawn again each
 epoch; ``sliding``, windows that make every training event a target exactly once.
+``TrainConfig.augmentation`` adds a contrastive term between two augmented views of each
+window to the next-item loss (``training.augment``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.augment import augment_settings, build_augmentation
 from training.console import progress_bar, report_epoch
 from training.data import SequenceData, left_padded_window
 from training.errors import CheckpointError, ConfigError
@@ -75,11 +78,17 @@ class TrainConfig:
     window_stride: int = 0
     model_options: dict = field(default_factory=dict)
     loss_options: dict = field(default_factory=dict)
+    # training.augment.AUGMENTATIONS; None or "none": the next-item loss alone.
+    augmentation: str | None = None
+    augment_options: dict = field(default_factory=dict)  # training.augment.TiCoSeRecConfig
 
     def __post_init__(self) -> None:
         if self.windows is None:
             self.windows = default_windows(self.model)
         check_windows(self.windows, self.window_stride)
+        if self.augmentation == "none":
+            self.augmentation = None
+        augment_settings(self.augmentation, self.augment_options)
 
 
 @dataclass
@@ -251,6 +260,9 @@ def train(data: SequenceData, config: TrainConfig, out_dir: str | Path) -> Train
     objective = objective.to(device)
     model = build_encoder(config.model, data.n_items, **config.model_options).to(device)
     model.normalize_items = objective.cosine
+    augmentation = build_augmentation(
+        config.augmentation, config.augment_options, data, model.max_len, config.seed
+    )
     optimizer = build_optimizer(
         "adam", model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -266,7 +278,7 @@ def train(data: SequenceData, config: TrainConfig, out_dir: str | Path) -> Train
     started = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         model.train()
-        losses = []
+        losses, contrastive_losses = [], []  # the latter: the part of losses --augment adds
         count, epoch_batch = epoch_batches(data, config, model.max_len, rng)
         progress = progress_bar(
             epoch_batch,
@@ -278,6 +290,10 @@ def train(data: SequenceData, config: TrainConfig, out_dir: str | Path) -> Train
             loss = sequence_loss(
                 model, objective, item_ids.to(device), deltas.to(device), targets.to(device)
             )
+            if augmentation is not None:
+                contrastive = augmentation.loss(model, item_ids, deltas, device)
+                loss = loss + contrastive
+                contrastive_losses.append(contrastive.item())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -288,6 +304,9 @@ def train(data: SequenceData, config: TrainConfig, out_dir: str | Path) -> Train
             "loss": float(np.mean(losses)),
             "seconds": time.perf_counter() - started,
         }
+        if augmentation is not None:
+            record["contrastive_loss"] = float(np.mean(contrastive_losses))
+            record["augment_seconds"] = augmentation.take_seconds()
         out_of_time = (
             bool(config.max_seconds)
             and record["seconds"] >= config.max_seconds

@@ -42,7 +42,8 @@ def test_rows_written_before_window_modes_count_as_last_windows(tmp_path, capsys
     ]  # fmt: skip
     assert main([*argv, "--windows", "last"]) == 0
     rows = json.loads(results.read_text())
-    for key in ("windows", "window_stride", "max_seconds"):  # as an older file holds it
+    # as an older file holds it
+    for key in ("windows", "window_stride", "max_seconds", "augmentation", "augment_options"):
         del rows[0]["config"][key]
     results.write_text(json.dumps(rows))
     capsys.readouterr()
@@ -53,3 +54,19 @@ def test_rows_written_before_window_modes_count_as_last_windows(tmp_path, capsys
     rows = json.loads(results.read_text())
     assert [r["config"].get("windows", "last") for r in rows] == ["last", "sliding"]
     assert "| sliding |" in capsys.readouterr().out
+
+
+def test_a_run_with_an_augmentation_is_a_cell_of_its_own(tmp_path, capsys):
+    results = tmp_path / "results.json"
+    argv = [
+        "--data", "synthetic:users=60,items=20,seed=3", "--suite", "single",
+        "--run", "sasrec:full_softmax", "--epochs", "1", "--max-len", "8", "--dim", "8",
+        "--results", str(results), "--plot", str(tmp_path / "chart.png"),
+        "--run-dir", str(tmp_path / "runs"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    augmented = [*argv, "--augment", "ticoserec", "--augment-option", "weight=0.2"]
+    assert main(augmented) == 0
+    rows = json.loads(results.read_text())
+    assert [r["config"]["augmentation"] for r in rows] == [None, "ticoserec"]
+    assert "full_softmax + ticoserec weight=0.2 |" in capsys.readouterr().out
