@@ -31,6 +31,10 @@ indexes), single-query latency (median and p99, top-100) and the latency of a ba
 which for IVF-PQ excludes the memory-mapped float32 vectors). Writes a table to stdout,
 ``docs/index_bench.json`` and ``docs/index_recall_latency.png``.
 
+``--kinds new`` compares the auto index with faiss's newer kinds instead (RaBitQ, its
+fast-scan, IVF-SQ4, HNSW over RaBitQ or SQ4 codes: ``new_kind_cases``) and prints each
+index's cheapest point at recall@100 >= 0.95 (``operating_points``).
+
 ``--coarse-study`` adds what limits IVF recall on inner-product data: the share of the
 exact top-100 that lies in the visited lists, for faiss's spherical partition (what is
 served) and two alternatives (see ``coarse_coverage``).
@@ -69,6 +73,12 @@ LOG = logging.getLogger("bench.index")
 TOP = 100  # every search asks for the top 100; recall@10 is read from its first 10
 PROBE_SHARES = (1 / 128, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)  # nprobe sweep, share of lists
 EF_SEARCHES = (16, 32, 64, 128, 256, 512)
+# HNSW over codes is re-scored like the served index, and faiss's HNSW keeps at least k
+# candidates, so only an efSearch above the re-score depth changes anything.
+EF_OVER_RESCORE = (1, 1.5, 2, 3)  # efSearch sweep, multiples of the re-score depth
+HNSW_LINKS = (8, 16, 32)  # M of the HNSW-over-codes cases (bytes/vector grow with it)
+DEEP_RESCORE = 4  # a RaBitQ case re-scores this many times the auto depth
+TARGET_RECALL = 0.95  # recall@100 of the operating points compared (serving-speed issue)
 
 
 @dataclass
@@ -84,6 +94,9 @@ class IndexCase:
     shares: str = ""  # label of a case whose built index this one searches
     train_size: int = 100_000
     mips_to_l2: bool = False
+    # faiss search settings of the index itself (e.g. RaBitQ's query bits ``qb``), set on
+    # the built (or shared) index before this case searches it
+    options: dict = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)
@@ -180,6 +193,116 @@ def default_cases(
         return cases[:3]
     if hnsw:
         cases.append(IndexCase("HNSW32", "HNSW32", 0, "ef_search", EF_SEARCHES))
+    return cases
+
+
+def new_kind_cases(n_items: int, dim: int, train_size: int = 0) -> list[IndexCase]:
+    """The auto index beside faiss's newer kinds (serving-speed issue), all in the MIPS->L2
+    space and re-scored to the auto depth, the IVF kinds over the auto lists and nprobe
+    sweep:
+
+    - RaBitQ, 1 bit per dimension, faiss's default query bits (4) and 8, and with a
+      shortlist ``DEEP_RESCORE`` times as deep;
+    - RaBitQ fast-scan (faiss has no scalar-quantizer fast-scan: this 1-bit quantizer
+      with SIMD-scanned codes is the nearest), default 8 query bits, plain and centred;
+    - RaBitQ fast-scan with 4 bits per dimension;
+    - IVF-SQ4: 4-bit scalar quantizer codes;
+    - HNSW over 1-bit RaBitQ codes for ``HNSW_LINKS`` and over SQ4 codes (M = 32), at
+      efSearch from the re-score depth up.
+    """
+    lists, fast_sub, rescore, nprobe, auto_train = index_shape(n_items, dim)
+    train_size = train_size or auto_train
+    nprobes = tuple(sorted({max(1, round(lists * s)) for s in PROBE_SHARES} | {nprobe}))
+    efs = tuple(int(rescore * f) for f in EF_OVER_RESCORE)
+    ivf = {"train_size": train_size, "mips_to_l2": True}
+    rabitq = "MIPS->L2 IVF-RaBitQ + re-score"
+    rabitq_fs = "MIPS->L2 IVF-RaBitQ fast-scan + re-score"
+    cases = [
+        IndexCase(
+            "auto: MIPS->L2 IVF-PQ fast-scan + re-score",
+            f"IVF{lists},PQ{fast_sub}x4fs",
+            rescore,
+            "nprobe",
+            nprobes,
+            **ivf,
+        ),
+        # faiss's defaults: 4 query bits for RaBitQ, 8 for its fast-scan, not centred.
+        IndexCase(
+            rabitq, f"IVF{lists},RaBitQ", rescore, "nprobe", nprobes, **ivf, options={"qb": 4}
+        ),
+        IndexCase(
+            "MIPS->L2 IVF-RaBitQ qb=8 + re-score",
+            f"IVF{lists},RaBitQ",
+            rescore,
+            "nprobe",
+            nprobes,
+            shares=rabitq,
+            options={"qb": 8},
+        ),
+        # 1-bit codes rank too coarsely for the auto depth to reach recall@100 0.95 (seeded
+        # data): the same index with a shortlist four times as deep.
+        IndexCase(
+            f"MIPS->L2 IVF-RaBitQ + re-score {DEEP_RESCORE * rescore}",
+            f"IVF{lists},RaBitQ",
+            DEEP_RESCORE * rescore,
+            "nprobe",
+            nprobes,
+            shares=rabitq,
+            options={"qb": 4},
+        ),
+        IndexCase(
+            rabitq_fs,
+            f"IVF{lists},RaBitQfs",
+            rescore,
+            "nprobe",
+            nprobes,
+            **ivf,
+            options={"qb": 8, "centered": False},
+        ),
+        IndexCase(
+            "MIPS->L2 IVF-RaBitQ fast-scan centred + re-score",
+            f"IVF{lists},RaBitQfs",
+            rescore,
+            "nprobe",
+            nprobes,
+            shares=rabitq_fs,
+            options={"qb": 8, "centered": True},
+        ),
+        IndexCase(
+            "MIPS->L2 IVF-RaBitQ 4-bit fast-scan + re-score",
+            f"IVF{lists},RaBitQfs4",
+            rescore,
+            "nprobe",
+            nprobes,
+            **ivf,
+        ),
+        IndexCase(
+            "MIPS->L2 IVF-SQ4 + re-score", f"IVF{lists},SQ4", rescore, "nprobe", nprobes, **ivf
+        ),
+    ]
+    for links in HNSW_LINKS:
+        cases.append(
+            IndexCase(
+                f"MIPS->L2 HNSW{links}-RaBitQ + re-score",
+                f"HNSW{links},RaBitQ",
+                rescore,
+                "ef_search",
+                efs,
+                train_size=train_size,
+                mips_to_l2=True,
+            )
+        )
+    cases.append(
+        IndexCase(
+            "MIPS->L2 HNSW32-SQ4 + re-score",
+            "HNSW32,SQ4",
+            rescore,
+            "ef_search",
+            efs,
+            train_size=train_size,
+            mips_to_l2=True,
+        )
+    )
     return cases
 
 
@@ -294,6 +417,7 @@ def run_cases(
                 faiss_index = faiss.index_cpu_to_all_gpus(faiss_index)
                 item_index.index = faiss_index  # what a case sharing it searches
             LOG.info("  built in %.1fs, %.1f bytes/vector", seconds, per_vector)
+        set_faiss_options(faiss_index, case.options)
         for value in case.values or (None,):
             options = {case.sweep: value} if case.sweep else {}
             spec = replace(built_spec, rescore=case.rescore, **options)
@@ -317,6 +441,31 @@ def run_cases(
             info.points.append(point)
         results.append(info)
     return results
+
+
+def only_cases(cases: list[IndexCase], texts: list[str]) -> list[IndexCase]:
+    """The cases whose label contains one of ``texts``, with the cases whose built index
+    they search, in their original order."""
+    wanted = {case.label for case in cases if any(text in case.label for text in texts)}
+    wanted |= {case.shares for case in cases if case.label in wanted and case.shares}
+    return [case for case in cases if case.label in wanted]
+
+
+def set_faiss_options(index, options: dict) -> None:
+    """Set search settings (attributes) on the faiss index under any transforms and IVF."""
+    import faiss
+
+    if not options:
+        return
+    try:
+        target = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        target = index
+        while isinstance(target, faiss.IndexPreTransform):
+            target = target.index
+    target = faiss.downcast_index(target)
+    for name, value in options.items():
+        setattr(target, name, value)
 
 
 def coarse_coverage(
@@ -447,6 +596,60 @@ def format_table(results: list[Built], markdown: bool = False) -> str:
     return render(header, rows, markdown, left=2)
 
 
+def operating_points(results: list[Built], target: float = TARGET_RECALL) -> list[dict]:
+    """Per index, its cheapest swept point (first in sweep order, which visits more as it
+    goes) with recall@100 >= ``target``; an index that never reaches it gets its best
+    recall@100 and ``reached`` false."""
+    rows = []
+    for info in results:
+        reached = [p for p in info.points if p.recall_at_100 >= target]
+        point = reached[0] if reached else max(info.points, key=lambda p: p.recall_at_100)
+        rows.append(
+            {
+                "label": info.label,
+                "factory": info.factory,
+                "build_seconds": info.build_seconds,
+                "bytes_per_vector": info.bytes_per_vector,
+                "compression": info.compression,
+                "reached": bool(reached),
+                **asdict(point),
+            }
+        )
+    return rows
+
+
+def format_operating_points(rows: list[dict], markdown: bool = False) -> str:
+    header = [
+        "index",
+        f"param (recall@100 >= {TARGET_RECALL})",
+        "build s",
+        "B/vector",
+        "compression",
+        "recall@10",
+        "recall@100",
+        "p50 ms",
+        "p99 ms",
+        "batch64 ms",
+    ]
+    body = [
+        [
+            r["label"],
+            (f"{r['param']}={r['value']}" if r["param"] else "-")
+            + ("" if r["reached"] else " (not reached: best)"),
+            f"{r['build_seconds']:.1f}",
+            f"{r['bytes_per_vector']:.1f}",
+            f"{r['compression']:.1f}x",
+            f"{r['recall_at_10']:.4f}",
+            f"{r['recall_at_100']:.4f}",
+            f"{r['query_ms_p50']:.2f}",
+            f"{r['query_ms_p99']:.2f}",
+            f"{r['batch64_ms_p50']:.1f}",
+        ]
+        for r in rows
+    ]
+    return render(header, body, markdown, left=2)
+
+
 def plot(results: list[Built], path: Path, title: str) -> None:
     """Recall@100 against median single-query latency, one line per index."""
     import matplotlib
@@ -538,6 +741,7 @@ def run_benchmark(
         "cases": [asdict(c) for c in cases],
         "results": [asdict(r) for r in results],
         "coarse_study": coverage,
+        "operating_points": operating_points(results),
     }
     if out_json is not None:
         out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -559,6 +763,10 @@ def with_tables(report: dict, results: list[Built]) -> dict:
     coverage = report.get("coarse_study") or []
     report["table"] = format_table(results)
     report["markdown"] = format_table(results, markdown=True)
+    if report.get("operating_points"):
+        points = report["operating_points"]
+        report["table"] += "\n\n" + format_operating_points(points)
+        report["markdown"] += "\n\n" + format_operating_points(points, markdown=True)
     if coverage:
         report["table"] += "\n\n" + format_coverage(coverage)
         report["markdown"] += "\n\n" + format_coverage(coverage, markdown=True)
@@ -632,6 +840,21 @@ def _parser() -> argparse.ArgumentParser:
         "--train-size", type=int, default=0, help="IVF/PQ training vectors (0: as auto)"
     )
     parser.add_argument("--no-hnsw", action="store_true", help="skip HNSW32 (slow to build)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="with --kinds new: only the cases whose label contains TEXT (repeatable; a "
+        "case that searches another's index brings that one along)",
+    )
+    parser.add_argument(
+        "--kinds",
+        default="default",
+        choices=["default", "new"],
+        help="new: the auto index beside faiss's RaBitQ, SQ4 and HNSW-over-codes kinds "
+        "(new_kind_cases; --no-hnsw leaves out the HNSW ones)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="faiss threads (0: all cores)")
     parser.add_argument(
         "--device",
@@ -703,7 +926,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     n_items, dim = vectors.shape[0] - 1, vectors.shape[1]
     gpus = faiss_gpus("gpu") if args.device == "gpu" else 0
-    cases = default_cases(n_items, dim, args.train_size, hnsw=not args.no_hnsw, gpu=bool(gpus))
+    if args.kinds == "new":
+        cases = new_kind_cases(n_items, dim, args.train_size)
+        if args.no_hnsw:
+            cases = [case for case in cases if case.sweep != "ef_search"]
+        if args.only:
+            cases = only_cases(cases, args.only)
+    else:
+        cases = default_cases(n_items, dim, args.train_size, hnsw=not args.no_hnsw, gpu=bool(gpus))
     report = run_benchmark(
         vectors,
         queries,

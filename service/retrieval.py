@@ -15,11 +15,14 @@ directions (a fraction of the scan for the same recall, docs/BENCHMARKS.md), whi
 are scored by inner product: the query's 0 makes the extra coordinate drop out of every
 score, so the codes spend no precision on it, and an inner-product lookup table is built
 once per query rather than once per visited list. Flat and HNSW indexes use plain L2 in
-the augmented space.
+the augmented space. RaBitQ and scalar-quantizer codes (faiss's newer kinds, compared in
+docs/BENCHMARKS.md) are searched with the query moved onto the items' sphere, where their
+estimates track inner products (see ``_searched_on_sphere``).
 
 The same class builds the index at export time and serves it in the service, so the
-recall measured at export is the recall served. An L2-probed IVF can only be searched
-through it: faiss's own ``search`` of that index is wrong, so its file is wrapped
+recall measured at export is the recall served. An L2-probed IVF (and an augmented RaBitQ
+or scalar-quantizer index) can only be searched through it: faiss's own ``search`` of that
+index is wrong, so its file is wrapped
 (``WRAPPED_MAGIC``) and ``faiss.read_index`` refuses it; ``ItemIndex.load`` reads it.
 """
 
@@ -41,7 +44,9 @@ LOG = logging.getLogger(__name__)
 # What an L2-probed IVF's file starts with, so that faiss.read_index refuses it: faiss's
 # own search of that index adds the L2 quantizer's distance to inner-product codes as if
 # it were an inner product, and returns wrong neighbours (recall@100 near 0.02); only
-# ItemIndex.search (its own probes and coarse terms) is right. Other kinds stay plain
+# ItemIndex.search (its own probes and coarse terms) is right. Augmented RaBitQ and
+# scalar-quantizer indexes are wrapped too: plain faiss searches them with the query off
+# the items' sphere (see _searched_on_sphere), far from right. Other kinds stay plain
 # faiss files, whose plain search is right (queries zero-padded to the index's width in
 # the augmented space; row r is internal item r + 1). Files written before the wrapper
 # load as they are.
@@ -166,6 +171,7 @@ class ItemIndex:
         # An inner-product IVF behind an L2 quantizer is searched with its own probes (the
         # IVF would take the quantizer's L2 distances for inner products of the centroids).
         self._l2_probed = _l2_probed(index, spec)
+        self._on_sphere = _searched_on_sphere(index, spec)
         if self._l2_probed:
             self._transforms, self._ivf = _split_pretransform(index)
             self._centroids = self._ivf.quantizer.reconstruct_n(0, self._ivf.nlist)
@@ -249,22 +255,37 @@ class ItemIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = max(1, min(k, self.n_items))
         depth = max(k, min(self.spec.rescore, self.n_items)) if self.spec.rescore else k
+        # In the augmented space every item lies on the sphere of radius M while a query sits
+        # near the origin, where RaBitQ's and scalar quantizers' estimates are wrong by tens
+        # of times the inner products they rank (on seeded data; see _searched_on_sphere).
+        # Their codes are searched with the query moved onto that sphere, s q with
+        # s = M / |q| (a positive scale leaves every order unchanged), and the scores are
+        # divided by s again.
+        scale = self._sphere_scale(queries) if self._on_sphere else None
+        searched = queries if scale is None else queries * scale[:, None]
         if self._l2_probed:
-            scores, labels = self._search_l2_probed(self._pad(queries), depth)
+            scores, labels = self._search_l2_probed(self._pad(searched), depth)
         elif self.spec.mips_to_l2:
             with self._searching:
-                distances, labels = self.index.search(self._pad(queries), depth)
+                distances, labels = self.index.search(self._pad(searched), depth)
             # |q - x'|^2 = |q|^2 + M^2 - 2 q.x, so the inner product is recovered exactly.
-            norms = (queries.astype(np.float64) ** 2).sum(1, keepdims=True)
+            norms = (searched.astype(np.float64) ** 2).sum(1, keepdims=True)
             scores = ((norms + self.spec.max_norm**2 - distances) / 2).astype(np.float32)
         else:
             with self._searching:
-                scores, labels = self.index.search(queries, depth)
+                scores, labels = self.index.search(searched, depth)
+        if scale is not None:
+            scores = (scores / scale[:, None]).astype(np.float32)
         ids = np.where(labels >= 0, labels + 1, 0)
         if self.spec.rescore:
             scores, ids = self._rescore(queries, ids, k)
         scores = np.where(ids > 0, scores, -np.inf).astype(np.float32)
         return scores[:, :k], ids[:, :k]
+
+    def _sphere_scale(self, queries: np.ndarray) -> np.ndarray:
+        """Per query, the s that puts s q on the augmented items' sphere of radius M."""
+        norms = np.linalg.norm(queries, axis=1)
+        return (self.spec.max_norm / np.maximum(norms, 1e-12)).astype(np.float32)
 
     def _pad(self, queries: np.ndarray) -> np.ndarray:
         """Queries in the augmented space: zeros in the extra coordinates."""
@@ -330,11 +351,11 @@ class ItemIndex:
         return faiss.index_gpu_to_cpu(self.index) if self.gpus else self.index
 
     def save(self, path: str | Path) -> None:
-        """Write the index; an L2-probed IVF behind ``WRAPPED_MAGIC`` (see there)."""
+        """Write the index; one that plain faiss searches wrong behind ``WRAPPED_MAGIC``."""
         import faiss
 
         index = self._cpu_index()
-        if _l2_probed(index, self.spec):
+        if _l2_probed(index, self.spec) or _searched_on_sphere(index, self.spec):
             Path(path).write_bytes(WRAPPED_MAGIC + faiss.serialize_index(index).tobytes())
         else:
             faiss.write_index(index, str(path))
@@ -378,6 +399,34 @@ def _l2_probed(index, spec: IndexSpec) -> bool:
         spec.mips_to_l2
         and _is_ivf(index)
         and _base_index(index).metric_type == faiss.METRIC_INNER_PRODUCT
+    )
+
+
+def _searched_on_sphere(index, spec: IndexSpec) -> bool:
+    """An augmented index of RaBitQ or scalar-quantizer codes (flat, IVF, fast-scan or under
+    HNSW): searched with the query moved onto the items' sphere (see ItemIndex.search).
+
+    Their estimates of a query near the origin are wrong by far more than the inner
+    products they rank (RaBitQ's error grows with |q - c|; a scalar quantizer's L2 carries
+    the error of the large extra coordinate, |x'|^2 - |x|^2, in full). The kinds served
+    before (Flat, PQ, HNSW over floats) are left as they were.
+    """
+    import faiss
+
+    if not spec.mips_to_l2:
+        return False
+    base = _base_index(index)
+    storage = getattr(base, "storage", None)  # an HNSW's codes
+    kinds = (
+        faiss.IndexRaBitQ,
+        faiss.IndexRaBitQFastScan,
+        faiss.IndexIVFRaBitQ,
+        faiss.IndexIVFRaBitQFastScan,
+        faiss.IndexScalarQuantizer,
+        faiss.IndexIVFScalarQuantizer,
+    )
+    return isinstance(base, kinds) or (
+        storage is not None and isinstance(faiss.downcast_index(storage), kinds)
     )
 
 

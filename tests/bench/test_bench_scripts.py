@@ -14,9 +14,12 @@ from bench.index import (
     IndexCase,
     clustered_vectors,
     default_cases,
+    new_kind_cases,
+    only_cases,
     queries_near_items,
     replot,
     run_benchmark,
+    set_faiss_options,
 )
 from bench.make_perf_bundle import PerfBundleConfig, make_perf_bundle
 from bench.make_perf_bundle import main as make_perf_bundle_main
@@ -149,3 +152,34 @@ def test_service_cpu_is_split_between_the_worker_and_its_compute_process():
             os.kill(child, signal.SIGKILL)
         service.process.kill()
         service.process.wait()
+
+
+def test_new_index_kinds_are_searched_with_their_options_and_summarised_at_the_target():
+    vectors = clustered_vectors(3_000, 16)
+    queries = queries_near_items(vectors, 40)
+    cases = only_cases(new_kind_cases(3_000, 16), ["auto", "qb=8", "HNSW8"])
+    assert [c.factory.split(",")[-1] for c in cases] == ["PQ10x4fs", "RaBitQ", "RaBitQ", "RaBitQ"]
+    report = run_benchmark(vectors, queries, cases, "test", latency_queries=5)
+    auto, rabitq, rabitq_qb8, hnsw = report["results"]
+    assert hnsw["points"][0]["param"] == "ef_search" and hnsw["points"][0]["value"] == 1000
+    assert rabitq["build_seconds"] == rabitq_qb8["build_seconds"]  # one index, built once
+    rows = report["operating_points"]
+    assert [r["label"] for r in rows] == [c.label for c in cases]
+    for row, result in zip(rows, report["results"], strict=True):
+        recalls = [p["recall_at_100"] for p in result["points"]]
+        if row["reached"]:
+            assert row["recall_at_100"] >= 0.95 and recalls.index(row["recall_at_100"]) == next(
+                i for i, r in enumerate(recalls) if r >= 0.95
+            )
+        else:
+            assert row["recall_at_100"] == max(recalls) < 0.95
+    assert rows[0]["reached"]  # the auto index at its widest nprobe
+    assert "recall@100 >= 0.95" in report["markdown"]
+
+
+def test_faiss_options_reach_the_index_under_its_transforms():
+    import faiss
+
+    index = faiss.index_factory(20, "RR20,IVF4,RaBitQ")
+    set_faiss_options(index, {"qb": 8})
+    assert faiss.downcast_index(faiss.extract_index_ivf(index)).qb == 8

@@ -47,3 +47,27 @@ def test_other_index_files_stay_plain_faiss_and_search_right(tmp_path):
     queries = queries_around(vectors, 20)
     _, rows = plain.search(padded(queries, plain.d), 10)
     assert np.array_equal(rows + 1, exact_search(vectors, queries, 10)[1])  # row r: item r + 1
+
+
+@pytest.mark.parametrize("factory", ["IVF16,RaBitQfs", "HNSW16,SQ4"])
+def test_augmented_rabitq_and_sq_files_are_wrapped_and_read_back_by_item_index(factory, tmp_path):
+    import faiss
+
+    # Plain faiss would search these codes with the query off the items' sphere, where
+    # their estimates are far from the inner products (see _searched_on_sphere).
+    vectors = norm_skewed_vectors(2_000, 16)
+    built = ItemIndex.build(vectors, IndexSpec(factory, nprobe=16, mips_to_l2=True))
+    path = tmp_path / "items.faiss"
+    built.save(path)
+    assert path.read_bytes().startswith(WRAPPED_MAGIC)
+    with pytest.raises(RuntimeError):
+        faiss.read_index(str(path))
+    loaded = ItemIndex.load(path, vectors, built.spec, device="cpu")
+    queries = queries_around(vectors, 20)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)  # far from the sphere (M = 13)
+    for got, want in zip(loaded.search(queries, 10), built.search(queries, 10), strict=True):
+        np.testing.assert_array_equal(got, want)
+    _, rows = built.index.search(padded(queries, built.index.d), 100)
+    _, exact = exact_search(vectors, queries, 100)
+    overlap = np.mean([len(set(p) & set(e)) / 100 for p, e in zip(rows + 1, exact, strict=True)])
+    assert overlap < 0.5, overlap
