@@ -23,7 +23,14 @@ would; it adds, per epoch, averages over every ``--probe-every``-th batch of:
 - ``grad_items_out``, ``grad_items_in``: the norm of the item table's gradient through the
   objective (the output side) and through the encoder's input; ``grad_encoder``: of every
   other parameter;
-- ``loss`` and the valid NDCG@10 of the epoch.
+- ``loss`` and the valid NDCG@10 of the epoch;
+- with a cross-batch memory (``cbns_softmax``), as the step finds it before using it:
+  ``memory_share``, the share of the negatives' softmax mass on the memory's columns
+  (the in-batch items get only the rest of the push-down gradient: memory entries are
+  constants unless refreshed); ``memory_drift``, the mean distance of a stored vector
+  from its item's row in the current table, relative to that row's length (0 when
+  refreshed), and ``memory_logit_drift``, what that moves a state's logit by (mean
+  absolute value). 0 before the warm-up ends.
 
 Any objective can be probed (cosines are measured with the same uniform items for
 ``full_softmax`` too), so a collapsing run can be held against one that trains.
@@ -82,6 +89,28 @@ def probe(states, targets, table, margin: float) -> dict:
         }
 
 
+def memory_probe(objective, states, targets, table) -> dict:
+    """The cross-batch memory as this step finds it (see the module docstring); {} without."""
+    memory = getattr(objective, "memory", None)
+    if memory is None:
+        return {}
+    with torch.no_grad():
+        stored = memory.negatives(table)
+        if stored is None:
+            return {"memory_share": 0.0, "memory_drift": 0.0, "memory_logit_drift": 0.0}
+        vectors, ids = stored
+        now = table[ids]
+        logits, _, _, n_batch = objective.logits(states, targets, table)
+        mass = logits.softmax(-1)
+        share = mass[:, 1 + n_batch :].sum(-1) / mass[:, 1:].sum(-1).clamp(min=1e-12)
+        sample = states[torch.randperm(len(states))[:256]]
+        return {
+            "memory_share": share.mean().item(),
+            "memory_drift": ((vectors - now).norm(dim=-1) / now.norm(dim=-1)).mean().item(),
+            "memory_logit_drift": (sample @ (vectors - now).T).abs().mean().item(),
+        }
+
+
 def grad_norms(model, out_table) -> dict:
     """The item table's gradient split into its output and input sides, and the rest's."""
     total = model.item_embedding.weight.grad
@@ -127,12 +156,18 @@ def run(args) -> list[dict]:
             # apart from the one the encoder's input sends to the same rows.
             out_table = model.item_embedding.weight * 1.0
             out_table.retain_grad()
+            if step % args.probe_every == 0:  # before the step pushes into the memory
+                memory = memory_probe(objective, states, targets, out_table)
             loss = objective(states, targets, out_table)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if step % args.probe_every == 0:
                 probes.append(
-                    {**probe(states, targets, out_table, margin), **grad_norms(model, out_table)}
+                    {
+                        **probe(states, targets, out_table, margin),
+                        **grad_norms(model, out_table),
+                        **memory,
+                    }
                 )
             optimizer.step()
             losses.append(loss.item())

@@ -67,46 +67,98 @@ def log_sampling_probabilities(item_counts: np.ndarray) -> torch.Tensor:
 
 
 class CrossBatchNegatives:
-    """A FIFO memory of item vectors and ids from recent batches (Wang et al., SIGIR'21).
+    """A FIFO memory of item ids, and their vectors, from recent batches (Wang et al., SIGIR'21).
 
     ``push`` appends a batch's item vectors (stored detached: the memory is a constant for
     later batches, no gradient reaches it) and drops the oldest entries beyond
     ``memory_size``. ``negatives`` returns the stored entries once ``warmup_steps`` pushes
     have been made, and None before: early in training the item vectors move so fast that
     stored ones would be misleading negatives (the "embedding drift" of the paper).
+
+    ``max_age`` bounds that drift in steps: an entry pushed more than ``max_age`` pushes
+    ago is no longer returned (1: only the previous batch's). ``refresh`` keeps the ids
+    only and reads their vectors from the current item table at each use, with the
+    gradient, as for in-batch negatives: an encoder whose item vectors are rows of a table
+    pays a gather for that, not an item tower's forward pass (what the paper's memory
+    saves), and gets negatives that are neither stale nor cut off from the gradient, so
+    they push the items down as well as the states away.
     """
 
-    def __init__(self, memory_size: int, warmup_steps: int):
-        if memory_size < 1:
-            raise ConfigError(f"memory_size must be positive, not {memory_size}")
+    def __init__(
+        self,
+        memory_size: int,
+        warmup_steps: int,
+        *,
+        max_age: int | None = None,
+        refresh: bool = False,
+    ):
+        check_count("memory_size", memory_size, minimum=1)
+        check_count("warmup_steps", warmup_steps, minimum=0)
+        if max_age is not None:
+            check_count("max_age", max_age, minimum=1)
+        if not isinstance(refresh, bool):
+            raise ConfigError(
+                f"refresh (--loss-option refresh=true|false) must be a boolean, not {refresh!r}"
+            )
         self.memory_size = memory_size
         self.warmup_steps = warmup_steps
+        self.max_age = max_age
+        self.refresh = refresh
         self.reset()
 
     def reset(self) -> None:
         """Empty the memory and start the warm-up again."""
         self.steps = 0
-        self.vectors: torch.Tensor | None = None  # (m, d), oldest first
+        self.vectors: torch.Tensor | None = None  # (m, d), oldest first; None with refresh
         self.ids: torch.Tensor | None = None  # (m,)
+        self.pushed_at: torch.Tensor | None = None  # (m,) the step each entry came in
 
     def __len__(self) -> int:
         return 0 if self.ids is None else len(self.ids)
 
     def push(self, vectors: torch.Tensor, ids: torch.Tensor) -> None:
         """Append one batch's (n, d) vectors and (n,) ids; count one step."""
-        vectors, ids = vectors.detach(), ids.detach()
-        if self.vectors is not None:
-            vectors = torch.cat([self.vectors, vectors])
+        ids = ids.detach()
+        pushed_at = torch.full_like(ids, self.steps)
+        if self.ids is not None:
             ids = torch.cat([self.ids, ids])
-        self.vectors = vectors[-self.memory_size :]
+            pushed_at = torch.cat([self.pushed_at, pushed_at])
         self.ids = ids[-self.memory_size :]
+        self.pushed_at = pushed_at[-self.memory_size :]
+        if not self.refresh:
+            vectors = vectors.detach()
+            if self.vectors is not None:
+                vectors = torch.cat([self.vectors, vectors])
+            self.vectors = vectors[-self.memory_size :]
         self.steps += 1
 
-    def negatives(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The stored (vectors (m, d), ids (m,)) after warm-up; None during it."""
-        if self.steps < self.warmup_steps or self.vectors is None:
+    def negatives(self, item_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The (vectors (m, d), ids (m,)) to use now; None during the warm-up or when empty.
+
+        ``item_table`` is the current table: with ``refresh`` the vectors are its rows.
+        """
+        if self.steps < self.warmup_steps or self.ids is None:
             return None
-        return self.vectors, self.ids
+        ids = self.ids
+        keep = None
+        if self.max_age is not None:
+            # The previous push has age 1 now: self.steps counts the pushes made so far.
+            keep = self.steps - self.pushed_at <= self.max_age
+            ids = ids[keep]
+            if len(ids) == 0:
+                return None
+        if self.refresh:
+            return item_table[ids], ids
+        return (self.vectors if keep is None else self.vectors[keep]), ids
+
+
+def check_count(name: str, value, *, minimum: int) -> None:
+    """Refuse a count option below ``minimum`` or not an integer, naming the option."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(
+            f"{name} (--loss-option {name}=N) must be an integer of at least {minimum}, "
+            f"not {value!r}"
+        )
 
 
 class SampledSoftmax(Objective):
@@ -130,6 +182,8 @@ class SampledSoftmax(Objective):
     the logits on ``full_softmax``'s scale, so switching objectives changes nothing else.
     ``max_negatives`` 1024 bounds the (p, n) logits (p is every position of the batch,
     6400 at batch 128 and length 50) while still drawing many samples from Q.
+    ``memory_logq`` false leaves the memory's columns without the ``- log Q`` term
+    (``cross_batch_softmax``); an option of a memory only.
     """
 
     def __init__(
@@ -140,6 +194,7 @@ class SampledSoftmax(Objective):
         logq: bool = True,
         max_negatives: int = 1024,
         memory: CrossBatchNegatives | None = None,
+        memory_logq: bool = True,
     ):
         super().__init__()
         if temperature <= 0:
@@ -148,15 +203,25 @@ class SampledSoftmax(Objective):
         self.logq = logq
         self.max_negatives = max_negatives
         self.memory = memory
+        if not isinstance(memory_logq, bool):
+            raise ConfigError(
+                f"memory_logq (--loss-option memory_logq=true|false) must be a boolean, "
+                f"not {memory_logq!r}"
+            )
+        if memory is None and not memory_logq:
+            raise ConfigError("memory_logq applies to the memory of cbns_softmax only")
+        self.memory_logq = memory_logq
         self.register_buffer("log_q", log_sampling_probabilities(item_counts), persistent=False)
 
     def reset(self) -> None:
         if self.memory is not None:
             self.memory.reset()
 
-    def forward(
+    def logits(
         self, states: torch.Tensor, targets: torch.Tensor, item_table: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The (p, 1 + n + m) logits, target first, then the n in-batch negatives and the m
+        memory ones; with the in-batch (vectors, ids) to push and n."""
         batch_ids = targets
         if len(targets) > self.max_negatives:
             # A uniform pick of positions is still a draw from Q, so logQ stays right.
@@ -164,7 +229,7 @@ class SampledSoftmax(Objective):
             batch_ids = targets[pick]
         batch_vectors = item_table[batch_ids]  # (n, d)
         ids, vectors = batch_ids, batch_vectors
-        stored = self.memory.negatives() if self.memory is not None else None
+        stored = self.memory.negatives(item_table) if self.memory is not None else None
         if stored is not None:
             vectors = torch.cat([vectors, stored[0]])  # (n + m, d)
             ids = torch.cat([ids, stored[1]])
@@ -172,9 +237,21 @@ class SampledSoftmax(Objective):
         negative = states @ vectors.T / self.temperature  # (p, n + m)
         if self.logq:
             positive = positive - self.log_q[targets]
-            negative = negative - self.log_q[ids]
+            log_q = self.log_q[ids]
+            if not self.memory_logq:
+                log_q = log_q.clone()
+                log_q[len(batch_ids) :] = 0.0  # the memory's columns go uncorrected
+            negative = negative - log_q
+        # An accidental hit (the row's own target among the negatives, in the batch or in
+        # the memory) is not a negative.
         negative = negative.masked_fill(ids[None, :] == targets[:, None], float("-inf"))
         logits = torch.cat([positive[:, None], negative], dim=1)  # (p, 1 + n + m)
+        return logits, batch_vectors, batch_ids, len(batch_ids)
+
+    def forward(
+        self, states: torch.Tensor, targets: torch.Tensor, item_table: torch.Tensor
+    ) -> torch.Tensor:
+        logits, batch_vectors, batch_ids, _ = self.logits(states, targets, item_table)
         loss = F.cross_entropy(logits, torch.zeros_like(targets))
         if self.memory is not None and self.training:
             self.memory.push(batch_vectors, batch_ids)
@@ -286,18 +363,25 @@ def nt_xent_loss(first: torch.Tensor, second: torch.Tensor, temperature: float) 
 
 
 def cross_batch_softmax(
-    item_counts: np.ndarray, memory_size: int = 4096, warmup_steps: int = 100, **options
+    item_counts: np.ndarray,
+    memory_size: int = 4096,
+    warmup_steps: int = 100,
+    max_age: int | None = None,
+    refresh: bool = False,
+    **options,
 ) -> SampledSoftmax:
     """``SampledSoftmax`` (same options) with a ``CrossBatchNegatives`` memory.
 
     4096 entries hold the negatives of the last four batches at the default
     ``max_negatives``: several times the in-batch count, while entries stay recent enough
     that their vectors have not drifted far. 100 warm-up steps are about two epochs of
-    MovieLens-1M at batch 128, past the steepest drift of the first updates.
+    MovieLens-1M at batch 128, past the steepest drift of the first updates. ``max_age``
+    and ``refresh`` bound or remove the drift (``CrossBatchNegatives``); ``memory_logq``
+    false leaves the memory's logits uncorrected (they are drawn from the batches, so by
+    the same Q as the in-batch ones, and corrected like them by default).
     """
-    return SampledSoftmax(
-        item_counts, memory=CrossBatchNegatives(memory_size, warmup_steps), **options
-    )
+    memory = CrossBatchNegatives(memory_size, warmup_steps, max_age=max_age, refresh=refresh)
+    return SampledSoftmax(item_counts, memory=memory, **options)
 
 
 # name -> factory(item_counts [N + 1], **options)

@@ -159,6 +159,10 @@ def test_cosine_contrastive_defaults_rank_the_likely_next_items_first():
     assert next_item_recall(margin=0.9, negative_weight=150.0) < 0.5
 
 
+# An item table for memories of ids up to 10 whose vectors the test does not look at.
+TABLE = torch.zeros(11, 3)
+
+
 def test_cross_batch_memory_is_a_bounded_fifo_of_detached_entries():
     memory = CrossBatchNegatives(memory_size=4, warmup_steps=0)
 
@@ -170,15 +174,15 @@ def test_cross_batch_memory_is_a_bounded_fifo_of_detached_entries():
     push([1, 2, 3])
     assert len(memory) == 3
     push([4, 5])
-    vectors, ids = memory.negatives()
+    vectors, ids = memory.negatives(TABLE)
     assert ids.tolist() == [2, 3, 4, 5]  # the oldest entry went first
     assert vectors[:, 0].tolist() == [4.0, 6.0, 8.0, 10.0]  # vectors move with their ids
     push([6, 7, 8, 9, 10])
-    assert memory.negatives()[1].tolist() == [7, 8, 9, 10]
+    assert memory.negatives(TABLE)[1].tolist() == [7, 8, 9, 10]
     assert not memory.vectors.requires_grad and memory.vectors.grad_fn is None
 
     memory.reset()
-    assert len(memory) == 0 and memory.negatives() is None
+    assert len(memory) == 0 and memory.negatives(TABLE) is None
 
 
 def test_cross_batch_negatives_join_only_after_warm_up():
@@ -242,3 +246,116 @@ def test_each_loss_trains_each_encoder_on_tiny_data(loss_name, kind, tiny_data):
     losses = losses_of_steps(model, objective, batch, optimizer, steps=20)
     # From the second step: the first one has no cross-batch negatives yet.
     assert losses[-1] < 0.8 * losses[1]
+
+
+def test_max_age_drops_entries_pushed_too_many_steps_ago():
+    memory = CrossBatchNegatives(memory_size=100, warmup_steps=0, max_age=2)
+    for ids in ([1, 2], [3], [4, 5]):
+        memory.push(torch.tensor(ids)[:, None].float(), torch.tensor(ids))
+    vectors, ids = memory.negatives(TABLE)
+    assert ids.tolist() == [3, 4, 5]  # [1, 2] is three pushes old
+    assert vectors[:, 0].tolist() == [3.0, 4.0, 5.0]
+    assert len(memory) == 5  # dropped from use, not from the FIFO: size bounds that
+    memory.max_age = 1
+    assert memory.negatives(TABLE)[1].tolist() == [4, 5]
+
+
+def test_refreshed_memory_reads_the_current_table_with_its_gradient():
+    objective = build_objective(
+        "cbns_softmax", np.ones(8, dtype=np.int64), memory_size=8, warmup_steps=1, refresh=True
+    )
+    table = torch.nn.Parameter(torch.randn(8, 4))
+    objective(torch.randn(2, 4), torch.tensor([1, 2]), table)
+    assert objective.memory.vectors is None  # ids only
+    with torch.no_grad():
+        table[1] += 5.0  # the table moves after the push
+    vectors, ids = objective.memory.negatives(table)
+    torch.testing.assert_close(vectors, table[[1, 2]])
+    table.grad = None
+    objective(torch.randn(2, 4), torch.tensor([3, 4]), table).backward()
+    # Items 1 and 2 are negatives only through the memory, and now get a gradient.
+    assert table.grad[[1, 2]].abs().sum(-1).min().item() > 0.0
+    assert torch.isfinite(table.grad).all()
+
+
+def memory_loss(states, targets, table, memory_ids, log_q, memory_logq):
+    """The expected loss of one step with in-batch negatives and a memory of ``memory_ids``
+    (the memory's vectors are the table's rows), written out position by position."""
+    expected = 0.0
+    for state, target in zip(states, targets, strict=True):
+        positive = dot(state, table[target]) - log_q[target]
+        negatives = [dot(state, table[j]) - log_q[j] for j in targets if j != target]
+        negatives += [
+            dot(state, table[j]) - (log_q[j] if memory_logq else 0.0)
+            for j in memory_ids
+            if j != target  # an accidental hit in the memory is masked too
+        ]
+        expected += -positive + math.log(math.exp(positive) + sum(map(math.exp, negatives)))
+    return expected / len(targets)
+
+
+@pytest.mark.parametrize("memory_logq", [True, False])
+def test_memory_logits_get_the_logq_correction_and_accidental_hits_are_masked(memory_logq):
+    table = [[0.0, 0.0], [1.0, 0.5], [-0.5, 1.0], [0.3, -0.8], [0.7, 0.2]]
+    counts = [0, 6, 2, 1, 3]
+    log_q = [math.log(max(c, 1) / sum(counts[1:])) for c in counts]
+    objective = build_objective(
+        "cbns_softmax", np.array(counts), memory_size=8, warmup_steps=1, memory_logq=memory_logq
+    )
+    objective(torch.zeros(3, 2), torch.tensor([1, 3, 4]), torch.tensor(table))  # memory: 1 3 4
+    states, targets = [[0.8, -0.2], [0.1, 0.9]], [1, 2]  # item 1: also in the memory
+    loss = objective(torch.tensor(states), torch.tensor(targets), torch.tensor(table))
+    expected = memory_loss(states, targets, table, [1, 3, 4], log_q, memory_logq)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_cross_batch_steps_are_deterministic_with_finite_gradients():
+    def run():
+        torch.manual_seed(0)
+        objective = build_objective(
+            "cbns_softmax",
+            np.arange(30),
+            max_negatives=8,
+            memory_size=20,
+            warmup_steps=1,
+            max_age=2,
+        )
+        table = torch.nn.Parameter(torch.randn(30, 4))
+        losses, grads = [], []
+        for _ in range(4):
+            states = torch.randn(12, 4, requires_grad=True)
+            loss = objective(states, torch.randint(1, 30, (12,)), table)
+            loss.backward()
+            losses.append(loss.item())
+            grads.append(table.grad.clone())
+            table.grad = None
+        return losses, grads
+
+    (first, first_grads), (second, second_grads) = run(), run()
+    assert first == second
+    for a, b in zip(first_grads, second_grads, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("memory_size", 0),
+        ("warmup_steps", -1),
+        ("max_age", 0),
+        ("max_age", 1.5),
+        ("refresh", "yes"),
+        ("memory_logq", 1),
+    ],
+)
+def test_bad_cross_batch_options_are_refused_by_name(option, value):
+    with pytest.raises(ConfigError, match=option):
+        build_objective("cbns_softmax", np.ones(5, dtype=np.int64), **{option: value})
+
+
+def test_memory_options_are_refused_without_a_memory():
+    with pytest.raises(ConfigError, match="memory_logq"):
+        build_objective("sampled_softmax", np.ones(5, dtype=np.int64), memory_logq=False)
+    with pytest.raises(ConfigError, match="max_age"):
+        build_objective("sampled_softmax", np.ones(5, dtype=np.int64), max_age=3)
