@@ -564,19 +564,21 @@ def format_coverage(rows: list[dict], markdown: bool = False) -> str:
     return render(header, body, markdown)
 
 
+# The measured columns of both tables, after the index and its parameter.
+MEASURED = [
+    "build s",
+    "B/vector",
+    "compression",
+    "recall@10",
+    "recall@100",
+    "p50 ms",
+    "p99 ms",
+    "batch64 ms",
+]
+
+
 def format_table(results: list[Built], markdown: bool = False) -> str:
-    header = [
-        "index",
-        "param",
-        "build s",
-        "B/vector",
-        "compression",
-        "recall@10",
-        "recall@100",
-        "p50 ms",
-        "p99 ms",
-        "batch64 ms",
-    ]
+    header = ["index", "param", *MEASURED]
     rows = [
         [
             info.label,
@@ -619,18 +621,7 @@ def operating_points(results: list[Built], target: float = TARGET_RECALL) -> lis
 
 
 def format_operating_points(rows: list[dict], markdown: bool = False) -> str:
-    header = [
-        "index",
-        f"param (recall@100 >= {TARGET_RECALL})",
-        "build s",
-        "B/vector",
-        "compression",
-        "recall@10",
-        "recall@100",
-        "p50 ms",
-        "p99 ms",
-        "batch64 ms",
-    ]
+    header = ["index", f"param (recall@100 >= {TARGET_RECALL})", *MEASURED]
     body = [
         [
             r["label"],

@@ -9,6 +9,16 @@ import pytest
 from bench.train_quality import main
 
 
+def tiny_sasrec_argv(tmp_path, results) -> list[str]:
+    """One SASRec-kind cell on tiny synthetic data, its results in ``results``."""
+    return [
+        "--data", "synthetic:users=60,items=20,seed=3", "--suite", "single",
+        "--run", "sasrec:full_softmax", "--epochs", "1", "--max-len", "8", "--dim", "8",
+        "--results", str(results), "--plot", str(tmp_path / "chart.png"),
+        "--run-dir", str(tmp_path / "runs"),
+    ]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_a_cell_already_in_the_results_is_not_trained_again(tmp_path, capsys):
     results, chart = tmp_path / "results.json", tmp_path / "chart.png"
@@ -34,12 +44,7 @@ def test_a_cell_already_in_the_results_is_not_trained_again(tmp_path, capsys):
 
 def test_rows_written_before_window_modes_count_as_last_windows(tmp_path, capsys):
     results = tmp_path / "results.json"
-    argv = [
-        "--data", "synthetic:users=60,items=20,seed=3", "--suite", "single",
-        "--run", "sasrec:full_softmax", "--epochs", "1", "--max-len", "8", "--dim", "8",
-        "--results", str(results), "--plot", str(tmp_path / "chart.png"),
-        "--run-dir", str(tmp_path / "runs"),
-    ]  # fmt: skip
+    argv = tiny_sasrec_argv(tmp_path, results)
     assert main([*argv, "--windows", "last"]) == 0
     rows = json.loads(results.read_text())
     # as an older file holds it
@@ -58,12 +63,7 @@ def test_rows_written_before_window_modes_count_as_last_windows(tmp_path, capsys
 
 def test_a_run_with_an_augmentation_is_a_cell_of_its_own(tmp_path, capsys):
     results = tmp_path / "results.json"
-    argv = [
-        "--data", "synthetic:users=60,items=20,seed=3", "--suite", "single",
-        "--run", "sasrec:full_softmax", "--epochs", "1", "--max-len", "8", "--dim", "8",
-        "--results", str(results), "--plot", str(tmp_path / "chart.png"),
-        "--run-dir", str(tmp_path / "runs"),
-    ]  # fmt: skip
+    argv = tiny_sasrec_argv(tmp_path, results)
     assert main(argv) == 0
     augmented = [*argv, "--augment", "ticoserec", "--augment-option", "weight=0.2"]
     assert main(augmented) == 0

@@ -176,6 +176,17 @@ def served(make_settings, head_models, experiment_file, shared_redis):
         yield client, settings
 
 
+def click_on(answer: dict, user: str) -> dict:
+    """A click, now, on the first item of a /recommend ``answer`` given to ``user``."""
+    return {
+        "user_id": user,
+        "item_id": answer["items"][0]["item_id"],
+        "ts": int(time.time()),
+        "type": "click",
+        "request_id": answer["request_id"],
+    }
+
+
 def counts_of(redis, settings, experiment="rerank-test") -> dict[str, int]:
     from service.reload_signals import deployment_id
 
@@ -287,13 +298,7 @@ def test_a_forced_answer_is_logged_but_never_counted(served, history, shared_red
     answer = client.post(
         "/recommend", json={"user_id": "carol", "history": history, "arm": "control"}
     ).json()
-    click = {
-        "user_id": "carol",
-        "item_id": answer["items"][0]["item_id"],
-        "ts": int(time.time()),
-        "type": "click",
-        "request_id": answer["request_id"],
-    }
+    click = click_on(answer, "carol")
     assert wait_until(lambda: client.post("/events", json=click).json()["attributed"] == 1, 10)
     assert counts_of(shared_redis, settings) == {}
 
@@ -416,12 +421,6 @@ def test_an_event_right_after_its_answer_finds_the_lingering_impression(
     settings = make_settings(models_dir=head_models, write_linger_ms=1000)
     with TestClient(create_app(settings)) as client:
         answer = client.post("/recommend", json={"user_id": "frank", "history": history}).json()
-        click = {
-            "user_id": "frank",
-            "item_id": answer["items"][0]["item_id"],
-            "ts": int(time.time()),
-            "type": "click",
-            "request_id": answer["request_id"],
-        }
+        click = click_on(answer, "frank")
         # No waiting: the impression is still in the worker's queue when the click comes.
         assert client.post("/events", json=click).json()["attributed"] == 1

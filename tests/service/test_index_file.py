@@ -13,19 +13,24 @@ def padded(queries: np.ndarray, width: int) -> np.ndarray:
     return np.hstack([queries, np.zeros((len(queries), width - queries.shape[1]), np.float32)])
 
 
-def test_an_l2_probed_ivf_file_is_refused_by_plain_faiss_and_read_by_item_index(tmp_path):
+def saved_wrapped(tmp_path, vectors: np.ndarray, spec: IndexSpec) -> tuple[ItemIndex, ItemIndex]:
+    """The index built over ``vectors`` and its saved file read back; the file must be
+    wrapped, so that faiss refuses it (its own search of the index would be wrong)."""
     import faiss
 
-    vectors = norm_skewed_vectors(2_000, 16)
-    spec = IndexSpec("IVF16,PQ10x4fs", nprobe=16, rescore=0, mips_to_l2=True)
     built = ItemIndex.build(vectors, spec)
     path = tmp_path / "items.faiss"
     built.save(path)
     assert path.read_bytes().startswith(WRAPPED_MAGIC)
-    # faiss's own search of this index would be wrong, so faiss cannot open it at all.
     with pytest.raises(RuntimeError):
         faiss.read_index(str(path))
-    loaded = ItemIndex.load(path, vectors, built.spec, device="cpu")
+    return built, ItemIndex.load(path, vectors, built.spec, device="cpu")
+
+
+def test_an_l2_probed_ivf_file_is_refused_by_plain_faiss_and_read_by_item_index(tmp_path):
+    vectors = norm_skewed_vectors(2_000, 16)
+    spec = IndexSpec("IVF16,PQ10x4fs", nprobe=16, rescore=0, mips_to_l2=True)
+    built, loaded = saved_wrapped(tmp_path, vectors, spec)
     queries = queries_around(vectors, 20)
     assert np.array_equal(loaded.search(queries, 10)[1], built.search(queries, 10)[1])
     # What plain faiss would have returned from the unwrapped index: far from exact.
@@ -51,18 +56,11 @@ def test_other_index_files_stay_plain_faiss_and_search_right(tmp_path):
 
 @pytest.mark.parametrize("factory", ["IVF16,RaBitQfs", "HNSW16,SQ4"])
 def test_augmented_rabitq_and_sq_files_are_wrapped_and_read_back_by_item_index(factory, tmp_path):
-    import faiss
-
     # Plain faiss would search these codes with the query off the items' sphere, where
     # their estimates are far from the inner products (see _searched_on_sphere).
     vectors = norm_skewed_vectors(2_000, 16)
-    built = ItemIndex.build(vectors, IndexSpec(factory, nprobe=16, mips_to_l2=True))
-    path = tmp_path / "items.faiss"
-    built.save(path)
-    assert path.read_bytes().startswith(WRAPPED_MAGIC)
-    with pytest.raises(RuntimeError):
-        faiss.read_index(str(path))
-    loaded = ItemIndex.load(path, vectors, built.spec, device="cpu")
+    spec = IndexSpec(factory, nprobe=16, mips_to_l2=True)
+    built, loaded = saved_wrapped(tmp_path, vectors, spec)
     queries = queries_around(vectors, 20)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)  # far from the sphere (M = 13)
     for got, want in zip(loaded.search(queries, 10), built.search(queries, 10), strict=True):
