@@ -486,13 +486,18 @@ class Recommender:
     async def _write_entries(
         self, queued: list[tuple[BehaviourCache, str, CachedRetrieval]]
     ) -> None:
-        """One write per cache for what queued, then the entries are Redis's to serve."""
+        """One write per cache for what queued, then the entries are Redis's to serve (a
+        cache that cannot be reached stores nothing: the answers were served anyway)."""
         by_cache: dict[BehaviourCache, list[tuple[str, CachedRetrieval]]] = {}
         for cache, key, value in queued:
             by_cache.setdefault(cache, []).append((key, value))
         try:
+            # One turn of the loop first: the requests just answered send their answers
+            # before the write spends its CPU.
+            await asyncio.sleep(0)
             for cache, entries in by_cache.items():
-                await _cache_put(cache, entries)
+                with contextlib.suppress(StoreUnavailable):
+                    await cache.put_retrievals(entries)
         finally:
             for cache, key, value in queued:
                 if self._unwritten.get((cache, key)) is value:
@@ -564,15 +569,3 @@ def _use(pending: _Pending, entry: CachedRetrieval | None) -> None:
         pending.query.cached = entry
     elif entry is not None:
         pending.query.embedding = entry.embedding
-
-
-async def _cache_put(cache: BehaviourCache, entries: list[tuple[str, CachedRetrieval]]) -> bool:
-    """Store entries; False when the cache cannot be reached (the answers are still served)."""
-    # One turn of the loop first: the batch's requests, woken in this same turn, send their
-    # answers before the write spends its CPU.
-    await asyncio.sleep(0)
-    try:
-        await cache.put_retrievals(entries)
-        return True
-    except StoreUnavailable:
-        return False

@@ -310,8 +310,7 @@ class ItemIndex:
         # quantizer search, whose heap of hundreds of probes dominated; float32, in place,
         # and the largest selected without negating cut it further (docs/BENCHMARKS.md).
         products = padded @ self._centroids.T  # (b, lists)
-        scale = 2 * self.spec.max_norm / np.maximum(np.linalg.norm(padded, axis=1), 1e-12)
-        closeness = products * scale[:, None].astype(np.float32)
+        closeness = products * (2 * self._sphere_scale(padded))[:, None]
         closeness -= self._centroid_norms
         first = self._ivf.nlist - nprobe
         lists = np.argpartition(closeness, first, axis=1)[:, first:]

@@ -249,7 +249,8 @@ class AppState:
         """Bundle ``name`` loaded, verified, warmed up and started (not yet serving)."""
         settings = self.settings
         mode = compute_mode(settings)
-        here = mode == "thread" or lone_in_worker(settings, mode)
+        lone = lone_in_worker(settings, mode)
+        here = mode == "thread" or lone
         # With a compute process the models are loaded there, and here only where this
         # worker computes too.
         bundle = await run_in_threadpool(
@@ -279,7 +280,7 @@ class AppState:
             compute = ProcessCompute(config, **limits)
         else:
             compute = ThreadCompute(bundle, self.executor)
-        if mode != "thread" and here:
+        if lone:
             compute = LoneInWorker(ThreadCompute(bundle, self.executor), compute)
         recommender = Recommender.from_settings(
             bundle, settings, compute=compute, on_batch=self.metrics.batch_size.observe
