@@ -100,7 +100,8 @@ def memory_probe(objective, states, targets, table) -> dict:
             return {"memory_share": 0.0, "memory_drift": 0.0, "memory_logit_drift": 0.0}
         vectors, ids = stored
         now = table[ids]
-        logits, _, _, n_batch = objective.logits(states, targets, table)
+        logits, _, batch_ids = objective.logits(states, targets, table)
+        n_batch = len(batch_ids)
         mass = logits.softmax(-1)
         share = mass[:, 1 + n_batch :].sum(-1) / mass[:, 1:].sum(-1).clamp(min=1e-12)
         sample = states[torch.randperm(len(states))[:256]]

@@ -96,10 +96,7 @@ class CrossBatchNegatives:
         check_count("warmup_steps", warmup_steps, minimum=0)
         if max_age is not None:
             check_count("max_age", max_age, minimum=1)
-        if not isinstance(refresh, bool):
-            raise ConfigError(
-                f"refresh (--loss-option refresh=true|false) must be a boolean, not {refresh!r}"
-            )
+        check_flag("refresh", refresh)
         self.memory_size = memory_size
         self.warmup_steps = warmup_steps
         self.max_age = max_age
@@ -161,6 +158,14 @@ def check_count(name: str, value, *, minimum: int) -> None:
         )
 
 
+def check_flag(name: str, value) -> None:
+    """Refuse a yes/no option that is not a boolean, naming the option."""
+    if not isinstance(value, bool):
+        raise ConfigError(
+            f"{name} (--loss-option {name}=true|false) must be a boolean, not {value!r}"
+        )
+
+
 class SampledSoftmax(Objective):
     """Softmax over in-batch (and optionally cross-batch) negatives with logQ correction.
 
@@ -203,11 +208,7 @@ class SampledSoftmax(Objective):
         self.logq = logq
         self.max_negatives = max_negatives
         self.memory = memory
-        if not isinstance(memory_logq, bool):
-            raise ConfigError(
-                f"memory_logq (--loss-option memory_logq=true|false) must be a boolean, "
-                f"not {memory_logq!r}"
-            )
+        check_flag("memory_logq", memory_logq)
         if memory is None and not memory_logq:
             raise ConfigError("memory_logq applies to the memory of cbns_softmax only")
         self.memory_logq = memory_logq
@@ -219,9 +220,9 @@ class SampledSoftmax(Objective):
 
     def logits(
         self, states: torch.Tensor, targets: torch.Tensor, item_table: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The (p, 1 + n + m) logits, target first, then the n in-batch negatives and the m
-        memory ones; with the in-batch (vectors, ids) to push and n."""
+        memory ones; with the n in-batch (vectors, ids) to push."""
         batch_ids = targets
         if len(targets) > self.max_negatives:
             # A uniform pick of positions is still a draw from Q, so logQ stays right.
@@ -246,12 +247,12 @@ class SampledSoftmax(Objective):
         # the memory) is not a negative.
         negative = negative.masked_fill(ids[None, :] == targets[:, None], float("-inf"))
         logits = torch.cat([positive[:, None], negative], dim=1)  # (p, 1 + n + m)
-        return logits, batch_vectors, batch_ids, len(batch_ids)
+        return logits, batch_vectors, batch_ids
 
     def forward(
         self, states: torch.Tensor, targets: torch.Tensor, item_table: torch.Tensor
     ) -> torch.Tensor:
-        logits, batch_vectors, batch_ids, _ = self.logits(states, targets, item_table)
+        logits, batch_vectors, batch_ids = self.logits(states, targets, item_table)
         loss = F.cross_entropy(logits, torch.zeros_like(targets))
         if self.memory is not None and self.training:
             self.memory.push(batch_vectors, batch_ids)
