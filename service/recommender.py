@@ -16,7 +16,8 @@ A request joins its retriever's micro-batch (``service.batching``), and the batc
    instead: the batch is computed whole while its entries are read, so a lone request
    does not wait a Redis round trip before its computation starts. The compute would be
    idle otherwise, so what a hit computed in vain costs no other request; the entries
-   read still decide hit or miss (what is written, what is reported);
+   read still decide hit or miss (what is written, what is reported), and a hit is
+   served from its entry as ever;
 4. the new entries are written behind the answers, coalesced across batches
    (``service.write_behind``; a repeat that arrives before they land is served from
    memory), and each request gets its best ``k``.
@@ -463,8 +464,10 @@ class Recommender:
         served: list[_Pending],
         asking: dict[BehaviourCache, list[_Pending]],
     ) -> list:
-        """The batch computed whole while its entries are read; the entries found still
-        set each request's outcome (the computation equals what they hold)."""
+        """The batch computed whole while its entries are read. The entries found still
+        set each request's outcome, and a hit is computed again from its entry (cheap: no
+        encoding, no search), so that every hit serves the cached retrieval, not one
+        computed in another batch, which may differ in the last bits of its scores."""
         reading = asyncio.create_task(self._read(asking))
         try:
             computed = await self._compute(retriever, served)
@@ -473,8 +476,14 @@ class Recommender:
             with contextlib.suppress(BaseException):
                 await reading
             raise
+        hits = []
         for pending, entry in await reading:
-            pending.outcome = _outcome(pending, entry)
+            _use(pending, entry)
+            if pending.outcome == "hit":
+                hits.append(pending)
+        if hits:
+            again = dict(zip(map(id, hits), await self._compute(retriever, hits), strict=True))
+            computed = [again.get(id(p), c) for p, c in zip(served, computed, strict=True)]
         return computed
 
     def _write_behind(self, cache: BehaviourCache, key: str, value: CachedRetrieval) -> None:
