@@ -1,7 +1,10 @@
 """Which impression an event answers, and what the impression earns by it.
 
 An event with a ``request_id`` answers that request's impression, if it belongs to the same
-user (or to no user) and is still within the attribution window. An event without one
+user (or to no user) and is still within the attribution window. Another worker may still
+hold that impression (impressions are written behind the answers, lingering for company up
+to ``RECSERVE_WRITE_LINGER_MS``), so a request id not found is looked up once more after
+``AttributionRules.unwritten_seconds``; only events naming an unknown request pay that wait. An event without one
 answers the user's impressions shown from ``attribution_window_seconds`` before its time
 up to ``attribution_clock_skew_seconds`` after it (client clocks drift from the server's).
 
@@ -18,6 +21,7 @@ What an impression earns, each at most once (``service.feedback_store`` keeps th
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from service.feedback_store import HIT, FeedbackStore, Mark, Shown
@@ -40,6 +44,9 @@ class AttributionRules:
     window: int  # seconds an impression stays attributable
     skew: int  # seconds an event's time may lie before the impression it answers
     hit_k: int
+    # How long an impression may still be on its way to Redis from the worker that answered
+    # (its linger and the write itself): a named request not found is read again after it.
+    unwritten_seconds: float = 0.0
 
 
 def marks_for(event: Feedback, candidates: list[Shown], rules: AttributionRules) -> list[Mark]:
@@ -64,6 +71,10 @@ async def attribute(
     typed events found an impression."""
     named = sorted({e.request_id for e in events if e.request_id is not None})
     by_id = dict(zip(named, await store.shown(named), strict=True))
+    unwritten = [rid for rid in named if by_id[rid] is None]
+    if unwritten and rules.unwritten_seconds > 0:
+        await asyncio.sleep(rules.unwritten_seconds)
+        by_id.update(zip(unwritten, await store.shown(unwritten), strict=True))
     unnamed = [e for e in events if e.request_id is None]
     recent: dict[str, list[Shown]] = {}
     if unnamed:

@@ -66,6 +66,9 @@ LOG = logging.getLogger(__name__)
 STOP_ATTEMPTS = 5  # cancellations sent to a background task at shutdown
 STOP_WAIT_SECONDS = 1.0  # how long each one is given
 IGNORED_LOG_SECONDS = 60.0  # at most one warning per this long about ignored signals
+# Beyond its linger, how long a batch of impressions of another worker may take to reach
+# Redis (one script call), with room for a loaded machine.
+IMPRESSION_WRITE_SECONDS = 0.05
 
 
 def check_experiment(
@@ -141,6 +144,7 @@ class AppState:
             window=settings.attribution_window_seconds,
             skew=settings.attribution_clock_skew_seconds,
             hit_k=settings.hit_k,
+            unwritten_seconds=settings.write_linger_ms / 1000 + IMPRESSION_WRITE_SECONDS,
         )
         # Every catalogue record read from Redis, and the version they make up.
         self.catalogue_version = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import time
@@ -10,11 +11,12 @@ from collections import Counter
 import pytest
 from fastapi.testclient import TestClient
 
-from service.attribution import AttributionRules, Feedback, marks_for
+from service.attribution import AttributionRules, Feedback, attribute, marks_for
 from service.errors import ExperimentError, InvalidField
 from service.experiments import Arm, Experiment, assign, check_arm, load_experiment
 from service.feedback_store import Shown
 from service.main import create_app
+from service.metrics import Metrics
 from service.report import Rate, arm_figures, difference, table, wilson
 from tests.service.conftest import ADMIN_TOKEN, ON_BOTH_REDIS, wait_until
 
@@ -125,6 +127,45 @@ def test_a_typed_event_goes_to_the_latest_impression_showing_its_item_and_hits_a
     untyped = marks_for(Feedback("u", "x", 30), [older], rules)
     assert [(m.shown.request_id, m.field) for m in untyped] == [("r1", "hit")]
     assert marks_for(Feedback("u", "nothing-shown", 30, type="click"), [older], rules) == []
+
+
+class LateImpressions:
+    """A feedback store whose impressions arrive after ``reads_before`` reads of them, as
+    those of another worker do while they linger behind its answers."""
+
+    def __init__(self, impressions: list[Shown], reads_before: int):
+        self.impressions = {shown.request_id: shown for shown in impressions}
+        self.reads_before = reads_before
+        self.reads = 0
+        self.marks = []
+
+    async def shown(self, request_ids):
+        self.reads += 1
+        here = self.reads > self.reads_before
+        return [self.impressions.get(rid) if here else None for rid in request_ids]
+
+    async def recent(self, users, since, until):
+        return [[] for _ in users]
+
+    async def mark(self, marks):
+        self.marks += marks
+        return [True] * len(marks)
+
+
+@pytest.mark.parametrize(
+    ("unwritten_seconds", "reads_before", "attributed"),
+    [(0.0, 1, 0), (0.02, 1, 1), (0.02, 2, 0), (0.02, 0, 1)],
+)
+def test_a_named_impression_not_yet_written_is_read_again_after_its_linger(
+    unwritten_seconds, reads_before, attributed
+):
+    rules = AttributionRules(window=100, skew=5, hit_k=2, unwritten_seconds=unwritten_seconds)
+    store = LateImpressions([shown("r1", ["x", "y"], 10.0)], reads_before)
+    click = Feedback("u", "x", 12, type="click", request_id="r1")
+    assert asyncio.run(attribute(store, [click], rules, Metrics())) == attributed
+    # One read when found at once or when nothing is awaited; two otherwise, never more.
+    assert store.reads == (1 if reads_before == 0 or unwritten_seconds == 0 else 2)
+    assert {m.field for m in store.marks} == ({"o:click", "e:click:x", "hit"} if attributed else set())
 
 
 # --------------------------------------------------------------------------- the report
