@@ -66,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await state.stop_background()
             await state.close()
             await cache.close()
+            metrics.close()
 
     app = FastAPI(
         title="recserve",

@@ -1,8 +1,22 @@
-"""Prometheus metrics of one app instance (its own registry, so tests can build many apps)."""
+"""Prometheus metrics of one app instance (its own registry, so tests can build many apps).
+
+A server of several workers must answer /metrics for all of them, whichever worker the
+scrape reaches: ``service.serve`` then points prometheus_client's multiprocess mode at a
+directory of its own (``PROMETHEUS_MULTIPROC_DIR``, which the library reads when it is
+imported, so it is set before the workers start), every worker's values are kept in files
+there, and /metrics adds them up (counters and histograms summed; the gauges as each one's
+``multiprocess_mode`` says). A worker that exits cleanly marks its gauges dead; one that
+crashes leaves its last gauge values until the server restarts, its counts for good.
+"""
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own switch
 
 STAGES = ("encode", "retrieve", "rerank", "total")
 STAGE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -13,6 +27,9 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # Read where the library reads it: the two cannot disagree.
+        self.shared_dir = os.environ.get(MULTIPROCESS_DIR) or None
+        self._bundle_name: str | None = None
         self.requests = Counter(
             "recserve_requests_total", "HTTP requests", ["route", "status"], registry=self.registry
         )
@@ -61,7 +78,11 @@ class Metrics:
             "recserve_reloads_total", "Bundle reloads", ["outcome"], registry=self.registry
         )
         self.bundle = Gauge(
-            "recserve_bundle_info", "The bundle being served", ["bundle"], registry=self.registry
+            "recserve_bundle_info",
+            "The bundle being served (1 while a live worker serves it)",
+            ["bundle"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
         )
         self.reload_signals = Counter(
             "recserve_reload_signals_total",
@@ -71,8 +92,10 @@ class Metrics:
         )
         self.catalogue_version = Gauge(
             "recserve_catalogue_version",
-            "The catalogue version this worker serves (catalogue API writes applied)",
+            "The catalogue version each worker serves (catalogue API writes applied; "
+            "a pid label per worker when the server has several)",
             registry=self.registry,
+            multiprocess_mode="liveall",
         )
         self.catalogue_writes = Counter(
             "recserve_catalogue_writes_total",
@@ -121,8 +144,24 @@ class Metrics:
             child.observe(timings_ms[stage] / 1000.0)
 
     def serving(self, bundle: str) -> None:
-        self.bundle.clear()
+        """Mark ``bundle`` as the one this worker serves."""
+        if self._bundle_name is not None and self._bundle_name != bundle:
+            # Removing a child does not remove its value from a worker's file: zeroed
+            # first, the old bundle reads 0 once no live worker serves it.
+            self.bundle.labels(bundle=self._bundle_name).set(0)
+            self.bundle.remove(self._bundle_name)
+        self._bundle_name = bundle
         self.bundle.labels(bundle=bundle).set(1)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The exposition text: this app's metrics, or every worker's of the server."""
+        if self.shared_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.shared_dir)
+        return generate_latest(registry)
+
+    def close(self) -> None:
+        """At the worker's exit: its live gauges leave the server's figures."""
+        if self.shared_dir is not None:
+            mark_process_dead(os.getpid(), self.shared_dir)

@@ -18,7 +18,8 @@ The environment is validated before uvicorn starts: a bad setting ends the start
 line naming it. The app itself is built by ``service.main:create_app`` in each worker.
 With several workers (or ``RECSERVE_COMPUTE=shared``) this process also keeps the host's
 shared compute process running (``service.compute_host.ComputeServer``), which all the
-workers compute in.
+workers compute in, and gives the workers a directory to keep their metrics in together
+(``metrics_across``), so that /metrics reports the whole server.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv, settings)
     import uvicorn
 
-    with shared_compute(settings, args.workers):
+    with shared_compute(settings, args.workers), metrics_across(args.workers):
         uvicorn.run(
             APP,
             factory=True,
@@ -148,6 +149,25 @@ def shared_compute(settings: Settings, workers: int):
     finally:
         os.environ.pop("RECSERVE_COMPUTE_SOCKET", None)
         server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def metrics_across(workers: int):
+    """For several workers, a directory where each keeps its metrics, so /metrics answers
+    for all of them (``service.metrics``); one set beforehand in ``PROMETHEUS_MULTIPROC_DIR``
+    is used as it is (prometheus_client asks for it to be emptied between runs)."""
+    from service.metrics import MULTIPROCESS_DIR
+
+    if workers <= 1 or os.environ.get(MULTIPROCESS_DIR):
+        yield
+        return
+    directory = tempfile.mkdtemp(prefix="recserve-metrics-")
+    os.environ[MULTIPROCESS_DIR] = directory
+    try:
+        yield
+    finally:
+        os.environ.pop(MULTIPROCESS_DIR, None)
         shutil.rmtree(directory, ignore_errors=True)
 
 

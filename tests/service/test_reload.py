@@ -116,7 +116,9 @@ def test_reload_serves_the_bundle_named_by_current(client, served_models, second
     assert after.json()["cache"] == "miss"
     assert client.get("/readyz").json()["bundle"] == "tiny-v2"
     assert client.get("/items/1/similar").json()["bundle"] == "tiny-v2"
-    assert 'recserve_bundle_info{bundle="tiny-v2"} 1.0' in client.get("/metrics").text
+    text = client.get("/metrics").text
+    assert 'recserve_bundle_info{bundle="tiny-v2"} 1.0' in text
+    assert 'recserve_bundle_info{bundle="tiny"}' not in text
 
 
 @ON_BOTH_REDIS

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.processes import ServiceProcess
 from service.bundle import load_bundle
@@ -158,6 +159,15 @@ def test_shared_compute_needs_the_process_service_serve_starts(tmp_path):
         mode(compute="shared")
 
 
+def server_figures(text: str) -> dict[tuple[str, tuple], float]:
+    """The samples of a /metrics text by name and sorted labels."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def test_two_workers_share_one_compute_process_and_answer_each_request_as_one_worker(
     served_models, key_prefix, tiny_data, tmp_path
 ):
@@ -193,6 +203,15 @@ def test_two_workers_share_one_compute_process_and_answer_each_request_as_one_wo
         assert all(expected) and len({str(items) for items in expected}) > 1
         assert [got[i] for i in range(16)] == expected
         wait_until(lambda: service.pids_by_role()["compute"] == roles["compute"], timeout=1)
+        # /metrics answers for the whole server whichever worker a scrape reaches: each of
+        # several scrapes (new connections, spread over the workers) counts all 32 answers.
+        answered = (("route", "/recommend"), ("status", "200"))
+        for _ in range(6):
+            figures = server_figures(httpx.get(f"{service.url}/metrics", timeout=10).text)
+            assert figures[("recserve_requests_total", answered)] == 32
+            outcomes = sum(v for (name, _), v in figures.items() if name == "recserve_cache_total")
+            assert outcomes == 32
+            assert figures[("recserve_bundle_info", (("bundle", "tiny"),))] == 1
     finally:
         service.stop()
     assert "Traceback" not in service.log()
