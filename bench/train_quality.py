@@ -158,6 +158,11 @@ def summarise(rows: list[dict]) -> list[dict]:
         entry["popularity_recall@10"] = members[0]["popularity_test"]["recall@10"]
         entry["wall_seconds"] = statistics.mean(m["wall_seconds"] for m in members)
         entry["wall_seconds_runs"] = [m["wall_seconds"] for m in members]
+        # What it takes to train the group again (bench/quality_table.py prints the command).
+        entry["objective"] = loss
+        entry["config"] = config
+        entry["seed_list"] = sorted(m["seed"] for m in members)
+        entry["devices"] = sorted({str(m.get("device", "cpu")) for m in members})
         summary.append(entry)
     return summary
 

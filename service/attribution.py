@@ -4,9 +4,10 @@ An event with a ``request_id`` answers that request's impression, if it belongs 
 user (or to no user) and is still within the attribution window. Another worker may still
 hold that impression (impressions are written behind the answers, lingering for company up
 to ``RECSERVE_WRITE_LINGER_MS``), so a request id not found is looked up once more after
-``AttributionRules.unwritten_seconds``; only events naming an unknown request pay that wait. An event without one
-answers the user's impressions shown from ``attribution_window_seconds`` before its time
-up to ``attribution_clock_skew_seconds`` after it (client clocks drift from the server's).
+``AttributionRules.unwritten_seconds``; only events naming an unknown request pay that wait.
+An event without one answers the user's impressions shown from
+``attribution_window_seconds`` before its time up to ``attribution_clock_skew_seconds``
+after it (client clocks drift from the server's).
 
 What an impression earns, each at most once (``service.feedback_store`` keeps the marks):
 

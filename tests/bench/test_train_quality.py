@@ -70,3 +70,43 @@ def test_a_run_with_an_augmentation_is_a_cell_of_its_own(tmp_path, capsys):
     rows = json.loads(results.read_text())
     assert [r["config"]["augmentation"] for r in rows] == [None, "ticoserec"]
     assert "full_softmax + ticoserec weight=0.2 |" in capsys.readouterr().out
+
+
+def test_the_table_of_every_result_names_commands_that_train_its_cells_again(tmp_path, capsys):
+    from bench import quality_table
+
+    results = tmp_path / "results.json"
+    argv = tiny_sasrec_argv(tmp_path, results)
+    for seed in ("0", "1"):
+        assert main([*argv[:5], f"sasrec:full_softmax:{seed}", *argv[6:]]) == 0
+    assert main([*argv, "--augment", "ticoserec", "--lr", "0.01"]) == 0
+    capsys.readouterr()
+
+    markdown, plots = tmp_path / "table.md", tmp_path / "plots"
+    written = ["--markdown", str(markdown), "--plot-dir", str(plots)]
+    assert quality_table.main([str(results), *written]) == 0
+    text = markdown.read_text()
+    assert text.count("| sasrec |") == 2 and "| 2 | " in text
+    assert "full_softmax + ticoserec" in text and (plots / "quality_synthetic.png").stat().st_size
+    commands = [line.split("`")[1] for line in text.splitlines() if line[:1].isdigit()]
+    assert len(commands) == 2
+    # Each command, given back to bench/train_quality.py, names cells already in the file.
+    for command in commands:
+        assert command.startswith(".venv/bin/python bench/train_quality.py ")
+        flags = command.split()[2:]
+        assert main([*flags, "--results", str(results), "--plot", str(tmp_path / "c.png")]) == 0
+        out = capsys.readouterr().out
+        assert "already in" in out and "on synthetic" not in out
+    assert len(json.loads(results.read_text())) == 3
+
+
+def test_the_table_names_a_file_that_holds_no_results(tmp_path):
+    from bench import quality_table
+
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(SystemExit, match="broken.json: not a readable results file"):
+        quality_table.main([str(broken)])
+    broken.write_text('{"a": 1}')
+    with pytest.raises(SystemExit, match="broken.json: not a list of runs"):
+        quality_table.main([str(broken)])

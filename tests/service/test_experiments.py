@@ -165,7 +165,8 @@ def test_a_named_impression_not_yet_written_is_read_again_after_its_linger(
     assert asyncio.run(attribute(store, [click], rules, Metrics())) == attributed
     # One read when found at once or when nothing is awaited; two otherwise, never more.
     assert store.reads == (1 if reads_before == 0 or unwritten_seconds == 0 else 2)
-    assert {m.field for m in store.marks} == ({"o:click", "e:click:x", "hit"} if attributed else set())
+    expected = {"o:click", "e:click:x", "hit"} if attributed else set()
+    assert {m.field for m in store.marks} == expected
 
 
 # --------------------------------------------------------------------------- the report
