@@ -159,6 +159,11 @@ def test_shared_compute_needs_the_process_service_serve_starts(tmp_path):
         mode(compute="shared")
 
 
+def loaded_onnxruntime(pid: int) -> bool:
+    """Whether process ``pid`` has onnxruntime's native library mapped."""
+    return "onnxruntime" in Path(f"/proc/{pid}/maps").read_text()
+
+
 def server_figures(text: str) -> dict[tuple[str, tuple], float]:
     """The samples of a /metrics text by name and sorted labels."""
     return {
@@ -177,6 +182,10 @@ def test_two_workers_share_one_compute_process_and_answer_each_request_as_one_wo
     try:
         roles = service.pids_by_role()
         assert len(roles["workers"]) == 2 and len(roles["compute"]) == 1
+        # One copy of the models on the host: only the compute process has loaded the
+        # encoder's runtime (the workers import it only to load models of their own).
+        assert [loaded_onnxruntime(pid) for pid in roles["compute"]] == [True]
+        assert [loaded_onnxruntime(pid) for pid in roles["workers"]] == [False, False]
         bodies = [
             {"history": history_events(tiny_data, user), "k": 10, "at": 1_800_000_000}
             for user in range(16)
