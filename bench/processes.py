@@ -63,6 +63,12 @@ class ServiceProcess(UvicornService):
         """Resident memory of the workers together and of their compute processes together."""
         return {role: sum(map(_rss, pids)) for role, pids in self.pids_by_role().items()}
 
+    def pss_by_role(self) -> dict[str, int]:
+        """Proportional set size per role: each page shared by n processes counts 1/n in
+        each, so the roles add up to what the server costs the host (resident memory counts
+        the memory-mapped item vectors once in every process that maps them)."""
+        return {role: sum(map(_pss, pids)) for role, pids in self.pids_by_role().items()}
+
     def cpu_seconds(self) -> float:
         """User + system CPU seconds of the server, its workers and their compute processes
         (Linux /proc; a process that exits meanwhile takes its seconds with it)."""
@@ -98,6 +104,16 @@ def _rss(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _pss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass

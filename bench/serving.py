@@ -375,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         # Resident memory once the run is over: one copy of the models or several.
         run["rss_mb_by_role"] = {role: size / 2**20 for role, size in process.rss_by_role().items()}
+        run["pss_mb_by_role"] = {role: size / 2**20 for role, size in process.pss_by_role().items()}
         run.update(target=target, concurrency=concurrency)
         return run
 
