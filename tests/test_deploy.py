@@ -8,6 +8,7 @@ test compares the two.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -342,6 +343,37 @@ def test_sync_keeps_the_newest_bundles_and_always_the_served_one(sync_script, tm
     assert sync(sync_script, source, models, KEEP_BUNDLES="1").returncode == 0
     assert current_name(models) == "b2"
     assert sorted(p.name for p in models.iterdir()) == ["CURRENT", "b2"]
+
+
+@pytest.mark.skipif(not shutil.which("sh"), reason="no POSIX shell")
+def test_sync_copies_and_keeps_the_bundles_an_experiments_arms_name(sync_script, tmp_path):
+    source, models = tmp_path / "bucket", tmp_path / "models"
+    source.mkdir(), models.mkdir()
+    for name in ("arm-b", "b1"):
+        publish(source, name)
+    experiment = tmp_path / "experiment.json"
+    arms = [{"name": "control", "weight": 1}, {"name": "new", "weight": 1, "bundle": "arm-b"}]
+    experiment.write_text(json.dumps({"name": "e", "arms": arms}, indent=1))
+    assert sync(sync_script, source, models).returncode == 0  # without the file: CURRENT's
+    assert sorted(p.name for p in models.iterdir()) == ["CURRENT", "b1"]
+
+    with_arms = {"EXPERIMENT_FILE": str(experiment), "KEEP_BUNDLES": "1"}
+    result = sync(sync_script, source, models, **with_arms)
+    assert result.returncode == 0 and "copied arm-b" in result.stderr
+    for name in ("b2", "b3"):  # newer bundles replace the served one; the arm's stays
+        publish(source, name)
+        assert sync(sync_script, source, models, **with_arms).returncode == 0
+    assert sorted(p.name for p in models.iterdir()) == ["CURRENT", "arm-b", "b3"]
+    copied = models / "arm-b" / "retrievers" / "vectors.npy"
+    assert copied.read_bytes() == (source / "arm-b" / "retrievers" / "vectors.npy").read_bytes()
+
+    # An arm naming a bundle the store lacks: CURRENT stays where it was, and it says why.
+    arms.append({"name": "gone", "weight": 1, "bundle": "absent"})
+    experiment.write_text(json.dumps({"name": "e", "arms": arms}))
+    publish(source, "b4")
+    result = sync(sync_script, source, models, **with_arms)
+    assert result.returncode == 1 and "copying absent failed" in result.stderr
+    assert current_name(models) == "b3"
 
 
 @pytest.mark.skipif(not shutil.which("sh"), reason="no POSIX shell")
