@@ -509,11 +509,10 @@ class LoneInWorker:
 
     embeds = True  # the worker's own models compute too: it derives the vectors itself
 
-    def __init__(self, local: ThreadCompute, remote: ProcessCompute, *, largest: int = 1):
+    def __init__(self, local: ThreadCompute, remote: ProcessCompute):
         self.local = local
         self.remote = remote
-        self.largest = largest  # the largest batch the worker computes itself
-        self._computing = 0  # batches in either backend now
+        self._computing = 0  # batches of this worker in either backend now
 
     async def start(self) -> None:
         """Start the compute process (the worker's models are loaded with its bundle)."""
@@ -537,7 +536,8 @@ class LoneInWorker:
         await self.remote.update_catalogue(change, everything, served)
 
     async def batch(self, retriever: str, queries: list[Query]) -> list[Ranked]:
-        alone = self._computing == 0 and len(queries) <= self.largest
+        # A lone request only: a batch of several is what the process's merging is for.
+        alone = self._computing == 0 and len(queries) == 1
         backend = self.local if alone else self.remote
         self._computing += 1
         try:
