@@ -132,8 +132,12 @@ class _Link:
     inbox: _Inbox
     outbox: _Outbox | None = None
     loaded: _Loaded | None = None
-    served: ServedCatalogue | None = None
-    ready: bool = False  # the worker has been told its bundle is loaded
+    served: ServedCatalogue | None = None  # set when the worker is told its bundle is loaded
+
+    @property
+    def ready(self) -> bool:
+        """The worker has been told its bundle is loaded: it may ask for work."""
+        return self.served is not None
 
 
 class ComputeHost:
@@ -284,7 +288,6 @@ class ComputeHost:
             self._drop(link)
             return
         link.served = self._shared_catalogue(loaded, ServedCatalogue.of_bundle(loaded.bundle))
-        link.ready = True
         self._send(link, frame((True, {"placement": placement(loaded.bundle), "pid": os.getpid()})))
 
     def _apply(self, link: _Link, change: CatalogueChange) -> int:
