@@ -63,6 +63,7 @@ class UserEncoder(nn.Module):
 
     config: object  # the encoder's config dataclass
     item_embedding: nn.Embedding
+    position_embedding: nn.Embedding  # of sequence encoders: by recency (items_at_recency)
     time_embedding: nn.Embedding | None  # see time_embedding()
     max_len: int
     # Set when the model was trained with a cosine objective: retrieval must then rank
@@ -80,6 +81,14 @@ class UserEncoder(nn.Module):
     def hidden_states(self, item_ids: torch.Tensor, time_deltas: torch.Tensor) -> torch.Tensor:
         """Per-position user states (b, L, d) for left-padded (b, L) inputs."""
         raise NotImplementedError
+
+    def items_at_recency(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """Item embeddings plus ``position_embedding`` of each position counted back from the
+        most recent (b, L, d): a left-padded history of any length puts its newest events at
+        the same positions, and positions beyond ``max_len`` share the last one."""
+        steps = torch.arange(item_ids.shape[1], device=item_ids.device)
+        recency = torch.clamp(torch.flip(steps, dims=[0]), max=self.max_len - 1)
+        return self.item_embedding(item_ids) + self.position_embedding(recency)[None]
 
     def add_time_embedding(
         self, x: torch.Tensor, item_ids: torch.Tensor, time_deltas: torch.Tensor

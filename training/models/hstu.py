@@ -119,10 +119,8 @@ class HSTU(UserEncoder):
     def hidden_states(self, item_ids: torch.Tensor, time_deltas: torch.Tensor) -> torch.Tensor:
         length = item_ids.shape[1]
         valid = item_ids > 0  # (b, L)
+        x = self.drop(self.items_at_recency(item_ids)) * valid[..., None]  # (b, L, d)
         steps = torch.arange(length, device=item_ids.device)
-        positions = torch.clamp(torch.flip(steps, dims=[0]), max=self.max_len - 1)
-        x = self.item_embedding(item_ids) + self.position_embedding(positions)[None]
-        x = self.drop(x) * valid[..., None]  # (b, L, d)
         distance = torch.clamp(steps[:, None] - steps[None, :], min=0, max=self.max_len - 1)
         causal = steps[:, None] >= steps[None, :]  # (L, L), a query reads itself
         mask = (causal[None] & valid[:, None, :]).to(x.dtype)  # (b, L, L)

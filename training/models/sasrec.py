@@ -88,10 +88,7 @@ class SASRec(UserEncoder):
     def hidden_states(self, item_ids: torch.Tensor, time_deltas: torch.Tensor) -> torch.Tensor:
         length = item_ids.shape[1]
         valid = item_ids > 0  # (b, L)
-        positions = torch.flip(torch.arange(length, device=item_ids.device), dims=[0])
-        positions = torch.clamp(positions, max=self.max_len - 1)
-        x = self.item_embedding(item_ids) + self.position_embedding(positions)[None]
-        x = self.add_time_embedding(x, item_ids, time_deltas)  # (b, L, d)
+        x = self.add_time_embedding(self.items_at_recency(item_ids), item_ids, time_deltas)
         x = self.drop(x) * valid[..., None]  # (b, L, d)
         causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=x.device))
         eye = torch.eye(length, dtype=torch.bool, device=x.device)
