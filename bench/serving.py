@@ -366,8 +366,14 @@ def main(argv: list[str] | None = None) -> int:
     def measure(process: ServiceProcess, target: str, concurrency: int, lua: Path | None) -> dict:
         before = process.cpu_seconds()
         roles_before = process.cpu_by_role()
+        machine_before = machine_counters()
         run = run_wrk(process.url + target, concurrency, args.duration, lua)
+        machine = {k: v - machine_before[k] for k, v in machine_counters().items()}
         per_request = 1000 / max(run["requests"], 1)
+        # The whole machine (wrk, Redis and the kernel included): whether the cores were
+        # the limit, and how often it switched tasks for each request.
+        run["machine_busy_share"] = 1 - machine["idle"] / max(machine["total"], 1)
+        run["context_switches_per_request"] = machine["switches"] / max(run["requests"], 1)
         run["cpu_ms_per_request"] = (process.cpu_seconds() - before) * per_request
         run["cpu_ms_per_request_by_role"] = {
             role: (seconds - roles_before.get(role, 0.0)) * per_request
@@ -436,8 +442,8 @@ def main(argv: list[str] | None = None) -> int:
 def table(results: dict) -> str:
     rows = [
         "| target | concurrency | req/s | p50 ms | p99 ms | max ms | errors | CPU ms/req "
-        "| worker / compute | cache hits | answers reused | batch |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| worker / compute | machine busy | switches/req | cache hits | answers reused | batch |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in results["runs"]:
         roles = run.get("cpu_ms_per_request_by_role", {})
@@ -449,7 +455,8 @@ def table(results: dict) -> str:
         rows.append(
             f"| {target} | {run['concurrency']} | {run['rps']:.0f} | {run['p50_ms']:.2f} "
             f"| {run['p99_ms']:.2f} | {run['max_ms']:.1f} | {run['errors'] + run['non2xx']} "
-            f"| {run['cpu_ms_per_request']:.2f} | {split} | {hits} | {answers} | {batch} |"
+            f"| {run['cpu_ms_per_request']:.2f} | {split} | {run['machine_busy_share']:.0%} "
+            f"| {run['context_switches_per_request']:.1f} | {hits} | {answers} | {batch} |"
         )
     return "\n".join(rows)
 
@@ -493,6 +500,20 @@ def start_profile(pid: int, seconds: int, out: Path, gil: bool) -> subprocess.Po
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def machine_counters() -> dict[str, int]:
+    """Jiffies of all CPUs (total, and idle with I/O wait) and context switches since boot
+    (Linux /proc/stat)."""
+    counters = {"total": 0, "idle": 0, "switches": 0}
+    for line in Path("/proc/stat").read_text().splitlines():
+        fields = line.split()
+        if fields[0] == "cpu":
+            ticks = [int(value) for value in fields[1:]]
+            counters["total"], counters["idle"] = sum(ticks[:8]), ticks[3] + ticks[4]
+        elif fields[0] == "ctxt":
+            counters["switches"] = int(fields[1])
+    return counters
 
 
 def server_counts(url: str) -> dict[str, float]:

@@ -84,6 +84,9 @@ class ComputeConfig(BaseModel):
     # Queries computed in one merged computation at most; what queued beyond waits for
     # the next, so the workers answer one while the next computes (compute_host.merge_runs).
     merge_limit: int = Field(32, ge=1)
+    # Merged computations run at once, each in a thread (0: one per core); the host takes
+    # the first configuration's (service/compute_host.py).
+    host_threads: int = Field(1, ge=0)
     warm_candidates: int = Field(200, ge=1)
     heartbeat_seconds: float = Field(0.1, gt=0)  # how often the child says it is alive
     cold_start_exposure: float = Field(1.0, gt=0)  # scale of metadata-derived vectors
@@ -100,6 +103,7 @@ class ComputeConfig(BaseModel):
             native_threads=settings.native_threads,
             warm_batch=settings.max_batch,
             merge_limit=settings.compute_merge_limit,
+            host_threads=settings.compute_host_threads,
             warm_candidates=settings.candidates,
             heartbeat_seconds=min(0.1, settings.compute_stall_seconds / 5),
             cold_start_exposure=settings.cold_start_exposure,

@@ -16,6 +16,10 @@ Two ways it runs, one loop (:class:`ComputeHost`):
   others keep computing) when the first worker asks for it and dropped when the last one
   lets it go.
 
+Merged computations run on a pool of ``RECSERVE_COMPUTE_HOST_THREADS`` threads (the
+encoder's and the index's kernels release the GIL, so more than one core computes); a
+computation starts only when a thread is free, so what queues meanwhile still merges.
+
 Every connection sends its :class:`service.compute.ComputeConfig` first; once the bundle is
 loaded and warmed up it gets where each stage runs, or why the bundle could not be loaded.
 Then requests ``(id, op, args)`` get answers ``(id, ok, value)``: ``batch`` and
@@ -29,6 +33,7 @@ process).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import selectors
@@ -38,7 +43,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,7 +160,13 @@ class ComputeHost:
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="recserve-load")
         self._wake_read, self._wake_write = socket.socketpair()
         self._loads: list[tuple[_Loaded, Future]] = []
-        self._threads_limited = False
+        # Merged computations run in a pool (made with the first configuration): at most
+        # one per thread at once, the rest pending, so what queues meanwhile merges.
+        self._pool: ThreadPoolExecutor | None = None
+        self._threads = 1
+        self._running = 0
+        self._pending: dict[tuple, _Group] = {}
+        self._finished: deque[Future] = deque()  # appended by the pool's threads
         self.selector.register(self._wake_read, selectors.EVENT_READ)
         if listener is not None:
             self.selector.register(listener, selectors.EVENT_READ)
@@ -177,6 +188,7 @@ class ComputeHost:
                     elif key.fileobj is self._wake_read:
                         self._wake_read.recv(4096)
                         self._finish_loads()
+                        self._finish_runs()
                     else:
                         arrived += self._read(self.links.get(key.fileobj))
                 self._answer(arrived)
@@ -184,6 +196,8 @@ class ComputeHost:
             for link in list(self.links.values()):
                 self._drop(link)
             self._loader.shutdown(wait=False, cancel_futures=True)
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _accept(self) -> None:
         try:
@@ -209,7 +223,8 @@ class ComputeHost:
         """Configurations start loads; catalogue writes apply before the batches that
         arrived with them (ids of added items only ever gain meaning, so a batch formed
         before a write is served right after it too); the batches of every worker are
-        merged per bundle, retriever and catalogue, computed, and answered per connection."""
+        merged per bundle, retriever and catalogue, computed, and answered per connection
+        (``_dispatch``)."""
         replies: dict[_Link, list] = {}
         batches = []
         for link, value in arrived:
@@ -225,21 +240,39 @@ class ComputeHost:
                 replies.setdefault(link, []).append(_reply(call_id, self._apply, link, *call_args))
             else:
                 replies.setdefault(link, []).append(_reply(call_id, _unknown, op))
-        groups: dict[tuple, list] = {}
+        self._send_all(replies)
         for link, call_id, (retriever, queries) in batches:
             key = (id(link.loaded), retriever, id(link.served))
-            groups.setdefault(key, []).append((link, call_id, queries))
-        self._send_all(replies)
-        for (_, retriever, _), requests in groups.items():
-            first = requests[0][0]
-            for run in merge_runs(requests, first.loaded.config.merge_limit):
-                parts = _batches(first.loaded.bundle, first.served, retriever, run)
-                answered: dict[_Link, list] = {}
-                for (link, call_id, _), part in zip(run, parts, strict=True):
-                    answered.setdefault(link, []).append(_reply(call_id, _unless_error, part))
-                # Sent as soon as computed: the workers answer these requests while the
-                # next run computes, rather than host and workers working in turns.
-                self._send_all(answered)
+            group = self._pending.get(key)
+            if group is None:
+                group = self._pending[key] = _Group(link.loaded, link.served, retriever)
+            group.requests.append((link, call_id, queries))
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Start a merged computation on every free thread, the groups taken in turn."""
+        while self._running < self._threads and self._pending:
+            key, group = next(iter(self._pending.items()))
+            run = merge_runs(group.requests, group.loaded.config.merge_limit)[0]
+            del self._pending[key]
+            if len(run) < len(group.requests):
+                group.requests = group.requests[len(run) :]
+                self._pending[key] = group  # behind the other groups
+            self._running += 1
+            future = self._pool.submit(_compute_run, group, run)
+            future.add_done_callback(self._run_done)
+
+    def _run_done(self, future: Future) -> None:
+        self._finished.append(future)
+        self._wake_write.send(b".")
+
+    def _finish_runs(self) -> None:
+        while self._finished:
+            future = self._finished.popleft()
+            self._running -= 1
+            if future.exception() is not None:  # _compute_run answers every error itself
+                LOG.error("a computation failed outside its requests", exc_info=future.exception())
+        self._dispatch()
 
     def _send_all(self, replies: dict[_Link, list]) -> None:
         for link, answers in replies.items():
@@ -254,9 +287,15 @@ class ComputeHost:
             self._send(link, frame((False, f"compute configuration refused: {exc}")))
             self._drop(link)
             return
-        if not self._threads_limited:
+        if self._pool is None:
             limit_native_threads(config.native_threads)
-            self._threads_limited = True
+            self._threads = config.host_threads or len(os.sched_getaffinity(0))
+            self._pool = ThreadPoolExecutor(
+                self._threads,
+                thread_name_prefix="recserve-compute",
+                initializer=limit_native_threads,  # OpenMP's setting is per thread
+                initargs=(config.native_threads,),
+            )
         link.outbox = _Outbox(link.connection, config.heartbeat_seconds)
         key = config.model_dump_json(exclude={"heartbeat_seconds"})
         loaded = self.bundles.get(key)
@@ -335,6 +374,29 @@ class ComputeHost:
                 self.bundles = {k: v for k, v in self.bundles.items() if v is not loaded}
                 if loaded.bundle is not None:
                     settle_heap()  # a retired bundle's memory goes now, not at a random GC
+
+
+@dataclass(eq=False)
+class _Group:
+    """Batch requests that may merge: one bundle, retriever and catalogue."""
+
+    loaded: _Loaded
+    served: ServedCatalogue
+    retriever: str
+    requests: list = field(default_factory=list)  # (link, call_id, queries), in arrival order
+
+
+def _compute_run(group: _Group, run: list) -> None:
+    """One merged computation, in a thread of the pool, answered to each worker as soon as
+    it is done: the workers answer these requests while other runs compute. A worker gone
+    meanwhile is left to the host's loop, which drops it when it reads the closed socket."""
+    parts = _batches(group.loaded.bundle, group.served, group.retriever, run)
+    answered: dict[_Link, list] = {}
+    for (link, call_id, _), part in zip(run, parts, strict=True):
+        answered.setdefault(link, []).append(_reply(call_id, _unless_error, part))
+    for link, answers in answered.items():
+        with contextlib.suppress(OSError):
+            link.outbox.send(b"".join(frame(answer) for answer in answers))
 
 
 def _load(config: ComputeConfig) -> Bundle:

@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     # A compute process merges the batches that queued for it, up to this many queries
     # per computation, and answers each computation at once (service/compute_host.py).
     compute_merge_limit: int = Field(32, ge=1, le=4096)
+    # Merged computations a compute process runs at once, each in a thread of its own (the
+    # encoder and the index release the GIL); 0: one per core it may use. One is best on
+    # two cores, where merging more queries beats computing more runs at once; a host with
+    # cores to spare beyond its workers may need more (docs/BENCHMARKS.md).
+    compute_host_threads: int = Field(1, ge=0, le=64)
     batch_wait_ms: float = Field(0.0, ge=0, le=100)  # 0: never wait for company
     batches_in_flight: int = Field(4, ge=1, le=16)  # batches prepared, read or computing at once
     cache_ttl_seconds: int = Field(3600, ge=1)

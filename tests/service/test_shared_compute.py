@@ -46,9 +46,11 @@ def config(models) -> ComputeConfig:
     return ComputeConfig(models_dir=models, bundle="with-head", device="cpu")
 
 
-@pytest.mark.parametrize("merge_limit, computations", [(32, 1), (3, 3)])
+@pytest.mark.parametrize(
+    "merge_limit, computations, host_threads", [(32, 1, 1), (3, 3, 1), (3, 3, 2)]
+)
 def test_the_workers_batches_are_merged_in_one_process_yet_each_answer_reaches_its_own(
-    server, head_models, tiny_data, merge_limit, computations
+    server, head_models, tiny_data, merge_limit, computations, host_threads
 ):
     bundle = load_bundle(head_models, device="cpu")
     groups = [
@@ -58,7 +60,8 @@ def test_the_workers_batches_are_merged_in_one_process_yet_each_answer_reaches_i
     alone = [asyncio.run(ThreadCompute(bundle).batch("sasrec", jobs)) for jobs in groups]
 
     async def scenario():
-        merging = config(head_models).model_copy(update={"merge_limit": merge_limit})
+        update = {"merge_limit": merge_limit, "host_threads": host_threads}
+        merging = config(head_models).model_copy(update=update)
         workers = [SharedCompute(merging, server.path) for _ in range(2)]
         for worker in workers:
             await worker.start()
@@ -82,8 +85,9 @@ def test_the_workers_batches_are_merged_in_one_process_yet_each_answer_reaches_i
         assert [a.ids.tolist() for a in got] == [a.ids.tolist() for a in expected]
         np.testing.assert_allclose([a.scores for a in got], [a.scores for a in expected], rtol=1e-5)
     # Both workers' batches were merged, in computations of at most merge_limit queries
-    # (batches of 2, 1, 3 and 1 make three under a limit of 3, in any order they arrive):
-    # each answer carries its computation's timings.
+    # (batches of 2, 1, 3 and 1 make three under a limit of 3, in any order they arrive),
+    # whether one thread computes them or two at once: each answer carries its
+    # computation's timings.
     assert len({tuple(r.timings.values()) for batch in results for r in batch}) == computations
 
 
