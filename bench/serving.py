@@ -408,11 +408,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(run), flush=True)
         if args.profile:
             # An extra run, so that the samplers' CPU is in none of the measured ones. The
-            # worker is sampled while it holds the GIL (what bounds it), its compute
-            # process whenever it runs.
+            # (first) worker is sampled while it holds the GIL (what bounds it), its compute
+            # process, or the shared one, whenever it runs.
             concurrency = max(args.concurrency)
-            targets = {"worker": (server.process.pid, True)}
-            computing = server.pids_by_role()["compute"]  # the worker's, if any
+            roles = server.pids_by_role()
+            targets = {"worker": (roles["workers"][0], True)}
+            computing = roles["compute"]
             if computing:
                 targets["compute"] = (computing[0], False)
             profilers = {
