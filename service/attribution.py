@@ -4,7 +4,8 @@ An event with a ``request_id`` answers that request's impression, if it belongs 
 user (or to no user) and is still within the attribution window. Another worker may still
 hold that impression (impressions are written behind the answers, lingering for company up
 to ``RECSERVE_WRITE_LINGER_MS``), so a request id not found is looked up once more after
-``AttributionRules.unwritten_seconds``; only events naming an unknown request pay that wait.
+``AttributionRules.unwritten_seconds``; only recent events naming an unknown request pay
+that wait.
 An event without one answers the user's impressions shown from
 ``attribution_window_seconds`` before its time up to ``attribution_clock_skew_seconds``
 after it (client clocks drift from the server's).
@@ -23,6 +24,7 @@ What an impression earns, each at most once (``service.feedback_store`` keeps th
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 from service.feedback_store import HIT, FeedbackStore, Mark, Shown
@@ -72,7 +74,17 @@ async def attribute(
     typed events found an impression."""
     named = sorted({e.request_id for e in events if e.request_id is not None})
     by_id = dict(zip(named, await store.shown(named), strict=True))
-    unwritten = [rid for rid in named if by_id[rid] is None]
+    # Only an impression shown in the last unwritten_seconds can still be on its way, and
+    # an event answering it is no older than that (its clock up to the skew behind ours):
+    # late events, expired impressions and unknown ids do not wait.
+    fresh = time.time() - rules.skew - rules.unwritten_seconds
+    unwritten = sorted(
+        {
+            e.request_id
+            for e in events
+            if e.request_id is not None and by_id[e.request_id] is None and e.ts >= fresh
+        }
+    )
     if unwritten and rules.unwritten_seconds > 0:
         await asyncio.sleep(rules.unwritten_seconds)
         by_id.update(zip(unwritten, await store.shown(unwritten), strict=True))
