@@ -48,15 +48,16 @@ def command(entry: dict) -> str:
         ".venv/bin/python bench/train_quality.py",
         f"--data {data_flag(entry['data'])} --suite single",
         *(f"--run {entry['encoder']}:{entry['objective']}:{seed}" for seed in entry["seed_list"]),
-        f"--max-len {config['max_len']} --dim {config['dim']} --dropout {config['dropout']:g}",
-        f"--batch-size {config['batch_size']} --lr {config['lr']:g}",
+        # repr: the very floats of the row, so that the command names the row's cell.
+        f"--max-len {config['max_len']} --dim {config['dim']} --dropout {config['dropout']!r}",
+        f"--batch-size {config['batch_size']} --lr {config['lr']!r}",
         f"--epochs {config['epochs']} --eval-every {config['eval_every']}",
         f"--patience {config['patience']} --windows {config['windows']}",
     ]
     if config["window_stride"]:
         parts.append(f"--window-stride {config['window_stride']}")
     if config["max_seconds"]:
-        parts.append(f"--max-seconds {config['max_seconds']:g}")
+        parts.append(f"--max-seconds {config['max_seconds']!r}")
     parts += [f"--loss-option {k}={v}" for k, v in sorted(config["loss_options"].items())]
     if config["augmentation"]:
         parts.append(f"--augment {config['augmentation']}")

@@ -46,6 +46,7 @@ import time
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from service.bundle import Bundle, load_bundle, placement, settle_heap
@@ -79,7 +80,10 @@ class _Outbox:
         self._beats.start()
 
     def send(self, payload: bytes) -> None:
+        """Send ``payload`` whole; OSError once the worker is gone or the outbox closed."""
         with self._lock:
+            if self._stopped.is_set():
+                raise OSError("the worker's connection is closed")
             self.connection.sendall(payload)
 
     def _beat(self, seconds: float) -> None:
@@ -90,7 +94,12 @@ class _Outbox:
                 return
 
     def close(self) -> None:
-        self._stopped.set()
+        """Stop the heartbeat and close the connection, never in the middle of a send (a
+        computing thread may be answering on it): its descriptor cannot be reused under a
+        send that is still to come."""
+        with self._lock:
+            self._stopped.set()
+            self.connection.close()
 
 
 class _Inbox:
@@ -166,7 +175,7 @@ class ComputeHost:
         self._threads = 1
         self._running = 0
         self._pending: dict[tuple, _Group] = {}
-        self._finished: deque[Future] = deque()  # appended by the pool's threads
+        self._finished: deque[tuple[list, Future]] = deque()  # appended by the pool's threads
         self.selector.register(self._wake_read, selectors.EVENT_READ)
         if listener is not None:
             self.selector.register(listener, selectors.EVENT_READ)
@@ -260,18 +269,24 @@ class ComputeHost:
                 self._pending[key] = group  # behind the other groups
             self._running += 1
             future = self._pool.submit(_compute_run, group, run)
-            future.add_done_callback(self._run_done)
+            future.add_done_callback(partial(self._run_done, run))
 
-    def _run_done(self, future: Future) -> None:
-        self._finished.append(future)
+    def _run_done(self, run: list, future: Future) -> None:
+        self._finished.append((run, future))
         self._wake_write.send(b".")
 
     def _finish_runs(self) -> None:
         while self._finished:
-            future = self._finished.popleft()
+            run, future = self._finished.popleft()
             self._running -= 1
-            if future.exception() is not None:  # _compute_run answers every error itself
-                LOG.error("a computation failed outside its requests", exc_info=future.exception())
+            failure = future.exception()
+            if failure is not None:
+                # Every error of a request is answered by _compute_run; this one came
+                # after (framing, say): its requests get it now rather than a timeout.
+                LOG.error("a computation failed outside its requests", exc_info=failure)
+                for link, call_id, _ in run:
+                    if link.connection in self.links:
+                        self._send(link, frame(_reply(call_id, _raise, failure)))
         self._dispatch()
 
     def _send_all(self, replies: dict[_Link, list]) -> None:
@@ -297,7 +312,8 @@ class ComputeHost:
                 initargs=(config.native_threads,),
             )
         link.outbox = _Outbox(link.connection, config.heartbeat_seconds)
-        key = config.model_dump_json(exclude={"heartbeat_seconds"})
+        # Workers that differ only in how they talk to the host share its models.
+        key = config.model_dump_json(exclude={"heartbeat_seconds", "host_threads"})
         loaded = self.bundles.get(key)
         if loaded is None:
             loaded = self.bundles[key] = _Loaded(config)
@@ -366,7 +382,12 @@ class ComputeHost:
         self.selector.unregister(link.connection)
         if link.outbox is not None:
             link.outbox.close()
-        link.connection.close()
+        else:
+            link.connection.close()
+        for key, group in list(self._pending.items()):  # nobody is left to answer
+            group.requests = [request for request in group.requests if request[0] is not link]
+            if not group.requests:
+                del self._pending[key]
         loaded = link.loaded
         if loaded is not None:
             loaded.users -= 1
@@ -449,6 +470,10 @@ def _batches(bundle: Bundle, served: ServedCatalogue, retriever: str, requests: 
 
 def _unknown(op: str):
     raise ValueError(f"unknown compute operation {op!r} (or sent before the bundle loaded)")
+
+
+def _raise(failure: Exception):
+    raise failure
 
 
 def _unless_error(part):

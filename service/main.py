@@ -63,10 +63,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await state.stop_background()
-            await state.close()
-            await cache.close()
-            metrics.close()
+            try:
+                await state.stop_background()
+                await state.close()
+                await cache.close()
+            finally:
+                metrics.close()  # whatever failed above, this worker's gauges leave
 
     app = FastAPI(
         title="recserve",

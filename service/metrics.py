@@ -14,9 +14,19 @@ from __future__ import annotations
 import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import values as prometheus_values
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own switch
+
+
+def multiprocess_dir() -> str | None:
+    """Where this process's metrics are kept with its siblings', or None. prometheus_client
+    decides once, when it is imported (from the variable then set): its decision counts."""
+    if prometheus_values.ValueClass is prometheus_values.MutexValue:
+        return None
+    return os.environ.get(MULTIPROCESS_DIR) or os.environ.get(MULTIPROCESS_DIR.lower())
+
 
 STAGES = ("encode", "retrieve", "rerank", "total")
 STAGE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -27,8 +37,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        # Read where the library reads it: the two cannot disagree.
-        self.shared_dir = os.environ.get(MULTIPROCESS_DIR) or None
+        self.shared_dir = multiprocess_dir()
         self._bundle_name: str | None = None
         self.requests = Counter(
             "recserve_requests_total", "HTTP requests", ["route", "status"], registry=self.registry
@@ -146,10 +155,11 @@ class Metrics:
     def serving(self, bundle: str) -> None:
         """Mark ``bundle`` as the one this worker serves."""
         if self._bundle_name is not None and self._bundle_name != bundle:
-            # Removing a child does not remove its value from a worker's file: zeroed
-            # first, the old bundle reads 0 once no live worker serves it.
+            # A worker's file keeps every child it ever had (prometheus_client cannot
+            # remove one there): zeroed, the old bundle reads 0 once no live worker serves it.
             self.bundle.labels(bundle=self._bundle_name).set(0)
-            self.bundle.remove(self._bundle_name)
+            if self.shared_dir is None:
+                self.bundle.remove(self._bundle_name)
         self._bundle_name = bundle
         self.bundle.labels(bundle=bundle).set(1)
 

@@ -367,6 +367,14 @@ def test_sync_copies_and_keeps_the_bundles_an_experiments_arms_name(sync_script,
     copied = models / "arm-b" / "retrievers" / "vectors.npy"
     assert copied.read_bytes() == (source / "arm-b" / "retrievers" / "vectors.npy").read_bytes()
 
+    # Names the service would refuse are said and skipped, never split or expanded.
+    (source / "b3-copy").mkdir()
+    odd = [{"name": f"odd{i}", "weight": 1, "bundle": b} for i, b in enumerate(["*", "b1 b3-copy"])]
+    experiment.write_text(json.dumps({"name": "e", "arms": arms + odd}))
+    result = sync(sync_script, source, models, **with_arms)
+    assert result.returncode == 0 and result.stderr.count("an arm names no bundle") == 2
+    assert sorted(p.name for p in models.iterdir()) == ["CURRENT", "arm-b", "b3"]
+
     # An arm naming a bundle the store lacks: CURRENT stays where it was, and it says why.
     arms.append({"name": "gone", "weight": 1, "bundle": "absent"})
     experiment.write_text(json.dumps({"name": "e", "arms": arms}))

@@ -61,9 +61,11 @@ def test_serving_benchmark_runs_against_a_real_server(exported_bundle, tmp_path,
     for run in result["runs"]:
         assert run["requests"] > 0 and run["errors"] == 0 and run["non2xx"] == 0
         assert run["cpu_ms_per_request"] > 0
-        # Shared pages count once on the host: proportional memory never exceeds resident.
+        # Shared pages count once on the host: proportional memory is at most resident
+        # (read a moment apart, so within a margin).
         pss, rss = run["pss_mb_by_role"], run["rss_mb_by_role"]
-        assert 0 < pss["workers"] <= rss["workers"] and 0 < pss["compute"] <= rss["compute"]
+        for role in ("workers", "compute"):
+            assert 0 < pss[role] <= 1.05 * rss[role]
     recommend = [run for run in result["runs"] if run["target"] == "/recommend"]
     assert all(0.0 <= run["cache_hit_share"] <= 1.0 for run in recommend)
     assert all(run["mean_batch"] >= 1.0 for run in recommend)  # requests per batch

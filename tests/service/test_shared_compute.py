@@ -4,8 +4,10 @@ copy of the models, each answer reaching its own request, a crash costing only a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import socket
 import threading
 from pathlib import Path
 
@@ -15,8 +17,18 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.processes import ServiceProcess
+from service import compute_host
 from service.bundle import load_bundle
-from service.compute import ComputeConfig, SharedCompute, ThreadCompute, compute_mode
+from service.compute import (
+    BEAT,
+    NO_FRAME,
+    ComputeConfig,
+    SharedCompute,
+    ThreadCompute,
+    compute_mode,
+    frame,
+    take_frame,
+)
 from service.compute_host import ComputeServer, merge_runs
 from service.errors import BundleError, ComputeError
 from service.settings import Settings
@@ -89,6 +101,57 @@ def test_the_workers_batches_are_merged_in_one_process_yet_each_answer_reaches_i
     # whether one thread computes them or two at once: each answer carries its
     # computation's timings.
     assert len({tuple(r.timings.values()) for batch in results for r in batch}) == computations
+
+
+def frames_from(connection: socket.socket, count: int, timeout: float = 30.0) -> list:
+    """The next ``count`` frames a compute host sends on ``connection`` (heartbeats skipped)."""
+    buffer, frames = bytearray(), []
+    connection.settimeout(timeout)
+    while len(frames) < count:
+        value = take_frame(buffer)
+        if value is NO_FRAME:
+            buffer += connection.recv(1 << 20)
+        elif value is not BEAT:
+            frames.append(value)
+    return frames
+
+
+@pytest.mark.parametrize("host_threads, overlapped", [(2, True), (1, False)])
+def test_a_host_with_two_threads_runs_two_computations_at_once(
+    head_models, tiny_data, monkeypatch, host_threads, overlapped
+):
+    # Each computation waits for a second one to be running beside it: only a host that
+    # computes two at once answers both without the barrier breaking.
+    together = threading.Barrier(2, timeout=3)
+    batches = compute_host._batches
+
+    def meeting(*args):
+        with contextlib.suppress(threading.BrokenBarrierError):
+            together.wait()
+        return batches(*args)
+
+    monkeypatch.setattr(compute_host, "_batches", meeting)
+    host = compute_host.ComputeHost()
+    ours, theirs = socket.socketpair()
+    host.add(theirs)
+    loop = threading.Thread(target=host.run, daemon=True)
+    loop.start()
+    try:
+        update = {"merge_limit": 1, "host_threads": host_threads}
+        ours.sendall(frame(config(head_models).model_copy(update=update).model_dump_json()))
+        ((loaded, _),) = frames_from(ours, 1, timeout=120)
+        assert loaded is True
+        bundle = load_bundle(head_models, device="cpu")
+        jobs = compute_jobs(bundle, [user_events(tiny_data, 0), user_events(tiny_data, 1)])
+        # Two requests sent together: two runs under merge_limit 1.
+        ours.sendall(b"".join(frame((i, "batch", ("sasrec", [job]))) for i, job in enumerate(jobs)))
+        replies = frames_from(ours, 2)
+        assert sorted(call_id for call_id, _, _ in replies) == [0, 1]
+        assert all(ok for _, ok, _ in replies)
+        assert together.broken is not overlapped
+    finally:
+        ours.close()
+        loop.join(timeout=10)
 
 
 @pytest.mark.parametrize(
