@@ -140,16 +140,14 @@ def shared_compute(settings: Settings, workers: int):
         return
     from service.compute_host import ComputeServer
 
-    directory = Path(tempfile.mkdtemp(prefix="recserve-compute-"))
-    server = ComputeServer(directory / "compute.sock")
-    server.start()
-    os.environ["RECSERVE_COMPUTE_SOCKET"] = str(server.path)
-    try:
-        yield server
-    finally:
-        os.environ.pop("RECSERVE_COMPUTE_SOCKET", None)
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+    with _scratch_directory("recserve-compute-") as directory:
+        server = ComputeServer(directory / "compute.sock")
+        server.start()
+        try:
+            with _environment("RECSERVE_COMPUTE_SOCKET", str(server.path)):
+                yield server
+        finally:
+            server.stop()
 
 
 @contextlib.contextmanager
@@ -162,13 +160,32 @@ def metrics_across(workers: int):
     if workers <= 1 or os.environ.get(MULTIPROCESS_DIR):
         yield
         return
-    directory = tempfile.mkdtemp(prefix="recserve-metrics-")
-    os.environ[MULTIPROCESS_DIR] = directory
+    with (
+        _scratch_directory("recserve-metrics-") as directory,
+        _environment(MULTIPROCESS_DIR, str(directory)),
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def _scratch_directory(prefix: str):
+    """A private temporary directory (0700) for the server's lifetime, removed after it."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _environment(variable: str, value: str):
+    """``variable`` set to ``value`` for the server's lifetime: the workers uvicorn starts
+    inherit this process's environment, which is how they learn the value."""
+    os.environ[variable] = value
     try:
         yield
     finally:
-        os.environ.pop(MULTIPROCESS_DIR, None)
-        shutil.rmtree(directory, ignore_errors=True)
+        os.environ.pop(variable, None)
 
 
 if __name__ == "__main__":
