@@ -3,8 +3,13 @@
     .venv/bin/python bench/window_cost.py --data synthetic --max-len 50
     .venv/bin/python bench/window_cost.py --data ml-100k:../shared/data/ml-100k --max-len 50
 
-Per mode: the windows and scored targets of an epoch, the positions the batches hold
-(padding included: what the encoder computes), and the process CPU seconds of one epoch of
+    .venv/bin/python bench/window_cost.py --data amazon:../shared/data/amazon-beauty-5core-seq \
+        --max-len 50 --modes sliding --length-buckets 0 50
+
+Per mode (and per ``--length-buckets`` value: batches of windows of similar width, see
+``training.trainer.length_bucketed``): the windows and scored targets of an epoch, the
+positions the batches hold (padding included: what the encoder computes), and the process
+CPU seconds of one epoch of
 the SASRec-kind encoder with full softmax on one torch thread. CPU time, not wall time,
 because the machines these run on are shared: another job's load stretches the wall clock
 but not the work done. The modes see the same model and data; only the windows differ.
@@ -33,8 +38,9 @@ from training.optimizers import build_optimizer  # noqa: E402
 from training.trainer import WINDOW_MODES, batches, epoch_windows, sequence_loss  # noqa: E402
 
 
-def epoch_cost(data, mode: str, args) -> dict:
-    """Windows, targets, positions and CPU seconds of one epoch in ``mode``."""
+def epoch_cost(data, mode: str, buckets: int, args) -> dict:
+    """Windows, targets, positions and CPU seconds of one epoch in ``mode``, its batches
+    sorted by length within pools of ``buckets`` batches (0: a plain shuffle)."""
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     model = build_encoder("sasrec", data.n_items, max_len=args.max_len, dim=args.dim)
@@ -52,6 +58,7 @@ def epoch_cost(data, mode: str, args) -> dict:
         batch_size=args.batch_size,
         rng=rng,
         first_targets=windows.first_targets,
+        length_buckets=buckets,
     ):
         positions += item_ids.numel()
         loss = sequence_loss(model, objective, item_ids, deltas, targets)
@@ -60,6 +67,7 @@ def epoch_cost(data, mode: str, args) -> dict:
         optimizer.step()
     return {
         "mode": mode,
+        "length_buckets": buckets,
         "windows": len(windows),
         "targets": windows.targets(),
         "positions": positions,
@@ -75,10 +83,21 @@ def main(argv: list[str] | None = None) -> int:
     cli_options.add_model_flags(parser, "--max-len", "--dim")
     cli_options.add_training_flags(parser, "--batch-size", "--window-stride", "--seed")
     parser.add_argument("--modes", nargs="+", choices=WINDOW_MODES, default=list(WINDOW_MODES))
+    parser.add_argument(
+        "--length-buckets",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="pools of batches sorted by window length, one row each (0: a plain shuffle)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one thread: CPU time then measures the work, not the waiting
     data = build_sequences(load_dataset(args.data, args.skip_malformed))
-    rows = [epoch_cost(data, mode, args) for mode in args.modes]
+    rows = [
+        epoch_cost(data, mode, buckets, args)
+        for mode in args.modes
+        for buckets in args.length_buckets
+    ]
     print(json.dumps({"data": data.source, "max_len": args.max_len, "rows": rows}, indent=2))
     return 0
 

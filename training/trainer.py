@@ -76,6 +76,9 @@ class TrainConfig:
     # sliding: new targets per window (0: max_len). Below max_len each window also reads
     # max_len - stride earlier events as context without scoring them again.
     window_stride: int = 0
+    # Sort the windows by length within pools of this many batches, so that a batch pads
+    # its windows less (0: a plain shuffle). Pays where histories are short and uneven.
+    length_buckets: int = 0
     model_options: dict = field(default_factory=dict)
     loss_options: dict = field(default_factory=dict)
     # training.augment.AUGMENTATIONS; None or "none": the next-item loss alone.
@@ -86,6 +89,15 @@ class TrainConfig:
         if self.windows is None:
             self.windows = default_windows(self.model)
         check_windows(self.windows, self.window_stride)
+        if (
+            not isinstance(self.length_buckets, int)
+            or isinstance(self.length_buckets, bool)
+            or self.length_buckets < 0
+        ):
+            raise ConfigError(
+                "length_buckets (--length-buckets) must be 0 (a plain shuffle) or a positive "
+                f"count of batches, not {self.length_buckets!r}"
+            )
         if self.augmentation == "none":
             self.augmentation = None
         augment_settings(self.augmentation, self.augment_options)
@@ -196,6 +208,7 @@ def epoch_batches(data: SequenceData, config: TrainConfig, max_len: int, rng: np
         batch_size=config.batch_size,
         rng=rng,
         first_targets=windows.first_targets,
+        length_buckets=config.length_buckets,
     )
 
 
@@ -208,16 +221,22 @@ def batches(
     batch_size: int,
     rng: np.random.Generator,
     first_targets: np.ndarray | None = None,
+    length_buckets: int = 0,
 ):
     """Shuffled batches of (item_ids, time_deltas, targets), each (b, L), left-padded.
 
     Row i reads the last ``max_len`` events of ``[starts[i], ends[i] - 1)`` and predicts
     the next event at each position; a target before ``first_targets[i]`` (when given)
-    is set to padding, so the loss leaves it out.
+    is set to padding, so the loss leaves it out. With ``length_buckets`` the batches are
+    of windows of similar width (``length_bucketed``).
     """
     order = rng.permutation(len(starts))
-    for lo in range(0, len(order), batch_size):
-        chosen = order[lo : lo + batch_size]
+    if length_buckets:
+        widths = np.minimum(ends - 1 - starts, max_len)
+        chosen_rows = length_bucketed(order, widths, batch_size, length_buckets, rng)
+    else:
+        chosen_rows = (order[lo : lo + batch_size] for lo in range(0, len(order), batch_size))
+    for chosen in chosen_rows:
         s, e = starts[chosen], ends[chosen]
         inputs, deltas = left_padded_window(data.items, data.timestamps, s, e - 1, max_len)
         targets, _ = left_padded_window(data.items, data.timestamps, s + 1, e, max_len)
@@ -231,6 +250,23 @@ def batches(
             torch.from_numpy(deltas),
             torch.from_numpy(targets),
         )
+
+
+def length_bucketed(
+    order: np.ndarray, widths: np.ndarray, batch_size: int, pool: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """The rows of ``order`` (a shuffle) cut into batches of windows of similar width: each
+    run of ``pool`` batches' rows is sorted by ``widths`` and cut into batches, and the
+    batches of the whole epoch are shuffled. A batch is as wide as its widest window, so
+    on short, uneven histories most of a plain batch is padding; a pool keeps the batches'
+    mix of users random beyond the widths."""
+    size = pool * batch_size
+    cut = []
+    for lo in range(0, len(order), size):
+        rows = order[lo : lo + size]
+        rows = rows[np.argsort(widths[rows], kind="stable")]
+        cut += [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    return [cut[i] for i in rng.permutation(len(cut))]
 
 
 def sequence_loss(
