@@ -56,8 +56,8 @@ def command(entry: dict) -> str:
     ]
     if config["window_stride"]:
         parts.append(f"--window-stride {config['window_stride']}")
-    if config["length_buckets"]:
-        parts.append(f"--length-buckets {config['length_buckets']}")
+    if config["width_groups"] > 1:
+        parts.append(f"--width-groups {config['width_groups']}")
     if config["max_seconds"]:
         parts.append(f"--max-seconds {config['max_seconds']!r}")
     parts += [f"--loss-option {k}={v}" for k, v in sorted(config["loss_options"].items())]

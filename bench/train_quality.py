@@ -99,7 +99,7 @@ def run_settings(args, encoder: str) -> dict:
         "loss_options": cli_options.loss_options(args),
         "windows": args.windows or default_windows(encoder),
         "window_stride": args.window_stride,
-        "length_buckets": args.length_buckets,
+        "width_groups": args.width_groups,
         "max_seconds": args.max_seconds,
         "augmentation": args.augmentation,
         "augment_options": cli_options.augment_options(args),
@@ -110,7 +110,7 @@ def run_settings(args, encoder: str) -> dict:
 LEGACY_SETTINGS = {
     "windows": "last",
     "window_stride": 0,
-    "length_buckets": 0,
+    "width_groups": 1,
     "max_seconds": 0.0,
     "augmentation": None,
     "augment_options": {},
@@ -178,11 +178,9 @@ def augment_label(config: dict) -> list[str]:
 
 
 def window_label(config: dict) -> str:
-    """The window mode, with its stride and length buckets where they were set."""
+    """The window mode, with its stride where one was set."""
     stride = config["window_stride"]
-    label = f"{config['windows']}/{stride}" if stride else config["windows"]
-    buckets = config["length_buckets"]
-    return f"{label}, buckets of {buckets}" if buckets else label
+    return f"{config['windows']}/{stride}" if stride else config["windows"]
 
 
 def settings_label(config: dict) -> str:
@@ -273,7 +271,7 @@ def _parser() -> argparse.ArgumentParser:
         "--eval-every",
         "--windows",
         "--window-stride",
-        "--length-buckets",
+        "--width-groups",
         "--max-seconds",
         "--threads",
         "--device",

@@ -4,12 +4,12 @@
     .venv/bin/python bench/window_cost.py --data ml-100k:../shared/data/ml-100k --max-len 50
 
     .venv/bin/python bench/window_cost.py --data amazon:../shared/data/amazon-beauty-5core-seq \
-        --max-len 50 --modes sliding --length-buckets 0 50
+        --max-len 50 --modes sliding --width-groups 1 4
 
-Per mode (and per ``--length-buckets`` value: batches of windows of similar width, see
-``training.trainer.length_bucketed``): the windows and scored targets of an epoch, the
-positions the batches hold (padding included: what the encoder computes), and the process
-CPU seconds of one epoch of
+Per mode (and per ``--width-groups`` value: the encoder reading each batch in that many
+groups of windows of similar width, ``UserEncoder.states_by_width``): the windows and
+scored targets of an epoch, the positions the encoder computes (padding included), and
+the process CPU seconds of one epoch of
 the SASRec-kind encoder with full softmax on one torch thread. CPU time, not wall time,
 because the machines these run on are shared: another job's load stretches the wall clock
 but not the work done. The modes see the same model and data; only the windows differ.
@@ -34,13 +34,14 @@ from training.data import build_sequences  # noqa: E402
 from training.datasets import load_dataset  # noqa: E402
 from training.losses import build_objective  # noqa: E402
 from training.models import build_encoder  # noqa: E402
+from training.models.base import width_groups  # noqa: E402
 from training.optimizers import build_optimizer  # noqa: E402
 from training.trainer import WINDOW_MODES, batches, epoch_windows, sequence_loss  # noqa: E402
 
 
-def epoch_cost(data, mode: str, buckets: int, args) -> dict:
-    """Windows, targets, positions and CPU seconds of one epoch in ``mode``, its batches
-    sorted by length within pools of ``buckets`` batches (0: a plain shuffle)."""
+def epoch_cost(data, mode: str, groups: int, args) -> dict:
+    """Windows, targets, positions and CPU seconds of one epoch in ``mode``, the encoder
+    reading each batch in up to ``groups`` width groups."""
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     model = build_encoder("sasrec", data.n_items, max_len=args.max_len, dim=args.dim)
@@ -58,16 +59,18 @@ def epoch_cost(data, mode: str, buckets: int, args) -> dict:
         batch_size=args.batch_size,
         rng=rng,
         first_targets=windows.first_targets,
-        length_buckets=buckets,
     ):
-        positions += item_ids.numel()
-        loss = sequence_loss(model, objective, item_ids, deltas, targets)
+        positions += sum(
+            (len(item_ids) if rows is None else len(rows)) * width
+            for rows, width in width_groups(item_ids, groups)
+        )
+        loss = sequence_loss(model, objective, item_ids, deltas, targets, groups)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     return {
         "mode": mode,
-        "length_buckets": buckets,
+        "width_groups": groups,
         "windows": len(windows),
         "targets": windows.targets(),
         "positions": positions,
@@ -84,19 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     cli_options.add_training_flags(parser, "--batch-size", "--window-stride", "--seed")
     parser.add_argument("--modes", nargs="+", choices=WINDOW_MODES, default=list(WINDOW_MODES))
     parser.add_argument(
-        "--length-buckets",
+        "--width-groups",
         nargs="+",
         type=int,
-        default=[0],
-        help="pools of batches sorted by window length, one row each (0: a plain shuffle)",
+        default=[1],
+        help="width groups per batch, one row each (1: one pass at the batch's widest window)",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one thread: CPU time then measures the work, not the waiting
     data = build_sequences(load_dataset(args.data, args.skip_malformed))
     rows = [
-        epoch_cost(data, mode, buckets, args)
-        for mode in args.modes
-        for buckets in args.length_buckets
+        epoch_cost(data, mode, groups, args) for mode in args.modes for groups in args.width_groups
     ]
     print(json.dumps({"data": data.source, "max_len": args.max_len, "rows": rows}, indent=2))
     return 0

@@ -357,13 +357,15 @@ class TimeIntervalAugmentation:
         item_ids: torch.Tensor,
         time_deltas: torch.Tensor,
         device: torch.device,
+        groups: int = 1,
     ) -> torch.Tensor:
         """``weight`` times the NT-Xent loss between the final states of two views of each
-        window of the (b, L) batch (kept on the CPU, where the views are made)."""
+        window of the (b, L) batch (kept on the CPU, where the views are made); the encoder
+        reads the views in up to ``groups`` width groups (``UserEncoder.last_states``)."""
         started = time.perf_counter()
         ids, deltas = self.views(item_ids, time_deltas)  # (2b, W)
         self.seconds += time.perf_counter() - started
-        states = model.hidden_states(ids.to(device), deltas.to(device))[:, -1]  # (2b, d)
+        states = model.last_states(ids.to(device), deltas.to(device), groups)  # (2b, d)
         first, second = states.chunk(2)
         return self.config.weight * nt_xent_loss(first, second, self.config.temperature)
 

@@ -8,7 +8,7 @@ Four groups, each added by one function:
               --model-option
     training  --loss, --loss-option, --epochs, --batch-size, --lr, --weight-decay,
               --patience, --eval-every, --max-seconds, --windows, --window-stride,
-              --length-buckets, --seed, --device, --threads, --augment, --augment-option
+              --width-groups, --seed, --device, --threads, --augment, --augment-option
     bundle    --models-dir, --index, --index-device, --nprobe, --rescore
 
 A script adds a group whole, or names the flags of it that it takes (a benchmark suite
@@ -93,11 +93,12 @@ TRAINING_FLAGS: dict[str, dict] = {
         default=0,
         help="sliding: new targets per window (0: max-len; less: the rest is context)",
     ),
-    "--length-buckets": dict(
+    "--width-groups": dict(
         type=int,
-        default=0,
-        help="sort the windows by length within pools of N batches, so that batches pad "
-        "less: faster on short, uneven histories (0: a plain shuffle)",
+        default=1,
+        help="the encoder reads each batch in up to N groups of windows of similar width: "
+        "the same batch and loss, less padding computed on short, uneven histories "
+        "(1: one pass)",
     ),
     "--seed": dict(type=int, default=0),
     "--device": dict(default="cpu", help="torch device of training, e.g. cuda"),

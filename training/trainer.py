@@ -76,9 +76,10 @@ class TrainConfig:
     # sliding: new targets per window (0: max_len). Below max_len each window also reads
     # max_len - stride earlier events as context without scoring them again.
     window_stride: int = 0
-    # Sort the windows by length within pools of this many batches, so that a batch pads
-    # its windows less (0: a plain shuffle). Pays where histories are short and uneven.
-    length_buckets: int = 0
+    # The encoder reads each batch in up to this many groups of windows of similar width
+    # (UserEncoder.states_by_width): the same batch and loss, less padding computed where
+    # histories are short and uneven; 1: one pass at the batch's widest window.
+    width_groups: int = 1
     model_options: dict = field(default_factory=dict)
     loss_options: dict = field(default_factory=dict)
     # training.augment.AUGMENTATIONS; None or "none": the next-item loss alone.
@@ -90,13 +91,13 @@ class TrainConfig:
             self.windows = default_windows(self.model)
         check_windows(self.windows, self.window_stride)
         if (
-            not isinstance(self.length_buckets, int)
-            or isinstance(self.length_buckets, bool)
-            or self.length_buckets < 0
+            not isinstance(self.width_groups, int)
+            or isinstance(self.width_groups, bool)
+            or self.width_groups < 1
         ):
             raise ConfigError(
-                "length_buckets (--length-buckets) must be 0 (a plain shuffle) or a positive "
-                f"count of batches, not {self.length_buckets!r}"
+                "width_groups (--width-groups) must be a positive count (1: one pass), "
+                f"not {self.width_groups!r}"
             )
         if self.augmentation == "none":
             self.augmentation = None
@@ -208,7 +209,6 @@ def epoch_batches(data: SequenceData, config: TrainConfig, max_len: int, rng: np
         batch_size=config.batch_size,
         rng=rng,
         first_targets=windows.first_targets,
-        length_buckets=config.length_buckets,
     )
 
 
@@ -221,22 +221,16 @@ def batches(
     batch_size: int,
     rng: np.random.Generator,
     first_targets: np.ndarray | None = None,
-    length_buckets: int = 0,
 ):
     """Shuffled batches of (item_ids, time_deltas, targets), each (b, L), left-padded.
 
     Row i reads the last ``max_len`` events of ``[starts[i], ends[i] - 1)`` and predicts
     the next event at each position; a target before ``first_targets[i]`` (when given)
-    is set to padding, so the loss leaves it out. With ``length_buckets`` the batches are
-    of windows of similar width (``length_bucketed``).
+    is set to padding, so the loss leaves it out.
     """
     order = rng.permutation(len(starts))
-    if length_buckets:
-        widths = np.minimum(ends - 1 - starts, max_len)
-        chosen_rows = length_bucketed(order, widths, batch_size, length_buckets, rng)
-    else:
-        chosen_rows = (order[lo : lo + batch_size] for lo in range(0, len(order), batch_size))
-    for chosen in chosen_rows:
+    for lo in range(0, len(order), batch_size):
+        chosen = order[lo : lo + batch_size]
         s, e = starts[chosen], ends[chosen]
         inputs, deltas = left_padded_window(data.items, data.timestamps, s, e - 1, max_len)
         targets, _ = left_padded_window(data.items, data.timestamps, s + 1, e, max_len)
@@ -252,34 +246,23 @@ def batches(
         )
 
 
-def length_bucketed(
-    order: np.ndarray, widths: np.ndarray, batch_size: int, pool: int, rng: np.random.Generator
-) -> list[np.ndarray]:
-    """The rows of ``order`` (a shuffle) cut into batches of windows of similar width: each
-    run of ``pool`` batches' rows is sorted by ``widths`` and cut into batches, and the
-    batches of the whole epoch are shuffled. A batch is as wide as its widest window, so
-    on short, uneven histories most of a plain batch is padding; a pool keeps the batches'
-    mix of users random beyond the widths."""
-    size = pool * batch_size
-    cut = []
-    for lo in range(0, len(order), size):
-        rows = order[lo : lo + size]
-        rows = rows[np.argsort(widths[rows], kind="stable")]
-        cut += [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    return [cut[i] for i in rng.permutation(len(cut))]
-
-
 def sequence_loss(
     model: UserEncoder,
     objective: Objective,
     item_ids: torch.Tensor,
     time_deltas: torch.Tensor,
     targets: torch.Tensor,
+    groups: int = 1,
 ) -> torch.Tensor:
-    """The objective over every position that has a next item."""
-    states = model.hidden_states(item_ids, time_deltas)  # (b, L, d)
-    has_target = targets > 0
-    return objective(states[has_target], targets[has_target], model.item_embedding.weight)
+    """The objective over every position that has a next item, the encoder reading the
+    batch in up to ``groups`` width groups (``UserEncoder.states_by_width``)."""
+    states, scored = [], []
+    for rows, width, group_states in model.states_by_width(item_ids, time_deltas, groups):
+        group_targets = (targets if rows is None else targets[rows])[:, -width:]
+        has_target = group_targets > 0
+        states.append(group_states[has_target])
+        scored.append(group_targets[has_target])
+    return objective(torch.cat(states), torch.cat(scored), model.item_embedding.weight)
 
 
 def train(data: SequenceData, config: TrainConfig, out_dir: str | Path) -> TrainResult:
@@ -324,10 +307,17 @@ def train(data: SequenceData, config: TrainConfig, out_dir: str | Path) -> Train
         )
         for item_ids, deltas, targets in progress:
             loss = sequence_loss(
-                model, objective, item_ids.to(device), deltas.to(device), targets.to(device)
+                model,
+                objective,
+                item_ids.to(device),
+                deltas.to(device),
+                targets.to(device),
+                groups=config.width_groups,
             )
             if augmentation is not None:
-                contrastive = augmentation.loss(model, item_ids, deltas, device)
+                contrastive = augmentation.loss(
+                    model, item_ids, deltas, device, groups=config.width_groups
+                )
                 loss = loss + contrastive
                 contrastive_losses.append(contrastive.item())
             optimizer.zero_grad(set_to_none=True)

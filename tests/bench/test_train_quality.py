@@ -79,7 +79,7 @@ def test_the_table_of_every_result_names_commands_that_train_its_cells_again(tmp
     argv = tiny_sasrec_argv(tmp_path, results)
     for seed in ("0", "1"):
         assert main([*argv[:5], f"sasrec:full_softmax:{seed}", *argv[6:]]) == 0
-    assert main([*argv, "--augment", "ticoserec", "--lr", "0.01", "--length-buckets", "2"]) == 0
+    assert main([*argv, "--augment", "ticoserec", "--lr", "0.01", "--width-groups", "2"]) == 0
     capsys.readouterr()
 
     markdown, plots = tmp_path / "table.md", tmp_path / "plots"

@@ -21,11 +21,11 @@ def test_sliding_scores_every_transition_and_last_only_the_newest(capsys):
         assert row["targets"] <= row["positions"] and row["cpu_seconds"] > 0
 
 
-def test_length_buckets_hold_the_same_targets_in_fewer_positions(capsys):
+def test_width_groups_score_the_same_targets_computing_fewer_positions(capsys):
     argv = ["--data", "synthetic:users=60,items=30,seed=3", "--max-len", "20", "--dim", "8"]
-    argv += ["--modes", "sliding", "--batch-size", "8", "--length-buckets", "0", "4"]
+    argv += ["--modes", "sliding", "--batch-size", "8", "--width-groups", "1", "4"]
     assert main(argv) == 0
-    plain, bucketed = json.loads(capsys.readouterr().out)["rows"]
-    assert (plain["length_buckets"], bucketed["length_buckets"]) == (0, 4)
-    assert plain["windows"] == bucketed["windows"] and plain["targets"] == bucketed["targets"]
-    assert bucketed["positions"] < plain["positions"]
+    one_pass, grouped = json.loads(capsys.readouterr().out)["rows"]
+    assert (one_pass["width_groups"], grouped["width_groups"]) == (1, 4)
+    assert one_pass["windows"] == grouped["windows"] and one_pass["targets"] == grouped["targets"]
+    assert grouped["targets"] <= grouped["positions"] < one_pass["positions"]

@@ -7,7 +7,6 @@ targets can be traced back to the events they are.
 from __future__ import annotations
 
 from collections import Counter
-from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from training.__main__ import _parser as cli_parser
 from training.cli_options import train_config
 from training.data import Interactions, build_sequences
 from training.errors import ConfigError
-from training.trainer import TrainConfig, batches, epoch_windows, length_bucketed, train
+from training.trainer import TrainConfig, batches, epoch_windows, train
 
 # Training targets per user: 1 (two events, too few to evaluate: both train), then
 # events - 2 held out - 1 first: 1, 2, 3, 5, 11, 30.
@@ -54,9 +53,7 @@ def training_targets(data) -> Counter:
     )
 
 
-def scored_targets(
-    data, windows, max_len: int = MAX_LEN, length_buckets: int = 0
-) -> tuple[Counter, list]:
+def scored_targets(data, windows, max_len: int = MAX_LEN) -> tuple[Counter, list]:
     """The events the batches of ``windows`` score, counted, and per row (inputs, targets)
     as events (padding left out)."""
     counted, rows = Counter(), []
@@ -68,7 +65,6 @@ def scored_targets(
         batch_size=3,
         rng=np.random.default_rng(0),
         first_targets=windows.first_targets,
-        length_buckets=length_buckets,
     ):
         for row_inputs, row_targets in zip(inputs.tolist(), targets.tolist(), strict=True):
             events = [event_of(data, i) if i else None for i in row_targets]
@@ -77,13 +73,10 @@ def scored_targets(
     return counted, rows
 
 
-@pytest.mark.parametrize("buckets", [0, 2])
 @pytest.mark.parametrize("stride", [0, 1, 3])
-def test_sliding_windows_make_every_training_event_a_target_exactly_once(
-    unique_events, stride, buckets
-):
+def test_sliding_windows_make_every_training_event_a_target_exactly_once(unique_events, stride):
     windows = epoch_windows(unique_events, "sliding", MAX_LEN, np.random.default_rng(0), stride)
-    counted, rows = scored_targets(unique_events, windows, length_buckets=buckets)
+    counted, rows = scored_targets(unique_events, windows)
     assert counted == training_targets(unique_events)  # each once, none missing, no other
     assert windows.targets() == sum(counted.values())
     for inputs, targets in rows:
@@ -160,41 +153,12 @@ def test_short_histories_are_one_whole_window_in_every_mode(unique_events, mode)
     assert len(rows) == len(LENGTHS)
 
 
-def test_length_buckets_batch_windows_of_similar_width_and_keep_every_window_once():
-    rng = np.random.default_rng(7)
-    widths = rng.integers(1, 51, size=1_000)
-    order = rng.permutation(len(widths))
-    cut = length_bucketed(order, widths, 32, 4, np.random.default_rng(1))
-    assert sorted(np.concatenate(cut).tolist()) == list(range(len(widths)))
-    assert [len(rows) for rows in cut].count(32) == len(widths) // 32
-    # A batch is as wide as its widest window: sorting inside pools of 4 batches pads far
-    # less than the plain shuffle's batches of the same rows.
-    plain = [order[lo : lo + 32] for lo in range(0, len(order), 32)]
-
-    def padding(batches):
-        return sum(len(rows) * widths[rows].max() - widths[rows].sum() for rows in batches)
-
-    assert padding(cut) < padding(plain) / 3
-    # Within a pool the batches are consecutive runs of the width order, so none overlaps
-    # another pool-mate's widths; the same seed cuts the same batches.
-    for lo in range(0, len(order), 4 * 32):
-        pool = [rows for rows in cut if set(rows) <= set(order[lo : lo + 4 * 32])]
-        spans = sorted((widths[rows].min(), widths[rows].max()) for rows in pool)
-        assert len(pool) == 4
-        assert all(high <= low for (_, high), (low, _) in pairwise(spans))
-    again = length_bucketed(order, widths, 32, 4, np.random.default_rng(1))
-    assert all((a == b).all() for a, b in zip(cut, again, strict=True))
-
-
 def test_an_unknown_window_mode_or_stride_is_refused_naming_the_option():
     refusal = r"\(--windows\) must be one of last, crop, sliding, not 'random'"
     with pytest.raises(ConfigError, match=refusal):
         TrainConfig(windows="random")
     with pytest.raises(ConfigError, match="--window-stride"):
         TrainConfig(windows="sliding", window_stride=-1)
-    for wrong in (-1, True, 2.5):
-        with pytest.raises(ConfigError, match=r"\(--length-buckets\) must be 0"):
-            TrainConfig(length_buckets=wrong)
 
 
 def test_sequential_encoders_default_to_sliding_windows_and_two_tower_to_the_last():
@@ -211,9 +175,7 @@ def test_the_cli_sets_the_window_mode_and_refuses_an_unknown_one(capsys):
     config = train_config(cli_parser().parse_args([*argv, "--model", "two_tower"]))
     assert config.windows == "last"
     config = train_config(cli_parser().parse_args([*argv, "--window-stride", "5"]))
-    assert (config.window_stride, config.length_buckets) == (5, 0)
-    config = train_config(cli_parser().parse_args([*argv, "--length-buckets", "50"]))
-    assert config.length_buckets == 50
+    assert config.window_stride == 5
     with pytest.raises(SystemExit):
         cli_parser().parse_args([*argv, "--windows", "every"])
     assert "--windows: invalid choice: 'every'" in capsys.readouterr().err
@@ -222,11 +184,7 @@ def test_the_cli_sets_the_window_mode_and_refuses_an_unknown_one(capsys):
 @pytest.mark.parametrize("mode", ["crop", "sliding"])
 def test_training_runs_with_each_window_mode(tiny_data, tmp_path, mode):
     config = TrainConfig(
-        epochs=1,
-        windows=mode,
-        window_stride=4,
-        length_buckets=2,
-        model_options={"max_len": 8, "dim": 16},
+        epochs=1, windows=mode, window_stride=4, model_options={"max_len": 8, "dim": 16}
     )
     report = train(tiny_data, config, tmp_path).report
     assert report["train_config"]["windows"] == mode

@@ -58,6 +58,20 @@ def init_weights(module: nn.Module) -> None:
             module.weight[module.padding_idx].zero_()
 
 
+def width_groups(item_ids: torch.Tensor, groups: int) -> list[tuple[torch.Tensor | None, int]]:
+    """The rows of a left-padded (b, L) batch in up to ``groups`` groups of equal size by
+    width (events that are not padding), narrowest first: (row indices, the group's widest
+    row) each. One group, every row at the batch's width (indices None), for ``groups`` 1."""
+    if groups <= 1:
+        return [(None, item_ids.shape[1])]
+    widths = (item_ids > 0).sum(1)
+    order = torch.argsort(widths, stable=True)
+    return [
+        (rows, max(int(widths[rows[-1]]), 1))
+        for rows in torch.tensor_split(order, min(groups, len(order)))
+    ]
+
+
 class UserEncoder(nn.Module):
     """Base class: subclasses implement ``hidden_states`` and own ``item_embedding``."""
 
@@ -98,6 +112,32 @@ class UserEncoder(nn.Module):
             return x
         buckets = time_buckets(time_deltas, item_ids, self.config.n_time_buckets)
         return x + self.time_embedding(buckets)
+
+    def states_by_width(self, item_ids: torch.Tensor, time_deltas: torch.Tensor, groups: int = 1):
+        """``hidden_states`` of left-padded (b, L) inputs read in up to ``groups`` groups of
+        rows of similar width (``width_groups``), each cut to its widest row: yields (row
+        indices, or None for every row; width; states (rows, width, d)) per group.
+
+        A row's states depend neither on the rows beside it nor on the padding before it
+        (positions count back from the newest event; padding is masked or zero), so only
+        the work changes: a batch cut to its widest row computes that width for every row,
+        which on short, uneven histories is mostly padding."""
+        for rows, width in width_groups(item_ids, groups):
+            ids = item_ids if rows is None else item_ids[rows]
+            deltas = time_deltas if rows is None else time_deltas[rows]
+            yield rows, width, self.hidden_states(ids[:, -width:], deltas[:, -width:])
+
+    def last_states(
+        self, item_ids: torch.Tensor, time_deltas: torch.Tensor, groups: int = 1
+    ) -> torch.Tensor:
+        """The newest position's state of each row (b, d), in row order, read in up to
+        ``groups`` width groups (``states_by_width``)."""
+        parts = list(self.states_by_width(item_ids, time_deltas, groups))
+        if parts[0][0] is None:
+            return parts[0][2][:, -1]
+        rows = torch.cat([group_rows for group_rows, _, _ in parts])
+        states = torch.cat([group_states[:, -1] for _, _, group_states in parts])
+        return states[torch.argsort(rows.to(states.device))]
 
     def encode_user(self, item_ids: torch.Tensor, time_deltas: torch.Tensor) -> torch.Tensor:
         """L2-normalised user embeddings (b, d) from the most recent position."""
