@@ -4,13 +4,14 @@
     .venv/bin/python bench/window_cost.py --data ml-100k:../shared/data/ml-100k --max-len 50
 
     .venv/bin/python bench/window_cost.py --data amazon:../shared/data/amazon-beauty-5core-seq \
-        --max-len 50 --modes sliding --width-groups 1 4
+        --max-len 50 --modes sliding --width-groups 1 4 --augment ticoserec
 
 Per mode (and per ``--width-groups`` value: the encoder reading each batch in that many
 groups of windows of similar width, ``UserEncoder.states_by_width``): the windows and
-scored targets of an epoch, the positions the encoder computes (padding included), and
-the process CPU seconds of one epoch of
-the SASRec-kind encoder with full softmax on one torch thread. CPU time, not wall time,
+scored targets of an epoch, the positions the encoder computes for them (padding
+included), and the process CPU seconds of one epoch (with ``--augment``, its contrastive
+term's views included) of the SASRec-kind encoder with full softmax on one torch thread.
+CPU time, not wall time,
 because the machines these run on are shared: another job's load stretches the wall clock
 but not the work done. The modes see the same model and data; only the windows differ.
 """
@@ -30,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from training import cli_options  # noqa: E402
+from training.augment import build_augmentation  # noqa: E402
 from training.data import build_sequences  # noqa: E402
 from training.datasets import load_dataset  # noqa: E402
 from training.losses import build_objective  # noqa: E402
@@ -46,6 +48,9 @@ def epoch_cost(data, mode: str, groups: int, args) -> dict:
     rng = np.random.default_rng(args.seed)
     model = build_encoder("sasrec", data.n_items, max_len=args.max_len, dim=args.dim)
     objective = build_objective("full_softmax", data.train_item_counts())
+    augmentation = build_augmentation(
+        args.augmentation, cli_options.augment_options(args), data, args.max_len, args.seed
+    )
     optimizer = build_optimizer("adam", model.parameters(), lr=1e-3)
     windows = epoch_windows(data, mode, args.max_len, rng, args.window_stride)
     positions = 0
@@ -65,11 +70,14 @@ def epoch_cost(data, mode: str, groups: int, args) -> dict:
             for rows, width in width_groups(item_ids, groups)
         )
         loss = sequence_loss(model, objective, item_ids, deltas, targets, groups)
+        if augmentation is not None:
+            loss = loss + augmentation.loss(model, item_ids, deltas, torch.device("cpu"), groups)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     return {
         "mode": mode,
+        "augmentation": args.augmentation,
         "width_groups": groups,
         "windows": len(windows),
         "targets": windows.targets(),
@@ -84,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     cli_options.add_data_flags(parser)
     cli_options.add_model_flags(parser, "--max-len", "--dim")
-    cli_options.add_training_flags(parser, "--batch-size", "--window-stride", "--seed")
+    cli_options.add_training_flags(
+        parser, "--batch-size", "--window-stride", "--seed", "--augment", "--augment-option"
+    )
     parser.add_argument("--modes", nargs="+", choices=WINDOW_MODES, default=list(WINDOW_MODES))
     parser.add_argument(
         "--width-groups",

@@ -24,8 +24,9 @@ def test_sliding_scores_every_transition_and_last_only_the_newest(capsys):
 def test_width_groups_score_the_same_targets_computing_fewer_positions(capsys):
     argv = ["--data", "synthetic:users=60,items=30,seed=3", "--max-len", "20", "--dim", "8"]
     argv += ["--modes", "sliding", "--batch-size", "8", "--width-groups", "1", "4"]
-    assert main(argv) == 0
+    assert main([*argv, "--augment", "ticoserec"]) == 0
     one_pass, grouped = json.loads(capsys.readouterr().out)["rows"]
+    assert one_pass["augmentation"] == grouped["augmentation"] == "ticoserec"
     assert (one_pass["width_groups"], grouped["width_groups"]) == (1, 4)
     assert one_pass["windows"] == grouped["windows"] and one_pass["targets"] == grouped["targets"]
     assert grouped["targets"] <= grouped["positions"] < one_pass["positions"]
