@@ -9,8 +9,10 @@
 Per mode (and per ``--width-groups`` value: the encoder reading each batch in that many
 groups of windows of similar width, ``UserEncoder.states_by_width``): the windows and
 scored targets of an epoch, the positions the encoder computes for them (padding
-included), and the process CPU seconds of one epoch (with ``--augment``, its contrastive
-term's views included) of the SASRec-kind encoder with full softmax on one torch thread.
+included; with ``--augment`` the views' positions are not counted), and the process CPU
+seconds of one epoch's training steps (with ``--augment``, its contrastive term's views
+and their encoding included) of the SASRec-kind encoder with full softmax on one torch
+thread.
 CPU time, not wall time,
 because the machines these run on are shared: another job's load stretches the wall clock
 but not the work done. The modes see the same model and data; only the windows differ.
@@ -53,8 +55,7 @@ def epoch_cost(data, mode: str, groups: int, args) -> dict:
     )
     optimizer = build_optimizer("adam", model.parameters(), lr=1e-3)
     windows = epoch_windows(data, mode, args.max_len, rng, args.window_stride)
-    positions = 0
-    started = time.process_time()
+    positions, seconds = 0, 0.0
     model.train()
     for item_ids, deltas, targets in batches(
         data,
@@ -69,12 +70,14 @@ def epoch_cost(data, mode: str, groups: int, args) -> dict:
             (len(item_ids) if rows is None else len(rows)) * width
             for rows, width in width_groups(item_ids, groups)
         )
+        started = time.process_time()
         loss = sequence_loss(model, objective, item_ids, deltas, targets, groups)
         if augmentation is not None:
             loss = loss + augmentation.loss(model, item_ids, deltas, torch.device("cpu"), groups)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        seconds += time.process_time() - started
     return {
         "mode": mode,
         "augmentation": args.augmentation,
@@ -82,8 +85,16 @@ def epoch_cost(data, mode: str, groups: int, args) -> dict:
         "windows": len(windows),
         "targets": windows.targets(),
         "positions": positions,
-        "cpu_seconds": time.process_time() - started,
+        "cpu_seconds": seconds,
     }
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a count of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--width-groups",
         nargs="+",
-        type=int,
+        type=positive_int,
         default=[1],
         help="width groups per batch, one row each (1: one pass at the batch's widest window)",
     )

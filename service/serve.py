@@ -179,13 +179,18 @@ def _scratch_directory(prefix: str):
 
 @contextlib.contextmanager
 def _environment(variable: str, value: str):
-    """``variable`` set to ``value`` for the server's lifetime: the workers uvicorn starts
-    inherit this process's environment, which is how they learn the value."""
+    """``variable`` set to ``value`` for the server's lifetime, its earlier value (or its
+    absence) back after it: the workers uvicorn starts inherit this process's environment,
+    which is how they learn the value."""
+    earlier = os.environ.get(variable)
     os.environ[variable] = value
     try:
         yield
     finally:
-        os.environ.pop(variable, None)
+        if earlier is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = earlier
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ next item after each prefix), which is what sequential training needs.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,10 +68,13 @@ def width_groups(item_ids: torch.Tensor, groups: int) -> list[tuple[torch.Tensor
         return [(None, item_ids.shape[1])]
     widths = (item_ids > 0).sum(1)
     order = torch.argsort(widths, stable=True)
-    return [
-        (rows, max(int(widths[rows[-1]]), 1))
-        for rows in torch.tensor_split(order, min(groups, len(order)))
-    ]
+    # Every group's width in one read: on a GPU each read of a tensor waits for the device.
+    ordered = widths[order].tolist()
+    cut, end = [], 0
+    for rows in torch.tensor_split(order, min(groups, len(order))):
+        end += len(rows)
+        cut.append((rows, max(ordered[end - 1], 1)))
+    return cut
 
 
 class UserEncoder(nn.Module):
@@ -113,7 +118,9 @@ class UserEncoder(nn.Module):
         buckets = time_buckets(time_deltas, item_ids, self.config.n_time_buckets)
         return x + self.time_embedding(buckets)
 
-    def states_by_width(self, item_ids: torch.Tensor, time_deltas: torch.Tensor, groups: int = 1):
+    def states_by_width(
+        self, item_ids: torch.Tensor, time_deltas: torch.Tensor, groups: int = 1
+    ) -> Iterator[tuple[torch.Tensor | None, int, torch.Tensor]]:
         """``hidden_states`` of left-padded (b, L) inputs read in up to ``groups`` groups of
         rows of similar width (``width_groups``), each cut to its widest row: yields (row
         indices, or None for every row; width; states (rows, width, d)) per group.
