@@ -71,9 +71,11 @@ def epoch_cost(data, mode: str, groups: int, args) -> dict:
             for rows, width in width_groups(item_ids, groups)
         )
         started = time.process_time()
-        loss = sequence_loss(model, objective, item_ids, deltas, targets, groups)
+        loss = sequence_loss(model, objective, item_ids, deltas, targets, groups=groups)
         if augmentation is not None:
-            loss = loss + augmentation.loss(model, item_ids, deltas, torch.device("cpu"), groups)
+            loss = loss + augmentation.loss(
+                model, item_ids, deltas, torch.device("cpu"), groups=groups
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

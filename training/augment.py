@@ -357,6 +357,7 @@ class TimeIntervalAugmentation:
         item_ids: torch.Tensor,
         time_deltas: torch.Tensor,
         device: torch.device,
+        *,
         groups: int = 1,
     ) -> torch.Tensor:
         """``weight`` times the NT-Xent loss between the final states of two views of each

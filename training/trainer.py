@@ -252,6 +252,7 @@ def sequence_loss(
     item_ids: torch.Tensor,
     time_deltas: torch.Tensor,
     targets: torch.Tensor,
+    *,
     groups: int = 1,
 ) -> torch.Tensor:
     """The objective over every position that has a next item, the encoder reading the
