@@ -12,10 +12,9 @@ scored targets of an epoch, the positions the encoder computes for them (padding
 included; with ``--augment`` the views' positions are not counted), and the process CPU
 seconds of one epoch's training steps (with ``--augment``, its contrastive term's views
 and their encoding included) of the SASRec-kind encoder with full softmax on one torch
-thread.
-CPU time, not wall time,
-because the machines these run on are shared: another job's load stretches the wall clock
-but not the work done. The modes see the same model and data; only the windows differ.
+thread. CPU time, not wall time, because the machines these run on are shared: another
+job's load stretches the wall clock but not the work done. The modes see the same model
+and data; only the windows differ.
 """
 
 from __future__ import annotations

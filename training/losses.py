@@ -149,9 +149,14 @@ class CrossBatchNegatives:
         return (self.vectors if keep is None else self.vectors[keep]), ids
 
 
+def is_count(value, minimum: int) -> bool:
+    """Whether ``value`` is an integer (a bool is not) of at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def check_count(name: str, value, *, minimum: int) -> None:
     """Refuse a count option below ``minimum`` or not an integer, naming the option."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    if not is_count(value, minimum):
         raise ConfigError(
             f"{name} (--loss-option {name}=N) must be an integer of at least {minimum}, "
             f"not {value!r}"

@@ -33,7 +33,7 @@ from training.console import progress_bar, report_epoch
 from training.data import SequenceData, left_padded_window
 from training.errors import CheckpointError, ConfigError
 from training.evaluate import evaluate, model_scorer, popularity_scorer
-from training.losses import Objective, build_objective
+from training.losses import Objective, build_objective, is_count
 from training.models import build_encoder, encoder_config
 from training.models.base import UserEncoder
 from training.optimizers import build_optimizer
@@ -90,11 +90,7 @@ class TrainConfig:
         if self.windows is None:
             self.windows = default_windows(self.model)
         check_windows(self.windows, self.window_stride)
-        if (
-            not isinstance(self.width_groups, int)
-            or isinstance(self.width_groups, bool)
-            or self.width_groups < 1
-        ):
+        if not is_count(self.width_groups, 1):
             raise ConfigError(
                 "width_groups (--width-groups) must be a positive count (1: one pass), "
                 f"not {self.width_groups!r}"
@@ -146,7 +142,7 @@ def check_windows(mode: str, stride: int = 0) -> None:
         raise ConfigError(
             f"windows (--windows) must be one of {', '.join(WINDOW_MODES)}, not {mode!r}"
         )
-    if not isinstance(stride, int) or isinstance(stride, bool) or stride < 0:
+    if not is_count(stride, 0):
         raise ConfigError(
             f"window_stride (--window-stride) must be 0 (max_len) or a positive count, "
             f"not {stride!r}"
